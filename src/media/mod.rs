@@ -1,0 +1,1 @@
+//! WebRTC media shell (work in progress)

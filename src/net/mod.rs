@@ -1,0 +1,1 @@
+//! libp2p network actor (work in progress)

@@ -1,0 +1,1 @@
+//! wire (work in progress)
