@@ -1,1 +1,473 @@
-//! wire (work in progress)
+//! Every message waterfall puts on the wire, and strict decoding.
+//!
+//! Encoding is CBOR (RFC 8949) through serde + ciborium; `proto/waterfall.cddl` is the schema and
+//! `proto/vectors/*.hex` hold golden encodings that the tests decode and re-encode byte for byte.
+//! Structs encode as CBOR maps with text keys in declaration order, identifiers (32-byte ed25519
+//! public keys) as byte strings of exactly 32 bytes.
+//!
+//! Decoding is defensive, since every byte here may come from a hostile peer:
+//! 1. the input length is checked against the message type's limit *before* parsing;
+//! 2. the parser's scratch buffer is sized to that limit, so a declared byte or text string longer
+//!    than the limit is an error rather than an allocation, and nesting is bounded by ciborium's
+//!    recursion limit;
+//! 3. the `v` field is read first: an unknown version is [`WireError::UnknownVersion`], distinct
+//!    from a malformed message;
+//! 4. trailing bytes after the message are rejected.
+//!
+//! The one binary (non-CBOR) format is the media frame trailer [`FrameHeader`], which rides in every
+//! RTP frame and so is fixed-size.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use crate::crypto::{Envelope, Kind};
+
+/// The wire version this build speaks.
+pub const VERSION: u8 = 1;
+
+/// Errors of decoding (and, rarely, encoding).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Input longer than the message type allows; rejected before parsing.
+    #[error("{what}: {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
+    /// Empty input.
+    #[error("{0}: empty input")]
+    Empty(&'static str),
+    /// A version this build does not speak.
+    #[error("{what}: unknown wire version {found} (this build speaks {VERSION})")]
+    UnknownVersion { what: &'static str, found: u64 },
+    /// Not a well-formed message of this type.
+    #[error("{what}: malformed: {reason}")]
+    Malformed { what: &'static str, reason: String },
+    /// Bytes left after a complete message.
+    #[error("{what}: {extra} trailing bytes")]
+    Trailing { what: &'static str, extra: usize },
+}
+
+/// A message type with a name and a size limit.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Name used in errors.
+    const NAME: &'static str;
+    /// Largest encoding accepted.
+    const MAX_LEN: usize;
+}
+
+/// Encode a message (infallible for the types in this module).
+pub fn encode<T: Message>(msg: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    ciborium::into_writer(msg, &mut out).expect("writing CBOR into a Vec cannot fail");
+    out
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    v: Option<u64>,
+}
+
+/// Decode a message strictly (see the module docs).
+pub fn decode<T: Message>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.is_empty() {
+        return Err(WireError::Empty(T::NAME));
+    }
+    if bytes.len() > T::MAX_LEN {
+        return Err(WireError::TooLarge {
+            what: T::NAME,
+            len: bytes.len(),
+            max: T::MAX_LEN,
+        });
+    }
+    let malformed = |e: &dyn fmt::Display| WireError::Malformed {
+        what: T::NAME,
+        reason: e.to_string(),
+    };
+    let mut scratch = vec![0u8; T::MAX_LEN.min(64 * 1024)];
+    let probe: VersionProbe =
+        ciborium::de::from_reader_with_buffer(bytes, &mut scratch).map_err(|e| malformed(&e))?;
+    match probe.v {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(found) => {
+            return Err(WireError::UnknownVersion {
+                what: T::NAME,
+                found,
+            });
+        }
+        None => return Err(malformed(&"missing version field `v`")),
+    }
+    let mut rest = bytes;
+    let msg: T = ciborium::de::from_reader_with_buffer(&mut rest, &mut scratch)
+        .map_err(|e| malformed(&e))?;
+    if !rest.is_empty() {
+        return Err(WireError::Trailing {
+            what: T::NAME,
+            extra: rest.len(),
+        });
+    }
+    Ok(msg)
+}
+
+/// A 32-byte identifier (an ed25519 public key, a room id, a DHT key): CBOR bytes of exactly 32.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Id(pub [u8; 32]);
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", hex::encode(&self.0[..6]))
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("32 bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Id, E> {
+                b.try_into()
+                    .map(Id)
+                    .map_err(|_| E::invalid_length(b.len(), &self))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// A 16-byte nonce naming one signalling exchange.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Debug)]
+pub struct Nonce16(pub [u8; 16]);
+
+impl Serialize for Nonce16 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Nonce16 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
+        let arr: [u8; 16] = v
+            .as_slice()
+            .try_into()
+            .map_err(|_| serde::de::Error::invalid_length(v.len(), &"16 bytes"))?;
+        Ok(Nonce16(arr))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------------------------
+
+impl Message for Envelope {
+    const NAME: &'static str = "envelope";
+    const MAX_LEN: usize = 16 * 1024;
+}
+
+/// What kind of media a track carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackKind {
+    /// Video (VP8, VP9, AV1, H.264).
+    Video,
+    /// Audio (Opus).
+    Audio,
+}
+
+/// One track of a room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackInfo {
+    /// Video or audio.
+    pub kind: TrackKind,
+    /// MIME type, e.g. `video/VP8`, `audio/opus`.
+    pub codec: String,
+    /// RTP clock rate.
+    pub clock_rate: u32,
+}
+
+/// The room record: sealed with the room's seal key, signed by the broadcaster, stored in the
+/// waterfall DHT under the room's locator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRecord {
+    /// Wire version.
+    pub v: u8,
+    /// The broadcaster's ed25519 public key (its peer id derives from it).
+    pub broadcaster: Id,
+    /// Multiaddrs where the broadcaster listens.
+    pub addrs: Vec<String>,
+    /// Media tracks.
+    pub tracks: Vec<TrackInfo>,
+    /// Whether a data channel runs beside the media.
+    pub data: bool,
+    /// Children per relay the room aims for.
+    pub fanout: u16,
+    /// Stream bitrate in kbit/s, for capacity = uplink / bitrate.
+    pub bitrate_kbps: u32,
+    /// Creation time, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Expiry, ms since the Unix epoch (republished while live).
+    pub expires_ms: u64,
+    /// Sequence: a newer record from the same broadcaster has a higher one.
+    pub seq: u64,
+}
+
+impl Message for RoomRecord {
+    const NAME: &'static str = "room record";
+    const MAX_LEN: usize = 8 * 1024;
+}
+
+/// A member's announcement of its place in the tree (the signed payload of a
+/// [`Kind::TreeUpdate`] envelope).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeUpdate {
+    /// Wire version.
+    pub v: u8,
+    /// The announcing peer.
+    pub peer: Id,
+    /// Its parent, none for the root.
+    pub parent: Option<Id>,
+    /// Hops from the root (root = 0).
+    pub depth: u16,
+    /// Path to the root, parent first.
+    pub ancestors: Vec<Id>,
+    /// Current children.
+    pub children: Vec<Id>,
+    /// Children it accepts at most.
+    pub capacity: u16,
+    /// Measured or configured uplink, kbit/s.
+    pub uplink_kbps: u32,
+    /// Sequence of this peer's updates.
+    pub seq: u64,
+    /// When it was made, ms since the Unix epoch.
+    pub ts_ms: u64,
+}
+
+impl Message for TreeUpdate {
+    const NAME: &'static str = "tree update";
+    const MAX_LEN: usize = 8 * 1024;
+}
+
+/// A newcomer asks a member for join candidates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// Wire version.
+    pub v: u8,
+    /// The room (its locator).
+    pub room: Id,
+    /// Entries wanted at most.
+    pub max: u16,
+}
+
+impl Message for SnapshotRequest {
+    const NAME: &'static str = "snapshot request";
+    const MAX_LEN: usize = 256;
+}
+
+/// Candidates near the top with free slots: each entry a signed tree-update envelope, so the
+/// newcomer verifies every member's own claim rather than trusting the responder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotResponse {
+    /// Wire version.
+    pub v: u8,
+    /// The room.
+    pub room: Id,
+    /// Signed tree updates.
+    pub entries: Vec<Envelope>,
+}
+
+impl Message for SnapshotResponse {
+    const NAME: &'static str = "snapshot response";
+    const MAX_LEN: usize = 256 * 1024;
+}
+
+/// Offer or answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SdpKind {
+    /// From the child.
+    Offer,
+    /// From the parent.
+    Answer,
+}
+
+/// A WebRTC session description for one (child, parent, nonce) exchange. Sealed, then signed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signal {
+    /// Wire version.
+    pub v: u8,
+    /// The room.
+    pub room: Id,
+    /// Sender.
+    pub from: Id,
+    /// Recipient.
+    pub to: Id,
+    /// Names the exchange; replays of a used nonce are rejected.
+    pub nonce: Nonce16,
+    /// Offer or answer.
+    pub kind: SdpKind,
+    /// The SDP text.
+    pub sdp: String,
+    /// When made, ms since the Unix epoch; stale blobs are rejected.
+    pub ts_ms: u64,
+}
+
+impl Message for Signal {
+    const NAME: &'static str = "signal";
+    const MAX_LEN: usize = 12 * 1024;
+}
+
+/// Tells the other side of an exchange that a blob waits in the DHT under `blob_key`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// Wire version.
+    pub v: u8,
+    /// The room.
+    pub room: Id,
+    /// Sender.
+    pub from: Id,
+    /// Recipient.
+    pub to: Id,
+    /// The exchange.
+    pub nonce: Nonce16,
+    /// Offer or answer.
+    pub kind: SdpKind,
+    /// DHT key of the sealed, signed [`Signal`].
+    pub blob_key: Id,
+}
+
+impl Message for Notice {
+    const NAME: &'static str = "notice";
+    const MAX_LEN: usize = 1024;
+}
+
+/// Flags of a media frame.
+pub const FRAME_KEYFRAME: u8 = 0x01;
+
+/// The fixed binary header that precedes every end-to-end encrypted media frame:
+/// `v(1) | track(1) | flags(1) | clear_len(1) | frame_seq(8, big endian)` = 12 bytes. The first
+/// `clear_len` bytes of the codec payload stay in clear (what packetizers and keyframe detection
+/// need); the rest is sealed with the room's media key, header and clear bytes as associated data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Track index in the room record.
+    pub track: u8,
+    /// [`FRAME_KEYFRAME`], ...
+    pub flags: u8,
+    /// Bytes of the codec payload left in clear.
+    pub clear_len: u8,
+    /// Frame counter of the track.
+    pub frame_seq: u64,
+}
+
+impl FrameHeader {
+    /// Encoded size.
+    pub const LEN: usize = 12;
+
+    /// Encode.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[0] = VERSION;
+        out[1] = self.track;
+        out[2] = self.flags;
+        out[3] = self.clear_len;
+        out[4..].copy_from_slice(&self.frame_seq.to_be_bytes());
+        out
+    }
+
+    /// Decode the header at the start of `bytes`.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        const NAME: &str = "frame header";
+        if bytes.len() < Self::LEN {
+            return Err(WireError::Malformed {
+                what: NAME,
+                reason: format!("{} bytes, need {}", bytes.len(), Self::LEN),
+            });
+        }
+        if bytes[0] != VERSION {
+            return Err(WireError::UnknownVersion {
+                what: NAME,
+                found: u64::from(bytes[0]),
+            });
+        }
+        Ok(Self {
+            track: bytes[1],
+            flags: bytes[2],
+            clear_len: bytes[3],
+            frame_seq: u64::from_be_bytes(bytes[4..12].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_and_limits() {
+        let req = SnapshotRequest {
+            v: VERSION,
+            room: Id([7; 32]),
+            max: 16,
+        };
+        let bytes = encode(&req);
+        assert_eq!(decode::<SnapshotRequest>(&bytes).unwrap(), req);
+        let bad = SnapshotRequest {
+            v: 9,
+            ..req.clone()
+        };
+        assert_eq!(
+            decode::<SnapshotRequest>(&encode(&bad)),
+            Err(WireError::UnknownVersion {
+                what: "snapshot request",
+                found: 9
+            })
+        );
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(matches!(
+            decode::<SnapshotRequest>(&trailing),
+            Err(WireError::Trailing { extra: 1, .. })
+        ));
+        let big = vec![0u8; 300];
+        assert!(matches!(
+            decode::<SnapshotRequest>(&big),
+            Err(WireError::TooLarge { len: 300, .. })
+        ));
+        assert!(matches!(
+            decode::<SnapshotRequest>(&[]),
+            Err(WireError::Empty(_))
+        ));
+    }
+
+    #[test]
+    fn frame_header_round_trip() {
+        let h = FrameHeader {
+            track: 1,
+            flags: FRAME_KEYFRAME,
+            clear_len: 10,
+            frame_seq: 0x0102_0304_0506_0708,
+        };
+        let b = h.encode();
+        assert_eq!(FrameHeader::decode(&b).unwrap(), h);
+        assert!(FrameHeader::decode(&b[..11]).is_err());
+        let mut bad = b;
+        bad[0] = 2;
+        assert!(matches!(
+            FrameHeader::decode(&bad),
+            Err(WireError::UnknownVersion { found: 2, .. })
+        ));
+    }
+}
