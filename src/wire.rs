@@ -353,6 +353,75 @@ impl Message for Notice {
     const MAX_LEN: usize = 1024;
 }
 
+/// What `broadcast` prints and `watch` takes: names the room, pins the broadcaster, and says where
+/// to dial. Text form: `wf1` followed by the base58 of this message's CBOR.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// Wire version.
+    pub v: u8,
+    /// The room name (the password is never in a ticket).
+    pub room: String,
+    /// The broadcaster's ed25519 public key.
+    pub broadcaster: Id,
+    /// Multiaddrs to dial first (the broadcaster's, or any member's).
+    pub addrs: Vec<String>,
+    /// First 8 bytes of SHA-256(locator): tells a wrong password from an unknown room at once.
+    /// It reveals nothing the locator in the DHT does not already reveal to whoever knows the name.
+    #[serde(with = "serde_bytes")]
+    pub check: Vec<u8>,
+}
+
+impl Message for Ticket {
+    const NAME: &'static str = "ticket";
+    const MAX_LEN: usize = 4 * 1024;
+}
+
+const TICKET_PREFIX: &str = "wf1";
+
+impl fmt::Display for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{TICKET_PREFIX}{}",
+            bs58::encode(encode(self)).into_string()
+        )
+    }
+}
+
+impl std::str::FromStr for Ticket {
+    type Err = WireError;
+    fn from_str(s: &str) -> Result<Self, WireError> {
+        let body = s
+            .trim()
+            .strip_prefix(TICKET_PREFIX)
+            .ok_or(WireError::Malformed {
+                what: "ticket",
+                reason: format!("does not start with {TICKET_PREFIX}"),
+            })?;
+        if body.len() > 2 * Self::MAX_LEN {
+            return Err(WireError::TooLarge {
+                what: "ticket",
+                len: body.len(),
+                max: 2 * Self::MAX_LEN,
+            });
+        }
+        let bytes = bs58::decode(body)
+            .into_vec()
+            .map_err(|e| WireError::Malformed {
+                what: "ticket",
+                reason: e.to_string(),
+            })?;
+        let t: Ticket = decode(&bytes)?;
+        if t.check.len() != 8 {
+            return Err(WireError::Malformed {
+                what: "ticket",
+                reason: "check must be 8 bytes".into(),
+            });
+        }
+        Ok(t)
+    }
+}
+
 /// Flags of a media frame.
 pub const FRAME_KEYFRAME: u8 = 0x01;
 

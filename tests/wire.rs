@@ -78,7 +78,15 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         kind: SdpKind::Answer,
         blob_key: id(0xAB),
     };
+    let ticket = Ticket {
+        v: VERSION,
+        room: "standup".into(),
+        broadcaster: Id(signer().public()),
+        addrs: vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
+        check: vec![1, 2, 3, 4, 5, 6, 7, 8],
+    };
     vec![
+        ("ticket", encode(&ticket)),
         ("room_record", encode(&record)),
         ("tree_update", encode(&update)),
         ("tree_update_root", encode(&root_update)),
@@ -119,6 +127,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
 fn reencode(name: &str, bytes: &[u8]) -> Result<Vec<u8>, WireError> {
     Ok(match name {
         "room_record" => encode(&decode::<RoomRecord>(bytes)?),
+        "ticket" => encode(&decode::<Ticket>(bytes)?),
         "tree_update" | "tree_update_root" => encode(&decode::<TreeUpdate>(bytes)?),
         "envelope" => encode(&decode::<Envelope>(bytes)?),
         "snapshot_request" => encode(&decode::<SnapshotRequest>(bytes)?),
@@ -192,7 +201,7 @@ fn truncations_and_wrong_types_are_typed_errors() {
         }
     }
     // A tree update decoded as a room record: a typed error, not a panic or a wrong value.
-    let upd = samples()[1].1.clone();
+    let upd = samples()[2].1.clone();
     assert!(matches!(
         decode::<RoomRecord>(&upd),
         Err(WireError::Malformed { .. })
@@ -224,6 +233,18 @@ fn truncations_and_wrong_types_are_typed_errors() {
 }
 
 #[test]
+fn ticket_text_round_trip() {
+    let (_, bytes) = samples().swap_remove(0);
+    let t: Ticket = decode(&bytes).unwrap();
+    let text = t.to_string();
+    assert!(text.starts_with("wf1"));
+    assert_eq!(text.parse::<Ticket>().unwrap(), t);
+    assert!("wf1".parse::<Ticket>().is_err());
+    assert!("xx1abc".parse::<Ticket>().is_err());
+    assert!(format!("{text}0OIl").parse::<Ticket>().is_err());
+}
+
+#[test]
 fn huge_declared_lengths_do_not_allocate() {
     // bytes of declared length 2^62 inside a map: must be an error, quickly.
     let mut m = vec![0xA2, 0x61, b'v', 0x01, 0x64];
@@ -242,6 +263,10 @@ fn huge_declared_lengths_do_not_allocate() {
 
 fn decode_all(bytes: &[u8]) {
     let _ = decode::<RoomRecord>(bytes);
+    let _ = decode::<Ticket>(bytes);
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        let _ = s.parse::<Ticket>();
+    }
     let _ = decode::<TreeUpdate>(bytes);
     let _ = decode::<Envelope>(bytes);
     let _ = decode::<SnapshotRequest>(bytes);
@@ -260,7 +285,7 @@ proptest! {
     }
 
     #[test]
-    fn mutated_messages_never_panic(which in 0usize..9, pos in any::<usize>(), val in any::<u8>(), cut in any::<usize>()) {
+    fn mutated_messages_never_panic(which in 0usize..10, pos in any::<usize>(), val in any::<u8>(), cut in any::<usize>()) {
         let (_, mut bytes) = samples().swap_remove(which);
         let p = pos % bytes.len();
         bytes[p] = val;
