@@ -1,1 +1,435 @@
-//! node (work in progress)
+//! The embedding API: [`NodeBuilder`] -> [`Node`] -> rooms.
+//!
+//! A [`Node`] is a cheap `Clone` handle over one network actor ([`crate::net`]) and a dispatcher
+//! task that routes what the swarm delivers (gossip, requests, peer events) to the rooms this node
+//! is in. Each room runs as its own task ([`room`]) that owns the room's tree state machine
+//! ([`crate::proto`]) and its media session ([`crate::media`]) and talks to the network only
+//! through the node. Dropping the last `Node` (and every room handle) stops everything.
+//!
+//! Finding a room: the room record is sealed with the room's seal key, signed by the broadcaster
+//! and stored in the waterfall DHT under the room's *locator*, which only someone with the
+//! password can compute. A viewer with the right password finds and opens it; with a ticket it can
+//! tell a wrong password (the ticket's check does not match) from a room that is gone.
+
+pub mod records;
+pub mod room;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::mpsc;
+
+use crate::crypto::{CryptoError, Identity, KdfParams, Kind, RoomKeys, now_ms};
+use crate::media::MediaConfig;
+use crate::net::{Net, NetConfig, NetError, NetEvent};
+use crate::wire::{self, Envelope, Id, RoomRecord, Ticket, WireError};
+
+pub use room::{RoomConfig, RoomEvent, RoomHandle, RoomRole};
+
+/// How long a room record says the broadcast is live; the broadcaster refreshes it well before.
+pub const ROOM_LIVENESS: Duration = Duration::from_secs(120);
+/// How often the broadcaster refreshes its room record.
+pub const ROOM_REFRESH: Duration = Duration::from_secs(40);
+/// How long the envelope of a room record stays storable in the DHT (after the broadcast ended,
+/// so that viewers can still be told "ended" rather than "not found").
+pub const ROOM_RECORD_TTL: Duration = Duration::from_secs(3600);
+/// How long a lookup of a room record may take.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Errors of the node API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The password does not match the room named by the ticket.
+    #[error("wrong password for room {room:?}")]
+    WrongPassword { room: String },
+    /// No record for this room name and password.
+    #[error(
+        "room {room:?} not found: no live broadcast with this name and password is reachable"
+    )]
+    RoomNotFound { room: String },
+    /// The record exists but the broadcast ended.
+    #[error("room {room:?} has ended (its record expired {ago_s} s ago)")]
+    RoomExpired { room: String, ago_s: u64 },
+    /// A record under the room's locator failed verification (forged or tampered).
+    #[error("room record for {room:?} is invalid: {reason}")]
+    TamperedRecord { room: String, reason: String },
+    /// The ticket pins a broadcaster but the record is signed by someone else.
+    #[error("room record for {room:?} is signed by {found}, but the ticket names {expected}")]
+    WrongBroadcaster {
+        room: String,
+        expected: String,
+        found: String,
+    },
+    /// A network error.
+    #[error("network: {0}")]
+    Net(#[from] NetError),
+    /// A media error.
+    #[error("media: {0}")]
+    Media(String),
+    /// A crypto error.
+    #[error("crypto: {0}")]
+    Crypto(#[from] CryptoError),
+    /// A wire error.
+    #[error("wire: {0}")]
+    Wire(#[from] WireError),
+    /// Already in this room.
+    #[error("already in room {0:?}")]
+    AlreadyJoined(String),
+    /// The operation did not finish in time.
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    /// The node or room has stopped.
+    #[error("the node has stopped")]
+    Closed,
+    /// Bad argument.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Builds a [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    listen: Vec<Multiaddr>,
+    bootstrap: Vec<Multiaddr>,
+    mdns: bool,
+    public: bool,
+    data_dir: Option<PathBuf>,
+    identity: Option<Identity>,
+    kdf: KdfParams,
+    media: MediaConfig,
+    max_children: Option<u16>,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0".parse().expect("literal multiaddr"),
+                "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("literal multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            mdns: false,
+            public: false,
+            data_dir: None,
+            identity: None,
+            kdf: KdfParams::STRONG,
+            media: MediaConfig::default(),
+            max_children: None,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// Listen addresses (default: loopback TCP and QUIC on random ports).
+    pub fn listen(mut self, addrs: Vec<Multiaddr>) -> Self {
+        self.listen = addrs;
+        self
+    }
+    /// Peers to dial at start.
+    pub fn bootstrap(mut self, addrs: Vec<Multiaddr>) -> Self {
+        self.bootstrap = addrs;
+        self
+    }
+    /// LAN discovery by mDNS.
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.mdns = on;
+        self
+    }
+    /// Join the public DHT (opt-in; never in tests).
+    pub fn public(mut self, on: bool) -> Self {
+        self.public = on;
+        self
+    }
+    /// Data directory (identity key). Without one, and without [`NodeBuilder::identity`], the
+    /// node has a fresh random identity.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+    /// A given identity.
+    pub fn identity(mut self, id: Identity) -> Self {
+        self.identity = Some(id);
+        self
+    }
+    /// Room key derivation cost (default [`KdfParams::STRONG`]).
+    pub fn kdf(mut self, params: KdfParams) -> Self {
+        self.kdf = params;
+        self
+    }
+    /// WebRTC settings.
+    pub fn media(mut self, config: MediaConfig) -> Self {
+        self.media = config;
+        self
+    }
+    /// Children this node relays to at most (default: the room's fanout).
+    pub fn max_children(mut self, n: u16) -> Self {
+        self.max_children = Some(n);
+        self
+    }
+
+    /// Start the node.
+    pub async fn spawn(self) -> Result<Node, NodeError> {
+        let identity = match (self.identity, &self.data_dir) {
+            (Some(id), _) => id,
+            (None, Some(dir)) => Identity::load_or_create(dir)?,
+            (None, None) => Identity::generate(),
+        };
+        let topics = records::TopicKeys::default();
+        let mut config = NetConfig::new(
+            identity.to_libp2p(),
+            Arc::new(records::validate_record),
+            topics.validator(),
+        );
+        config.listen = self.listen;
+        config.bootstrap = self.bootstrap;
+        config.mdns = self.mdns;
+        config.public = self.public;
+        let (net, events) = Net::spawn(config).await?;
+        let rooms = room::Rooms::default();
+        let inner = Arc::new(Inner {
+            net: net.clone(),
+            identity,
+            topics,
+            rooms: rooms.clone(),
+            kdf: self.kdf,
+            media: self.media,
+            max_children: self.max_children,
+            dispatcher: Mutex::new(None),
+        });
+        let task = tokio::spawn(dispatch(events, rooms));
+        *inner.dispatcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(Node { inner })
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) net: Net,
+    pub(crate) identity: Identity,
+    pub(crate) topics: records::TopicKeys,
+    pub(crate) rooms: room::Rooms,
+    pub(crate) kdf: KdfParams,
+    pub(crate) media: MediaConfig,
+    pub(crate) max_children: Option<u16>,
+    dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(t) = self.dispatcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            t.abort();
+        }
+    }
+}
+
+/// A running waterfall node. Clone it freely; the last drop stops it.
+#[derive(Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.peer_id())
+    }
+}
+
+/// Routes swarm events to rooms. Runs until the network actor's event channel closes.
+async fn dispatch(mut events: mpsc::Receiver<NetEvent>, rooms: room::Rooms) {
+    while let Some(ev) = events.recv().await {
+        match ev {
+            NetEvent::Gossip { topic, from, data } => rooms.gossip(&topic, from, data),
+            NetEvent::Request { from, data, reply } => rooms.request(from, data, reply).await,
+            NetEvent::PeerDisconnected(peer) => rooms.peer_gone(peer),
+            NetEvent::Discovered(peer, addrs) => {
+                tracing::debug!(%peer, ?addrs, "discovered");
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Node {
+    /// A builder with loopback defaults.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.net.local_peer_id()
+    }
+
+    /// This node's identity.
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// The network handle (for status and advanced use).
+    pub fn net(&self) -> &Net {
+        &self.inner.net
+    }
+
+    /// Addresses this node listens on, with `/p2p/<peer id>` appended: dialable by others.
+    pub async fn addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        let me = self.peer_id();
+        Ok(self
+            .inner
+            .net
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .map(|a| a.with_p2p(me).unwrap_or_else(|a| a))
+            .collect())
+    }
+
+    /// Dial a peer.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, NodeError> {
+        Ok(self.inner.net.dial(addr).await?)
+    }
+
+    /// Derive a room's keys (Argon2id runs on a blocking thread).
+    pub async fn room_keys(
+        &self,
+        room: &str,
+        password: Option<&str>,
+    ) -> Result<RoomKeys, NodeError> {
+        let (room, password, kdf) = (room.to_owned(), password.map(str::to_owned), self.inner.kdf);
+        tokio::task::spawn_blocking(move || RoomKeys::derive(&room, password.as_deref(), kdf))
+            .await
+            .map_err(|_| NodeError::Closed)?
+            .map_err(NodeError::from)
+    }
+
+    /// Seal and sign a room record, store it under the room's locator.
+    pub(crate) async fn publish_record(
+        &self,
+        keys: &RoomKeys,
+        record: &RoomRecord,
+    ) -> Result<(), NodeError> {
+        let sealed = keys.seal(Kind::RoomRecord, &wire::encode(record));
+        let env = self.inner.identity.seal_envelope(
+            Kind::RoomRecord,
+            record.seq,
+            now_ms() + ROOM_RECORD_TTL.as_millis() as u64,
+            sealed,
+        );
+        match self
+            .inner
+            .net
+            .put_record(keys.locator().to_vec(), wire::encode(&env))
+            .await
+        {
+            // Alone on the network is fine for a broadcaster: the record is served from here
+            // and replicated when peers arrive.
+            Ok(()) | Err(NetError::NotReplicated) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Find and open a room record. `ticket` pins the broadcaster and tells a wrong password
+    /// from an unknown room.
+    pub async fn lookup_room(
+        &self,
+        keys: &RoomKeys,
+        ticket: Option<&Ticket>,
+    ) -> Result<RoomRecord, NodeError> {
+        let room = keys.name().to_owned();
+        if let Some(t) = ticket {
+            if t.check != ticket_check(keys) {
+                return Err(NodeError::WrongPassword { room });
+            }
+            for a in &t.addrs {
+                if let Ok(addr) = a.parse::<Multiaddr>() {
+                    // Best effort: the DHT lookup below tells whether it mattered.
+                    let _ = self.inner.net.dial(addr).await;
+                }
+            }
+        }
+        let values = match self
+            .inner
+            .net
+            .get_record(keys.locator().to_vec(), LOOKUP_TIMEOUT)
+            .await
+        {
+            Ok(v) => v,
+            Err(NetError::NotFound) | Err(NetError::Timeout) => {
+                return Err(NodeError::RoomNotFound { room });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let now = now_ms();
+        let mut best: Option<(Envelope, RoomRecord)> = None;
+        let mut last_err = None;
+        for v in values {
+            match open_record(keys, &v, now) {
+                Ok((env, rec)) => {
+                    if let Some(t) = ticket
+                        && rec.broadcaster != t.broadcaster
+                    {
+                        last_err = Some(NodeError::WrongBroadcaster {
+                            room: room.clone(),
+                            expected: short(&t.broadcaster),
+                            found: short(&rec.broadcaster),
+                        });
+                        continue;
+                    }
+                    if best.as_ref().is_none_or(|(b, _)| env.seq > b.seq) {
+                        best = Some((env, rec));
+                    }
+                }
+                Err(reason) => {
+                    last_err = Some(NodeError::TamperedRecord {
+                        room: room.clone(),
+                        reason,
+                    })
+                }
+            }
+        }
+        let Some((_, rec)) = best else {
+            return Err(last_err.unwrap_or(NodeError::RoomNotFound { room }));
+        };
+        if rec.expires_ms <= now {
+            return Err(NodeError::RoomExpired {
+                room,
+                ago_s: (now - rec.expires_ms) / 1000,
+            });
+        }
+        Ok(rec)
+    }
+
+    /// Stop the node: leave every room, close the swarm.
+    pub async fn shutdown(&self) {
+        self.inner.rooms.shutdown_all().await;
+        self.inner.net.shutdown().await;
+    }
+}
+
+fn short(id: &Id) -> String {
+    crate::crypto::peer_id_of(&id.0)
+        .map(|p| p.to_string())
+        .unwrap_or_else(|_| hex::encode(id.0))
+}
+
+/// Verify and open one room-record envelope.
+fn open_record(keys: &RoomKeys, bytes: &[u8], now: u64) -> Result<(Envelope, RoomRecord), String> {
+    let env: Envelope = wire::decode(bytes).map_err(|e| e.to_string())?;
+    env.verify_kind(Kind::RoomRecord, now)
+        .map_err(|e| e.to_string())?;
+    let plain = keys
+        .open(Kind::RoomRecord, &env.payload)
+        .map_err(|e| e.to_string())?;
+    let rec: RoomRecord = wire::decode(&plain).map_err(|e| e.to_string())?;
+    if rec.broadcaster.0 != env.signer {
+        return Err("record signed by someone other than its broadcaster".into());
+    }
+    Ok((env, rec))
+}
+
+/// The 8-byte password check a ticket carries.
+pub fn ticket_check(keys: &RoomKeys) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(keys.locator())[..8].to_vec()
+}

@@ -276,21 +276,90 @@ impl Message for SnapshotRequest {
     const MAX_LEN: usize = 256;
 }
 
-/// Candidates near the top with free slots: each entry a signed tree-update envelope, so the
-/// newcomer verifies every member's own claim rather than trusting the responder.
+/// A free slot a member knows of: `peer` at `depth` takes `free` more children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// The candidate parent.
+    pub peer: Id,
+    /// Its depth.
+    pub depth: u16,
+    /// Free slots.
+    pub free: u16,
+    /// Its capacity.
+    pub capacity: u16,
+}
+
+/// Join candidates near the top with free slots, shallowest first. The responder is a room
+/// member (the response is sealed with the room key and signed); a candidate that turns out to be
+/// full simply refuses, so a stale or wrong entry costs one round trip.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotResponse {
     /// Wire version.
     pub v: u8,
     /// The room.
     pub room: Id,
-    /// Signed tree updates.
-    pub entries: Vec<Envelope>,
+    /// Candidate parents.
+    pub candidates: Vec<Candidate>,
 }
 
 impl Message for SnapshotResponse {
     const NAME: &'static str = "snapshot response";
-    const MAX_LEN: usize = 256 * 1024;
+    const MAX_LEN: usize = 16 * 1024;
+}
+
+/// A tree control message between two members (join, accept, refuse, leave, summary,
+/// directory, relocate): the sealed payload of a [`Kind::TreeControl`] envelope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Control {
+    /// Wire version.
+    pub v: u8,
+    /// The room.
+    pub room: Id,
+    /// Sender.
+    pub from: Id,
+    /// Recipient.
+    pub to: Id,
+    /// The state machine's message.
+    pub msg: crate::proto::TreeMsg,
+}
+
+impl Message for Control {
+    const NAME: &'static str = "tree control";
+    const MAX_LEN: usize = 16 * 1024;
+}
+
+/// A direct request between members: the room in clear (to route it), the rest in a signed
+/// envelope whose kind says what it carries: a sealed [`SnapshotRequest`], [`Control`],
+/// [`TreeUpdate`] or [`Signal`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomRequest {
+    /// Wire version.
+    pub v: u8,
+    /// The room (its locator).
+    pub room: Id,
+    /// What is asked.
+    pub env: Envelope,
+}
+
+impl Message for RoomRequest {
+    const NAME: &'static str = "room request";
+    const MAX_LEN: usize = 20 * 1024;
+}
+
+/// The answer to a [`RoomRequest`]: an envelope (a snapshot or an answer signal) or a refusal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomResponse {
+    /// Wire version.
+    pub v: u8,
+    /// The reply, if any.
+    pub env: Option<Envelope>,
+    /// Why the request was refused, if it was.
+    pub error: Option<String>,
+}
+
+impl Message for RoomResponse {
+    const NAME: &'static str = "room response";
+    const MAX_LEN: usize = 24 * 1024;
 }
 
 /// Offer or answer.

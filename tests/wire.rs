@@ -104,7 +104,12 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             encode(&SnapshotResponse {
                 v: VERSION,
                 room: id(9),
-                entries: vec![env.clone()],
+                candidates: vec![Candidate {
+                    peer: id(2),
+                    depth: 1,
+                    free: 2,
+                    capacity: 4,
+                }],
             }),
         ),
         ("signal", encode(&signal)),

@@ -1,0 +1,1342 @@
+//! One room on one node: the task that drives the tree state machine and the media session.
+//!
+//! The room task owns a [`TreeNode`] and a media session (a [`Broadcaster`] at the root, a
+//! [`Viewer`] elsewhere) and turns the state machine's outputs into network actions:
+//!
+//! | output | action |
+//! |---|---|
+//! | `Send{to, msg}` | a sealed, signed [`Control`] in a direct request, queued per peer (in order) |
+//! | `Publish{update, to}` | the signed [`wire::TreeUpdate`] to each tree neighbour |
+//! | `RequestSnapshot` | a snapshot request to the broadcaster (or a known member) |
+//! | `ConnectParent{peer}` | WebRTC offer -> signalling -> answer (see below) |
+//! | `AcceptChild{peer}` | the child's offer will be answered when it arrives |
+//! | `Disconnect{peer}` | close that child's media connection |
+//! | `Timer(t)` | wake the loop at `t` |
+//!
+//! Signalling: the child seals its offer in a [`Signal`], signs it, stores it in the waterfall DHT
+//! under `H(room, child, parent, nonce)` with a short expiry, and sends the same envelope to the
+//! parent in a direct request (the fast path). The parent answers inline and stores its answer
+//! under the matching key. When the direct request cannot be delivered, the child publishes a
+//! [`Notice`] on the room topic and the parent fetches the offer from the DHT and answers the same
+//! way. Signals older than [`SIGNAL_MAX_AGE`] and nonces already used are rejected.
+//!
+//! Liveness runs along tree edges: the media session reports a lost parent or a cut child, and a
+//! libp2p disconnection of a tree neighbour counts as link loss too.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Node, NodeError, ROOM_LIVENESS, ROOM_REFRESH, ticket_check};
+use crate::crypto::{Kind, RoomKeys, now_ms, peer_id_of, public_of_peer, random_bytes};
+use crate::media::{
+    Broadcaster, ChildId, MediaEvent, MediaKey, MediaSource, SdpKind as MediaSdpKind, SignalBlob,
+    Sinks, Viewer,
+};
+use crate::net::{Net, ResponseHandle};
+use crate::proto::{self, Millis, NodeId, Output, TreeEvent, TreeMsg, TreeNode};
+use crate::wire::{
+    self, Candidate, Control, Envelope, Id, Nonce16, Notice, RoomRecord, RoomRequest,
+    RoomResponse, SdpKind, Signal, SnapshotRequest, SnapshotResponse, Ticket, TrackInfo,
+    TrackKind,
+};
+
+/// Inputs queued per room.
+const ROOM_INPUT_QUEUE: usize = 512;
+/// Events queued for the application; the oldest are dropped when it does not read.
+const ROOM_EVENT_QUEUE: usize = 256;
+/// Control messages queued per peer.
+const PEER_SEND_QUEUE: usize = 64;
+/// Time allowed for a control message request.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for the offer/answer round trip (the answerer gathers ICE first).
+const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Signals older than this are stale.
+pub const SIGNAL_MAX_AGE: Duration = Duration::from_secs(30);
+/// How long DHT signalling blobs live.
+const SIGNAL_TTL: Duration = Duration::from_secs(60);
+/// Control envelopes expire after this (bounds the replay window).
+const CONTROL_TTL: Duration = Duration::from_secs(30);
+/// Remembered envelope signatures and nonces (replay protection), per room.
+const SEEN_CAPACITY: usize = 4096;
+/// Candidates in a snapshot.
+const SNAPSHOT_MAX: usize = 16;
+
+/// Broadcaster or viewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomRole {
+    /// The root of the tree.
+    Broadcaster,
+    /// Everyone else.
+    Viewer,
+}
+
+/// What to broadcast.
+pub struct RoomConfig {
+    /// Room name.
+    pub name: String,
+    /// Password; `None` makes a public room.
+    pub password: Option<String>,
+    /// Media sources (at most one video and one audio).
+    pub sources: Vec<Box<dyn MediaSource>>,
+    /// Whether a data channel runs beside the media.
+    pub data: bool,
+    /// Children per relay the room aims for.
+    pub fanout: u16,
+    /// Stream bitrate, kbit/s (capacity = uplink / bitrate when no max is set).
+    pub bitrate_kbps: u32,
+    /// Tree tunables (defaults are right for real use; tests shorten them).
+    pub tree: proto::Config,
+}
+
+impl RoomConfig {
+    /// A room with defaults: fanout 4, 1 Mbit/s.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            password: None,
+            sources: Vec::new(),
+            data: true,
+            fanout: 4,
+            bitrate_kbps: 1000,
+            tree: proto::Config::default(),
+        }
+    }
+    /// Set the password.
+    pub fn password(mut self, pw: impl Into<String>) -> Self {
+        self.password = Some(pw.into());
+        self
+    }
+    /// Add a media source.
+    pub fn source(mut self, s: Box<dyn MediaSource>) -> Self {
+        self.sources.push(s);
+        self
+    }
+    /// Set the fanout.
+    pub fn fanout(mut self, k: u16) -> Self {
+        self.fanout = k;
+        self
+    }
+}
+
+impl std::fmt::Debug for RoomConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomConfig")
+            .field("name", &self.name)
+            .field("sources", &self.sources.len())
+            .field("fanout", &self.fanout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to find a room to watch.
+#[derive(Debug, Clone)]
+pub enum WatchTarget {
+    /// A ticket printed by the broadcaster.
+    Ticket(Ticket),
+    /// A room name, looked up in the DHT.
+    Name(String),
+}
+
+/// Options of a viewer.
+#[derive(Debug, Clone, Default)]
+pub struct WatchOptions {
+    /// Where to write what arrives.
+    pub sinks: Sinks,
+    /// Tree tunables.
+    pub tree: Option<proto::Config>,
+}
+
+/// What happens in a room, for the application.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RoomEvent {
+    /// Attached to the tree for the first time.
+    Joined { parent: PeerId, depth: u16 },
+    /// The parent changed (repair or rebalancing).
+    ParentChanged { old: Option<PeerId>, new: PeerId },
+    /// Our depth changed (`None`: no path to the root right now).
+    DepthChanged { depth: Option<u16> },
+    /// The parent was lost; repair under way.
+    Orphaned { lost: PeerId },
+    /// Attached again after an outage.
+    Rejoined { parent: PeerId, outage_ms: u64 },
+    /// A child was accepted.
+    ChildAdded(PeerId),
+    /// A child left or was lost.
+    ChildRemoved(PeerId),
+    /// Something from the media session (first frame, stats, decrypt failures...).
+    Media(MediaEvent),
+    /// The room ended (we left, or the broadcast is over).
+    Ended,
+}
+
+/// A snapshot of a room's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomStatus {
+    /// Parent, if attached.
+    pub parent: Option<PeerId>,
+    /// Depth, if attached.
+    pub depth: Option<u16>,
+    /// Children.
+    pub children: Vec<PeerId>,
+    /// Capacity.
+    pub capacity: u16,
+}
+
+enum Input {
+    Gossip { from: PeerId, data: Vec<u8> },
+    Request { from: PeerId, req: RoomRequest, reply: ResponseHandle },
+    PeerGone(PeerId),
+    Snapshot(proto::Snapshot),
+    ParentSignalled { parent: NodeId, ok: Result<(), String> },
+    ChildAttached { child: NodeId, id: ChildId },
+    Status(oneshot::Sender<RoomStatus>),
+    Leave(oneshot::Sender<()>),
+}
+
+/// The rooms of one node, by room id (locator) and by topic.
+#[derive(Clone, Default)]
+pub(crate) struct Rooms {
+    inner: Arc<Mutex<RoomsInner>>,
+}
+
+#[derive(Default)]
+struct RoomsInner {
+    by_id: HashMap<Id, mpsc::Sender<Input>>,
+    by_topic: HashMap<String, Id>,
+}
+
+impl Rooms {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoomsInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, id: Id, topic: String, tx: mpsc::Sender<Input>) -> bool {
+        let mut g = self.lock();
+        if g.by_id.contains_key(&id) {
+            return false;
+        }
+        g.by_id.insert(id, tx);
+        g.by_topic.insert(topic, id);
+        true
+    }
+
+    fn remove(&self, id: &Id) {
+        let mut g = self.lock();
+        g.by_id.remove(id);
+        g.by_topic.retain(|_, v| v != id);
+    }
+
+    pub(crate) fn gossip(&self, topic: &str, from: PeerId, data: Vec<u8>) {
+        let tx = {
+            let g = self.lock();
+            g.by_topic.get(topic).and_then(|id| g.by_id.get(id)).cloned()
+        };
+        if let Some(tx) = tx
+            && tx.try_send(Input::Gossip { from, data }).is_err()
+        {
+            tracing::debug!("room input full: gossip dropped");
+        }
+    }
+
+    pub(crate) async fn request(&self, from: PeerId, data: Vec<u8>, reply: ResponseHandle) {
+        let req: RoomRequest = match wire::decode(&data) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%from, "bad request: {e}");
+                let _ = reply.respond(refusal(&format!("bad request: {e}"))).await;
+                return;
+            }
+        };
+        let tx = self.lock().by_id.get(&req.room).cloned();
+        match tx {
+            Some(tx) => {
+                if let Err(mpsc::error::TrySendError::Full(Input::Request { reply, .. })) =
+                    tx.try_send(Input::Request { from, req, reply })
+                {
+                    let _ = reply.respond(refusal("busy")).await;
+                }
+            }
+            None => {
+                let _ = reply.respond(refusal("not in this room")).await;
+            }
+        }
+    }
+
+    pub(crate) fn peer_gone(&self, peer: PeerId) {
+        let txs: Vec<_> = self.lock().by_id.values().cloned().collect();
+        for tx in txs {
+            let _ = tx.try_send(Input::PeerGone(peer));
+        }
+    }
+
+    pub(crate) async fn shutdown_all(&self) {
+        let txs: Vec<_> = self.lock().by_id.values().cloned().collect();
+        for tx in txs {
+            let (done, rx) = oneshot::channel();
+            if tx.send(Input::Leave(done)).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+            }
+        }
+    }
+}
+
+fn refusal(reason: &str) -> Vec<u8> {
+    wire::encode(&RoomResponse {
+        v: wire::VERSION,
+        env: None,
+        error: Some(reason.to_owned()),
+    })
+}
+
+/// A joined room. Dropping it leaves the room.
+pub struct RoomHandle {
+    tx: mpsc::Sender<Input>,
+    events: Option<mpsc::Receiver<RoomEvent>>,
+    ticket: Option<Ticket>,
+    role: RoomRole,
+    broadcaster: Option<Arc<Broadcaster>>,
+    keys: RoomKeys,
+    _node: Node,
+}
+
+impl std::fmt::Debug for RoomHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoomHandle")
+            .field("room", &self.keys.name())
+            .field("role", &self.role)
+            .finish()
+    }
+}
+
+impl RoomHandle {
+    /// The ticket viewers use (broadcaster only).
+    pub fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref()
+    }
+
+    /// Broadcaster or viewer.
+    pub fn role(&self) -> RoomRole {
+        self.role
+    }
+
+    /// The room's keys.
+    pub fn keys(&self) -> &RoomKeys {
+        &self.keys
+    }
+
+    /// The event stream (once).
+    pub fn events(&mut self) -> Option<mpsc::Receiver<RoomEvent>> {
+        self.events.take()
+    }
+
+    /// Send an application message down the tree (broadcaster only).
+    pub fn send_data(&self, msg: &[u8]) -> Result<(), NodeError> {
+        match &self.broadcaster {
+            Some(b) => b.send_data(msg).map_err(|e| NodeError::Media(e.to_string())),
+            None => Err(NodeError::Invalid("only the broadcaster sends data".into())),
+        }
+    }
+
+    /// Current tree position.
+    pub async fn status(&self) -> Result<RoomStatus, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Input::Status(tx))
+            .await
+            .map_err(|_| NodeError::Closed)?;
+        rx.await.map_err(|_| NodeError::Closed)
+    }
+
+    /// Leave gracefully: children and parent are told, files are closed.
+    pub async fn leave(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Input::Leave(tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+    }
+}
+
+enum Media {
+    Root(Arc<Broadcaster>),
+    Viewer(Arc<Viewer>),
+}
+
+impl Node {
+    /// Create a room and broadcast into it.
+    pub async fn broadcast(&self, cfg: RoomConfig) -> Result<RoomHandle, NodeError> {
+        let keys = self.room_keys(&cfg.name, cfg.password.as_deref()).await?;
+        let tracks: Vec<TrackInfo> = cfg
+            .sources
+            .iter()
+            .map(|s| {
+                let c = s.codec();
+                TrackInfo {
+                    kind: match c.kind() {
+                        crate::media::MediaKind::Video => TrackKind::Video,
+                        crate::media::MediaKind::Audio => TrackKind::Audio,
+                    },
+                    codec: c.mime_type().to_owned(),
+                    clock_rate: c.clock_rate(),
+                }
+            })
+            .collect();
+        let (bc, media_events) = Broadcaster::new(
+            cfg.sources,
+            MediaKey::new(*keys.media_key().expose()),
+            self.inner.media.clone(),
+        )
+        .map_err(|e| NodeError::Media(e.to_string()))?;
+        let bc = Arc::new(bc);
+        let addrs: Vec<String> = self.addrs().await?.iter().map(|a| a.to_string()).collect();
+        let me = Id(self.inner.identity.public());
+        let record = RoomRecord {
+            v: wire::VERSION,
+            broadcaster: me,
+            addrs: addrs.clone(),
+            tracks,
+            data: cfg.data,
+            fanout: cfg.fanout,
+            bitrate_kbps: cfg.bitrate_kbps,
+            created_ms: now_ms(),
+            expires_ms: now_ms() + ROOM_LIVENESS.as_millis() as u64,
+            seq: 1,
+        };
+        let mut tree_cfg = cfg.tree.clone();
+        tree_cfg.max_children = Some(self.inner.max_children.unwrap_or(cfg.fanout));
+        tree_cfg.stream_kbps = cfg.bitrate_kbps;
+        let tree = TreeNode::new_root(NodeId(me.0), tree_cfg, u64::from_le_bytes(random_bytes()));
+        let ticket = Ticket {
+            v: wire::VERSION,
+            room: cfg.name.clone(),
+            broadcaster: me,
+            addrs,
+            check: ticket_check(&keys),
+        };
+        let handle = self
+            .start_room(
+                keys,
+                tree,
+                Media::Root(bc.clone()),
+                media_events,
+                Some(record),
+                RoomRole::Broadcaster,
+                Some(ticket),
+            )
+            .await?;
+        bc.start();
+        Ok(handle)
+    }
+
+    /// Join a room as a viewer.
+    pub async fn watch(
+        &self,
+        target: WatchTarget,
+        password: Option<&str>,
+        opts: WatchOptions,
+    ) -> Result<RoomHandle, NodeError> {
+        let (name, ticket) = match &target {
+            WatchTarget::Ticket(t) => (t.room.clone(), Some(t)),
+            WatchTarget::Name(n) => (n.clone(), None),
+        };
+        let keys = self.room_keys(&name, password).await?;
+        let record = self.lookup_room(&keys, ticket).await?;
+        // Reach the broadcaster (its addresses are in the record) so the snapshot request and the
+        // DHT have a path.
+        for a in &record.addrs {
+            if let Ok(addr) = a.parse() {
+                let _ = self.inner.net.dial(addr).await;
+            }
+        }
+        let (viewer, media_events) = Viewer::new(
+            MediaKey::new(*keys.media_key().expose()),
+            opts.sinks,
+            self.inner.media.clone(),
+        );
+        let mut tree_cfg = opts.tree.unwrap_or_default();
+        tree_cfg.max_children = Some(self.inner.max_children.unwrap_or(record.fanout));
+        tree_cfg.stream_kbps = record.bitrate_kbps;
+        let me = NodeId(self.inner.identity.public());
+        let tree = TreeNode::new(me, tree_cfg, u64::from_le_bytes(random_bytes()));
+        self.start_room_with_record(keys, tree, viewer, media_events, record)
+            .await
+    }
+
+    async fn start_room_with_record(
+        &self,
+        keys: RoomKeys,
+        tree: TreeNode,
+        viewer: Viewer,
+        media_events: mpsc::Receiver<MediaEvent>,
+        record: RoomRecord,
+    ) -> Result<RoomHandle, NodeError> {
+        let mut h = self
+            .start_room(
+                keys,
+                tree,
+                Media::Viewer(Arc::new(viewer)),
+                media_events,
+                None,
+                RoomRole::Viewer,
+                None,
+            )
+            .await?;
+        h.ticket = None;
+        let _ = record;
+        Ok(h)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start_room(
+        &self,
+        keys: RoomKeys,
+        tree: TreeNode,
+        media: Media,
+        media_events: mpsc::Receiver<MediaEvent>,
+        record: Option<RoomRecord>,
+        role: RoomRole,
+        ticket: Option<Ticket>,
+    ) -> Result<RoomHandle, NodeError> {
+        let room = Id(*keys.locator());
+        let (tx, rx) = mpsc::channel(ROOM_INPUT_QUEUE);
+        if !self
+            .inner
+            .rooms
+            .insert(room, keys.topic().to_owned(), tx.clone())
+        {
+            return Err(NodeError::AlreadyJoined(keys.name().to_owned()));
+        }
+        self.inner.topics.insert(keys.clone());
+        self.inner.net.subscribe(keys.topic().to_owned()).await?;
+        if let Some(r) = &record {
+            self.publish_record(&keys, r).await?;
+        }
+        let (ev_tx, ev_rx) = mpsc::channel(ROOM_EVENT_QUEUE);
+        let broadcaster = match &media {
+            Media::Root(b) => Some(b.clone()),
+            Media::Viewer(_) => None,
+        };
+        let broadcaster_id = record.as_ref().map(|r| r.broadcaster);
+        let task = RoomTask {
+            node: self.clone(),
+            net: self.inner.net.clone(),
+            keys: keys.clone(),
+            room,
+            me: NodeId(self.inner.identity.public()),
+            tree,
+            media,
+            record,
+            broadcaster: broadcaster_id,
+            epoch: Instant::now(),
+            inputs_tx: tx.clone(),
+            events: ev_tx,
+            senders: HashMap::new(),
+            children: BTreeMap::new(),
+            seen: Seen::default(),
+            seq: 0,
+            snapshot_inflight: false,
+        };
+        tokio::spawn(task.run(rx, media_events));
+        Ok(RoomHandle {
+            tx,
+            events: Some(ev_rx),
+            ticket,
+            role,
+            broadcaster,
+            keys,
+            _node: self.clone(),
+        })
+    }
+}
+
+/// Bounded memory of recently seen items (replay protection).
+#[derive(Default)]
+struct Seen {
+    set: HashSet<[u8; 32]>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl Seen {
+    /// True if new (and remembers it).
+    fn insert(&mut self, item: [u8; 32]) -> bool {
+        if !self.set.insert(item) {
+            return false;
+        }
+        self.order.push_back(item);
+        if self.order.len() > SEEN_CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+struct RoomTask {
+    node: Node,
+    net: Net,
+    keys: RoomKeys,
+    room: Id,
+    me: NodeId,
+    tree: TreeNode,
+    media: Media,
+    record: Option<RoomRecord>,
+    /// The broadcaster's key (viewers learn it from the record).
+    broadcaster: Option<Id>,
+    epoch: Instant,
+    inputs_tx: mpsc::Sender<Input>,
+    events: mpsc::Sender<RoomEvent>,
+    senders: HashMap<NodeId, mpsc::Sender<Vec<u8>>>,
+    children: BTreeMap<NodeId, ChildId>,
+    seen: Seen,
+    seq: u64,
+    snapshot_inflight: bool,
+}
+
+impl RoomTask {
+    fn now(&self) -> Millis {
+        Millis(self.epoch.elapsed().as_millis() as u64)
+    }
+
+    fn emit(&self, ev: RoomEvent) {
+        if self.events.try_send(ev).is_err() {
+            tracing::trace!("room event dropped: the application is not reading");
+        }
+    }
+
+    async fn run(mut self, mut inputs: mpsc::Receiver<Input>, mut media_events: mpsc::Receiver<MediaEvent>) {
+        let now = self.now();
+        if matches!(self.media, Media::Viewer(_)) {
+            self.tree.start(now);
+        }
+        self.drain().await;
+        let mut refresh = tokio::time::interval(ROOM_REFRESH);
+        refresh.tick().await;
+        let mut media_open = true;
+        let leave_reply = loop {
+            let timer = self.tree.poll_timeout().map(|t| {
+                tokio::time::Instant::from_std(self.epoch + Duration::from_millis(t.0))
+            });
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(Input::Leave(done)) => break Some(done),
+                    Some(i) => self.handle(i).await,
+                    None => break None,
+                },
+                ev = media_events.recv(), if media_open => match ev {
+                    Some(ev) => self.on_media(ev),
+                    None => media_open = false,
+                },
+                _ = async { tokio::time::sleep_until(timer.expect("guarded")).await }, if timer.is_some() => {
+                    let now = self.now();
+                    self.tree.handle_timeout(now);
+                }
+                _ = refresh.tick(), if self.record.is_some() => self.refresh_record().await,
+            }
+            self.drain().await;
+        };
+        // Leave: tell neighbours (the outputs go out through the per-peer queues), end the record.
+        let now = self.now();
+        self.tree.leave(now);
+        self.drain().await;
+        if let Some(mut r) = self.record.take() {
+            r.seq += 1;
+            r.expires_ms = now_ms();
+            let _ = self.node.publish_record(&self.keys, &r).await;
+        }
+        // Give the per-peer queues a moment to deliver the Leave messages.
+        let senders: Vec<_> = self.senders.drain().map(|(_, s)| s).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        for s in senders {
+            while s.capacity() < PEER_SEND_QUEUE && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.node.inner.rooms.remove(&self.room);
+        self.node.inner.topics.remove(self.keys.topic());
+        let _ = self.net.unsubscribe(self.keys.topic().to_owned()).await;
+        match self.media {
+            Media::Viewer(v) => {
+                if let Ok(v) = Arc::try_unwrap(v) {
+                    v.close().await;
+                }
+            }
+            Media::Root(_) => {}
+        }
+        self.emit(RoomEvent::Ended);
+        if let Some(done) = leave_reply {
+            let _ = done.send(());
+        }
+    }
+
+    async fn refresh_record(&mut self) {
+        let Some(r) = self.record.as_mut() else { return };
+        r.seq += 1;
+        r.expires_ms = now_ms() + ROOM_LIVENESS.as_millis() as u64;
+        let r = r.clone();
+        if let Err(e) = self.node.publish_record(&self.keys, &r).await {
+            tracing::warn!("refreshing the room record failed: {e}");
+        }
+    }
+
+    fn peer_of(id: NodeId) -> Option<PeerId> {
+        peer_id_of(&id.0).ok()
+    }
+
+    fn on_media(&mut self, ev: MediaEvent) {
+        let now = self.now();
+        match &ev {
+            MediaEvent::ParentLost => {
+                if let Some(p) = self.tree.parent() {
+                    self.tree.handle_link_down(p, now);
+                }
+            }
+            MediaEvent::ChildCut { id, .. } => {
+                if let Some((&child, _)) = self.children.iter().find(|(_, c)| *c == id) {
+                    self.children.remove(&child);
+                    self.tree.handle_link_down(child, now);
+                }
+            }
+            _ => {}
+        }
+        self.emit(RoomEvent::Media(ev));
+    }
+
+    async fn handle(&mut self, input: Input) {
+        let now = self.now();
+        match input {
+            Input::Gossip { from, data } => self.on_gossip(from, data).await,
+            Input::Request { from, req, reply } => self.on_request(from, req, reply).await,
+            Input::PeerGone(peer) => {
+                if let Some(pk) = public_of_peer(&peer) {
+                    let id = NodeId(pk);
+                    if self.tree.parent() == Some(id) || self.children.contains_key(&id) {
+                        self.tree.handle_link_down(id, now);
+                    }
+                    self.senders.remove(&id);
+                }
+            }
+            Input::Snapshot(s) => {
+                self.snapshot_inflight = false;
+                self.tree.handle_snapshot(s, now);
+            }
+            Input::ParentSignalled { parent, ok } => {
+                if let Err(e) = ok {
+                    tracing::debug!(?parent, "media connection to parent failed: {e}");
+                    if self.tree.parent() == Some(parent) {
+                        self.tree.handle_link_down(parent, now);
+                    }
+                }
+            }
+            Input::ChildAttached { child, id } => {
+                if self.tree.children().any(|c| c == child) {
+                    if let Some(old) = self.children.insert(child, id)
+                        && old != id
+                    {
+                        self.detach(old);
+                    }
+                } else {
+                    // Left while we were answering.
+                    self.detach(id);
+                }
+            }
+            Input::Status(tx) => {
+                let _ = tx.send(RoomStatus {
+                    parent: self.tree.parent().and_then(Self::peer_of),
+                    depth: self.tree.depth(),
+                    children: self.tree.children().filter_map(Self::peer_of).collect(),
+                    capacity: self.tree.capacity(),
+                });
+            }
+            Input::Leave(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn detach(&self, id: ChildId) {
+        match &self.media {
+            Media::Root(b) => {
+                b.detach_child(id);
+            }
+            Media::Viewer(v) => {
+                v.detach_child(id);
+            }
+        }
+    }
+
+    /// Execute the state machine's outputs.
+    async fn drain(&mut self) {
+        while let Some(out) = self.tree.poll_output() {
+            match out {
+                Output::Send { to, msg } => {
+                    let ctl = Control {
+                        v: wire::VERSION,
+                        room: self.room,
+                        from: Id(self.me.0),
+                        to: Id(to.0),
+                        msg,
+                    };
+                    let env = self.envelope(Kind::TreeControl, &wire::encode(&ctl), CONTROL_TTL);
+                    self.send_to(to, env);
+                }
+                Output::Publish { update, to } => {
+                    let upd = to_wire_update(&update);
+                    let env = self.envelope(Kind::TreeUpdate, &wire::encode(&upd), CONTROL_TTL);
+                    for peer in to {
+                        self.send_to(peer, env.clone());
+                    }
+                }
+                Output::ConnectParent { peer } => self.connect_parent(peer),
+                Output::AcceptChild { peer } => {
+                    tracing::debug!(child = ?peer, "accepted child; waiting for its offer");
+                }
+                Output::RefuseChild { peer, reason } => {
+                    tracing::debug!(joiner = ?peer, ?reason, "refused");
+                }
+                Output::Disconnect { peer } => {
+                    if let Some(id) = self.children.remove(&peer) {
+                        self.detach(id);
+                    }
+                }
+                Output::RequestSnapshot => self.request_snapshot(),
+                Output::Timer(_) => {} // the loop asks poll_timeout()
+                Output::Event(ev) => self.on_tree_event(ev),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_tree_event(&self, ev: TreeEvent) {
+        let p = |id: NodeId| Self::peer_of(id);
+        let ev = match ev {
+            TreeEvent::Joined { parent, depth } => p(parent).map(|parent| RoomEvent::Joined { parent, depth }),
+            TreeEvent::ParentChanged { old, new } => p(new).map(|new| RoomEvent::ParentChanged {
+                old: old.and_then(p),
+                new,
+            }),
+            TreeEvent::DepthChanged { depth } => Some(RoomEvent::DepthChanged { depth }),
+            TreeEvent::Orphaned { lost } => p(lost).map(|lost| RoomEvent::Orphaned { lost }),
+            TreeEvent::Rejoined { parent, outage_ms } => {
+                p(parent).map(|parent| RoomEvent::Rejoined { parent, outage_ms })
+            }
+            TreeEvent::ChildAdded(c) => p(c).map(RoomEvent::ChildAdded),
+            TreeEvent::ChildRemoved(c) => p(c).map(RoomEvent::ChildRemoved),
+            _ => None,
+        };
+        if let Some(ev) = ev {
+            self.emit(ev);
+        }
+    }
+
+    /// Seal `plain` for this room and sign it.
+    fn envelope(&mut self, kind: Kind, plain: &[u8], ttl: Duration) -> Envelope {
+        self.seq += 1;
+        let sealed = self.keys.seal(kind, plain);
+        self.node.inner.identity.seal_envelope(
+            kind,
+            self.seq,
+            now_ms() + ttl.as_millis() as u64,
+            sealed,
+        )
+    }
+
+    fn request_bytes(&self, env: Envelope) -> Vec<u8> {
+        wire::encode(&RoomRequest {
+            v: wire::VERSION,
+            room: self.room,
+            env,
+        })
+    }
+
+    /// Queue a message to a peer; one task per peer keeps them in order.
+    fn send_to(&mut self, to: NodeId, env: Envelope) {
+        let Some(peer) = Self::peer_of(to) else { return };
+        let bytes = self.request_bytes(env);
+        let tx = self.senders.entry(to).or_insert_with(|| {
+            let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_SEND_QUEUE);
+            let net = self.net.clone();
+            tokio::spawn(async move {
+                // Ends when the room drops the sender (peer gone or room left) and the queue drains.
+                while let Some(bytes) = rx.recv().await {
+                    if let Err(e) = net.request(peer, bytes, CONTROL_TIMEOUT).await {
+                        tracing::debug!(%peer, "control message not delivered: {e}");
+                    }
+                }
+            });
+            tx
+        });
+        if tx.try_send(bytes).is_err() {
+            tracing::debug!(?to, "control queue full: message dropped");
+        }
+    }
+
+    fn request_snapshot(&mut self) {
+        if self.snapshot_inflight {
+            return;
+        }
+        // Ask the broadcaster, else our parent or backup: every member can answer.
+        let target = self
+            .broadcaster
+            .map(|b| NodeId(b.0))
+            .into_iter()
+            .chain(self.tree.backup())
+            .chain(self.tree.parent())
+            .find(|t| *t != self.me);
+        let Some(target) = target else { return };
+        let Some(peer) = Self::peer_of(target) else { return };
+        self.snapshot_inflight = true;
+        let req = SnapshotRequest {
+            v: wire::VERSION,
+            room: self.room,
+            max: SNAPSHOT_MAX as u16,
+        };
+        let env = self.envelope(Kind::Snapshot, &wire::encode(&req), CONTROL_TTL);
+        let bytes = self.request_bytes(env);
+        let (net, keys, tx) = (self.net.clone(), self.keys.clone(), self.inputs_tx.clone());
+        let room = self.room;
+        tokio::spawn(async move {
+            let snap = match net.request(peer, bytes, CONTROL_TIMEOUT).await {
+                Ok(resp) => open_snapshot(&keys, room, target, &resp).unwrap_or_else(|e| {
+                    tracing::debug!("bad snapshot from {peer}: {e}");
+                    proto::Snapshot::default()
+                }),
+                Err(e) => {
+                    tracing::debug!("snapshot request to {peer} failed: {e}");
+                    proto::Snapshot::default()
+                }
+            };
+            // Always answer, so the state machine retries (with jitter) when this failed.
+            let _ = tx.send(Input::Snapshot(snap)).await;
+        });
+    }
+
+    fn connect_parent(&mut self, parent: NodeId) {
+        let Media::Viewer(viewer) = &self.media else { return };
+        let Some(peer) = Self::peer_of(parent) else { return };
+        let viewer = viewer.clone();
+        let nonce = Nonce16(random_bytes());
+        let keys = self.keys.clone();
+        let room = self.room;
+        let me = self.me;
+        let node = self.node.clone();
+        let tx = self.inputs_tx.clone();
+        tokio::spawn(async move {
+            let ok = async {
+                let offer = viewer.connect_parent().await.map_err(|e| e.to_string())?;
+                let signal = Signal {
+                    v: wire::VERSION,
+                    room,
+                    from: Id(me.0),
+                    to: Id(parent.0),
+                    nonce,
+                    kind: SdpKind::Offer,
+                    sdp: offer.sdp,
+                    ts_ms: now_ms(),
+                };
+                let env = node.inner.identity.seal_envelope(
+                    Kind::Offer,
+                    1,
+                    now_ms() + SIGNAL_TTL.as_millis() as u64,
+                    keys.seal(Kind::Offer, &wire::encode(&signal)),
+                );
+                // Durable copy in the DHT (the parent can fetch it if the direct path fails).
+                let blob_key = signal_key(&keys, me, parent, &nonce, SdpKind::Offer);
+                let put = {
+                    let (net, env) = (node.inner.net.clone(), wire::encode(&env));
+                    tokio::spawn(async move { net.put_record(blob_key.to_vec(), env).await })
+                };
+                let req = wire::encode(&RoomRequest {
+                    v: wire::VERSION,
+                    room,
+                    env: env.clone(),
+                });
+                let answer_env = match node.inner.net.request(peer, req, SIGNAL_TIMEOUT).await {
+                    Ok(resp) => {
+                        let resp: RoomResponse = wire::decode(&resp).map_err(|e| e.to_string())?;
+                        if let Some(err) = resp.error {
+                            return Err(format!("parent refused the offer: {err}"));
+                        }
+                        resp.env.ok_or("empty answer")?
+                    }
+                    Err(e) => {
+                        // Slow path: tell the parent on the room topic, wait for its answer blob.
+                        tracing::debug!("direct signalling failed ({e}); using the DHT");
+                        let _ = put.await;
+                        signal_via_dht(&node, &keys, room, me, parent, nonce, blob_key).await?
+                    }
+                };
+                let answer = open_signal(&keys, &answer_env, Kind::Answer, parent, me)?;
+                if answer.nonce != nonce {
+                    return Err("answer for another exchange".into());
+                }
+                viewer
+                    .parent_answer(&SignalBlob {
+                        kind: MediaSdpKind::Answer,
+                        sdp: answer.sdp,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            .await;
+            let _ = tx.send(Input::ParentSignalled { parent, ok }).await;
+        });
+    }
+
+    async fn on_gossip(&mut self, from: PeerId, data: Vec<u8>) {
+        // Already verified and opened by the gossip validator; open again to get the payload.
+        let Some((env, plain)) = self.node.inner.topics.open_gossip(self.keys.topic(), &from, &data)
+        else {
+            return;
+        };
+        if env.kind != Kind::Notice {
+            return;
+        }
+        let Ok(notice) = wire::decode::<Notice>(&plain) else { return };
+        if notice.to.0 != self.me.0 || notice.kind != SdpKind::Offer {
+            return;
+        }
+        // A child could not reach us directly: fetch its offer from the DHT and answer there.
+        let child = NodeId(notice.from.0);
+        if !self.tree.children().any(|c| c == child) {
+            return;
+        }
+        let net = self.net.clone();
+        let key = notice.blob_key;
+        let keys = self.keys.clone();
+        let me = self.me;
+        let tx = self.inputs_tx.clone();
+        let media = match &self.media {
+            Media::Root(b) => Media::Root(b.clone()),
+            Media::Viewer(v) => Media::Viewer(v.clone()),
+        };
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            let Ok(values) = net.get_record(key.0.to_vec(), SIGNAL_TIMEOUT).await else {
+                return;
+            };
+            for v in values {
+                let Ok(env) = wire::decode::<Envelope>(&v) else { continue };
+                let Ok(offer) = open_signal(&keys, &env, Kind::Offer, child, me) else {
+                    continue;
+                };
+                if let Ok((id, answer_env)) = answer_offer(&node, &keys, &media, &offer).await {
+                    let akey = signal_key(&keys, child, me, &offer.nonce, SdpKind::Answer);
+                    let _ = net.put_record(akey.to_vec(), wire::encode(&answer_env)).await;
+                    let notice = Notice {
+                        v: wire::VERSION,
+                        room: offer.room,
+                        from: Id(me.0),
+                        to: Id(child.0),
+                        nonce: offer.nonce,
+                        kind: SdpKind::Answer,
+                        blob_key: Id(akey),
+                    };
+                    let env = node.inner.identity.seal_envelope(
+                        Kind::Notice,
+                        now_ms(),
+                        now_ms() + SIGNAL_TTL.as_millis() as u64,
+                        keys.seal(Kind::Notice, &wire::encode(&notice)),
+                    );
+                    let _ = net.publish(keys.topic().to_owned(), wire::encode(&env)).await;
+                    let _ = tx.send(Input::ChildAttached { child, id }).await;
+                }
+                return;
+            }
+        });
+    }
+
+    async fn on_request(&mut self, from: PeerId, req: RoomRequest, reply: ResponseHandle) {
+        let now = self.now();
+        let env = req.env;
+        let respond = |bytes: Vec<u8>| async move {
+            let _ = reply.respond(bytes).await;
+        };
+        // The envelope must be signed by the peer that sent it, valid, and not a replay.
+        let signer_ok = public_of_peer(&from) == Some(env.signer);
+        if !signer_ok || env.verify(now_ms()).is_err() {
+            return respond(refusal("invalid envelope")).await;
+        }
+        if !self.seen.insert(digest(&env.sig)) {
+            return respond(refusal("replayed")).await;
+        }
+        let Ok(plain) = self.keys.open(env.kind, &env.payload) else {
+            return respond(refusal("cannot open: not a member of this room")).await;
+        };
+        let sender = NodeId(env.signer);
+        match env.kind {
+            Kind::TreeControl => {
+                let Ok(ctl) = wire::decode::<Control>(&plain) else {
+                    return respond(refusal("malformed control")).await;
+                };
+                if ctl.from.0 != sender.0 || ctl.to.0 != self.me.0 || ctl.room != self.room {
+                    return respond(refusal("misaddressed control")).await;
+                }
+                respond(ok_response(None)).await;
+                self.tree.handle_message(sender, ctl.msg, now);
+            }
+            Kind::TreeUpdate => {
+                let Ok(upd) = wire::decode::<wire::TreeUpdate>(&plain) else {
+                    return respond(refusal("malformed update")).await;
+                };
+                if upd.peer.0 != sender.0 {
+                    return respond(refusal("update about someone else")).await;
+                }
+                respond(ok_response(None)).await;
+                self.tree.handle_update(sender, from_wire_update(&upd), now);
+            }
+            Kind::Snapshot => {
+                let snap = self.tree.snapshot_for_newcomer(SNAPSHOT_MAX);
+                let resp = SnapshotResponse {
+                    v: wire::VERSION,
+                    room: self.room,
+                    candidates: snap
+                        .candidates
+                        .iter()
+                        .map(|c| Candidate {
+                            peer: Id(c.peer.0),
+                            depth: c.depth,
+                            free: c.free,
+                            capacity: c.capacity,
+                        })
+                        .collect(),
+                };
+                let env = self.envelope(Kind::Snapshot, &wire::encode(&resp), CONTROL_TTL);
+                respond(ok_response(Some(env))).await;
+            }
+            Kind::Offer => {
+                let Ok(offer) = open_signal(&self.keys, &env, Kind::Offer, sender, self.me) else {
+                    return respond(refusal("bad offer")).await;
+                };
+                if !self.seen.insert(digest(&offer.nonce.0)) {
+                    return respond(refusal("nonce reused")).await;
+                }
+                if !self.tree.children().any(|c| c == sender) {
+                    return respond(refusal("not a child of this node")).await;
+                }
+                let media = match &self.media {
+                    Media::Root(b) => Media::Root(b.clone()),
+                    Media::Viewer(v) => Media::Viewer(v.clone()),
+                };
+                let (node, keys, tx, me) =
+                    (self.node.clone(), self.keys.clone(), self.inputs_tx.clone(), self.me);
+                // Answering gathers ICE candidates: off the loop.
+                tokio::spawn(async move {
+                    match answer_offer(&node, &keys, &media, &offer).await {
+                        Ok((id, answer_env)) => {
+                            let akey = signal_key(&keys, sender, me, &offer.nonce, SdpKind::Answer);
+                            let bytes = wire::encode(&answer_env);
+                            respond(ok_response(Some(answer_env))).await;
+                            let _ = tx.send(Input::ChildAttached { child: sender, id }).await;
+                            let _ = node.inner.net.put_record(akey.to_vec(), bytes).await;
+                        }
+                        Err(e) => respond(refusal(&e)).await,
+                    }
+                });
+            }
+            _ => respond(refusal("unexpected kind")).await,
+        }
+    }
+}
+
+fn ok_response(env: Option<Envelope>) -> Vec<u8> {
+    wire::encode(&RoomResponse {
+        v: wire::VERSION,
+        env,
+        error: None,
+    })
+}
+
+/// DHT key of a signalling blob: H(room, child, parent, nonce, kind).
+fn signal_key(keys: &RoomKeys, child: NodeId, parent: NodeId, nonce: &Nonce16, kind: SdpKind) -> [u8; 32] {
+    let k = [match kind {
+        SdpKind::Offer => 0u8,
+        SdpKind::Answer => 1u8,
+    }];
+    keys.derived_key(b"signal", &[&child.0, &parent.0, &nonce.0, &k])
+}
+
+/// Verify, open and check a signalling envelope.
+fn open_signal(
+    keys: &RoomKeys,
+    env: &Envelope,
+    kind: Kind,
+    from: NodeId,
+    to: NodeId,
+) -> Result<Signal, String> {
+    env.verify_kind(kind, now_ms()).map_err(|e| e.to_string())?;
+    if env.signer != from.0 {
+        return Err("signal signed by someone else".into());
+    }
+    let plain = keys.open(kind, &env.payload).map_err(|e| e.to_string())?;
+    let s: Signal = wire::decode(&plain).map_err(|e| e.to_string())?;
+    if s.from.0 != from.0 || s.to.0 != to.0 {
+        return Err("misaddressed signal".into());
+    }
+    let age = now_ms().saturating_sub(s.ts_ms);
+    if age > SIGNAL_MAX_AGE.as_millis() as u64 || s.ts_ms > now_ms() + 5_000 {
+        return Err(format!("stale signal ({age} ms old)"));
+    }
+    Ok(s)
+}
+
+/// Attach a child from its offer; returns the signed, sealed answer.
+async fn answer_offer(
+    node: &Node,
+    keys: &RoomKeys,
+    media: &Media,
+    offer: &Signal,
+) -> Result<(ChildId, Envelope), String> {
+    let blob = SignalBlob {
+        kind: MediaSdpKind::Offer,
+        sdp: offer.sdp.clone(),
+    };
+    let (id, answer) = match media {
+        Media::Root(b) => b.attach_child(&blob).await,
+        Media::Viewer(v) => v.attach_child(&blob).await,
+    }
+    .map_err(|e| e.to_string())?;
+    let signal = Signal {
+        v: wire::VERSION,
+        room: offer.room,
+        from: offer.to,
+        to: offer.from,
+        nonce: offer.nonce,
+        kind: SdpKind::Answer,
+        sdp: answer.sdp,
+        ts_ms: now_ms(),
+    };
+    let env = node.inner.identity.seal_envelope(
+        Kind::Answer,
+        1,
+        now_ms() + SIGNAL_TTL.as_millis() as u64,
+        keys.seal(Kind::Answer, &wire::encode(&signal)),
+    );
+    Ok((id, env))
+}
+
+/// The slow signalling path: a notice on the room topic, then poll the DHT for the answer.
+async fn signal_via_dht(
+    node: &Node,
+    keys: &RoomKeys,
+    room: Id,
+    me: NodeId,
+    parent: NodeId,
+    nonce: Nonce16,
+    blob_key: [u8; 32],
+) -> Result<Envelope, String> {
+    let notice = Notice {
+        v: wire::VERSION,
+        room,
+        from: Id(me.0),
+        to: Id(parent.0),
+        nonce,
+        kind: SdpKind::Offer,
+        blob_key: Id(blob_key),
+    };
+    let env = node.inner.identity.seal_envelope(
+        Kind::Notice,
+        now_ms(),
+        now_ms() + SIGNAL_TTL.as_millis() as u64,
+        keys.seal(Kind::Notice, &wire::encode(&notice)),
+    );
+    node.inner
+        .net
+        .publish(keys.topic().to_owned(), wire::encode(&env))
+        .await
+        .map_err(|e| e.to_string())?;
+    let akey = signal_key(keys, me, parent, &nonce, SdpKind::Answer);
+    let deadline = tokio::time::Instant::now() + SIGNAL_TIMEOUT;
+    // Bounded polling: at most SIGNAL_TIMEOUT, every 500 ms.
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(values) = node
+            .inner
+            .net
+            .get_record(akey.to_vec(), Duration::from_secs(2))
+            .await
+        {
+            for v in values {
+                if let Ok(env) = wire::decode::<Envelope>(&v)
+                    && env.kind == Kind::Answer
+                {
+                    return Ok(env);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err("no answer from the parent".into())
+}
+
+fn open_snapshot(
+    keys: &RoomKeys,
+    room: Id,
+    from: NodeId,
+    resp: &[u8],
+) -> Result<proto::Snapshot, String> {
+    let resp: RoomResponse = wire::decode(resp).map_err(|e| e.to_string())?;
+    if let Some(e) = resp.error {
+        return Err(e);
+    }
+    let env = resp.env.ok_or("empty snapshot")?;
+    env.verify_kind(Kind::Snapshot, now_ms())
+        .map_err(|e| e.to_string())?;
+    if env.signer != from.0 {
+        return Err("snapshot signed by someone else".into());
+    }
+    let plain = keys
+        .open(Kind::Snapshot, &env.payload)
+        .map_err(|e| e.to_string())?;
+    let s: SnapshotResponse = wire::decode(&plain).map_err(|e| e.to_string())?;
+    if s.room != room {
+        return Err("snapshot of another room".into());
+    }
+    Ok(proto::Snapshot {
+        candidates: s
+            .candidates
+            .iter()
+            .map(|c| proto::SlotAd {
+                peer: NodeId(c.peer.0),
+                depth: c.depth,
+                free: c.free,
+                capacity: c.capacity,
+            })
+            .collect(),
+    })
+}
+
+fn to_wire_update(u: &proto::TreeUpdate) -> wire::TreeUpdate {
+    wire::TreeUpdate {
+        v: wire::VERSION,
+        peer: Id(u.peer.0),
+        parent: u.parent.map(|p| Id(p.0)),
+        depth: u.depth,
+        ancestors: u.ancestors.iter().map(|a| Id(a.0)).collect(),
+        children: u.children.iter().map(|a| Id(a.0)).collect(),
+        capacity: u.capacity,
+        uplink_kbps: u.uplink_kbps,
+        seq: u.seq,
+        ts_ms: u.ts_ms,
+    }
+}
+
+fn from_wire_update(u: &wire::TreeUpdate) -> proto::TreeUpdate {
+    proto::TreeUpdate {
+        peer: NodeId(u.peer.0),
+        parent: u.parent.map(|p| NodeId(p.0)),
+        depth: u.depth,
+        ancestors: u.ancestors.iter().map(|a| NodeId(a.0)).collect(),
+        children: u.children.iter().map(|a| NodeId(a.0)).collect(),
+        capacity: u.capacity,
+        uplink_kbps: u.uplink_kbps,
+        seq: u.seq,
+        ts_ms: u.ts_ms,
+    }
+}
