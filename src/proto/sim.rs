@@ -1,0 +1,1056 @@
+//! Deterministic simulator of the relay tree: thousands of [`TreeNode`]s in virtual time.
+//!
+//! The simulator runs the very state machine the node runs. It plays the shell: it delivers
+//! [`Output::Send`] and [`Output::Publish`] after a per-link latency, answers
+//! [`Output::RequestSnapshot`] by asking a random attached member for
+//! [`TreeNode::snapshot_for_newcomer`], fires timers, and plays the transport's liveness detection
+//! (a crashed peer's neighbours get [`TreeNode::handle_link_down`] after a detection delay).
+//!
+//! Everything is driven by one seeded generator and one event queue ordered by (time, sequence
+//! number), so the same [`SimConfig`] always yields the same trace and the same [`SimReport`].
+//!
+//! Ground truth is kept beside the nodes: the edge child -> parent exists while the child names the
+//! parent and the parent is alive; a node "has a path to the root" when following edges reaches the
+//! root. Invariants are checked incrementally, exactly: a cycle can only close when an edge is
+//! added, so every new edge walks up to the root; capacity is checked after every call into a node;
+//! every live node without a path is checked against the repair bound once per simulated second.
+//!
+//! Traffic accounting counts the CBOR size of every message a node sends or receives (see
+//! [`TreeMsg::wire_len`]), plus an edge keep-alive (by default 1 message of 20 bytes per second
+//! each way per tree edge, standing for what the transport's liveness costs), plus snapshot
+//! requests and replies. Nothing is gossiped to the whole room, so nothing else is received.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::tree::{Config, Output, Snapshot, TreeMsg, TreeNode, TreeUpdate};
+use super::{Millis, NodeId, SplitMix64};
+
+/// Bytes a signature and envelope add to a published update.
+const SIGNATURE_OVERHEAD: usize = 64 + 8;
+/// Bytes of a snapshot request.
+const SNAPSHOT_REQUEST_BYTES: usize = 48;
+/// Candidates in a snapshot.
+const SNAPSHOT_LEN: usize = 8;
+
+/// How capacities (maximum children) are drawn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CapacityDist {
+    /// Every viewer has `fanout` slots.
+    Fixed,
+    /// Mixed relative to the fanout K: 15% leaf only (0), 25% K/2, 40% K, 20% 2K.
+    Heterogeneous,
+    /// Explicit (weight, capacity) pairs.
+    Weighted(Vec<(f64, u16)>),
+}
+
+/// A mass departure: `fraction` of the live viewers leave at `at_secs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MassDeparture {
+    /// When.
+    pub at_secs: f64,
+    /// Fraction of the live viewers.
+    pub fraction: f64,
+    /// Graceful leave (true) or crash (false).
+    pub graceful: bool,
+}
+
+/// Parameters of one simulated run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SimConfig {
+    /// Viewers (the broadcaster comes on top).
+    pub nodes: usize,
+    /// Nominal fanout K (broadcaster's capacity and the reference of [`CapacityDist`]).
+    pub fanout: u16,
+    /// Mean session length (exponential); `None`: nobody leaves by churn. Each departure is
+    /// replaced by a newcomer so the room keeps its size.
+    pub churn_mean_secs: Option<f64>,
+    /// Simulated time.
+    pub duration_secs: f64,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// Mean one-way latency of a link; each link gets a fixed latency in [0.5, 1.5) × this.
+    pub link_latency_ms: f64,
+    /// Capacities of the viewers.
+    pub capacity: CapacityDist,
+    /// Arrival rate of the initial join wave.
+    pub join_rate_per_sec: f64,
+    /// Share of churn departures that are crashes (the rest leave gracefully).
+    pub crash_fraction: f64,
+    /// A crash is noticed by each neighbour after a delay uniform in this range (transport
+    /// liveness: connection state and RTCP along the edge).
+    pub crash_detect_ms: (u64, u64),
+    /// Optional mass departure (not replaced).
+    pub mass_departure: Option<MassDeparture>,
+    /// Optional crash of all the root's children at once (not replaced).
+    pub kill_root_children_at_secs: Option<f64>,
+    /// A live node without a path to the root for longer than this violates the repair bound.
+    pub repair_bound_secs: f64,
+    /// Depth sampling period.
+    pub sample_interval_secs: f64,
+    /// Keep-alive bytes per second per tree edge and direction.
+    pub keepalive_bytes_per_sec: f64,
+    /// Nodes living less than this are left out of the per-node traffic figures.
+    pub min_lifetime_for_traffic_secs: f64,
+    /// The tree's tunables (capacity is overridden per viewer).
+    pub tree: Config,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 1000,
+            fanout: 4,
+            churn_mean_secs: Some(600.0),
+            duration_secs: 600.0,
+            seed: 1,
+            link_latency_ms: 50.0,
+            capacity: CapacityDist::Heterogeneous,
+            join_rate_per_sec: 200.0,
+            crash_fraction: 0.2,
+            crash_detect_ms: (500, 1000),
+            mass_departure: None,
+            kill_root_children_at_secs: None,
+            repair_bound_secs: 30.0,
+            sample_interval_secs: 5.0,
+            keepalive_bytes_per_sec: 20.0,
+            min_lifetime_for_traffic_secs: 60.0,
+            tree: Config::default(),
+        }
+    }
+}
+
+/// Percentiles of a distribution.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Dist {
+    /// Samples.
+    pub count: usize,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Dist {
+    fn of(mut v: Vec<f64>) -> Dist {
+        if v.is_empty() {
+            return Dist::default();
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(Ordering::Equal));
+        let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        Dist {
+            count: v.len(),
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: q(0.5),
+            p95: q(0.95),
+            p99: q(0.99),
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// Invariant violations (all must be 0).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Violations {
+    /// Edges that closed a cycle.
+    pub cycles: u64,
+    /// Times a node held more children than its capacity.
+    pub over_capacity: u64,
+    /// Outages longer than the repair bound.
+    pub unrepaired: u64,
+    /// Ground-truth bookkeeping disagreed with a full recount (simulator bug).
+    pub bookkeeping: u64,
+}
+
+impl Violations {
+    /// Sum of all.
+    pub fn total(&self) -> u64 {
+        self.cycles + self.over_capacity + self.unrepaired + self.bookkeeping
+    }
+}
+
+/// Result of a run. `Display` is the human table; serde gives the JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct SimReport {
+    /// The configuration.
+    pub config: SimConfig,
+    /// ceil(log_K N).
+    pub ideal_depth: u32,
+    /// Depth of attached viewers, over all samples.
+    pub depth: Dist,
+    /// Deepest viewer at the end.
+    pub final_max_depth: u32,
+    /// Time from arrival to a path to the root, ms.
+    pub join_ms: Dist,
+    /// Each outage (time without a path to the root) of a viewer that got repaired, ms.
+    pub outage_ms: Dist,
+    /// Fraction of viewer-time with a path to the root.
+    pub continuity: f64,
+    /// Control bytes received per viewer per second.
+    pub rx_bytes_per_sec: Dist,
+    /// Control messages received per viewer per second.
+    pub rx_msgs_per_sec: Dist,
+    /// Control bytes sent per viewer per second.
+    pub tx_bytes_per_sec: Dist,
+    /// Control bytes the broadcaster received per second.
+    pub root_rx_bytes_per_sec: f64,
+    /// Viewers that arrived.
+    pub arrivals: u64,
+    /// Graceful departures.
+    pub leaves: u64,
+    /// Crashes.
+    pub crashes: u64,
+    /// Live viewers at the end.
+    pub live_at_end: u64,
+    /// Of which with a path to the root.
+    pub attached_at_end: u64,
+    /// Invariant violations.
+    pub violations: Violations,
+    /// Simulated events processed.
+    pub events: u64,
+}
+
+impl fmt::Display for SimReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        writeln!(
+            f,
+            "waterfall sim: {} viewers, fanout {}, churn mean {}, {} s simulated, seed {}",
+            c.nodes,
+            c.fanout,
+            c.churn_mean_secs
+                .map_or("off".to_string(), |m| format!("{m} s")),
+            c.duration_secs,
+            c.seed
+        )?;
+        writeln!(
+            f,
+            "  depth            p50 {:.0}  p99 {:.0}  max {:.0}  (final max {}; ideal ceil(log_K N) = {})",
+            self.depth.p50, self.depth.p99, self.depth.max, self.final_max_depth, self.ideal_depth
+        )?;
+        writeln!(
+            f,
+            "  join time        p50 {:.0} ms  p99 {:.0} ms  ({} joins)",
+            self.join_ms.p50, self.join_ms.p99, self.join_ms.count
+        )?;
+        writeln!(
+            f,
+            "  outage/repair    p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({} outages)",
+            self.outage_ms.p50, self.outage_ms.p95, self.outage_ms.p99, self.outage_ms.count
+        )?;
+        writeln!(f, "  continuity       {:.4}%", self.continuity * 100.0)?;
+        writeln!(
+            f,
+            "  control rx/node  {:.0} B/s mean  {:.0} B/s p99  {:.2} msg/s mean  (tx {:.0} B/s mean; root rx {:.0} B/s)",
+            self.rx_bytes_per_sec.mean,
+            self.rx_bytes_per_sec.p99,
+            self.rx_msgs_per_sec.mean,
+            self.tx_bytes_per_sec.mean,
+            self.root_rx_bytes_per_sec
+        )?;
+        writeln!(
+            f,
+            "  population       {} arrivals, {} leaves, {} crashes; {} live at end, {} attached",
+            self.arrivals, self.leaves, self.crashes, self.live_at_end, self.attached_at_end
+        )?;
+        let v = &self.violations;
+        write!(
+            f,
+            "  invariants       cycles {}  over-capacity {}  unrepaired {}  bookkeeping {}  ({} events)",
+            v.cycles, v.over_capacity, v.unrepaired, v.bookkeeping, self.events
+        )
+    }
+}
+
+/// Smallest d with K^d >= N.
+pub fn ideal_depth(nodes: usize, fanout: u16) -> u32 {
+    if fanout <= 1 {
+        return nodes as u32;
+    }
+    let mut d = 0;
+    let mut reach: u128 = 1;
+    while reach < nodes as u128 {
+        reach *= fanout as u128;
+        d += 1;
+    }
+    d
+}
+
+/// Run a simulation.
+pub fn run(cfg: &SimConfig) -> SimReport {
+    let mut sim = Sim::new(cfg);
+    sim.run();
+    sim.report()
+}
+
+#[derive(Debug)]
+enum Ev {
+    Arrive(u32),
+    Msg { to: u32, from: u32, msg: TreeMsg },
+    Update { to: u32, from: u32, upd: TreeUpdate },
+    SnapReq { to: u32, from: u32 },
+    SnapResp { to: u32, snap: Snapshot },
+    Timer(u32),
+    Depart { node: u32, graceful: bool, replace: bool },
+    LinkDown { to: u32, peer: u32 },
+    Mass,
+    KillRootChildren,
+    Sample,
+}
+
+struct QItem {
+    t: u64,
+    seq: u64,
+    ev: Ev,
+}
+impl PartialEq for QItem {
+    fn eq(&self, o: &Self) -> bool {
+        (self.t, self.seq) == (o.t, o.seq)
+    }
+}
+impl Eq for QItem {}
+impl PartialOrd for QItem {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for QItem {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // Min-heap on (time, seq).
+        (o.t, o.seq).cmp(&(self.t, self.seq))
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    arrived: u64,
+    joined_at: Option<u64>,
+    departed: Option<u64>,
+    rx_bytes: f64,
+    rx_msgs: f64,
+    tx_bytes: f64,
+    outage_since: Option<u64>,
+    disconnected_ms: u64,
+    flagged: bool,
+}
+
+struct Sim<'a> {
+    cfg: &'a SimConfig,
+    rng: SplitMix64,
+    now: u64,
+    seq: u64,
+    end: u64,
+    queue: BinaryHeap<QItem>,
+    nodes: Vec<Option<TreeNode>>,
+    ids: Vec<NodeId>,
+    alive: Vec<bool>,
+    stats: Vec<Stats>,
+    timer_at: Vec<Option<u64>>,
+    claim: Vec<Option<u32>>,
+    gt_children: Vec<Vec<u32>>,
+    connected: Vec<bool>,
+    edge_since: Vec<u64>,
+    alive_list: Vec<u32>,
+    alive_pos: Vec<usize>,
+    mark: Vec<u32>,
+    mark_gen: u32,
+    outages: Vec<f64>,
+    joins: Vec<f64>,
+    depth_hist: Vec<u64>,
+    final_max_depth: u32,
+    violations: Violations,
+    events: u64,
+    leaves: u64,
+    crashes: u64,
+    arrivals: u64,
+}
+
+fn node_id(seed: u64, i: u32) -> NodeId {
+    let mut r = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let mut b = [0u8; 32];
+    for chunk in b[..24].chunks_mut(8) {
+        chunk.copy_from_slice(&r.next_u64().to_le_bytes());
+    }
+    b[28..32].copy_from_slice(&i.to_be_bytes());
+    NodeId(b)
+}
+
+fn idx(id: NodeId) -> u32 {
+    u32::from_be_bytes([id.0[28], id.0[29], id.0[30], id.0[31]])
+}
+
+impl<'a> Sim<'a> {
+    fn new(cfg: &'a SimConfig) -> Self {
+        let mut s = Sim {
+            cfg,
+            rng: SplitMix64::new(cfg.seed),
+            now: 0,
+            seq: 0,
+            end: (cfg.duration_secs * 1000.0) as u64,
+            queue: BinaryHeap::new(),
+            nodes: Vec::new(),
+            ids: Vec::new(),
+            alive: Vec::new(),
+            stats: Vec::new(),
+            timer_at: Vec::new(),
+            claim: Vec::new(),
+            gt_children: Vec::new(),
+            connected: Vec::new(),
+            edge_since: Vec::new(),
+            alive_list: Vec::new(),
+            alive_pos: Vec::new(),
+            mark: Vec::new(),
+            mark_gen: 0,
+            outages: Vec::new(),
+            joins: Vec::new(),
+            depth_hist: Vec::new(),
+            final_max_depth: 0,
+            violations: Violations::default(),
+            events: 0,
+            leaves: 0,
+            crashes: 0,
+            arrivals: 0,
+        };
+        // The broadcaster.
+        let root = s.alloc();
+        let mut rcfg = cfg.tree.clone();
+        rcfg.max_children = Some(cfg.fanout);
+        let id = s.ids[root as usize];
+        s.nodes[root as usize] = Some(TreeNode::new_root(id, rcfg, cfg.seed ^ 0xB0B));
+        s.alive[root as usize] = true;
+        s.connected[root as usize] = true;
+        s.stats[root as usize].joined_at = Some(0);
+        s.alive_add(root);
+        for i in 0..cfg.nodes {
+            let n = s.alloc();
+            let t = if cfg.join_rate_per_sec > 0.0 {
+                (i as f64 * 1000.0 / cfg.join_rate_per_sec) as u64
+            } else {
+                0
+            };
+            s.push(t, Ev::Arrive(n));
+        }
+        if let Some(m) = &cfg.mass_departure {
+            s.push((m.at_secs * 1000.0) as u64, Ev::Mass);
+        }
+        if let Some(at) = cfg.kill_root_children_at_secs {
+            s.push((at * 1000.0) as u64, Ev::KillRootChildren);
+        }
+        let period = (cfg.sample_interval_secs * 1000.0).max(1.0) as u64;
+        s.push(period, Ev::Sample);
+        s
+    }
+
+    fn alloc(&mut self) -> u32 {
+        let i = self.nodes.len() as u32;
+        self.nodes.push(None);
+        self.ids.push(node_id(self.cfg.seed, i));
+        self.alive.push(false);
+        self.stats.push(Stats::default());
+        self.timer_at.push(None);
+        self.claim.push(None);
+        self.gt_children.push(Vec::new());
+        self.connected.push(false);
+        self.edge_since.push(0);
+        self.alive_pos.push(usize::MAX);
+        self.mark.push(0);
+        i
+    }
+
+    fn alive_add(&mut self, i: u32) {
+        self.alive_pos[i as usize] = self.alive_list.len();
+        self.alive_list.push(i);
+    }
+
+    fn alive_remove(&mut self, i: u32) {
+        let pos = self.alive_pos[i as usize];
+        if pos == usize::MAX {
+            return;
+        }
+        self.alive_list.swap_remove(pos);
+        if let Some(&moved) = self.alive_list.get(pos) {
+            self.alive_pos[moved as usize] = pos;
+        }
+        self.alive_pos[i as usize] = usize::MAX;
+    }
+
+    fn push(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(QItem {
+            t,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn latency(&self, a: u32, b: u32) -> u64 {
+        let (x, y) = if a < b { (a, b) } else { (b, a) };
+        let mut r = SplitMix64::new(self.cfg.seed ^ ((x as u64) << 32 | y as u64));
+        let f = 0.5 + r.unit();
+        ((self.cfg.link_latency_ms * f).round() as u64).max(1)
+    }
+
+    fn exp(&mut self, mean: f64) -> f64 {
+        -mean * (1.0 - self.rng.unit()).ln()
+    }
+
+    fn draw_capacity(&mut self) -> u16 {
+        let k = self.cfg.fanout;
+        let table: Vec<(f64, u16)> = match &self.cfg.capacity {
+            CapacityDist::Fixed => return k,
+            CapacityDist::Heterogeneous => {
+                vec![(0.15, 0), (0.25, k / 2), (0.40, k), (0.20, 2 * k)]
+            }
+            CapacityDist::Weighted(v) => v.clone(),
+        };
+        let total: f64 = table.iter().map(|(w, _)| *w).sum();
+        let mut u = self.rng.unit() * total;
+        for (w, c) in &table {
+            if u < *w {
+                return *c;
+            }
+            u -= w;
+        }
+        table.last().map_or(k, |(_, c)| *c)
+    }
+
+    fn run(&mut self) {
+        while let Some(item) = self.queue.pop() {
+            if item.t > self.end {
+                break;
+            }
+            self.now = item.t;
+            self.events += 1;
+            self.handle(item.ev);
+        }
+        self.now = self.end;
+    }
+
+    fn tn(&mut self, i: u32) -> Option<&mut TreeNode> {
+        if self.alive[i as usize] {
+            self.nodes[i as usize].as_mut()
+        } else {
+            None
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let now = Millis(self.now);
+        match ev {
+            Ev::Arrive(i) => self.arrive(i),
+            Ev::Msg { to, from, msg } => {
+                let len = msg.wire_len() as f64;
+                let fid = self.ids[from as usize];
+                if let Some(n) = self.tn(to) {
+                    n.handle_message(fid, msg, now);
+                    self.rx(to, len);
+                    self.drain(to);
+                }
+            }
+            Ev::Update { to, from, upd } => {
+                let len = (upd.wire_len() + SIGNATURE_OVERHEAD) as f64;
+                let fid = self.ids[from as usize];
+                if let Some(n) = self.tn(to) {
+                    n.handle_update(fid, upd, now);
+                    self.rx(to, len);
+                    self.drain(to);
+                }
+            }
+            Ev::SnapReq { to, from } => {
+                if let Some(n) = self.tn(to) {
+                    let snap = n.snapshot_for_newcomer(SNAPSHOT_LEN);
+                    self.rx(to, SNAPSHOT_REQUEST_BYTES as f64);
+                    self.stats[to as usize].tx_bytes += snap.wire_len() as f64;
+                    let t = self.now + self.latency(to, from);
+                    self.push(t, Ev::SnapResp { to: from, snap });
+                }
+            }
+            Ev::SnapResp { to, snap } => {
+                let len = snap.wire_len() as f64;
+                if let Some(n) = self.tn(to) {
+                    n.handle_snapshot(snap, now);
+                    self.rx(to, len);
+                    self.drain(to);
+                }
+            }
+            Ev::Timer(i) => {
+                if self.timer_at[i as usize] == Some(self.now) {
+                    self.timer_at[i as usize] = None;
+                    if let Some(n) = self.tn(i) {
+                        n.handle_timeout(now);
+                        self.drain(i);
+                    }
+                }
+            }
+            Ev::Depart {
+                node,
+                graceful,
+                replace,
+            } => self.depart(node, graceful, replace),
+            Ev::LinkDown { to, peer } => {
+                let fid = self.ids[peer as usize];
+                if let Some(n) = self.tn(to) {
+                    n.handle_link_down(fid, now);
+                    self.drain(to);
+                }
+            }
+            Ev::Mass => {
+                let Some(m) = self.cfg.mass_departure.clone() else {
+                    return;
+                };
+                let mut victims: Vec<u32> =
+                    self.alive_list.iter().copied().filter(|&i| i != 0).collect();
+                let k = ((victims.len() as f64) * m.fraction).round() as usize;
+                // Partial Fisher-Yates.
+                for j in 0..k.min(victims.len()) {
+                    let r = j + self.rng.below((victims.len() - j) as u64) as usize;
+                    victims.swap(j, r);
+                }
+                for &v in victims.iter().take(k) {
+                    self.depart(v, m.graceful, false);
+                }
+            }
+            Ev::KillRootChildren => {
+                let kids: Vec<u32> = self.gt_children[0].clone();
+                for k in kids {
+                    self.depart(k, false, false);
+                }
+            }
+            Ev::Sample => {
+                self.sample();
+                let period = (self.cfg.sample_interval_secs * 1000.0).max(1.0) as u64;
+                let t = self.now + period;
+                self.push(t, Ev::Sample);
+            }
+        }
+    }
+
+    fn rx(&mut self, i: u32, bytes: f64) {
+        let s = &mut self.stats[i as usize];
+        s.rx_bytes += bytes;
+        s.rx_msgs += 1.0;
+    }
+
+    fn arrive(&mut self, i: u32) {
+        let cap = self.draw_capacity();
+        let mut tcfg = self.cfg.tree.clone();
+        tcfg.max_children = Some(cap);
+        let id = self.ids[i as usize];
+        let seed = self.rng.next_u64();
+        let mut n = TreeNode::new(id, tcfg, seed);
+        n.start(Millis(self.now));
+        self.nodes[i as usize] = Some(n);
+        self.alive[i as usize] = true;
+        self.stats[i as usize].arrived = self.now;
+        self.alive_add(i);
+        self.arrivals += 1;
+        if let Some(mean) = self.cfg.churn_mean_secs {
+            let life = (self.exp(mean) * 1000.0) as u64;
+            let graceful = self.rng.unit() >= self.cfg.crash_fraction;
+            let t = self.now + life.max(1);
+            self.push(
+                t,
+                Ev::Depart {
+                    node: i,
+                    graceful,
+                    replace: true,
+                },
+            );
+        }
+        self.drain(i);
+    }
+
+    fn depart(&mut self, i: u32, graceful: bool, replace: bool) {
+        if !self.alive[i as usize] || i == 0 {
+            return;
+        }
+        let now = Millis(self.now);
+        let mut neighbours: Vec<u32> = Vec::new();
+        if let Some(n) = self.nodes[i as usize].as_mut() {
+            if graceful {
+                n.leave(now);
+            } else {
+                neighbours.extend(n.parent().map(idx));
+                neighbours.extend(n.children().map(idx));
+            }
+        }
+        if graceful {
+            self.leaves += 1;
+            self.drain(i);
+        } else {
+            self.crashes += 1;
+        }
+        // Kill it in the ground truth.
+        self.alive[i as usize] = false;
+        self.alive_remove(i);
+        self.close_edge(i);
+        if let Some(p) = self.claim[i as usize] {
+            self.gt_children[p as usize].retain(|&c| c != i);
+        }
+        self.set_conn(i, false);
+        self.stats[i as usize].departed = Some(self.now);
+        let kids = self.gt_children[i as usize].clone();
+        for c in kids {
+            self.close_edge(c);
+            self.set_subtree(c, false);
+        }
+        self.nodes[i as usize] = None;
+        for nb in neighbours {
+            let (lo, hi) = self.cfg.crash_detect_ms;
+            let d = lo + self.rng.below(hi.saturating_sub(lo) + 1);
+            self.push(self.now + d, Ev::LinkDown { to: nb, peer: i });
+        }
+        if replace && self.cfg.churn_mean_secs.is_some() {
+            let n = self.alloc();
+            let t = self.now + self.rng.below(1000);
+            self.push(t, Ev::Arrive(n));
+        }
+    }
+
+    /// Account the keep-alive of the edge `c -> claim[c]` up to now and stop it.
+    fn close_edge(&mut self, c: u32) {
+        let Some(p) = self.claim[c as usize] else {
+            return;
+        };
+        let since = self.edge_since[c as usize];
+        if since == u64::MAX {
+            return;
+        }
+        let secs = self.now.saturating_sub(since) as f64 / 1000.0;
+        let bytes = secs * self.cfg.keepalive_bytes_per_sec;
+        for (a, b) in [(c, p), (p, c)] {
+            let s = &mut self.stats[a as usize];
+            s.rx_bytes += bytes;
+            s.rx_msgs += secs;
+            self.stats[b as usize].tx_bytes += bytes;
+        }
+        self.edge_since[c as usize] = u64::MAX;
+    }
+
+    fn drain(&mut self, i: u32) {
+        loop {
+            let Some(o) = self.nodes[i as usize].as_mut().and_then(|n| n.poll_output()) else {
+                break;
+            };
+            match o {
+                Output::Send { to, msg } => {
+                    let j = idx(to);
+                    if j as usize >= self.nodes.len() {
+                        continue;
+                    }
+                    self.stats[i as usize].tx_bytes += msg.wire_len() as f64;
+                    let t = self.now + self.latency(i, j);
+                    self.push(t, Ev::Msg { to: j, from: i, msg });
+                }
+                Output::Publish { update, to } => {
+                    let len = (update.wire_len() + SIGNATURE_OVERHEAD) as f64;
+                    for r in to {
+                        let j = idx(r);
+                        if j as usize >= self.nodes.len() {
+                            continue;
+                        }
+                        self.stats[i as usize].tx_bytes += len;
+                        let t = self.now + self.latency(i, j);
+                        self.push(
+                            t,
+                            Ev::Update {
+                                to: j,
+                                from: i,
+                                upd: update.clone(),
+                            },
+                        );
+                    }
+                }
+                Output::RequestSnapshot => {
+                    // Any attached member will do; a few random draws, the broadcaster otherwise.
+                    let mut m = 0;
+                    for _ in 0..8 {
+                        let k = self.rng.below(self.alive_list.len() as u64) as usize;
+                        let c = self.alive_list[k];
+                        if c != i && self.connected[c as usize] {
+                            m = c;
+                            break;
+                        }
+                    }
+                    self.stats[i as usize].tx_bytes += SNAPSHOT_REQUEST_BYTES as f64;
+                    let t = self.now + self.latency(i, m);
+                    self.push(t, Ev::SnapReq { to: m, from: i });
+                }
+                _ => {}
+            }
+        }
+        if !self.alive[i as usize] {
+            return;
+        }
+        let Some(n) = self.nodes[i as usize].as_ref() else {
+            return;
+        };
+        if n.child_count() > n.capacity() as usize {
+            self.violations.over_capacity += 1;
+        }
+        let new_claim = n.parent().map(idx);
+        let next = n.poll_timeout();
+        if new_claim != self.claim[i as usize] {
+            self.reclaim(i, new_claim);
+        }
+        if let Some(t) = next {
+            let t = t.0.max(self.now);
+            if self.timer_at[i as usize].is_none_or(|x| t < x) {
+                self.timer_at[i as usize] = Some(t);
+                self.push(t, Ev::Timer(i));
+            }
+        }
+    }
+
+    fn reclaim(&mut self, i: u32, new: Option<u32>) {
+        self.close_edge(i);
+        if let Some(old) = self.claim[i as usize] {
+            self.gt_children[old as usize].retain(|&c| c != i);
+        }
+        self.claim[i as usize] = new;
+        let mut ok = false;
+        if let Some(p) = new {
+            self.gt_children[p as usize].push(i);
+            self.edge_since[i as usize] = self.now;
+            if !self.alive[p as usize] {
+                self.edge_since[i as usize] = u64::MAX;
+            }
+            // Cycle check: walk up from the new parent.
+            let mut cur = p;
+            let mut steps = 0usize;
+            let mut cycle = false;
+            loop {
+                if cur == i {
+                    cycle = true;
+                    break;
+                }
+                if cur == 0 || !self.alive[cur as usize] {
+                    break;
+                }
+                match self.claim[cur as usize] {
+                    Some(up) => cur = up,
+                    None => break,
+                }
+                steps += 1;
+                if steps > self.nodes.len() {
+                    cycle = true;
+                    break;
+                }
+            }
+            if cycle {
+                self.violations.cycles += 1;
+            }
+            ok = !cycle && self.alive[p as usize] && self.connected[p as usize];
+        }
+        self.set_subtree(i, ok);
+    }
+
+    fn set_subtree(&mut self, root: u32, val: bool) {
+        self.mark_gen = self.mark_gen.wrapping_add(1);
+        let g = self.mark_gen;
+        let mut stack = vec![root];
+        while let Some(u) = stack.pop() {
+            if self.mark[u as usize] == g {
+                continue;
+            }
+            self.mark[u as usize] = g;
+            if !self.alive[u as usize] {
+                continue;
+            }
+            self.set_conn(u, val);
+            for k in 0..self.gt_children[u as usize].len() {
+                let c = self.gt_children[u as usize][k];
+                stack.push(c);
+            }
+        }
+    }
+
+    fn set_conn(&mut self, u: u32, val: bool) {
+        if self.connected[u as usize] == val {
+            return;
+        }
+        self.connected[u as usize] = val;
+        let now = self.now;
+        let s = &mut self.stats[u as usize];
+        if val {
+            if s.joined_at.is_none() {
+                s.joined_at = Some(now);
+                self.joins.push(now.saturating_sub(s.arrived) as f64);
+            } else if let Some(since) = s.outage_since.take() {
+                let d = now - since;
+                s.disconnected_ms += d;
+                s.flagged = false;
+                self.outages.push(d as f64);
+            }
+        } else if s.joined_at.is_some() && self.alive[u as usize] {
+            s.outage_since = Some(now);
+        } else if let Some(since) = s.outage_since.take() {
+            // Departed during an outage: counts against continuity, not as a repair.
+            s.disconnected_ms += now - since;
+        }
+    }
+
+    fn sample(&mut self) {
+        // Depths by a walk from the root over the ground truth, and a recount of connectivity.
+        let mut depth = vec![u32::MAX; self.nodes.len()];
+        depth[0] = 0;
+        let mut stack = vec![0u32];
+        let mut reached = 0u64;
+        let mut max = 0;
+        while let Some(u) = stack.pop() {
+            reached += 1;
+            let d = depth[u as usize];
+            if u != 0 {
+                let di = d as usize;
+                if self.depth_hist.len() <= di {
+                    self.depth_hist.resize(di + 1, 0);
+                }
+                self.depth_hist[di] += 1;
+                max = max.max(d);
+            }
+            for &c in &self.gt_children[u as usize] {
+                if self.alive[c as usize] && depth[c as usize] == u32::MAX {
+                    depth[c as usize] = d + 1;
+                    stack.push(c);
+                }
+            }
+        }
+        self.final_max_depth = max;
+        let flagged_conn = self
+            .alive_list
+            .iter()
+            .filter(|&&i| self.connected[i as usize])
+            .count() as u64;
+        if flagged_conn != reached {
+            self.violations.bookkeeping += 1;
+        }
+        let bound = (self.cfg.repair_bound_secs * 1000.0) as u64;
+        for k in 0..self.alive_list.len() {
+            let i = self.alive_list[k] as usize;
+            let s = &mut self.stats[i];
+            if let Some(since) = s.outage_since
+                && !s.flagged
+                && self.now - since > bound
+            {
+                s.flagged = true;
+                self.violations.unrepaired += 1;
+            }
+        }
+    }
+
+    fn report(mut self) -> SimReport {
+        // Close the books.
+        let end = self.end;
+        self.now = end;
+        let live: Vec<u32> = self.alive_list.clone();
+        for &i in &live {
+            self.close_edge(i);
+        }
+        self.sample();
+        let mut viewer_ms = 0u64;
+        let mut dark_ms = 0u64;
+        let mut rx = Vec::new();
+        let mut rxm = Vec::new();
+        let mut tx = Vec::new();
+        let min_life = (self.cfg.min_lifetime_for_traffic_secs * 1000.0) as u64;
+        let mut live_at_end = 0;
+        let mut attached_at_end = 0;
+        for i in 1..self.nodes.len() {
+            let s = &self.stats[i];
+            let alive = self.alive[i];
+            if alive {
+                live_at_end += 1;
+                if self.connected[i] {
+                    attached_at_end += 1;
+                }
+            }
+            let stop = s.departed.unwrap_or(end);
+            if let Some(j) = s.joined_at {
+                viewer_ms += stop.saturating_sub(j);
+                dark_ms += s.disconnected_ms;
+                if let Some(o) = s.outage_since {
+                    dark_ms += stop.saturating_sub(o);
+                }
+            }
+            if s.departed.is_some() || alive {
+                let life = stop.saturating_sub(s.arrived);
+                if life >= min_life && life > 0 {
+                    let secs = life as f64 / 1000.0;
+                    rx.push(s.rx_bytes / secs);
+                    rxm.push(s.rx_msgs / secs);
+                    tx.push(s.tx_bytes / secs);
+                }
+            }
+        }
+        let depth = {
+            let count: u64 = self.depth_hist.iter().sum();
+            let q = |p: f64| {
+                let target = ((count.saturating_sub(1)) as f64 * p).round() as u64;
+                let mut acc = 0;
+                for (d, n) in self.depth_hist.iter().enumerate() {
+                    acc += n;
+                    if acc > target {
+                        return d as f64;
+                    }
+                }
+                0.0
+            };
+            let mean = if count == 0 {
+                0.0
+            } else {
+                self.depth_hist
+                    .iter()
+                    .enumerate()
+                    .map(|(d, n)| d as f64 * *n as f64)
+                    .sum::<f64>()
+                    / count as f64
+            };
+            Dist {
+                count: count as usize,
+                mean,
+                p50: q(0.5),
+                p95: q(0.95),
+                p99: q(0.99),
+                max: self
+                    .depth_hist
+                    .iter()
+                    .rposition(|n| *n > 0)
+                    .unwrap_or(0) as f64,
+            }
+        };
+        let root_life = (end as f64 / 1000.0).max(1e-9);
+        SimReport {
+            config: self.cfg.clone(),
+            ideal_depth: ideal_depth(self.cfg.nodes, self.cfg.fanout),
+            depth,
+            final_max_depth: self.final_max_depth,
+            join_ms: Dist::of(std::mem::take(&mut self.joins)),
+            outage_ms: Dist::of(std::mem::take(&mut self.outages)),
+            continuity: if viewer_ms == 0 {
+                1.0
+            } else {
+                1.0 - dark_ms as f64 / viewer_ms as f64
+            },
+            rx_bytes_per_sec: Dist::of(rx),
+            rx_msgs_per_sec: Dist::of(rxm),
+            tx_bytes_per_sec: Dist::of(tx),
+            root_rx_bytes_per_sec: self.stats[0].rx_bytes / root_life,
+            arrivals: self.arrivals,
+            leaves: self.leaves,
+            crashes: self.crashes,
+            live_at_end,
+            attached_at_end,
+            violations: self.violations.clone(),
+            events: self.events,
+        }
+    }
+}

@@ -1,0 +1,1550 @@
+//! The relay-tree state machine of one peer ([`TreeNode`]).
+//!
+//! # Model
+//!
+//! The broadcaster is the root (depth 0); every viewer has one parent and at most `capacity`
+//! children (configured, or measured uplink ÷ stream bitrate; 0 = leaf only). Each peer knows:
+//! its parent and the path from the root to it (the `ancestors` of its parent's [`TreeUpdate`]),
+//! its children and their updates, a *summary* of the best free slots below each child, and a
+//! *directory* of the best free slots of the whole tree, received from its parent.
+//!
+//! # What travels where (control traffic stays flat as the room grows)
+//!
+//! - [`TreeMsg`]s go point to point between tree neighbours, or between a joiner and a candidate.
+//! - A node's signed [`TreeUpdate`] is handed out with [`Output::Publish`] to its *tree
+//!   neighbours only* (parent and children), immediately when its path changes (children must know
+//!   their ancestors to avoid cycles) and coalesced when only its children change.
+//! - [`TreeMsg::Summary`] goes up one edge, at most every `summary_interval`, only when it
+//!   changed: the best `summary_len` free slots of the sender's subtree. The root's summary is the
+//!   directory of the whole tree.
+//! - [`TreeMsg::Directory`] goes down every edge, at most every `directory_interval`, only when it
+//!   changed. Every member can thus answer a newcomer's snapshot request
+//!   ([`TreeNode::snapshot_for_newcomer`]) and every member has backup candidates.
+//! - Liveness is the transport's business (the WebRTC connection and its RTCP along tree edges):
+//!   the shell calls [`TreeNode::handle_link_down`]. There are no room-wide heartbeats.
+//!
+//! A node therefore receives O(capacity) messages per interval whatever the room size; nothing is
+//! gossiped to the whole room.
+//!
+//! # Decisions
+//!
+//! - **Join**: among known candidates with a free slot, the smallest depth, then the most spare
+//!   slots, then the lowest RTT, then a random tie-break. The candidate accepts while it has room,
+//!   else refuses with a [`RefuseReason`] and hints (the best free slots of its own subtree, which are
+//!   fresher than the directory); the joiner retries after a random jitter.
+//! - **No cycles**: a candidate refuses a joiner that appears in its own ancestor path, or whose lost
+//!   parent does (the joiner would land in a sibling's subtree while both are repairing), and a
+//!   detached candidate (no path to the root) refuses everyone. A repairing node first only accepts
+//!   parents strictly shallower than its old depth: depth then decreases along every new edge and no
+//!   cycle can close even on stale information. After `repair_settle` it takes any candidate.
+//!   Finally, a node that finds itself among its own ancestors leaves its parent (defence in depth).
+//! - **Backup**: every attached node keeps a backup parent chosen at random among the shallowest
+//!   directory entries outside its own subtree, so the orphans of one relay scatter over several
+//!   parents. A departing relay names its grandparent as successor to its most capable child, which
+//!   takes over the freed slot.
+//! - **Repair**: on parent loss (graceful [`TreeMsg::Leave`] or link down) the node switches to its
+//!   backup at once; its subtree stays attached to it and is told it is detached until the repair
+//!   is done. A node detached upstream for longer than `upstream_grace` repairs itself.
+//! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node with
+//!   children or with more capacity than its parent looks for a free slot at least two levels
+//!   shallower and moves there make-before-break: it attaches to the new parent before it leaves
+//!   the old one, so nobody's stream is cut. A full parent asked by a more capable node relocates one
+//!   of its leaf children with less capacity (again make-before-break) to open a slot.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Millis, NodeId, SplitMix64};
+
+/// Depth advertised by a node that currently has no path to the root.
+pub const DEPTH_DETACHED: u16 = u16::MAX;
+/// Longest ancestor path accepted from the network (longer means a loop or an attack).
+pub const MAX_ANCESTORS: usize = 64;
+/// Longest slot list accepted from the network.
+const MAX_SLOTS_IN: usize = 32;
+/// Remembered refusal hints.
+const MAX_HINTS: usize = 24;
+/// Minimum gap between two relocation orders from one parent.
+const RELOCATE_GAP_MS: u64 = 10_000;
+
+/// The signed state a peer announces to its tree neighbours.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeUpdate {
+    /// Who this is about.
+    pub peer: NodeId,
+    /// Current parent (`None` for the root and for a detached peer).
+    pub parent: Option<NodeId>,
+    /// Depth (root = 0) or [`DEPTH_DETACHED`].
+    pub depth: u16,
+    /// Path from the root to the parent, root first (empty when detached).
+    pub ancestors: Vec<NodeId>,
+    /// Current children.
+    pub children: Vec<NodeId>,
+    /// Maximum number of children.
+    pub capacity: u16,
+    /// Measured or configured uplink.
+    pub uplink_kbps: u32,
+    /// Increases with every update of this peer.
+    pub seq: u64,
+    /// Sender's clock when produced.
+    pub ts_ms: u64,
+}
+
+/// An advertised free slot: `peer` at `depth` can take `free` more children.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotAd {
+    /// The candidate parent.
+    pub peer: NodeId,
+    /// Its depth.
+    pub depth: u16,
+    /// Free child slots.
+    pub free: u16,
+    /// Its capacity.
+    pub capacity: u16,
+}
+
+/// What a member hands a newcomer: the best free slots it knows, shallowest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Candidate parents.
+    pub candidates: Vec<SlotAd>,
+}
+
+/// Why a node asks to become a child.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinKind {
+    /// First attachment.
+    New,
+    /// After losing the parent.
+    Repair,
+    /// Rebalancing: make-before-break move of an attached node.
+    Move,
+}
+
+/// Why a join was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RefuseReason {
+    /// No free slot.
+    Full,
+    /// Accepting would close a cycle.
+    Cycle,
+    /// The candidate has no path to the root right now.
+    NotAttached,
+    /// The candidate is deeper than the joiner allowed.
+    TooDeep,
+    /// The candidate is leaving.
+    Leaving,
+}
+
+/// Messages exchanged point to point between peers of the tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum TreeMsg {
+    /// Please adopt me.
+    Join {
+        /// Why.
+        kind: JoinKind,
+        /// Joiner's capacity (for bandwidth-aware decisions).
+        capacity: u16,
+        /// Refuse if deeper than this.
+        max_depth: Option<u16>,
+        /// The parent the joiner just lost (refuse if it is among your ancestors).
+        lost_parent: Option<NodeId>,
+    },
+    /// Adopted: the parent's update and its directory.
+    Accept {
+        /// The new parent's state (depth, ancestors).
+        parent: TreeUpdate,
+        /// The best free slots of the tree, for backups.
+        directory: Vec<SlotAd>,
+    },
+    /// Not adopted.
+    Refuse {
+        /// Why.
+        reason: RefuseReason,
+        /// Better candidates (free slots below the refuser).
+        hints: Vec<SlotAd>,
+    },
+    /// The sender stops being our parent or child. To a child, `successor` names where to go.
+    Leave {
+        /// Suggested new parent (the leaver's parent, whose slot frees).
+        successor: Option<NodeId>,
+    },
+    /// Child to parent: the best free slots in the child's subtree.
+    Summary {
+        /// Shallowest first.
+        slots: Vec<SlotAd>,
+    },
+    /// Parent to child: the best free slots of the whole tree.
+    Directory {
+        /// Shallowest first.
+        slots: Vec<SlotAd>,
+    },
+    /// Parent to leaf child: please move elsewhere (make-before-break), a more capable peer needs
+    /// the slot.
+    Relocate,
+}
+
+/// What happened, for the application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TreeEvent {
+    /// First attachment.
+    Joined {
+        /// The parent.
+        parent: NodeId,
+        /// Our depth.
+        depth: u16,
+    },
+    /// The parent changed (repair or rebalancing).
+    ParentChanged {
+        /// Previous parent.
+        old: Option<NodeId>,
+        /// New parent.
+        new: NodeId,
+    },
+    /// Our depth changed (`None`: no path to the root right now).
+    DepthChanged {
+        /// New depth.
+        depth: Option<u16>,
+    },
+    /// We lost our parent.
+    Orphaned {
+        /// The parent lost.
+        lost: NodeId,
+    },
+    /// Attached again after being orphaned.
+    Rejoined {
+        /// New parent.
+        parent: NodeId,
+        /// How long we were orphaned.
+        outage_ms: u64,
+    },
+    /// A child was accepted.
+    ChildAdded(NodeId),
+    /// A child left or was lost.
+    ChildRemoved(NodeId),
+}
+
+/// Instructions for the shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output {
+    /// Send a message to one peer.
+    Send {
+        /// Recipient.
+        to: NodeId,
+        /// Message.
+        msg: TreeMsg,
+    },
+    /// Sign this update and deliver it to these tree neighbours (parent and children); keep it as
+    /// our current signed state.
+    Publish {
+        /// Our new state.
+        update: TreeUpdate,
+        /// Recipients.
+        to: Vec<NodeId>,
+    },
+    /// Open the media session from this (new) parent.
+    ConnectParent {
+        /// The parent.
+        peer: NodeId,
+    },
+    /// Start forwarding the stream to this child.
+    AcceptChild {
+        /// The child.
+        peer: NodeId,
+    },
+    /// A join was refused (the `Refuse` message is also in the queue).
+    RefuseChild {
+        /// The joiner.
+        peer: NodeId,
+        /// Why.
+        reason: RefuseReason,
+    },
+    /// Close the media session with this peer.
+    Disconnect {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// Fetch a [`Snapshot`] from any member and pass it to [`TreeNode::handle_snapshot`].
+    RequestSnapshot,
+    /// Call [`TreeNode::handle_timeout`] at this time (replaces earlier requests).
+    Timer(Millis),
+    /// For the application.
+    Event(TreeEvent),
+}
+
+/// Tunables of the tree.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// Configured maximum children (`--max-children`); `None`: uplink ÷ stream bitrate.
+    pub max_children: Option<u16>,
+    /// Measured or configured uplink.
+    pub uplink_kbps: u32,
+    /// Bitrate of the stream.
+    pub stream_kbps: u32,
+    /// Upper bound of the capacity, whatever the uplink.
+    pub capacity_limit: u16,
+    /// Entries in a subtree summary.
+    pub summary_len: usize,
+    /// Entries in the directory.
+    pub directory_len: usize,
+    /// Minimum gap between two summaries to the parent.
+    pub summary_interval_ms: u64,
+    /// Minimum gap between two directories to the children.
+    pub directory_interval_ms: u64,
+    /// Delay to coalesce updates that only change the children list.
+    pub publish_coalesce_ms: u64,
+    /// A join request without answer after this is considered refused.
+    pub join_timeout_ms: u64,
+    /// Retries after a refusal wait a random delay below this.
+    pub retry_jitter_ms: u64,
+    /// During this long after losing its parent a node only takes strictly shallower parents.
+    pub repair_settle_ms: u64,
+    /// Detached upstream for longer than this: repair ourselves.
+    pub upstream_grace_ms: u64,
+    /// Mean gap between two rebalancing checks (0 disables rebalancing).
+    pub rebalance_interval_ms: u64,
+    /// A refusing candidate is not asked again for this long.
+    pub refuse_memory_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_children: Some(4),
+            uplink_kbps: 0,
+            stream_kbps: 1000,
+            capacity_limit: 32,
+            summary_len: 6,
+            directory_len: 8,
+            summary_interval_ms: 2_000,
+            directory_interval_ms: 4_000,
+            publish_coalesce_ms: 500,
+            join_timeout_ms: 1_000,
+            retry_jitter_ms: 150,
+            repair_settle_ms: 250,
+            upstream_grace_ms: 6_000,
+            rebalance_interval_ms: 15_000,
+            refuse_memory_ms: 3_000,
+        }
+    }
+}
+
+impl Config {
+    /// Maximum children: configured, else measured uplink ÷ stream bitrate; bounded by
+    /// `capacity_limit`.
+    pub fn capacity(&self) -> u16 {
+        let c = match self.max_children {
+            Some(c) => c,
+            None if self.stream_kbps == 0 => 0,
+            None => (self.uplink_kbps / self.stream_kbps).min(u16::MAX as u32) as u16,
+        };
+        c.min(self.capacity_limit)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct ChildInfo {
+    capacity: u16,
+    has_children: bool,
+    summary: Vec<SlotAd>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    target: NodeId,
+    kind: JoinKind,
+    sent: Millis,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Orphan {
+    since: Millis,
+    old_depth: u16,
+    lost: Option<NodeId>,
+    successor: Option<NodeId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Path {
+    depth: u16,
+    /// Root first, parent last.
+    ancestors: Vec<NodeId>,
+}
+
+/// One peer's view of the relay tree and its decisions. See the module docs.
+#[derive(Debug)]
+pub struct TreeNode {
+    id: NodeId,
+    cfg: Config,
+    capacity: u16,
+    rng: SplitMix64,
+    is_root: bool,
+    started: bool,
+    joined_once: bool,
+    left: bool,
+    parent: Option<NodeId>,
+    parent_capacity: u16,
+    path: Option<Path>,
+    last_depth: u16,
+    children: BTreeMap<NodeId, ChildInfo>,
+    backup: Option<NodeId>,
+    directory: Vec<SlotAd>,
+    hints: Vec<SlotAd>,
+    refused: BTreeMap<NodeId, Millis>,
+    rtt: BTreeMap<NodeId, u32>,
+    pending: Option<Pending>,
+    orphan: Option<Orphan>,
+    upstream_detached_since: Option<Millis>,
+    seq: u64,
+    retry_at: Option<Millis>,
+    publish_due: Option<Millis>,
+    summary_due: Option<Millis>,
+    last_summary_at: Option<Millis>,
+    last_summary: Vec<SlotAd>,
+    dir_due: Option<Millis>,
+    last_dir_at: Option<Millis>,
+    rebalance_at: Option<Millis>,
+    last_relocate_at: Option<Millis>,
+    last_timer: Option<Millis>,
+    out: VecDeque<Output>,
+}
+
+impl TreeNode {
+    /// A viewer that has not joined yet; call [`TreeNode::start`].
+    pub fn new(id: NodeId, cfg: Config, seed: u64) -> Self {
+        let capacity = cfg.capacity();
+        TreeNode {
+            id,
+            cfg,
+            capacity,
+            rng: SplitMix64::new(seed),
+            is_root: false,
+            started: false,
+            joined_once: false,
+            left: false,
+            parent: None,
+            parent_capacity: 0,
+            path: None,
+            last_depth: 0,
+            children: BTreeMap::new(),
+            backup: None,
+            directory: Vec::new(),
+            hints: Vec::new(),
+            refused: BTreeMap::new(),
+            rtt: BTreeMap::new(),
+            pending: None,
+            orphan: None,
+            upstream_detached_since: None,
+            seq: 0,
+            retry_at: None,
+            publish_due: None,
+            summary_due: None,
+            last_summary_at: None,
+            last_summary: Vec::new(),
+            dir_due: None,
+            last_dir_at: None,
+            rebalance_at: None,
+            last_relocate_at: None,
+            last_timer: None,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The broadcaster: attached at depth 0 from the start.
+    pub fn new_root(id: NodeId, cfg: Config, seed: u64) -> Self {
+        let mut n = TreeNode::new(id, cfg, seed);
+        n.is_root = true;
+        n.started = true;
+        n.joined_once = true;
+        n.path = Some(Path {
+            depth: 0,
+            ancestors: Vec::new(),
+        });
+        n
+    }
+
+    // ----- accessors -----
+
+    /// Our identity.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    /// Whether we are the root.
+    pub fn is_root(&self) -> bool {
+        self.is_root
+    }
+    /// Current parent.
+    pub fn parent(&self) -> Option<NodeId> {
+        self.parent
+    }
+    /// Current backup parent.
+    pub fn backup(&self) -> Option<NodeId> {
+        self.backup
+    }
+    /// Depth, if we have a path to the root.
+    pub fn depth(&self) -> Option<u16> {
+        self.path.as_ref().map(|p| p.depth)
+    }
+    /// Root-first path to our parent (empty when detached).
+    pub fn ancestors(&self) -> &[NodeId] {
+        self.path.as_ref().map_or(&[], |p| &p.ancestors)
+    }
+    /// Current children.
+    pub fn children(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.children.keys().copied()
+    }
+    /// Number of children.
+    pub fn child_count(&self) -> usize {
+        self.children.len()
+    }
+    /// Maximum children.
+    pub fn capacity(&self) -> u16 {
+        self.capacity
+    }
+    /// Whether we have a path to the root (as far as we know).
+    pub fn is_attached(&self) -> bool {
+        self.path.is_some()
+    }
+    /// Whether we lost our parent and are repairing.
+    pub fn is_orphan(&self) -> bool {
+        self.orphan.is_some()
+    }
+    /// Whether [`TreeNode::leave`] was called.
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+    /// The directory (best free slots of the tree) as last received.
+    pub fn directory(&self) -> &[SlotAd] {
+        &self.directory
+    }
+
+    /// Our current state as an update (the shell signs it).
+    pub fn current_update(&self, now: Millis) -> TreeUpdate {
+        TreeUpdate {
+            peer: self.id,
+            parent: self.parent,
+            depth: self.depth().unwrap_or(DEPTH_DETACHED),
+            ancestors: self.ancestors().to_vec(),
+            children: self.children.keys().copied().collect(),
+            capacity: self.capacity,
+            uplink_kbps: self.cfg.uplink_kbps,
+            seq: self.seq,
+            ts_ms: now.0,
+        }
+    }
+
+    /// Next output for the shell.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`TreeNode::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let pending = self
+            .pending
+            .map(|p| p.sent.plus(self.cfg.join_timeout_ms));
+        let upstream = self
+            .upstream_detached_since
+            .map(|t| t.plus(self.cfg.upstream_grace_ms));
+        [
+            pending,
+            upstream,
+            self.retry_at,
+            self.publish_due,
+            self.summary_due,
+            self.dir_due,
+            self.rebalance_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Record a measured RTT to a peer (tie-break between equal candidates).
+    pub fn set_rtt(&mut self, peer: NodeId, rtt_ms: u32) {
+        self.rtt.insert(peer, rtt_ms);
+    }
+
+    /// The best candidates we know for a newcomer: our subtree's free slots and the directory,
+    /// shallowest first, at most `max`.
+    pub fn snapshot_for_newcomer(&self, max: usize) -> Snapshot {
+        let mut all = self.compute_summary(self.cfg.directory_len.max(max));
+        all.extend(self.directory.iter().copied());
+        sort_ads(&mut all);
+        dedup_ads(&mut all);
+        all.truncate(max);
+        Snapshot { candidates: all }
+    }
+
+    // ----- inputs -----
+
+    /// Begin joining: asks the shell for a snapshot.
+    pub fn start(&mut self, now: Millis) {
+        if self.started || self.left {
+            return;
+        }
+        self.started = true;
+        self.attempt_join(now);
+        self.after(now);
+    }
+
+    /// A snapshot arrived (answer to [`Output::RequestSnapshot`]).
+    pub fn handle_snapshot(&mut self, snapshot: Snapshot, now: Millis) {
+        if self.left {
+            return;
+        }
+        for ad in snapshot.candidates.into_iter().take(MAX_SLOTS_IN) {
+            self.add_hint(ad);
+        }
+        if self.pending.is_none() && (self.orphan.is_some() || !self.joined_once) {
+            self.retry_at = None;
+            self.attempt_join(now);
+        }
+        self.after(now);
+    }
+
+    /// A message from a peer.
+    pub fn handle_message(&mut self, from: NodeId, msg: TreeMsg, now: Millis) {
+        if self.left || from == self.id {
+            return;
+        }
+        match msg {
+            TreeMsg::Join {
+                kind,
+                capacity,
+                max_depth,
+                lost_parent,
+            } => self.on_join(from, kind, capacity, max_depth, lost_parent, now),
+            TreeMsg::Accept { parent, directory } => self.on_accept(from, parent, directory, now),
+            TreeMsg::Refuse { reason: _, hints } => self.on_refuse(from, hints, now),
+            TreeMsg::Leave { successor } => self.on_leave(from, successor, now),
+            TreeMsg::Summary { mut slots } => {
+                if let Some(c) = self.children.get_mut(&from) {
+                    slots.truncate(MAX_SLOTS_IN);
+                    c.summary = slots;
+                    self.summary_dirty(now);
+                }
+            }
+            TreeMsg::Directory { mut slots } => {
+                if self.parent == Some(from) && !self.is_root {
+                    slots.truncate(MAX_SLOTS_IN);
+                    if slots != self.directory {
+                        self.directory = slots;
+                        self.directory_changed(now);
+                    }
+                }
+            }
+            TreeMsg::Relocate => self.on_relocate(from, now),
+        }
+        self.after(now);
+    }
+
+    /// A signed update from a tree neighbour (delivered by the shell after [`Output::Publish`]).
+    pub fn handle_update(&mut self, from: NodeId, update: TreeUpdate, now: Millis) {
+        if self.left || update.peer != from {
+            return;
+        }
+        if self.parent == Some(from) {
+            self.on_parent_update(update, now);
+        } else if let Some(c) = self.children.get_mut(&from) {
+            c.capacity = update.capacity;
+            c.has_children = !update.children.is_empty();
+        }
+        self.after(now);
+    }
+
+    /// The transport lost the connection to `peer` (WebRTC failed/closed, or no RTCP for too long).
+    pub fn handle_link_down(&mut self, peer: NodeId, now: Millis) {
+        if self.left {
+            return;
+        }
+        if self.parent == Some(peer) {
+            self.parent_lost(None, now);
+        }
+        if self.children.contains_key(&peer) {
+            self.remove_child(peer, now);
+        }
+        if self.pending.is_some_and(|p| p.target == peer) {
+            self.give_up_pending(now);
+        }
+        self.after(now);
+    }
+
+    /// Timers.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if self.left {
+            return;
+        }
+        self.last_timer = None;
+        if self
+            .pending
+            .is_some_and(|p| now >= p.sent.plus(self.cfg.join_timeout_ms))
+        {
+            self.give_up_pending(now);
+        }
+        if self.publish_due.is_some_and(|t| now >= t) {
+            self.publish_now(now);
+        }
+        if self.summary_due.is_some_and(|t| now >= t) {
+            self.flush_summary(now);
+        }
+        if self.dir_due.is_some_and(|t| now >= t) {
+            self.flush_directory(now);
+        }
+        if self
+            .upstream_detached_since
+            .is_some_and(|t| now >= t.plus(self.cfg.upstream_grace_ms))
+        {
+            // Our ancestors could not repair in time: repair ourselves.
+            self.upstream_detached_since = None;
+            if let Some(p) = self.parent {
+                self.send(p, TreeMsg::Leave { successor: None });
+            }
+            self.parent_lost(None, now);
+        }
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.attempt_join(now);
+        }
+        if self.rebalance_at.is_some_and(|t| now >= t) {
+            self.rebalance_at = None;
+            self.rebalance(now);
+        }
+        self.after(now);
+    }
+
+    /// Leave gracefully: children and parent are told; the most capable child is pointed at our
+    /// parent, whose slot we free.
+    pub fn leave(&mut self, now: Millis) {
+        if self.left {
+            return;
+        }
+        let successor_child = self
+            .children
+            .iter()
+            .max_by_key(|(id, c)| (c.capacity, c.has_children, Reverse(**id)))
+            .map(|(id, _)| *id);
+        let kids: Vec<NodeId> = self.children.keys().copied().collect();
+        for c in kids {
+            let successor = if Some(c) == successor_child && self.path.is_some() {
+                self.parent
+            } else {
+                None
+            };
+            self.send(c, TreeMsg::Leave { successor });
+            self.out.push_back(Output::Disconnect { peer: c });
+        }
+        if let Some(p) = self.parent {
+            self.send(p, TreeMsg::Leave { successor: None });
+            self.out.push_back(Output::Disconnect { peer: p });
+        }
+        if let Some(p) = self.pending.take() {
+            // If it accepts after all, our absence will time out there; tell it now.
+            self.send(p.target, TreeMsg::Leave { successor: None });
+        }
+        self.left = true;
+        self.children.clear();
+        self.parent = None;
+        self.path = None;
+        self.orphan = None;
+        self.retry_at = None;
+        self.publish_due = None;
+        self.summary_due = None;
+        self.dir_due = None;
+        self.rebalance_at = None;
+        self.upstream_detached_since = None;
+        let _ = now;
+    }
+
+    // ----- join side -----
+
+    fn on_accept(&mut self, from: NodeId, upd: TreeUpdate, directory: Vec<SlotAd>, now: Millis) {
+        let Some(p) = self.pending.filter(|p| p.target == from) else {
+            // Stale (we timed out and went elsewhere): free the slot we were given.
+            if self.parent != Some(from) {
+                self.send(from, TreeMsg::Leave { successor: None });
+            }
+            return;
+        };
+        self.pending = None;
+        let bad = upd.depth == DEPTH_DETACHED
+            || upd.ancestors.len() >= MAX_ANCESTORS
+            || upd.ancestors.contains(&self.id)
+            || upd.peer != from;
+        if bad {
+            self.send(from, TreeMsg::Leave { successor: None });
+            self.refused
+                .insert(from, now.plus(self.cfg.refuse_memory_ms));
+            self.schedule_retry(now);
+            return;
+        }
+        let old = self.parent;
+        if let Some(o) = old.filter(|o| *o != from) {
+            // Make-before-break: the new parent is in place, now leave the old one.
+            self.send(o, TreeMsg::Leave { successor: None });
+            self.out.push_back(Output::Disconnect { peer: o });
+        }
+        self.parent = Some(from);
+        self.parent_capacity = upd.capacity;
+        let mut ancestors = upd.ancestors;
+        ancestors.push(from);
+        let new_path = Path {
+            depth: upd.depth.saturating_add(1),
+            ancestors,
+        };
+        self.last_depth = new_path.depth;
+        let depth = new_path.depth;
+        self.path = Some(new_path);
+        self.upstream_detached_since = None;
+        self.hints.clear();
+        let mut directory = directory;
+        directory.truncate(MAX_SLOTS_IN);
+        if !self.is_root {
+            self.directory = directory;
+        }
+        self.out.push_back(Output::ConnectParent { peer: from });
+        if !self.joined_once {
+            self.joined_once = true;
+            self.emit(TreeEvent::Joined {
+                parent: from,
+                depth,
+            });
+        } else {
+            self.emit(TreeEvent::ParentChanged {
+                old,
+                new: from,
+            });
+        }
+        if let Some(o) = self.orphan.take() {
+            self.emit(TreeEvent::Rejoined {
+                parent: from,
+                outage_ms: now.since(o.since),
+            });
+        }
+        self.emit(TreeEvent::DepthChanged { depth: Some(depth) });
+        // Children need the new path at once (cycle safety), the new parent our summary.
+        self.publish_now(now);
+        self.last_summary_at = None;
+        self.last_summary.clear();
+        self.summary_dirty(now);
+        self.directory_changed(now);
+        self.choose_backup(now);
+        if p.kind == JoinKind::Move {
+            // Stay put for a while after a move.
+            self.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
+        } else if self.rebalance_at.is_none() {
+            self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        }
+    }
+
+    fn on_refuse(&mut self, from: NodeId, hints: Vec<SlotAd>, now: Millis) {
+        if !self.pending.is_some_and(|p| p.target == from) {
+            return;
+        }
+        let kind = self.pending.map(|p| p.kind);
+        self.pending = None;
+        self.refused
+            .insert(from, now.plus(self.cfg.refuse_memory_ms));
+        self.hints.retain(|h| h.peer != from);
+        for h in hints.into_iter().take(MAX_SLOTS_IN) {
+            self.add_hint(h);
+        }
+        if kind != Some(JoinKind::Move) {
+            self.schedule_retry(now);
+        }
+    }
+
+    fn give_up_pending(&mut self, now: Millis) {
+        if let Some(p) = self.pending.take() {
+            self.refused
+                .insert(p.target, now.plus(self.cfg.refuse_memory_ms));
+            self.hints.retain(|h| h.peer != p.target);
+            if p.kind != JoinKind::Move || self.orphan.is_some() {
+                self.retry_at = Some(now);
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self, now: Millis) {
+        let jitter = self.rng.below(self.cfg.retry_jitter_ms.max(1));
+        self.retry_at = Some(now.plus(jitter));
+    }
+
+    fn add_hint(&mut self, ad: SlotAd) {
+        if ad.peer == self.id || ad.free == 0 || ad.depth == DEPTH_DETACHED {
+            return;
+        }
+        self.hints.retain(|h| h.peer != ad.peer);
+        self.hints.insert(0, ad);
+        self.hints.truncate(MAX_HINTS);
+    }
+
+    /// Peers known to be in our own subtree (children and what their summaries name).
+    fn in_own_subtree(&self, peer: NodeId) -> bool {
+        self.children.contains_key(&peer)
+            || self
+                .children
+                .values()
+                .any(|c| c.summary.iter().any(|a| a.peer == peer))
+    }
+
+    fn usable(&self, ad: &SlotAd, now: Millis) -> bool {
+        ad.peer != self.id
+            && ad.free > 0
+            && ad.depth != DEPTH_DETACHED
+            && Some(ad.peer) != self.parent
+            && self.orphan.is_none_or(|o| o.lost != Some(ad.peer))
+            && self.refused.get(&ad.peer).is_none_or(|t| *t <= now)
+            && !self.in_own_subtree(ad.peer)
+    }
+
+    fn candidates(&self, now: Millis) -> Vec<SlotAd> {
+        let mut v: Vec<SlotAd> = self
+            .hints
+            .iter()
+            .chain(self.directory.iter())
+            .filter(|a| self.usable(a, now))
+            .copied()
+            .collect();
+        dedup_ads(&mut v);
+        v
+    }
+
+    /// Join rule: smallest depth, then most free slots, then lowest RTT, then random.
+    fn pick(&mut self, cands: &[SlotAd]) -> Option<SlotAd> {
+        let mut best: Option<((u16, Reverse<u16>, u32, u64), SlotAd)> = None;
+        for a in cands {
+            let rtt = self.rtt.get(&a.peer).copied().unwrap_or(u32::MAX);
+            let key = (a.depth, Reverse(a.free), rtt, self.rng.next_u64());
+            if best.as_ref().is_none_or(|(k, _)| key < *k) {
+                best = Some((key, *a));
+            }
+        }
+        best.map(|(_, a)| a)
+    }
+
+    fn attempt_join(&mut self, now: Millis) {
+        if self.left || self.pending.is_some() || self.is_root {
+            return;
+        }
+        self.refused.retain(|_, t| *t > now);
+        let (kind, max_depth, lost) = if let Some(o) = self.orphan {
+            let strict = now < o.since.plus(self.cfg.repair_settle_ms);
+            // Successor named by the departed parent first, then the backup.
+            let mut target = None;
+            if let Some(s) = o.successor.filter(|s| self.refused.get(s).is_none_or(|t| *t <= now))
+            {
+                target = Some((s, Some(o.old_depth.saturating_sub(1))));
+            }
+            if target.is_none() {
+                let cands = self.candidates(now);
+                let shallower: Vec<SlotAd> = cands
+                    .iter()
+                    .filter(|a| a.depth < o.old_depth)
+                    .copied()
+                    .collect();
+                let backup = self
+                    .backup
+                    .and_then(|b| shallower.iter().find(|a| a.peer == b).copied());
+                if let Some(b) = backup {
+                    target = Some((b.peer, Some(o.old_depth.saturating_sub(1))));
+                } else if let Some(a) = self.pick(&shallower) {
+                    target = Some((a.peer, Some(o.old_depth.saturating_sub(1))));
+                } else if strict {
+                    self.retry_at = Some(o.since.plus(self.cfg.repair_settle_ms));
+                    return;
+                } else if let Some(a) = self.pick(&cands) {
+                    target = Some((a.peer, None));
+                }
+            }
+            match target {
+                Some((t, md)) => {
+                    self.send_join(t, JoinKind::Repair, md, o.lost, now);
+                }
+                None => self.need_snapshot(now),
+            }
+            return;
+        } else if !self.joined_once {
+            (JoinKind::New, None, None)
+        } else {
+            return;
+        };
+        let cands = self.candidates(now);
+        match self.pick(&cands) {
+            Some(a) => self.send_join(a.peer, kind, max_depth, lost, now),
+            None => self.need_snapshot(now),
+        }
+    }
+
+    fn need_snapshot(&mut self, now: Millis) {
+        self.out.push_back(Output::RequestSnapshot);
+        self.retry_at = Some(now.plus(self.cfg.join_timeout_ms));
+    }
+
+    fn send_join(
+        &mut self,
+        target: NodeId,
+        kind: JoinKind,
+        max_depth: Option<u16>,
+        lost_parent: Option<NodeId>,
+        now: Millis,
+    ) {
+        self.pending = Some(Pending {
+            target,
+            kind,
+            sent: now,
+        });
+        self.send(
+            target,
+            TreeMsg::Join {
+                kind,
+                capacity: self.capacity,
+                max_depth,
+                lost_parent,
+            },
+        );
+    }
+
+    fn on_relocate(&mut self, from: NodeId, now: Millis) {
+        if self.parent != Some(from) || !self.children.is_empty() || self.pending.is_some() {
+            return;
+        }
+        let Some(depth) = self.depth() else { return };
+        let cands = self.candidates(now);
+        if let Some(a) = self.pick(&cands) {
+            // Any depth will do: we are a leaf, the slot is wanted by a more capable peer.
+            let _ = depth;
+            self.send_join(a.peer, JoinKind::Move, None, None, now);
+        }
+    }
+
+    fn rebalance_gap(&mut self) -> u64 {
+        let base = self.cfg.rebalance_interval_ms;
+        base / 2 + self.rng.below(base.max(1))
+    }
+
+    fn rebalance(&mut self, now: Millis) {
+        if self.cfg.rebalance_interval_ms == 0 {
+            return;
+        }
+        self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        if self.is_root || self.pending.is_some() || self.orphan.is_some() {
+            return;
+        }
+        let Some(d) = self.depth() else { return };
+        if d < 2 || (self.capacity == 0 && self.children.is_empty()) {
+            return;
+        }
+        let more_capable = self.capacity > self.parent_capacity;
+        let cands: Vec<SlotAd> = self
+            .candidates(now)
+            .into_iter()
+            .filter(|a| a.depth + 2 <= d)
+            .collect();
+        if let Some(a) = self.pick(&cands) {
+            let worthwhile = more_capable || !self.children.is_empty() || a.depth + 3 <= d;
+            if worthwhile {
+                self.send_join(a.peer, JoinKind::Move, Some(d - 2), None, now);
+                return;
+            }
+        }
+        if more_capable && self.capacity > 1 {
+            // No free slot above: ask the grandparent, which may relocate a weaker leaf for us.
+            let anc = self.ancestors();
+            if anc.len() >= 2 {
+                let g = anc[anc.len() - 2];
+                if self.refused.get(&g).is_none_or(|t| *t <= now) {
+                    self.send_join(g, JoinKind::Move, Some(d - 2), None, now);
+                }
+            }
+        }
+    }
+
+    // ----- parent side -----
+
+    fn free(&self) -> u16 {
+        self.capacity
+            .saturating_sub(self.children.len().min(u16::MAX as usize) as u16)
+    }
+
+    fn on_join(
+        &mut self,
+        from: NodeId,
+        kind: JoinKind,
+        capacity: u16,
+        max_depth: Option<u16>,
+        lost_parent: Option<NodeId>,
+        now: Millis,
+    ) {
+        let reason = if self.children.contains_key(&from) {
+            None // duplicate (our Accept was lost or is in flight): accept again
+        } else if self.path.is_none() {
+            Some(RefuseReason::NotAttached)
+        } else if self.ancestors().contains(&from)
+            || lost_parent.is_some_and(|l| l == self.id || self.ancestors().contains(&l))
+            || self.parent == Some(from)
+            || self.pending.is_some_and(|p| p.target == from)
+        {
+            Some(RefuseReason::Cycle)
+        } else if max_depth.is_some_and(|m| self.depth().is_some_and(|d| d > m)) {
+            Some(RefuseReason::TooDeep)
+        } else if self.free() == 0 {
+            Some(RefuseReason::Full)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            let hints: Vec<SlotAd> = if reason == RefuseReason::Full {
+                self.compute_summary(self.cfg.summary_len)
+                    .into_iter()
+                    .filter(|a| a.peer != self.id && a.peer != from)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            self.send(from, TreeMsg::Refuse { reason, hints });
+            self.out.push_back(Output::RefuseChild {
+                peer: from,
+                reason,
+            });
+            if reason == RefuseReason::Full && kind == JoinKind::Move {
+                self.maybe_relocate_for(capacity, now);
+            }
+            return;
+        }
+        let fresh = !self.children.contains_key(&from);
+        self.children.entry(from).or_insert(ChildInfo {
+            capacity,
+            has_children: false,
+            summary: Vec::new(),
+        });
+        let parent = self.current_update(now);
+        let directory = self.directory_to_send();
+        self.send(from, TreeMsg::Accept { parent, directory });
+        if fresh {
+            self.out.push_back(Output::AcceptChild { peer: from });
+            self.emit(TreeEvent::ChildAdded(from));
+            self.children_changed(now);
+        }
+    }
+
+    fn maybe_relocate_for(&mut self, capacity: u16, now: Millis) {
+        if self
+            .last_relocate_at
+            .is_some_and(|t| now.since(t) < RELOCATE_GAP_MS)
+        {
+            return;
+        }
+        let victim = self
+            .children
+            .iter()
+            .filter(|(_, c)| !c.has_children && c.capacity < capacity)
+            .min_by_key(|(id, c)| (c.capacity, **id))
+            .map(|(id, _)| *id);
+        if let Some(v) = victim {
+            self.last_relocate_at = Some(now);
+            self.send(v, TreeMsg::Relocate);
+        }
+    }
+
+    fn on_leave(&mut self, from: NodeId, successor: Option<NodeId>, now: Millis) {
+        if self.parent == Some(from) {
+            self.out.push_back(Output::Disconnect { peer: from });
+            self.parent_lost(successor.filter(|s| *s != self.id), now);
+        } else if self.children.contains_key(&from) {
+            self.out.push_back(Output::Disconnect { peer: from });
+            self.remove_child(from, now);
+        } else if self.pending.is_some_and(|p| p.target == from) {
+            self.give_up_pending(now);
+        }
+    }
+
+    fn remove_child(&mut self, c: NodeId, now: Millis) {
+        if self.children.remove(&c).is_some() {
+            self.emit(TreeEvent::ChildRemoved(c));
+            self.children_changed(now);
+        }
+    }
+
+    fn children_changed(&mut self, now: Millis) {
+        if self.publish_due.is_none() {
+            self.publish_due = Some(now.plus(self.cfg.publish_coalesce_ms));
+        }
+        self.summary_dirty(now);
+    }
+
+    fn parent_lost(&mut self, successor: Option<NodeId>, now: Millis) {
+        if self.is_root {
+            return;
+        }
+        let lost = self.parent.take();
+        let old_depth = self.depth().unwrap_or(self.last_depth).max(1);
+        self.path = None;
+        self.upstream_detached_since = None;
+        self.orphan = Some(Orphan {
+            since: now,
+            old_depth,
+            lost,
+            successor,
+        });
+        if let Some(p) = self.pending.as_mut() {
+            // A move in progress becomes the repair.
+            p.kind = JoinKind::Repair;
+        }
+        if let Some(l) = lost {
+            self.emit(TreeEvent::Orphaned { lost: l });
+        }
+        self.emit(TreeEvent::DepthChanged { depth: None });
+        // Our subtree learns it is detached (it refuses joiners meanwhile).
+        self.publish_now(now);
+        self.summary_dirty(now);
+        self.retry_at = None;
+        self.attempt_join(now);
+    }
+
+    fn on_parent_update(&mut self, upd: TreeUpdate, now: Millis) {
+        self.parent_capacity = upd.capacity;
+        if !upd.children.contains(&self.id) {
+            // The parent dropped us.
+            self.parent_lost(None, now);
+            return;
+        }
+        if upd.depth == DEPTH_DETACHED {
+            if self.path.take().is_some() {
+                self.upstream_detached_since = Some(now);
+                self.emit(TreeEvent::DepthChanged { depth: None });
+                self.publish_now(now);
+                self.summary_dirty(now);
+            }
+            return;
+        }
+        if upd.ancestors.len() >= MAX_ANCESTORS || upd.ancestors.contains(&self.id) {
+            // A cycle closed through us: get out of it.
+            if let Some(p) = self.parent {
+                self.send(p, TreeMsg::Leave { successor: None });
+                self.out.push_back(Output::Disconnect { peer: p });
+            }
+            self.parent_lost(None, now);
+            return;
+        }
+        let mut ancestors = upd.ancestors;
+        ancestors.push(upd.peer);
+        let new_path = Path {
+            depth: upd.depth.saturating_add(1),
+            ancestors,
+        };
+        if self.path.as_ref() != Some(&new_path) {
+            let depth_changed = self.depth() != Some(new_path.depth);
+            self.last_depth = new_path.depth;
+            let d = new_path.depth;
+            self.path = Some(new_path);
+            self.upstream_detached_since = None;
+            if depth_changed {
+                self.emit(TreeEvent::DepthChanged { depth: Some(d) });
+                self.summary_dirty(now);
+            }
+            self.publish_now(now);
+        }
+    }
+
+    // ----- summaries, directory, backup -----
+
+    fn compute_summary(&self, len: usize) -> Vec<SlotAd> {
+        let Some(depth) = self.depth() else {
+            return Vec::new();
+        };
+        let mut v = Vec::with_capacity(1 + self.children.len() * self.cfg.summary_len);
+        let free = self.free();
+        if free > 0 {
+            v.push(SlotAd {
+                peer: self.id,
+                depth,
+                free,
+                capacity: self.capacity,
+            });
+        }
+        for c in self.children.values() {
+            v.extend(c.summary.iter().filter(|a| a.depth > depth).copied());
+        }
+        sort_ads(&mut v);
+        dedup_ads(&mut v);
+        v.truncate(len);
+        v
+    }
+
+    fn summary_dirty(&mut self, now: Millis) {
+        if self.summary_due.is_none() {
+            let at = match self.last_summary_at {
+                Some(t) => t.plus(self.cfg.summary_interval_ms).max(now),
+                None => now,
+            };
+            self.summary_due = Some(at);
+        }
+    }
+
+    fn flush_summary(&mut self, now: Millis) {
+        self.summary_due = None;
+        if self.is_root {
+            let dir = self.compute_summary(self.cfg.directory_len);
+            if dir != self.directory {
+                self.directory = dir;
+                self.directory_changed(now);
+            }
+            return;
+        }
+        let Some(p) = self.parent else { return };
+        let s = self.compute_summary(self.cfg.summary_len);
+        if s != self.last_summary {
+            self.last_summary = s.clone();
+            self.last_summary_at = Some(now);
+            self.send(p, TreeMsg::Summary { slots: s });
+        }
+    }
+
+    fn directory_to_send(&self) -> Vec<SlotAd> {
+        self.directory.clone()
+    }
+
+    fn directory_changed(&mut self, now: Millis) {
+        if !self.children.is_empty() && self.dir_due.is_none() {
+            let at = match self.last_dir_at {
+                Some(t) => t.plus(self.cfg.directory_interval_ms).max(now),
+                None => now,
+            };
+            self.dir_due = Some(at);
+        }
+        let backup_ok = self.backup.is_some_and(|b| {
+            self.directory
+                .iter()
+                .chain(self.hints.iter())
+                .any(|a| a.peer == b && self.usable(a, now))
+        });
+        if !backup_ok {
+            self.choose_backup(now);
+        }
+    }
+
+    fn flush_directory(&mut self, now: Millis) {
+        self.dir_due = None;
+        self.last_dir_at = Some(now);
+        let slots = self.directory_to_send();
+        let kids: Vec<NodeId> = self.children.keys().copied().collect();
+        for c in kids {
+            self.send(
+                c,
+                TreeMsg::Directory {
+                    slots: slots.clone(),
+                },
+            );
+        }
+    }
+
+    /// A random pick among the shallowest usable candidates (shallower than us when possible), so
+    /// siblings scatter.
+    fn choose_backup(&mut self, now: Millis) {
+        if self.is_root {
+            return;
+        }
+        let cands = self.candidates(now);
+        let my = self.depth().unwrap_or(self.last_depth);
+        let shallower: Vec<SlotAd> = cands.iter().filter(|a| a.depth < my).copied().collect();
+        let pool = if shallower.is_empty() {
+            &cands
+        } else {
+            &shallower
+        };
+        let Some(min) = pool.iter().map(|a| a.depth).min() else {
+            self.backup = None;
+            return;
+        };
+        let top: Vec<NodeId> = pool
+            .iter()
+            .filter(|a| a.depth == min)
+            .map(|a| a.peer)
+            .collect();
+        let i = self.rng.below(top.len() as u64) as usize;
+        self.backup = top.get(i).copied();
+    }
+
+    // ----- output helpers -----
+
+    fn publish_now(&mut self, now: Millis) {
+        self.publish_due = None;
+        self.seq += 1;
+        let update = self.current_update(now);
+        let mut to: Vec<NodeId> = self.children.keys().copied().collect();
+        if let Some(p) = self.parent {
+            to.push(p);
+        }
+        if !to.is_empty() {
+            self.out.push_back(Output::Publish { update, to });
+        }
+    }
+
+    fn send(&mut self, to: NodeId, msg: TreeMsg) {
+        self.out.push_back(Output::Send { to, msg });
+    }
+
+    fn emit(&mut self, e: TreeEvent) {
+        self.out.push_back(Output::Event(e));
+    }
+
+    fn after(&mut self, _now: Millis) {
+        let t = self.poll_timeout();
+        if t != self.last_timer {
+            self.last_timer = t;
+            if let Some(t) = t {
+                self.out.push_back(Output::Timer(t));
+            }
+        }
+    }
+}
+
+fn sort_ads(v: &mut [SlotAd]) {
+    v.sort_by_key(|a| (a.depth, Reverse(a.free), Reverse(a.capacity), a.peer));
+}
+
+/// Keeps the first entry of each peer.
+fn dedup_ads(v: &mut Vec<SlotAd>) {
+    let mut seen = BTreeSet::new();
+    v.retain(|a| seen.insert(a.peer));
+}
+
+// ----- wire size (CBOR as ciborium encodes serde: structs as maps keyed by field names) -----
+
+fn cbor_uint(n: u64) -> usize {
+    match n {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+fn cbor_text(s: &str) -> usize {
+    cbor_uint(s.len() as u64) + s.len()
+}
+const CBOR_ID: usize = 2 + 32;
+fn cbor_opt_id(o: &Option<NodeId>) -> usize {
+    if o.is_some() { CBOR_ID } else { 1 }
+}
+fn cbor_opt_u16(o: &Option<u16>) -> usize {
+    o.map_or(1, |v| cbor_uint(v as u64))
+}
+fn cbor_ids(v: &[NodeId]) -> usize {
+    cbor_uint(v.len() as u64) + v.len() * CBOR_ID
+}
+
+impl SlotAd {
+    /// Encoded size in bytes (CBOR).
+    pub fn wire_len(&self) -> usize {
+        1 + cbor_text("peer")
+            + CBOR_ID
+            + cbor_text("depth")
+            + cbor_uint(self.depth as u64)
+            + cbor_text("free")
+            + cbor_uint(self.free as u64)
+            + cbor_text("capacity")
+            + cbor_uint(self.capacity as u64)
+    }
+}
+
+fn cbor_ads(v: &[SlotAd]) -> usize {
+    cbor_uint(v.len() as u64) + v.iter().map(SlotAd::wire_len).sum::<usize>()
+}
+
+impl TreeUpdate {
+    /// Encoded size in bytes (CBOR), before signing.
+    pub fn wire_len(&self) -> usize {
+        1 + cbor_text("peer")
+            + CBOR_ID
+            + cbor_text("parent")
+            + cbor_opt_id(&self.parent)
+            + cbor_text("depth")
+            + cbor_uint(self.depth as u64)
+            + cbor_text("ancestors")
+            + cbor_ids(&self.ancestors)
+            + cbor_text("children")
+            + cbor_ids(&self.children)
+            + cbor_text("capacity")
+            + cbor_uint(self.capacity as u64)
+            + cbor_text("uplink_kbps")
+            + cbor_uint(self.uplink_kbps as u64)
+            + cbor_text("seq")
+            + cbor_uint(self.seq)
+            + cbor_text("ts_ms")
+            + cbor_uint(self.ts_ms)
+    }
+}
+
+impl Snapshot {
+    /// Encoded size in bytes (CBOR).
+    pub fn wire_len(&self) -> usize {
+        1 + cbor_text("candidates") + cbor_ads(&self.candidates)
+    }
+}
+
+impl TreeMsg {
+    /// Encoded size in bytes (CBOR), for traffic accounting without encoding.
+    pub fn wire_len(&self) -> usize {
+        // Externally tagged enum: {variant: {fields}} or "variant" for unit variants.
+        let (name, body) = match self {
+            TreeMsg::Join {
+                kind,
+                capacity,
+                max_depth,
+                lost_parent,
+            } => (
+                "Join",
+                1 + cbor_text("kind")
+                    + cbor_text(match kind {
+                        JoinKind::New => "New",
+                        JoinKind::Repair => "Repair",
+                        JoinKind::Move => "Move",
+                    })
+                    + cbor_text("capacity")
+                    + cbor_uint(*capacity as u64)
+                    + cbor_text("max_depth")
+                    + cbor_opt_u16(max_depth)
+                    + cbor_text("lost_parent")
+                    + cbor_opt_id(lost_parent),
+            ),
+            TreeMsg::Accept { parent, directory } => (
+                "Accept",
+                1 + cbor_text("parent")
+                    + parent.wire_len()
+                    + cbor_text("directory")
+                    + cbor_ads(directory),
+            ),
+            TreeMsg::Refuse { reason, hints } => (
+                "Refuse",
+                1 + cbor_text("reason")
+                    + cbor_text(match reason {
+                        RefuseReason::Full => "Full",
+                        RefuseReason::Cycle => "Cycle",
+                        RefuseReason::NotAttached => "NotAttached",
+                        RefuseReason::TooDeep => "TooDeep",
+                        RefuseReason::Leaving => "Leaving",
+                    })
+                    + cbor_text("hints")
+                    + cbor_ads(hints),
+            ),
+            TreeMsg::Leave { successor } => (
+                "Leave",
+                1 + cbor_text("successor") + cbor_opt_id(successor),
+            ),
+            TreeMsg::Summary { slots } => ("Summary", 1 + cbor_text("slots") + cbor_ads(slots)),
+            TreeMsg::Directory { slots } => {
+                ("Directory", 1 + cbor_text("slots") + cbor_ads(slots))
+            }
+            TreeMsg::Relocate => return cbor_text("Relocate"),
+        };
+        1 + cbor_text(name) + body
+    }
+}
