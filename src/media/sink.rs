@@ -262,13 +262,10 @@ impl FrameSink for OggOpusSink {
     }
 
     fn close(&mut self) -> Result<(), SinkError> {
-        if !self.closed {
-            self.closed = true;
-            // An empty end-of-stream page; valid readers accept a zero-length final packet
-            // page, and the stream is complete without it anyway.
-            let granule = self.granule;
-            self.page(&[], 0x04, granule)?;
-        }
+        // No end-of-stream page: it would have to be the last data page rewritten (an empty
+        // one trips decoders), and every page is already complete and checksummed, which is
+        // what players need. Nothing is buffered, so there is nothing to flush either.
+        self.closed = true;
         Ok(())
     }
 }
