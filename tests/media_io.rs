@@ -56,7 +56,11 @@ fn ivf_round_trip() {
 #[test]
 fn ogg_round_trip() {
     let frames = read_all_frames(fixture("f.ogg")).unwrap();
-    assert!(frames.len() >= 149, "3 s of 20 ms packets, got {}", frames.len());
+    assert!(
+        frames.len() >= 149,
+        "3 s of 20 ms packets, got {}",
+        frames.len()
+    );
     assert!(
         frames
             .iter()
@@ -99,9 +103,10 @@ async fn paced_source_from_pipe() {
     tokio::time::timeout(Duration::from_secs(20), async {
         // From an AsyncRead (as stdin would be), paced in real time.
         let file = tokio::fs::File::open(fixture("f.ogg")).await.unwrap();
-        let mut src = FileSource::from_async_read(file, Container::OggOpus, SourceOptions::default())
-            .await
-            .unwrap();
+        let mut src =
+            FileSource::from_async_read(file, Container::OggOpus, SourceOptions::default())
+                .await
+                .unwrap();
         assert_eq!(src.codec(), Codec::Opus);
         let t0 = tokio::time::Instant::now();
         let mut n = 0;

@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use waterfall::media::source::read_all_frames;
 use waterfall::media::{
-    Broadcaster, FileSource, MediaConfig, MediaEvent, MediaKey, MediaKind, MediaSource,
-    SinkTarget, Sinks, SourceOptions, Viewer,
+    Broadcaster, FileSource, MediaConfig, MediaEvent, MediaKey, MediaKind, MediaSource, SinkTarget,
+    Sinks, SourceOptions, Viewer,
 };
 
 const KEY: [u8; 32] = [42; 32];
@@ -98,7 +98,9 @@ async fn broadcaster(loops: Option<u32>) -> (Broadcaster, Log) {
         loops,
         ..Default::default()
     };
-    let v = FileSource::open(fixture("f.ivf"), opts.clone()).await.unwrap();
+    let v = FileSource::open(fixture("f.ivf"), opts.clone())
+        .await
+        .unwrap();
     let a = FileSource::open(fixture("f.ogg"), opts).await.unwrap();
     let (b, rx) = Broadcaster::new(
         vec![Box::new(v) as Box<dyn MediaSource>, Box::new(a)],
@@ -136,9 +138,11 @@ async fn stream_and_check(b: &Broadcaster, blog: &Log, nodes: Vec<Node>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for kind in [MediaKind::Video, MediaKind::Audio] {
-        wait_for(blog, "source end", |e| {
-            matches!(e, MediaEvent::SourceEnded { kind: k, error: None } if *k == kind)
-        })
+        wait_for(
+            blog,
+            "source end",
+            |e| matches!(e, MediaEvent::SourceEnded { kind: k, error: None } if *k == kind),
+        )
         .await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -149,21 +153,47 @@ async fn stream_and_check(b: &Broadcaster, blog: &Log, nodes: Vec<Node>) {
     let mut firsts = Vec::new();
     for (depth, n) in nodes.into_iter().enumerate() {
         let first = wait_for(&n.log, "first video frame", |e| {
-            matches!(e, MediaEvent::FirstFrame { kind: MediaKind::Video, .. })
+            matches!(
+                e,
+                MediaEvent::FirstFrame {
+                    kind: MediaKind::Video,
+                    ..
+                }
+            )
         })
         .await;
         firsts.push((depth, first.duration_since(t0)));
         let stats = n.viewer.stats();
         n.viewer.close().await;
         let got_v = read_all_frames(&n.video).unwrap();
-        assert_eq!(got_v.len(), src_v.len(), "{}: video frame count ({stats:?})", n.video.display());
+        assert_eq!(
+            got_v.len(),
+            src_v.len(),
+            "{}: video frame count ({stats:?})",
+            n.video.display()
+        );
         for (i, (a, b)) in src_v.iter().zip(&got_v).enumerate() {
-            assert_eq!(a.data, b.data, "{}: video frame {i} differs", n.video.display());
+            assert_eq!(
+                a.data,
+                b.data,
+                "{}: video frame {i} differs",
+                n.video.display()
+            );
         }
         let got_a = read_all_frames(&n.audio).unwrap();
-        assert_eq!(got_a.len(), src_a.len(), "{}: audio frame count", n.audio.display());
+        assert_eq!(
+            got_a.len(),
+            src_a.len(),
+            "{}: audio frame count",
+            n.audio.display()
+        );
         for (i, (a, b)) in src_a.iter().zip(&got_a).enumerate() {
-            assert_eq!(a.data, b.data, "{}: audio frame {i} differs", n.audio.display());
+            assert_eq!(
+                a.data,
+                b.data,
+                "{}: audio frame {i} differs",
+                n.audio.display()
+            );
         }
         let lines: Vec<String> = std::fs::read_to_string(&n.data)
             .unwrap()
@@ -237,7 +267,13 @@ async fn wrong_key_writes_nothing_but_relays_ciphertext() {
         .await;
         // The right key one hop further down decodes what the wrong-key relay forwarded.
         wait_for(&below.log, "first frame below", |e| {
-            matches!(e, MediaEvent::FirstFrame { kind: MediaKind::Video, .. })
+            matches!(
+                e,
+                MediaEvent::FirstFrame {
+                    kind: MediaKind::Video,
+                    ..
+                }
+            )
         })
         .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -267,7 +303,13 @@ async fn repair_after_relay_dies() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         b.start();
         wait_for(&orphan.log, "first frame", |e| {
-            matches!(e, MediaEvent::FirstFrame { kind: MediaKind::Video, .. })
+            matches!(
+                e,
+                MediaEvent::FirstFrame {
+                    kind: MediaKind::Video,
+                    ..
+                }
+            )
         })
         .await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -284,7 +326,10 @@ async fn repair_after_relay_dies() {
             assert!(Instant::now() < deadline, "media did not resume");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        eprintln!("repair: media resumed {:?} after switch_parent", t_switch.elapsed());
+        eprintln!(
+            "repair: media resumed {:?} after switch_parent",
+            t_switch.elapsed()
+        );
         let stats = orphan.viewer.stats();
         orphan.viewer.close().await;
         ffmpeg_ok(&orphan.video);
@@ -294,7 +339,10 @@ async fn repair_after_relay_dies() {
         let got = read_all_frames(&orphan.video).unwrap();
         assert!(got.len() as u64 >= before + 30, "{stats:?}");
         for f in &got {
-            assert!(src.iter().any(|s| s.data == f.data), "written frame not in source");
+            assert!(
+                src.iter().any(|s| s.data == f.data),
+                "written frame not in source"
+            );
         }
     })
     .await

@@ -215,7 +215,10 @@ mod tests {
         assert_eq!(&k.decrypt_frame(Codec::Opus, &p).unwrap()[..], b"\xfcabc");
         let d = k.encrypt_data(b"hello").unwrap();
         assert_eq!(&k.decrypt_data(&d).unwrap()[..], b"hello");
-        assert_eq!(k.decrypt_frame(Codec::Vp9, &d), Err(E2eeError::Authentication));
+        assert_eq!(
+            k.decrypt_frame(Codec::Vp9, &d),
+            Err(E2eeError::Authentication)
+        );
         let delta = [0x01u8, 2, 3, 4, 5];
         let p = k.encrypt_frame(Codec::Vp8, &delta).unwrap();
         assert_eq!(&p[..3], &delta[..3]);

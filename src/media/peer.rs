@@ -212,7 +212,10 @@ impl Peer {
             .local_description()
             .await
             .ok_or(PeerError::NoLocalDescription)?;
-        Ok(SignalBlob { kind, sdp: desc.sdp })
+        Ok(SignalBlob {
+            kind,
+            sdp: desc.sdp,
+        })
     }
 
     /// Creates an offer and returns it once gathered.

@@ -122,7 +122,10 @@ impl Hub {
     }
 
     pub fn track_task(&self, h: AbortHandle) {
-        let mut t = self.tasks.lock().expect("hub task list lock is never poisoned");
+        let mut t = self
+            .tasks
+            .lock()
+            .expect("hub task list lock is never poisoned");
         t.retain(|h| !h.is_finished());
         t.push(h);
     }
@@ -251,7 +254,11 @@ impl Hub {
                     p.rtp_parameters
                         .codecs
                         .iter()
-                        .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(codec.mime_type()))
+                        .find(|c| {
+                            c.rtp_codec
+                                .mime_type
+                                .eq_ignore_ascii_case(codec.mime_type())
+                        })
                         .or(p.rtp_parameters.codecs.first())
                         .map(|c| c.payload_type)
                 })
@@ -709,7 +716,10 @@ mod tests {
         let out = r.drain(t0 + REORDER_WAIT);
         assert_eq!(out.len(), 1);
         assert!(out[0].1, "gap flagged");
-        assert!(r.push(pkt(2, 0, false, b"late"), t0).is_empty(), "late dropped");
+        assert!(
+            r.push(pkt(2, 0, false, b"late"), t0).is_empty(),
+            "late dropped"
+        );
     }
 
     #[test]
@@ -733,7 +743,10 @@ mod tests {
                    m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
         assert_eq!(
             sdp_send_codecs(sdp),
-            vec![(MediaKind::Video, Codec::Vp8), (MediaKind::Audio, Codec::Opus)]
+            vec![
+                (MediaKind::Video, Codec::Vp8),
+                (MediaKind::Audio, Codec::Opus)
+            ]
         );
     }
 }

@@ -309,7 +309,9 @@ async fn pump(mut src: Box<dyn MediaSource>, key: MediaKey, hub: std::sync::Weak
             let Some(hub) = hub.upgrade() else {
                 return Ok(());
             };
-            let enc = key.encrypt_frame(codec, &s.data).map_err(|e| e.to_string())?;
+            let enc = key
+                .encrypt_frame(codec, &s.data)
+                .map_err(|e| e.to_string())?;
             let payloads = payloader
                 .payload(RTP_MTU, &enc)
                 .map_err(|e| e.to_string())?;
@@ -717,7 +719,7 @@ async fn playback(
                         }
                         Err(e) => {
                             h.counters.decrypt_failures.fetch_add(1, Ordering::Relaxed);
-                            if decrypt_errors % 100 == 0 { h.emit(MediaEvent::DecryptFailed(e)); }
+                            if decrypt_errors.is_multiple_of(100) { h.emit(MediaEvent::DecryptFailed(e)); }
                             decrypt_errors += 1;
                         }
                     }
@@ -777,7 +779,7 @@ fn handle_ready(
             Ok(p) => p,
             Err(e) => {
                 h.counters.decrypt_failures.fetch_add(1, Ordering::Relaxed);
-                if *decrypt_errors % 100 == 0 {
+                if decrypt_errors.is_multiple_of(100) {
                     h.emit(MediaEvent::DecryptFailed(e));
                 }
                 *decrypt_errors += 1;

@@ -238,9 +238,7 @@ impl OggOpusSink {
         p.extend_from_slice(&self.seq.to_le_bytes());
         p.extend_from_slice(&[0; 4]);
         p.push(nseg as u8);
-        for _ in 0..nseg - 1 {
-            p.push(255);
-        }
+        p.extend(std::iter::repeat_n(255u8, nseg - 1));
         p.push((packet.len() % 255) as u8);
         p.extend_from_slice(packet);
         let crc = ogg_crc(&p);

@@ -530,9 +530,7 @@ impl OggOpusParser {
             samples: 0,
             eos: false,
         };
-        let id = p
-            .next_packet()?
-            .ok_or_else(|| bad("Ogg", "no OpusHead"))?;
+        let id = p.next_packet()?.ok_or_else(|| bad("Ogg", "no OpusHead"))?;
         if id.len() < 19 || &id[..8] != b"OpusHead" {
             return Err(bad("Ogg", "first packet is not OpusHead"));
         }
@@ -541,9 +539,7 @@ impl OggOpusParser {
             pre_skip: u16::from_le_bytes([id[10], id[11]]),
             input_rate: u32::from_le_bytes([id[12], id[13], id[14], id[15]]),
         };
-        let tags = p
-            .next_packet()?
-            .ok_or_else(|| bad("Ogg", "no OpusTags"))?;
+        let tags = p.next_packet()?.ok_or_else(|| bad("Ogg", "no OpusTags"))?;
         if tags.len() < 8 || &tags[..8] != b"OpusTags" {
             return Err(bad("Ogg", "second packet is not OpusTags"));
         }
@@ -758,7 +754,8 @@ impl FrameParser for AnnexBParser {
             let vcl = t == 1 || t == 5;
             // A new access unit starts at an AUD/SPS/PPS/SEI, or at a slice whose
             // first_mb_in_slice is 0 (ue(v) == 0 <=> first bit 1), once a VCL NAL was seen.
-            let starts_au = matches!(t, 6..=9) || (vcl && nal.get(1).is_some_and(|b| b & 0x80 != 0));
+            let starts_au =
+                matches!(t, 6..=9) || (vcl && nal.get(1).is_some_and(|b| b & 0x80 != 0));
             let out = if self.au_has_vcl && starts_au {
                 Some(self.take_au())
             } else {
