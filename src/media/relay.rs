@@ -1,0 +1,752 @@
+//! The relay: fan-out of RTP and data to children, and the viewer's local playback.
+//!
+//! **Fan-out.** Every node (broadcaster or viewer) owns one [`Hub`]. Upstream packets enter
+//! it once (`forward`) and are copied, by reference-counted `Bytes`, into one bounded queue per
+//! child with `try_send`. A child whose queue is full is *cut*: removed from the fan-out and its
+//! connection closed, so a slow peer can never stall its siblings or the upstream. Each child
+//! has a writer task and one `TrackLocalStaticRTP` per media kind (webrtc 0.21 binds a local
+//! track to one connection); the writer rewrites SSRC and payload type to the child's
+//! negotiated values and strips header extensions (their ids are per-connection) before
+//! `write_rtp`. Sequence numbers and timestamps are the broadcaster's, unchanged all the way
+//! down the tree, so a child that switches parent sees a continuous sequence space with a gap.
+//!
+//! **Loss repair.** Each child connection runs webrtc's NACK responder interceptor, which keeps
+//! a per-stream history of what was sent to that child and retransmits on NACK: that is the
+//! per-child packet history. Keyframe requests (PLI/FIR) from children reach the hub through
+//! [`KeyframeRequestForwarder`](super::peer::KeyframeRequestForwarder); they are coalesced and
+//! sent upstream at most once per [`KEYFRAME_REQUEST_INTERVAL`]; attaching a child requests one
+//! too, so it can start decoding quickly.
+//!
+//! **Playback.** A viewer's packets also go to a playback task: a small reorder buffer (bounded
+//! in packets and waiting time), VP8/Opus depacketization into frames, decryption, then the
+//! sinks. After any gap, video frames are dropped until the next keyframe (and one is
+//! requested), so files never contain undecodable frames.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp;
+use rtc::rtp::packetizer::Depacketizer;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::peer_connection::RTCPeerConnectionState;
+
+use super::peer::{MediaConfig, Peer, PeerEvent, SignalBlob};
+use super::session::{ChildId, CutReason, MediaEvent, SessionError};
+use super::{Codec, MediaKind};
+
+/// Items a child's queue holds (RTP packets and data messages share it, so order is kept).
+pub const CHILD_QUEUE: usize = 1024;
+/// Minimum spacing of keyframe requests sent upstream.
+pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// Data messages held for a child whose data channel is not open yet.
+const PENDING_DATA: usize = 256;
+
+/// One item of the fan-out.
+#[derive(Clone, Debug)]
+pub(crate) enum Item {
+    Rtp(MediaKind, rtp::Packet),
+    Data(Bytes),
+}
+
+/// Counters shared by a node's tasks.
+#[derive(Default, Debug)]
+pub(crate) struct Counters {
+    pub packets_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub packets_lost: AtomicU64,
+    pub packets_forwarded: AtomicU64,
+    pub frames_video: AtomicU64,
+    pub frames_audio: AtomicU64,
+    pub frames_dropped: AtomicU64,
+    pub decrypt_failures: AtomicU64,
+    pub data_messages: AtomicU64,
+    pub children_cut: AtomicU64,
+}
+
+struct ChildSlot {
+    queue: mpsc::Sender<Item>,
+    peer: Arc<Peer>,
+    tasks: Vec<AbortHandle>,
+}
+
+/// The fan-out of one node.
+pub(crate) struct Hub {
+    children: Mutex<BTreeMap<ChildId, ChildSlot>>,
+    next_id: AtomicU64,
+    /// Codecs of the upstream tracks (known from the source or the parent's answer).
+    tracks: Mutex<Vec<(MediaKind, Codec)>>,
+    keyframe_tx: mpsc::Sender<()>,
+    pub events: mpsc::Sender<MediaEvent>,
+    pub config: MediaConfig,
+    pub counters: Counters,
+    tasks: Mutex<Vec<AbortHandle>>,
+}
+
+impl Hub {
+    pub fn new(
+        config: MediaConfig,
+        events: mpsc::Sender<MediaEvent>,
+    ) -> (Arc<Hub>, mpsc::Receiver<()>) {
+        let (keyframe_tx, keyframe_rx) = mpsc::channel(1);
+        (
+            Arc::new(Hub {
+                children: Mutex::new(BTreeMap::new()),
+                next_id: AtomicU64::new(1),
+                tracks: Mutex::new(Vec::new()),
+                keyframe_tx,
+                events,
+                config,
+                counters: Counters::default(),
+                tasks: Mutex::new(Vec::new()),
+            }),
+            keyframe_rx,
+        )
+    }
+
+    pub fn emit(&self, ev: MediaEvent) {
+        // Never block media on a slow event consumer: events are dropped when it lags.
+        let _ = self.events.try_send(ev);
+    }
+
+    pub fn track_task(&self, h: AbortHandle) {
+        let mut t = self
+            .tasks
+            .lock()
+            .expect("hub task list lock is never poisoned");
+        t.retain(|h| !h.is_finished());
+        t.push(h);
+    }
+
+    pub fn set_tracks(&self, tracks: Vec<(MediaKind, Codec)>) {
+        *self.tracks.lock().expect("hub lock") = tracks;
+    }
+
+    pub fn tracks(&self) -> Vec<(MediaKind, Codec)> {
+        self.tracks.lock().expect("hub lock").clone()
+    }
+
+    pub fn request_keyframe(&self) {
+        let _ = self.keyframe_tx.try_send(());
+    }
+
+    pub fn child_count(&self) -> usize {
+        self.children.lock().expect("hub lock").len()
+    }
+
+    /// Copies an item to every child; cuts children whose queue is full.
+    pub fn forward(&self, item: Item) {
+        let mut cut = Vec::new();
+        {
+            let mut children = self.children.lock().expect("hub lock");
+            for (id, c) in children.iter() {
+                match c.queue.try_send(item.clone()) {
+                    Ok(()) => {
+                        self.counters
+                            .packets_forwarded
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => cut.push((*id, CutReason::Slow)),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        cut.push((*id, CutReason::Disconnected))
+                    }
+                }
+            }
+            for (id, _) in &cut {
+                if let Some(slot) = children.remove(id) {
+                    close_slot(slot);
+                }
+            }
+        }
+        for (id, reason) in cut {
+            self.counters.children_cut.fetch_add(1, Ordering::Relaxed);
+            warn!(child = id.0, ?reason, "child cut from the fan-out");
+            self.emit(MediaEvent::ChildCut { id, reason });
+        }
+    }
+
+    /// Removes a child (no event).
+    pub fn remove_child(&self, id: ChildId) -> bool {
+        let slot = self.children.lock().expect("hub lock").remove(&id);
+        match slot {
+            Some(s) => {
+                close_slot(s);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn cut(&self, id: ChildId, reason: CutReason) {
+        if self.remove_child(id) {
+            self.counters.children_cut.fetch_add(1, Ordering::Relaxed);
+            self.emit(MediaEvent::ChildCut { id, reason });
+        }
+    }
+
+    /// Accepts a child's offer: one connection, one local track per upstream kind.
+    pub async fn attach_child(
+        self: &Arc<Self>,
+        offer: &SignalBlob,
+    ) -> Result<(ChildId, SignalBlob), SessionError> {
+        let tracks = self.tracks();
+        if tracks.is_empty() {
+            return Err(SessionError::NoUpstream);
+        }
+        let id = ChildId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (ev_tx, ev_rx) = mpsc::channel(super::peer::PEER_EVENT_QUEUE);
+        let peer = Arc::new(Peer::new(&self.config, ev_tx).await?);
+        let mut locals = Vec::new();
+        for (kind, codec) in &tracks {
+            let ssrc: u32 = rand::random();
+            let rtc_kind = match kind {
+                MediaKind::Video => RtpCodecKind::Video,
+                MediaKind::Audio => RtpCodecKind::Audio,
+            };
+            let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+                "waterfall".to_owned(),
+                format!("{kind:?}-{ssrc}").to_lowercase(),
+                format!("{kind:?}").to_lowercase(),
+                rtc_kind,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec: rtp_codec(*codec),
+                    ..Default::default()
+                }],
+            )));
+            let sender = peer
+                .pc
+                .add_track(Arc::clone(&track) as Arc<dyn TrackLocal>)
+                .await
+                .map_err(super::peer::PeerError::from)?;
+            locals.push((*kind, *codec, ssrc, track, sender));
+        }
+        let answer = match peer.accept_offer(offer).await {
+            Ok(a) => a,
+            Err(e) => {
+                peer.close().await;
+                return Err(e.into());
+            }
+        };
+        let mut outs = Vec::new();
+        for (kind, codec, ssrc, track, sender) in locals {
+            // The payload type the child negotiated for this codec: write_rtp silently drops
+            // packets whose SSRC or PT do not match the sender.
+            let params = sender.get_parameters().await.ok();
+            let pt = params
+                .as_ref()
+                .and_then(|p| {
+                    p.rtp_parameters
+                        .codecs
+                        .iter()
+                        .find(|c| {
+                            c.rtp_codec
+                                .mime_type
+                                .eq_ignore_ascii_case(codec.mime_type())
+                        })
+                        .or(p.rtp_parameters.codecs.first())
+                        .map(|c| c.payload_type)
+                })
+                .unwrap_or(match codec {
+                    Codec::Opus => 111,
+                    _ => 96,
+                });
+            outs.push(ChildTrack {
+                kind,
+                ssrc,
+                pt,
+                track,
+            });
+        }
+        let (q_tx, q_rx) = mpsc::channel(CHILD_QUEUE);
+        let mut tasks = Vec::new();
+        // Keyframe requests from this child.
+        for t in &outs {
+            if t.kind == MediaKind::Video {
+                let hub = Arc::downgrade(self);
+                let track = Arc::clone(&t.track);
+                tasks.push(
+                    tokio::spawn(async move {
+                        // poll() returns None until the track is bound; bounded retries.
+                        for _ in 0..600 {
+                            while let Some(ev) = track.poll().await {
+                                let TrackLocalEvent::OnRtcpPacket(_) = ev else {
+                                    continue;
+                                };
+                                match hub.upgrade() {
+                                    Some(h) => h.request_keyframe(),
+                                    None => return,
+                                }
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    })
+                    .abort_handle(),
+                );
+            }
+        }
+        let writer = ChildWriter {
+            id,
+            hub: Arc::downgrade(self),
+            tracks: outs,
+            dc: None,
+            pending: VecDeque::new(),
+        };
+        tasks.push(tokio::spawn(writer.run(q_rx, ev_rx)).abort_handle());
+        self.children.lock().expect("hub lock").insert(
+            id,
+            ChildSlot {
+                queue: q_tx,
+                peer,
+                tasks,
+            },
+        );
+        // A new child needs a keyframe to start decoding.
+        self.request_keyframe();
+        Ok((id, answer))
+    }
+
+    /// Closes every child (on drop of the owning session).
+    pub fn shutdown(&self) {
+        let slots: Vec<ChildSlot> = std::mem::take(&mut *self.children.lock().expect("hub lock"))
+            .into_values()
+            .collect();
+        for s in slots {
+            close_slot(s);
+        }
+        for t in self.tasks.lock().expect("hub lock").drain(..) {
+            t.abort();
+        }
+    }
+}
+
+fn close_slot(slot: ChildSlot) {
+    for t in &slot.tasks {
+        t.abort();
+    }
+    let peer = slot.peer;
+    if let Ok(h) = tokio::runtime::Handle::try_current() {
+        h.spawn(async move { peer.close().await });
+    }
+}
+
+/// The RTP codec description webrtc-rs needs for a local track.
+pub(crate) fn rtp_codec(codec: Codec) -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: codec.mime_type().to_owned(),
+        clock_rate: codec.clock_rate(),
+        channels: if codec == Codec::Opus { 2 } else { 0 },
+        sdp_fmtp_line: if codec == Codec::Opus {
+            "minptime=10;useinbandfec=1".to_owned()
+        } else {
+            String::new()
+        },
+        rtcp_feedback: vec![],
+    }
+}
+
+struct ChildTrack {
+    kind: MediaKind,
+    ssrc: u32,
+    pt: u8,
+    track: Arc<TrackLocalStaticRTP>,
+}
+
+struct ChildWriter {
+    id: ChildId,
+    hub: std::sync::Weak<Hub>,
+    tracks: Vec<ChildTrack>,
+    dc: Option<Arc<dyn DataChannel>>,
+    pending: VecDeque<Bytes>,
+}
+
+impl ChildWriter {
+    async fn run(mut self, mut queue: mpsc::Receiver<Item>, mut events: mpsc::Receiver<PeerEvent>) {
+        loop {
+            tokio::select! {
+                item = queue.recv() => {
+                    let Some(item) = item else { return };
+                    self.write(item).await;
+                }
+                ev = events.recv() => {
+                    let Some(ev) = ev else { return };
+                    match ev {
+                        PeerEvent::State(RTCPeerConnectionState::Connected) => {
+                            if let Some(h) = self.hub.upgrade() {
+                                h.emit(MediaEvent::ChildConnected(self.id));
+                                h.request_keyframe();
+                            }
+                        }
+                        PeerEvent::State(RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed) => {
+                            if let Some(h) = self.hub.upgrade() {
+                                h.cut(self.id, CutReason::Disconnected);
+                            }
+                            return;
+                        }
+                        PeerEvent::DataChannel(dc) => {
+                            // Drain the channel's events (nothing is expected from a child).
+                            let d = Arc::clone(&dc);
+                            if let Some(h) = self.hub.upgrade() {
+                                h.track_task(tokio::spawn(async move {
+                                    while let Some(ev) = d.poll().await {
+                                        if matches!(ev, DataChannelEvent::OnClose) { break; }
+                                    }
+                                }).abort_handle());
+                            }
+                            self.dc = Some(dc);
+                            while let Some(m) = self.pending.pop_front() {
+                                self.send_data(m).await;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, item: Item) {
+        match item {
+            Item::Rtp(kind, mut pkt) => {
+                let Some(t) = self.tracks.iter().find(|t| t.kind == kind) else {
+                    return;
+                };
+                pkt.header.ssrc = t.ssrc;
+                pkt.header.payload_type = t.pt;
+                pkt.header.extension = false;
+                pkt.header.extension_profile = 0;
+                pkt.header.extensions.clear();
+                pkt.header.extensions_padding = 0;
+                if let Err(e) = t.track.write_rtp(pkt).await {
+                    debug!(child = self.id.0, "write_rtp: {e}");
+                }
+            }
+            Item::Data(b) => {
+                if self.dc.is_some() {
+                    self.send_data(b).await;
+                } else if self.pending.len() < PENDING_DATA {
+                    self.pending.push_back(b);
+                }
+            }
+        }
+    }
+
+    async fn send_data(&mut self, b: Bytes) {
+        if let Some(dc) = &self.dc
+            && let Err(e) = dc.send(BytesMut::from(&b[..])).await
+        {
+            debug!(child = self.id.0, "data send: {e}");
+        }
+    }
+}
+
+/// Sends keyframe requests upstream, at most once per interval (coalescing).
+pub(crate) async fn keyframe_coalescer<F, Fut>(mut rx: mpsc::Receiver<()>, mut send: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut last: Option<Instant> = None;
+    while rx.recv().await.is_some() {
+        if let Some(l) = last {
+            let next = l + KEYFRAME_REQUEST_INTERVAL;
+            if Instant::now() < next {
+                tokio::time::sleep_until(next).await;
+            }
+        }
+        // Requests that arrived while waiting are satisfied by this one.
+        while rx.try_recv().is_ok() {}
+        send().await;
+        last = Some(Instant::now());
+    }
+}
+
+// ------------------------------------------------------------------ playback
+
+/// Packets waited for before a gap is declared.
+const REORDER_PACKETS: usize = 128;
+/// Longest wait for a missing packet (NACK repairs arrive within an RTT or two).
+const REORDER_WAIT: Duration = Duration::from_millis(250);
+
+/// In-order delivery of a packet stream with bounded waiting for missing packets.
+pub(crate) struct Reorder {
+    next: Option<u64>,
+    buf: BTreeMap<u64, rtp::Packet>,
+    waiting_since: Option<Instant>,
+}
+
+impl Reorder {
+    pub fn new() -> Self {
+        Reorder {
+            next: None,
+            buf: BTreeMap::new(),
+            waiting_since: None,
+        }
+    }
+
+    fn unwrap_seq(&self, seq: u16) -> u64 {
+        match self.next {
+            None => (1u64 << 32) + seq as u64,
+            Some(n) => {
+                let diff = seq.wrapping_sub(n as u16) as i16 as i64;
+                (n as i64 + diff).max(0) as u64
+            }
+        }
+    }
+
+    /// Adds a packet; returns packets now in order, each with "a gap precedes it".
+    pub fn push(&mut self, p: rtp::Packet, now: Instant) -> Vec<(rtp::Packet, bool)> {
+        let ext = self.unwrap_seq(p.header.sequence_number);
+        if self.next.is_some_and(|n| ext < n) {
+            return Vec::new(); // duplicate or too late
+        }
+        self.buf.insert(ext, p);
+        self.drain(now)
+    }
+
+    /// Releases packets whose wait expired.
+    pub fn drain(&mut self, now: Instant) -> Vec<(rtp::Packet, bool)> {
+        let mut out = Vec::new();
+        let mut gap = false;
+        while let Some((&first, _)) = self.buf.first_key_value() {
+            let expected = self.next.unwrap_or(first);
+            if first == expected {
+                let p = self.buf.remove(&first).expect("key just seen");
+                self.next = Some(first + 1);
+                out.push((p, gap));
+                gap = false;
+                self.waiting_since = None;
+                continue;
+            }
+            let since = *self.waiting_since.get_or_insert(now);
+            if self.buf.len() > REORDER_PACKETS || now.duration_since(since) >= REORDER_WAIT {
+                self.next = Some(first);
+                gap = true;
+                continue;
+            }
+            break;
+        }
+        out
+    }
+}
+
+/// Reassembles frames from in-order packets of one codec.
+pub(crate) struct FrameBuilder {
+    codec: Codec,
+    cur: Option<(u32, BytesMut)>,
+    broken: bool,
+    vp8: rtp::codec::vp8::Vp8Packet,
+}
+
+/// A reassembled frame.
+pub(crate) struct Frame {
+    pub rtp_ts: u32,
+    pub data: Bytes,
+    /// Something was lost before this frame.
+    pub after_gap: bool,
+}
+
+impl FrameBuilder {
+    pub fn new(codec: Codec) -> Self {
+        FrameBuilder {
+            codec,
+            cur: None,
+            broken: false,
+            vp8: Default::default(),
+        }
+    }
+
+    pub fn push(&mut self, p: &rtp::Packet, gap: bool) -> Option<Frame> {
+        if gap {
+            self.cur = None;
+            self.broken = true;
+        }
+        match self.codec {
+            Codec::Opus => {
+                let after_gap = std::mem::take(&mut self.broken);
+                if p.payload.is_empty() {
+                    return None;
+                }
+                Some(Frame {
+                    rtp_ts: p.header.timestamp,
+                    data: p.payload.clone(),
+                    after_gap,
+                })
+            }
+            Codec::Vp8 => {
+                let head = self.vp8.is_partition_head(&p.payload);
+                let Ok(part) = self.vp8.depacketize(&p.payload) else {
+                    self.cur = None;
+                    self.broken = true;
+                    return None;
+                };
+                if head {
+                    if self.cur.is_some() {
+                        self.broken = true; // previous frame never finished
+                    }
+                    self.cur = Some((p.header.timestamp, BytesMut::new()));
+                }
+                match &mut self.cur {
+                    Some((ts, buf)) if *ts == p.header.timestamp => buf.extend_from_slice(&part),
+                    _ => {
+                        self.cur = None;
+                        self.broken = true;
+                        return None;
+                    }
+                }
+                if p.header.marker {
+                    let (ts, buf) = self.cur.take()?;
+                    return Some(Frame {
+                        rtp_ts: ts,
+                        data: buf.freeze(),
+                        after_gap: std::mem::take(&mut self.broken),
+                    });
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Codecs of the sending m-sections of a remote description (`sendonly`/`sendrecv`, port != 0):
+/// the first payload type of each, resolved through its `a=rtpmap`.
+pub(crate) fn sdp_send_codecs(sdp: &str) -> Vec<(MediaKind, Codec)> {
+    struct Section {
+        kind: Option<MediaKind>,
+        first_pt: Option<String>,
+        sending: bool,
+        codec: Option<Codec>,
+    }
+    fn finish(s: &Section, out: &mut Vec<(MediaKind, Codec)>) {
+        if let (Some(k), Some(c), true) = (s.kind, s.codec, s.sending)
+            && !out.iter().any(|(kk, _)| *kk == k)
+        {
+            out.push((k, c));
+        }
+    }
+    let mut out = Vec::new();
+    let mut cur: Option<Section> = None;
+    for line in sdp.lines().take(10_000) {
+        let line = line.trim_end();
+        if let Some(m) = line.strip_prefix("m=") {
+            if let Some(s) = &cur {
+                finish(s, &mut out);
+            }
+            let f: Vec<&str> = m.split_whitespace().collect();
+            let kind = match f.first() {
+                Some(&"video") => Some(MediaKind::Video),
+                Some(&"audio") => Some(MediaKind::Audio),
+                _ => None,
+            };
+            let port_ok = f.get(1).is_some_and(|p| *p != "0");
+            cur = Some(Section {
+                kind: if port_ok { kind } else { None },
+                first_pt: f.get(3).map(|s| s.to_string()),
+                sending: false,
+                codec: None,
+            });
+        } else if let Some(s) = cur.as_mut() {
+            if line == "a=sendonly" || line == "a=sendrecv" {
+                s.sending = true;
+            } else if let Some(r) = line.strip_prefix("a=rtpmap:") {
+                let mut it = r.splitn(2, ' ');
+                let pt = it.next().unwrap_or("");
+                let name = it.next().unwrap_or("").split('/').next().unwrap_or("");
+                if s.first_pt.as_deref() == Some(pt) {
+                    s.codec = match name.to_ascii_lowercase().as_str() {
+                        "vp8" => Some(Codec::Vp8),
+                        "vp9" => Some(Codec::Vp9),
+                        "av1" => Some(Codec::Av1),
+                        "h264" => Some(Codec::H264),
+                        "opus" => Some(Codec::Opus),
+                        _ => None,
+                    };
+                }
+            }
+        }
+    }
+    if let Some(s) = &cur {
+        finish(s, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkt(seq: u16, ts: u32, marker: bool, payload: &[u8]) -> rtp::Packet {
+        rtp::Packet {
+            header: rtp::header::Header {
+                sequence_number: seq,
+                timestamp: ts,
+                marker,
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+
+    #[test]
+    fn reorder_waits_then_skips() {
+        let mut r = Reorder::new();
+        let t0 = Instant::now();
+        assert_eq!(r.push(pkt(65535, 0, false, b"a"), t0).len(), 1);
+        assert!(r.push(pkt(1, 0, false, b"c"), t0).is_empty()); // 0 missing
+        let out = r.push(pkt(0, 0, false, b"b"), t0);
+        assert_eq!(out.len(), 2);
+        assert!(!out[0].1 && !out[1].1);
+        assert!(r.push(pkt(3, 0, false, b"e"), t0).is_empty()); // 2 missing
+        let out = r.drain(t0 + REORDER_WAIT);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].1, "gap flagged");
+        assert!(
+            r.push(pkt(2, 0, false, b"late"), t0).is_empty(),
+            "late dropped"
+        );
+    }
+
+    #[test]
+    fn vp8_frames_assemble() {
+        let mut b = FrameBuilder::new(Codec::Vp8);
+        // VP8 descriptor 0x10 = S bit, PID 0; 0x00 = continuation.
+        assert!(b.push(&pkt(1, 90, false, &[0x10, 1, 2]), false).is_none());
+        let f = b.push(&pkt(2, 90, true, &[0x00, 3]), false).unwrap();
+        assert_eq!(&f.data[..], &[1, 2, 3]);
+        assert!(!f.after_gap);
+        // Lost head: the continuation is dropped and the next frame is flagged.
+        assert!(b.push(&pkt(4, 180, true, &[0x00, 9]), true).is_none());
+        let f = b.push(&pkt(5, 270, true, &[0x10, 7]), false).unwrap();
+        assert!(f.after_gap);
+    }
+
+    #[test]
+    fn sdp_codecs() {
+        let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=rtpmap:96 VP8/90000\r\na=sendonly\r\n\
+                   m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\na=sendonly\r\n\
+                   m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+        assert_eq!(
+            sdp_send_codecs(sdp),
+            vec![
+                (MediaKind::Video, Codec::Vp8),
+                (MediaKind::Audio, Codec::Opus)
+            ]
+        );
+    }
+}
