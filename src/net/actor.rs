@@ -95,6 +95,8 @@ pub(crate) enum Command {
 
 struct PendingGet {
     key: Vec<u8>,
+    /// Signer of our live local copy, if any: copies by other signers are not the record.
+    owner: Option<Vec<u8>>,
     deadline: Instant,
     /// (seq, value), distinct values.
     found: Vec<(u64, Vec<u8>)>,
@@ -328,10 +330,12 @@ impl Actor {
             Command::Status(reply) => {
                 let b = self.swarm.behaviour_mut();
                 let dht_records = b.kad.store_mut().records().count();
+                let dht_peers = b.kad.kbuckets().map(|k| k.num_entries()).sum();
                 let topics = b.gossipsub.topics().map(|t| t.to_string()).collect();
                 let peers = self.swarm.connected_peers().count();
                 let _ = reply.send(NetStatus {
                     peers,
+                    dht_peers,
                     dht_records,
                     topics,
                 });
@@ -449,15 +453,19 @@ impl Actor {
             let _ = reply.send(Err(NetError::Busy));
             return;
         }
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .get_record(RecordKey::new(&key));
+        let rkey = RecordKey::new(&key);
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let owner = kad.store_mut().get(&rkey).and_then(|r| {
+            records::check(&self.validator, &key, &r.value, records::now_unix_ms())
+                .ok()
+                .map(|c| c.meta.signer)
+        });
+        let id = kad.get_record(rkey);
         self.gets.insert(
             id,
             PendingGet {
                 key,
+                owner,
                 deadline: Instant::now() + timeout,
                 found: Vec::new(),
                 reply,
@@ -771,6 +779,9 @@ impl Actor {
             Ok(GetRecordOk::FoundRecord(peer_record)) => {
                 let value = peer_record.record.value;
                 match records::check(&self.validator, &g.key, &value, records::now_unix_ms()) {
+                    Ok(c) if g.owner.as_ref().is_some_and(|o| *o != c.meta.signer) => {
+                        debug!(peer = ?peer_record.peer, "fetched record of another signer dropped");
+                    }
                     Ok(c) => {
                         if g.found.len() < MAX_RECORDS_PER_GET
                             && !g.found.iter().any(|(_, v)| *v == value)

@@ -217,8 +217,13 @@ pub enum Published {
 /// A snapshot of the actor's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetStatus {
+    /// Connected peers.
     pub peers: usize,
+    /// Peers in the waterfall DHT routing table.
+    pub dht_peers: usize,
+    /// Records in the local DHT store (own and others').
     pub dht_records: usize,
+    /// Subscribed gossip topics.
     pub topics: Vec<String>,
 }
 
@@ -358,7 +363,9 @@ impl Net {
     }
 
     /// Fetch every valid copy of the record under `key` (local store and network), distinct
-    /// values sorted by descending sequence number. [`NetError::NotFound`] when the lookup
+    /// values sorted by descending sequence number. When this node stores a live copy, copies
+    /// by other signers are dropped (the current owner holds the key); otherwise all valid
+    /// copies are returned and the caller must pin the signer it expects. [`NetError::NotFound`] when the lookup
     /// finished without a valid record, [`NetError::Timeout`] when `timeout` passed first.
     pub async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>> {
         let rx = self
