@@ -61,7 +61,11 @@ async fn three_nodes_store_and_fetch_and_survive_a_departure() {
         }
         // The others store a copy: the writer leaving does not lose the record.
         nodes[1].net.shutdown().await;
-        let got = nodes[2].net.get_record(key.clone(), GET).await.expect("get after departure");
+        let got = nodes[2]
+            .net
+            .get_record(key.clone(), GET)
+            .await
+            .expect("get after departure");
         assert_eq!(payload(&got[0]), b"hello");
         assert!(matches!(
             nodes[2].net.get_record(b"room/none".to_vec(), GET).await,
@@ -69,7 +73,11 @@ async fn three_nodes_store_and_fetch_and_survive_a_departure() {
         ));
         // The hub keeps serving the remaining node.
         let v2 = signed_record(&nodes[2].key, b"k2", 1, now_unix_ms() + 60_000, b"x");
-        nodes[2].net.put_record(b"k2".to_vec(), v2.clone()).await.expect("put k2");
+        nodes[2]
+            .net
+            .put_record(b"k2".to_vec(), v2.clone())
+            .await
+            .expect("put k2");
         assert_eq!(
             nodes[0].net.get_record(b"k2".to_vec(), GET).await.unwrap(),
             vec![v2]
@@ -118,15 +126,28 @@ async fn forged_records_rejected_on_put_and_filtered_on_get() {
         let evil_id = evil.peer_id();
         assert!(
             wait_for(Duration::from_secs(10), || async {
-                !honest[0].net.connected_peers().await.unwrap().contains(&evil_id)
+                !honest[0]
+                    .net
+                    .connected_peers()
+                    .await
+                    .unwrap()
+                    .contains(&evil_id)
             })
             .await,
             "misbehaving peer still connected"
         );
         let ok = signed_record(&honest[0].key, b"after", 1, now_unix_ms() + 60_000, b"fine");
-        honest[0].net.put_record(b"after".to_vec(), ok.clone()).await.expect("put");
+        honest[0]
+            .net
+            .put_record(b"after".to_vec(), ok.clone())
+            .await
+            .expect("put");
         assert_eq!(
-            honest[1].net.get_record(b"after".to_vec(), GET).await.unwrap(),
+            honest[1]
+                .net
+                .get_record(b"after".to_vec(), GET)
+                .await
+                .unwrap(),
             vec![ok]
         );
     })
@@ -142,12 +163,18 @@ async fn only_the_signer_replaces_a_live_record() {
         let key = b"room/owned".to_vec();
         let exp = now_unix_ms() + 60_000;
         let v1 = signed_record(&nodes[1].key, &key, 1, exp, b"v1");
-        nodes[1].net.put_record(key.clone(), v1.clone()).await.unwrap();
+        nodes[1]
+            .net
+            .put_record(key.clone(), v1.clone())
+            .await
+            .unwrap();
         for n in &nodes {
-            assert!(wait_for(Duration::from_secs(5), || async {
-                n.net.status().await.unwrap().dht_records == 1
-            })
-            .await);
+            assert!(
+                wait_for(Duration::from_secs(5), || async {
+                    n.net.status().await.unwrap().dht_records == 1
+                })
+                .await
+            );
         }
 
         // Another node that stores the record refuses to overwrite it locally...
@@ -164,7 +191,11 @@ async fn only_the_signer_replaces_a_live_record() {
         let _ = newcomer.net.put_record(key.clone(), hijack).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let got = nodes[0].net.get_record(key.clone(), GET).await.unwrap();
-        assert_eq!(got, vec![v1.clone()], "hijacked record must not be stored or returned");
+        assert_eq!(
+            got,
+            vec![v1.clone()],
+            "hijacked record must not be stored or returned"
+        );
 
         // Same-signer stale sequence: refused; higher sequence: replaces everywhere.
         assert!(matches!(
@@ -172,7 +203,11 @@ async fn only_the_signer_replaces_a_live_record() {
             Err(NetError::StaleRecord)
         ));
         let v2 = signed_record(&nodes[1].key, &key, 2, exp, b"v2");
-        nodes[1].net.put_record(key.clone(), v2.clone()).await.unwrap();
+        nodes[1]
+            .net
+            .put_record(key.clone(), v2.clone())
+            .await
+            .unwrap();
         for n in &nodes {
             let got = n.net.get_record(key.clone(), GET).await.unwrap();
             assert_eq!(payload(&got[0]), b"v2");
@@ -188,7 +223,11 @@ async fn expired_records_are_dropped_and_lifetimes_bounded() {
         let nodes = star(2).await;
         let key = b"room/short".to_vec();
         let short = signed_record(&nodes[0].key, &key, 1, now_unix_ms() + 1500, b"brief");
-        nodes[0].net.put_record(key.clone(), short.clone()).await.unwrap();
+        nodes[0]
+            .net
+            .put_record(key.clone(), short.clone())
+            .await
+            .unwrap();
         assert_eq!(
             nodes[1].net.get_record(key.clone(), GET).await.unwrap(),
             vec![short]
@@ -231,7 +270,10 @@ async fn lonely_put_is_kept_and_republished() {
             a.net.put_record(key.clone(), v.clone()).await,
             Err(NetError::NotReplicated)
         ));
-        assert_eq!(a.net.get_record(key.clone(), GET).await.unwrap(), vec![v.clone()]);
+        assert_eq!(
+            a.net.get_record(key.clone(), GET).await.unwrap(),
+            vec![v.clone()]
+        );
         let b = Node::spawn().await;
         b.net.dial(a.addr().await).await.unwrap();
         // Republishing brings the record into b's own store.

@@ -65,7 +65,11 @@ async fn twenty_nodes_gossip_reaches_every_subscriber() {
         // A binary tree of bootstrap dials: node i dials node (i-1)/2, so messages need
         // several hops and the mesh, not just flood publishing, must work.
         for i in 0..N {
-            let bootstrap = if i == 0 { vec![] } else { vec![addrs[(i - 1) / 2].clone()] };
+            let bootstrap = if i == 0 {
+                vec![]
+            } else {
+                vec![addrs[(i - 1) / 2].clone()]
+            };
             let node = Node::spawn_with(|c| c.bootstrap = bootstrap).await;
             addrs.push(node.addr().await);
             node.net.subscribe(TOPIC.into()).await.unwrap();
@@ -84,9 +88,18 @@ async fn twenty_nodes_gossip_reaches_every_subscriber() {
         // Publish from a leaf until the first message reaches everyone (the mesh is formed).
         let everyone_but = |p: usize| (0..N).filter(|i| *i != p).collect::<HashSet<_>>();
         let first = b"WF:first".to_vec();
-        nets[N - 1].publish(TOPIC.into(), first.clone()).await.unwrap();
+        nets[N - 1]
+            .publish(TOPIC.into(), first.clone())
+            .await
+            .unwrap();
         assert!(
-            all_receive(&mut rx, &first, &everyone_but(N - 1), Duration::from_secs(30)).await,
+            all_receive(
+                &mut rx,
+                &first,
+                &everyone_but(N - 1),
+                Duration::from_secs(30)
+            )
+            .await,
             "first message did not reach every subscriber"
         );
         let meshed = start.elapsed();
@@ -162,7 +175,10 @@ async fn invalid_gossip_is_rejected_not_forwarded_and_the_sender_dropped() {
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while let Ok(Some((idx, d))) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            assert!(d.starts_with(b"WF:"), "node {idx} received invalid gossip {d:?}");
+            assert!(
+                d.starts_with(b"WF:"),
+                "node {idx} received invalid gossip {d:?}"
+            );
             if d == later {
                 seen.push(idx);
                 break;
@@ -180,7 +196,11 @@ async fn publish_before_subscription_is_queued_then_delivered() {
         let a = Node::spawn().await;
         let b = Node::spawn().await;
         // No peer at all yet: the message is queued, not lost.
-        let outcome = a.net.publish(TOPIC.into(), b"WF:early".to_vec()).await.unwrap();
+        let outcome = a
+            .net
+            .publish(TOPIC.into(), b"WF:early".to_vec())
+            .await
+            .unwrap();
         assert_eq!(outcome, waterfall::net::Published::Queued);
         let a_net = a.net.clone();
         let b_addr = b.addr().await;

@@ -13,13 +13,12 @@ use std::{
 use futures::StreamExt;
 use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, gossipsub, identify,
-    kad::{self, GetRecordOk, store::RecordStore, QueryId, QueryResult, Quorum, Record, RecordKey},
+    kad::{self, GetRecordOk, QueryId, QueryResult, Quorum, Record, RecordKey, store::RecordStore},
     mdns,
     multiaddr::Protocol,
     request_response::{self, InboundRequestId, OutboundRequestId, ResponseChannel},
     swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts},
 };
-use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
@@ -29,6 +28,7 @@ use super::{
     PUBLIC_KAD_PROTOCOL, Published, RecordValidator, ResponseHandle, Result,
     WATERFALL_KAD_PROTOCOL,
     behaviour::{Behaviour, BehaviourEvent, build_swarm},
+    codec::Body,
     records::{self, Refusal},
 };
 
@@ -38,6 +38,8 @@ const TICK: Duration = Duration::from_millis(100);
 const INBOUND_TTL: Duration = Duration::from_secs(60);
 /// Distinct records collected per `get_record` (a key has one owner; more is noise or attack).
 const MAX_RECORDS_PER_GET: usize = 16;
+/// Peers whose strikes are remembered at once.
+const MAX_TRACKED_OFFENDERS: usize = 4096;
 /// Addresses taken from one identify message.
 const MAX_IDENTIFY_ADDRS: usize = 16;
 
@@ -109,7 +111,7 @@ struct OwnRecord {
 }
 
 struct PendingInbound {
-    channel: ResponseChannel<ByteBuf>,
+    channel: ResponseChannel<Body>,
     since: Instant,
 }
 
@@ -123,6 +125,7 @@ pub(crate) struct Actor {
     republish_interval: Duration,
     ban_duration: Duration,
     max_request_bytes: usize,
+    max_response_bytes: usize,
     public: bool,
     listen_addrs: Vec<Multiaddr>,
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId>>>,
@@ -150,10 +153,12 @@ impl Actor {
     ) -> Result<Self> {
         let mut swarm = build_swarm(&config)?;
         for addr in &config.listen {
-            swarm.listen_on(addr.clone()).map_err(|e| NetError::Listen {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         let mut actor = Actor {
             swarm,
@@ -165,6 +170,7 @@ impl Actor {
             republish_interval: config.republish_interval,
             ban_duration: config.ban_duration,
             max_request_bytes: config.max_request_bytes,
+            max_response_bytes: config.max_response_bytes,
             public: config.public,
             listen_addrs: Vec::new(),
             dials: HashMap::new(),
@@ -229,7 +235,10 @@ impl Actor {
                     self.dropped_events += 1;
                     // Log sparsely: a lagging application must not flood the log either.
                     if self.dropped_events.is_power_of_two() {
-                        warn!(dropped = self.dropped_events, "event receiver lagging, events dropped");
+                        warn!(
+                            dropped = self.dropped_events,
+                            "event receiver lagging, events dropped"
+                        );
                     }
                 }
                 mpsc::error::TrySendError::Closed(_) => {}
@@ -290,6 +299,13 @@ impl Actor {
             Command::Request { peer, data, reply } => {
                 let (tx, rx) = oneshot::channel();
                 let _ = reply.send(rx);
+                if data.len() > self.max_request_bytes {
+                    let _ = tx.send(Err(NetError::TooLarge {
+                        size: data.len(),
+                        max: self.max_request_bytes,
+                    }));
+                    return;
+                }
                 if self.requests.len() >= MAX_PENDING_QUERIES {
                     let _ = tx.send(Err(NetError::Busy));
                     return;
@@ -298,17 +314,24 @@ impl Actor {
                     .swarm
                     .behaviour_mut()
                     .rr
-                    .send_request(&peer, ByteBuf::from(data));
+                    .send_request(&peer, Body::Data(data));
                 self.requests.insert(id, tx);
             }
             Command::Respond { id, data, reply } => {
+                if data.len() > self.max_response_bytes {
+                    let _ = reply.send(Err(NetError::TooLarge {
+                        size: data.len(),
+                        max: self.max_response_bytes,
+                    }));
+                    return;
+                }
                 let r = match self.inbound.remove(&id) {
                     None => Err(NetError::UnknownRequest),
                     Some(p) => self
                         .swarm
                         .behaviour_mut()
                         .rr
-                        .send_response(p.channel, ByteBuf::from(data))
+                        .send_response(p.channel, Body::Data(data))
                         .map_err(|_| NetError::UnknownRequest),
                 };
                 let _ = reply.send(r);
@@ -481,7 +504,12 @@ impl Actor {
             });
         }
         let t = gossipsub::IdentTopic::new(topic.clone());
-        match self.swarm.behaviour_mut().gossipsub.publish(t, data.clone()) {
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(t, data.clone())
+        {
             Ok(_) => Ok(Published::Sent),
             Err(
                 gossipsub::PublishError::NoPeersSubscribedToTopic
@@ -490,7 +518,9 @@ impl Actor {
                 if !self.pending_publish.contains_key(&topic)
                     && self.pending_publish.len() >= PENDING_PUBLISH_TOPICS
                 {
-                    return Err(NetError::Publish("too many topics with queued messages".into()));
+                    return Err(NetError::Publish(
+                        "too many topics with queued messages".into(),
+                    ));
                 }
                 let q = self.pending_publish.entry(topic).or_default();
                 if q.len() >= PENDING_PUBLISH_PER_TOPIC {
@@ -523,7 +553,12 @@ impl Actor {
             q.retain(|(_, at)| now.duration_since(*at) < PENDING_PUBLISH_TTL);
             while let Some((data, at)) = q.pop_front() {
                 let t = gossipsub::IdentTopic::new(topic.clone());
-                match self.swarm.behaviour_mut().gossipsub.publish(t, data.clone()) {
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(t, data.clone())
+                {
                     Ok(_) => trace!(%topic, "queued message published"),
                     Err(
                         gossipsub::PublishError::NoPeersSubscribedToTopic
@@ -561,7 +596,8 @@ impl Actor {
         if !self.pending_publish.is_empty() {
             self.flush_pending(None);
         }
-        self.inbound.retain(|_, p| now.duration_since(p.since) < INBOUND_TTL);
+        self.inbound
+            .retain(|_, p| now.duration_since(p.since) < INBOUND_TTL);
         self.inbound_ids
             .retain(|_, id| self.inbound.contains_key(id));
         let expired: Vec<PeerId> = self
@@ -582,15 +618,25 @@ impl Actor {
         if peer == *self.swarm.local_peer_id() {
             return;
         }
+        if self.strikes.len() >= MAX_TRACKED_OFFENDERS && !self.strikes.contains_key(&peer) {
+            // Bounded memory under a flood of identities: forget old offenders.
+            self.strikes.clear();
+        }
         let n = self.strikes.entry(peer).or_default();
         *n += 1;
         info!(%peer, strikes = *n, why, "peer misbehaved");
         if *n >= MAX_STRIKES {
             self.strikes.remove(&peer);
             warn!(%peer, "blocking misbehaving peer");
-            self.banned.insert(peer, Instant::now() + self.ban_duration);
             let b = self.swarm.behaviour_mut();
-            b.blocked.block_peer(peer);
+            if self.banned.len() < MAX_TRACKED_OFFENDERS {
+                self.banned.insert(peer, Instant::now() + self.ban_duration);
+                b.blocked.block_peer(peer);
+            } else {
+                // Ban list full: at least cut the current connections.
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            let b = self.swarm.behaviour_mut();
             b.kad.remove_peer(&peer);
             if let Some(k) = b.public_kad.as_mut() {
                 k.remove_peer(&peer);
@@ -626,13 +672,11 @@ impl Actor {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.strikes.remove(&peer_id);
-                    self.emit(NetEvent::PeerDisconnected(peer_id));
-                }
+                // Strikes outlive the connection: reconnecting does not wash them away.
+                self.emit(NetEvent::PeerDisconnected(peer_id));
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
@@ -844,7 +888,7 @@ impl Actor {
         }
     }
 
-    fn on_request_response(&mut self, ev: request_response::Event<ByteBuf, ByteBuf>) {
+    fn on_request_response(&mut self, ev: request_response::Event<Body, Body>) {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -852,11 +896,11 @@ impl Actor {
                     request,
                     channel,
                 } => {
-                    let data = request.into_vec();
-                    if data.len() > self.max_request_bytes {
+                    let Body::Data(data) = request else {
+                        // Dropping the channel makes the request fail at the sender.
                         self.strike(peer, "oversized request");
                         return;
-                    }
+                    };
                     if self.inbound.len() >= MAX_PENDING_INBOUND {
                         debug!(%peer, "too many pending inbound requests, dropping");
                         return;
@@ -887,7 +931,11 @@ impl Actor {
                     response,
                 } => {
                     if let Some(reply) = self.requests.remove(&request_id) {
-                        let _ = reply.send(Ok(response.into_vec()));
+                        let r = match response {
+                            Body::Data(d) => Ok(d),
+                            Body::Oversized => Err(NetError::Request("oversized response".into())),
+                        };
+                        let _ = reply.send(r);
                     }
                 }
             },
@@ -908,10 +956,6 @@ impl Actor {
                     self.inbound.remove(&id);
                 }
                 debug!(%peer, %error, "inbound request failed");
-                // A request that does not decode within the size limit is garbage by definition.
-                if matches!(error, request_response::InboundFailure::Io(_)) {
-                    self.strike(peer, "undecodable or oversized request");
-                }
             }
             request_response::Event::ResponseSent { request_id, .. } => {
                 self.inbound_ids.remove(&request_id);
@@ -925,7 +969,7 @@ fn finish_get(mut g: PendingGet, empty: Result<Vec<Vec<u8>>>) {
     let r = if g.found.is_empty() {
         empty
     } else {
-        g.found.sort_by(|a, b| b.0.cmp(&a.0));
+        g.found.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
         Ok(g.found.into_iter().map(|(_, v)| v).collect())
     };
     let _ = g.reply.send(r);

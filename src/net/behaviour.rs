@@ -23,11 +23,10 @@ use libp2p::{
     swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
     tcp, yamux,
 };
-use serde_bytes::ByteBuf;
 
 use super::{
     IDENTIFY_PROTOCOL_VERSION, MAX_GOSSIP_BYTES, MAX_RECORD_BYTES, NetConfig, NetError,
-    PUBLIC_KAD_PROTOCOL, REQUEST_PROTOCOL, WATERFALL_KAD_PROTOCOL,
+    PUBLIC_KAD_PROTOCOL, REQUEST_PROTOCOL, WATERFALL_KAD_PROTOCOL, codec::BytesCodec,
 };
 
 /// Records a node stores for others at most (8 KiB each: 32 MiB worst case).
@@ -54,7 +53,7 @@ pub(crate) struct Behaviour {
     pub kad: kad::Behaviour<MemoryStore>,
     pub public_kad: Toggle<kad::Behaviour<MemoryStore>>,
     pub gossipsub: gossipsub::Behaviour,
-    pub rr: request_response::cbor::Behaviour<ByteBuf, ByteBuf>,
+    pub rr: request_response::Behaviour<BytesCodec>,
 }
 
 fn gossip_config(config: &NetConfig) -> Result<gossipsub::Config, NetError> {
@@ -112,10 +111,7 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
         .with_max_pending_outgoing(Some(config.max_connections));
     let mdns_on = config.mdns;
     let public_on = config.public;
-    let (max_req, max_resp) = (
-        config.max_request_bytes as u64,
-        config.max_response_bytes as u64,
-    );
+    let (max_req, max_resp) = (config.max_request_bytes, config.max_response_bytes);
     let swarm = SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(
@@ -127,44 +123,50 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| NetError::Build(format!("relay client: {e}")))?
-        .with_behaviour(|key, relay| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-            let peer_id = key.public().to_peer_id();
-            let mdns = if mdns_on {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
-            } else {
-                None
-            };
-            let gossipsub = gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                gossip_cfg,
-            )?;
-            let codec = request_response::cbor::codec::Codec::default()
-                .set_request_size_maximum(max_req)
-                .set_response_size_maximum(max_resp);
-            let rr = request_response::Behaviour::with_codec(
-                codec,
-                [(StreamProtocol::new(REQUEST_PROTOCOL), ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
-            );
-            Ok(Behaviour {
-                limits: connection_limits::Behaviour::new(limits),
-                blocked: allow_block_list::Behaviour::default(),
-                identify: identify::Behaviour::new(
-                    identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
-                        .with_agent_version(format!("waterfall/{}", env!("CARGO_PKG_VERSION")))
-                        .with_push_listen_addr_updates(true),
-                ),
-                ping: ping::Behaviour::default(),
-                autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
-                relay,
-                dcutr: dcutr::Behaviour::new(peer_id),
-                mdns: Toggle::from(mdns),
-                kad: waterfall_kad(key),
-                public_kad: Toggle::from(public_on.then(|| public_kad(key))),
-                gossipsub,
-                rr,
-            })
-        })
+        .with_behaviour(
+            |key, relay| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let peer_id = key.public().to_peer_id();
+                let mdns = if mdns_on {
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config::default(),
+                        peer_id,
+                    )?)
+                } else {
+                    None
+                };
+                let gossipsub = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossip_cfg,
+                )?;
+                let codec = BytesCodec {
+                    max_request: max_req,
+                    max_response: max_resp,
+                };
+                let rr = request_response::Behaviour::with_codec(
+                    codec,
+                    [(StreamProtocol::new(REQUEST_PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                );
+                Ok(Behaviour {
+                    limits: connection_limits::Behaviour::new(limits),
+                    blocked: allow_block_list::Behaviour::default(),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
+                            .with_agent_version(format!("waterfall/{}", env!("CARGO_PKG_VERSION")))
+                            .with_push_listen_addr_updates(true),
+                    ),
+                    ping: ping::Behaviour::default(),
+                    autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+                    relay,
+                    dcutr: dcutr::Behaviour::new(peer_id),
+                    mdns: Toggle::from(mdns),
+                    kad: waterfall_kad(key),
+                    public_kad: Toggle::from(public_on.then(|| public_kad(key))),
+                    gossipsub,
+                    rr,
+                })
+            },
+        )
         .map_err(|e| NetError::Build(format!("behaviour: {e}")))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
         .build();

@@ -18,7 +18,7 @@
 //! dcutr, connection limits, a block list, optional mDNS, two Kademlia instances (the waterfall DHT
 //! `/waterfall/kad/1.0.0` in server mode with validated inserts, and the opt-in public Amino DHT
 //! for provider records only), gossipsub with strict signing and manual validation, and
-//! request-response `/waterfall/req/1.0.0` (CBOR-wrapped bytes, size-limited).
+//! request-response `/waterfall/req/1.0.0` (raw bytes, size-limited, [`codec`]).
 //!
 //! Misbehaviour: a peer that sends an invalid record, an invalid gossip message or an oversized
 //! request earns a strike; at [`MAX_STRIKES`] it is disconnected and blocked for
@@ -26,6 +26,7 @@
 
 mod actor;
 mod behaviour;
+mod codec;
 pub mod records;
 
 use std::{fmt, sync::Arc, time::Duration};
@@ -119,7 +120,9 @@ impl NetConfig {
         Self {
             keypair,
             listen: vec![
-                "/ip4/127.0.0.1/tcp/0".parse().expect("valid literal multiaddr"),
+                "/ip4/127.0.0.1/tcp/0"
+                    .parse()
+                    .expect("valid literal multiaddr"),
                 "/ip4/127.0.0.1/udp/0/quic-v1"
                     .parse()
                     .expect("valid literal multiaddr"),
@@ -314,8 +317,7 @@ impl Net {
             local_peer_id,
         };
         let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
-        while net.listen_addrs().await?.len() < listeners
-            && tokio::time::Instant::now() < deadline
+        while net.listen_addrs().await?.len() < listeners && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
