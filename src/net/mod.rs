@@ -1,1 +1,446 @@
-//! libp2p network actor (work in progress)
+//! The libp2p network actor: DHT records, gossip and direct requests, payload-agnostic.
+//!
+//! One tokio task (the *actor*, [`actor`]) owns the libp2p `Swarm` and `select!`s over swarm
+//! events, a bounded command channel and a housekeeping tick — the shape of rust-libp2p's
+//! `examples/file-sharing` and iroh-gossip's `net.rs`. [`Net`] is a cheap `Clone` handle whose
+//! async methods send a command carrying a `oneshot` reply; long operations (DHT queries,
+//! requests, dials) are parked in maps keyed by libp2p's ids until their final event arrives.
+//! Dropping the last [`Net`] (or calling [`Net::shutdown`]) ends the actor and closes the swarm.
+//! Things that happen on their own (gossip, inbound requests, peers) arrive as [`NetEvent`]s on
+//! the bounded receiver returned by [`Net::spawn`]; when the application lags, events are dropped
+//! (and logged) rather than stalling the swarm.
+//!
+//! The actor never interprets payloads: records, gossip and requests are bytes, and the caller
+//! injects a [`RecordValidator`] and a [`GossipValidator`] (in waterfall: envelope signature and
+//! seal checks from `crypto`/`wire`).
+//!
+//! Protocols ([`behaviour`]): TCP + QUIC, noise, yamux, identify, ping, autonat, relay client +
+//! dcutr, connection limits, a block list, optional mDNS, two Kademlia instances (the waterfall DHT
+//! `/waterfall/kad/1.0.0` in server mode with validated inserts, and the opt-in public Amino DHT
+//! for provider records only), gossipsub with strict signing and manual validation, and
+//! request-response `/waterfall/req/1.0.0` (raw bytes, size-limited, [`codec`]).
+//!
+//! Misbehaviour: a peer that sends an invalid record, an invalid gossip message or an oversized
+//! request earns a strike; at [`MAX_STRIKES`] it is disconnected and blocked for
+//! [`NetConfig::ban_duration`]. Gossipsub itself drops messages with bad signatures.
+
+mod actor;
+mod behaviour;
+mod codec;
+pub mod records;
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use libp2p::{Multiaddr, PeerId, identity::Keypair};
+use tokio::sync::{mpsc, oneshot};
+
+pub use records::{CLOCK_SKEW, MAX_RECORD_BYTES, MAX_RECORD_LIFETIME};
+
+/// Protocol of the waterfall DHT.
+pub const WATERFALL_KAD_PROTOCOL: &str = "/waterfall/kad/1.0.0";
+/// Protocol of the public Amino DHT (opt-in, provider records only).
+pub const PUBLIC_KAD_PROTOCOL: &str = "/ipfs/kad/1.0.0";
+/// Request-response protocol carrying opaque bytes (snapshots, tree control, signalling).
+pub const REQUEST_PROTOCOL: &str = "/waterfall/req/1.0.0";
+/// Identify protocol version string.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/waterfall/1.0.0";
+/// Strikes after which a peer is disconnected and blocked.
+pub const MAX_STRIKES: u32 = 3;
+/// Capacity of the command channel from handles to the actor.
+pub const COMMAND_CAPACITY: usize = 256;
+/// Messages queued per topic while no subscribed peer is known.
+pub const PENDING_PUBLISH_PER_TOPIC: usize = 16;
+/// Topics that may hold queued messages at once.
+pub const PENDING_PUBLISH_TOPICS: usize = 64;
+/// How long a queued gossip message waits for a subscriber before it is dropped.
+pub const PENDING_PUBLISH_TTL: Duration = Duration::from_secs(10);
+/// Inbound requests awaiting the application's response at once; more are refused.
+pub const MAX_PENDING_INBOUND: usize = 256;
+/// Concurrent DHT queries and outbound requests started through the handle.
+pub const MAX_PENDING_QUERIES: usize = 1024;
+/// Largest gossip message (the room's tree updates and notices are small).
+pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+
+/// What the caller's record validator extracts from a valid record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMeta {
+    /// Identity of the signer (e.g. an ed25519 public key); only it may replace a live record.
+    pub signer: Vec<u8>,
+    /// Absolute expiry, unix milliseconds.
+    pub expires_unix_ms: u64,
+    /// Sequence number; a higher one from the same signer replaces the stored record.
+    pub seq: u64,
+}
+
+/// Validates a record `(key, value)`; `Err` carries the reason it is invalid.
+pub type RecordValidator = Arc<dyn Fn(&[u8], &[u8]) -> Result<RecordMeta, String> + Send + Sync>;
+/// Validates a gossip message `(topic, author, data)`; `false` rejects and penalises the sender.
+pub type GossipValidator = Arc<dyn Fn(&str, &PeerId, &[u8]) -> bool + Send + Sync>;
+
+/// Configuration of one network actor.
+#[derive(Clone)]
+pub struct NetConfig {
+    /// Node identity (an ed25519 key in waterfall; it also signs gossip).
+    pub keypair: Keypair,
+    /// Addresses to listen on (`/ip4/127.0.0.1/tcp/0`, `/ip4/127.0.0.1/udp/0/quic-v1` in tests).
+    pub listen: Vec<Multiaddr>,
+    /// Peers dialled at start (with `/p2p/<id>` they also seed the DHT routing table).
+    pub bootstrap: Vec<Multiaddr>,
+    /// LAN discovery by mDNS.
+    pub mdns: bool,
+    /// Join the public Amino DHT (`/ipfs/kad/1.0.0`) for provider records. Never in tests.
+    pub public: bool,
+    /// Maximum established connections.
+    pub max_connections: u32,
+    /// Record validator, applied to every record stored or returned.
+    pub record_validator: RecordValidator,
+    /// Gossip validator, applied to every received message.
+    pub gossip_validator: GossipValidator,
+    /// Largest inbound request accepted (larger ones fail and earn the sender a strike).
+    pub max_request_bytes: usize,
+    /// Largest response accepted.
+    pub max_response_bytes: usize,
+    /// Interval at which this node re-puts its own live records.
+    pub republish_interval: Duration,
+    /// How long a misbehaving peer stays blocked.
+    pub ban_duration: Duration,
+    /// Capacity of the [`NetEvent`] channel.
+    pub event_capacity: usize,
+    /// Gossipsub heartbeat (mesh maintenance) interval.
+    pub gossip_heartbeat: Duration,
+}
+
+impl NetConfig {
+    /// Defaults: loopback TCP + QUIC listeners, no bootstrap, no mDNS, private DHT only.
+    pub fn new(
+        keypair: Keypair,
+        record_validator: RecordValidator,
+        gossip_validator: GossipValidator,
+    ) -> Self {
+        Self {
+            keypair,
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0"
+                    .parse()
+                    .expect("valid literal multiaddr"),
+                "/ip4/127.0.0.1/udp/0/quic-v1"
+                    .parse()
+                    .expect("valid literal multiaddr"),
+            ],
+            bootstrap: Vec::new(),
+            mdns: false,
+            public: false,
+            max_connections: 128,
+            record_validator,
+            gossip_validator,
+            max_request_bytes: 256 * 1024,
+            max_response_bytes: 4 * 1024 * 1024,
+            republish_interval: Duration::from_secs(10 * 60),
+            ban_duration: Duration::from_secs(10 * 60),
+            event_capacity: 1024,
+            gossip_heartbeat: Duration::from_millis(500),
+        }
+    }
+}
+
+impl fmt::Debug for NetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetConfig")
+            .field("peer_id", &self.keypair.public().to_peer_id())
+            .field("listen", &self.listen)
+            .field("bootstrap", &self.bootstrap)
+            .field("mdns", &self.mdns)
+            .field("public", &self.public)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors of the network actor.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    #[error("building the swarm failed: {0}")]
+    Build(String),
+    #[error("listening on {addr} failed: {reason}")]
+    Listen { addr: Multiaddr, reason: String },
+    #[error("dial failed: {0}")]
+    Dial(String),
+    #[error("the network actor has stopped")]
+    Closed,
+    #[error("timed out")]
+    Timeout,
+    #[error("no valid record found")]
+    NotFound,
+    #[error("invalid record: {0}")]
+    InvalidRecord(String),
+    #[error("record of {size} bytes exceeds the limit of {max}")]
+    RecordTooLarge { size: usize, max: usize },
+    #[error("record expired or lifetime too long")]
+    BadLifetime,
+    #[error("a live record of another signer holds this key")]
+    NotOwner,
+    #[error("a record with the same or a higher sequence number is stored")]
+    StaleRecord,
+    /// The record is stored locally (and republished) but no peer acknowledged it yet.
+    #[error("record stored locally only: no peer acknowledged it")]
+    NotReplicated,
+    #[error("message of {size} bytes exceeds the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("too many pending operations")]
+    Busy,
+    #[error("subscribe failed: {0}")]
+    Subscribe(String),
+    #[error("publish failed: {0}")]
+    Publish(String),
+    #[error("request failed: {0}")]
+    Request(String),
+    #[error("the request to respond to is gone (timed out or peer disconnected)")]
+    UnknownRequest,
+    #[error("the public DHT is not enabled")]
+    PublicDhtDisabled,
+    #[error("providing failed: {0}")]
+    Provide(String),
+}
+
+/// Result alias of this module.
+pub type Result<T, E = NetError> = std::result::Result<T, E>;
+
+/// Outcome of a successful [`Net::publish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Published {
+    /// Handed to gossipsub for at least one peer.
+    Sent,
+    /// No subscribed peer yet: queued briefly ([`PENDING_PUBLISH_TTL`]) and retried when one
+    /// subscribes.
+    Queued,
+}
+
+/// A snapshot of the actor's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetStatus {
+    /// Connected peers.
+    pub peers: usize,
+    /// Peers in the waterfall DHT routing table.
+    pub dht_peers: usize,
+    /// Records in the local DHT store (own and others').
+    pub dht_records: usize,
+    /// Subscribed gossip topics.
+    pub topics: Vec<String>,
+}
+
+/// What happens on the network, delivered on the receiver returned by [`Net::spawn`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum NetEvent {
+    /// A validated gossip message (never our own).
+    Gossip {
+        topic: String,
+        from: PeerId,
+        data: Vec<u8>,
+    },
+    /// An inbound request; answer with [`ResponseHandle::respond`] or [`Net::respond`].
+    Request {
+        from: PeerId,
+        data: Vec<u8>,
+        reply: ResponseHandle,
+    },
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+    /// Peers found by mDNS.
+    Discovered(PeerId, Vec<Multiaddr>),
+    Listening(Multiaddr),
+}
+
+/// The way to answer one inbound request. Unanswered requests fail at the requester after its
+/// timeout; the handle does not keep the actor alive.
+pub struct ResponseHandle {
+    id: u64,
+    peer: PeerId,
+    cmd: mpsc::WeakSender<actor::Command>,
+}
+
+impl fmt::Debug for ResponseHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseHandle")
+            .field("id", &self.id)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl ResponseHandle {
+    /// The peer that sent the request.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// Send `data` as the response.
+    pub async fn respond(self, data: Vec<u8>) -> Result<()> {
+        let cmd = self.cmd.upgrade().ok_or(NetError::Closed)?;
+        let (tx, rx) = oneshot::channel();
+        cmd.send(actor::Command::Respond {
+            id: self.id,
+            data,
+            reply: tx,
+        })
+        .await
+        .map_err(|_| NetError::Closed)?;
+        rx.await.map_err(|_| NetError::Closed)?
+    }
+}
+
+/// Cheap, cloneable handle to the network actor.
+#[derive(Clone, Debug)]
+pub struct Net {
+    cmd: mpsc::Sender<actor::Command>,
+    local_peer_id: PeerId,
+}
+
+/// How long [`Net::spawn`] waits for the listeners to report their addresses.
+const LISTEN_WAIT: Duration = Duration::from_secs(5);
+
+impl Net {
+    /// Build the swarm, start listening and dialling the bootstrap peers, and spawn the actor on
+    /// the current tokio runtime. Returns once every listener reported an address (or after
+    /// a few seconds).
+    pub async fn spawn(config: NetConfig) -> Result<(Net, mpsc::Receiver<NetEvent>)> {
+        let local_peer_id = config.keypair.public().to_peer_id();
+        let listeners = config.listen.len();
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
+        let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity.max(1));
+        let actor = actor::Actor::new(config, cmd_rx, cmd_tx.downgrade(), ev_tx)?;
+        tokio::spawn(actor.run());
+        let net = Net {
+            cmd: cmd_tx,
+            local_peer_id,
+        };
+        let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
+        while net.listen_addrs().await?.len() < listeners && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok((net, ev_rx))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> actor::Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(make(tx))
+            .await
+            .map_err(|_| NetError::Closed)?;
+        rx.await.map_err(|_| NetError::Closed)
+    }
+
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// Addresses the listeners are bound to.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        self.call(actor::Command::ListenAddrs).await
+    }
+
+    /// Dial `addr` and wait until the connection is established; returns the remote peer id.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId> {
+        self.call(|reply| actor::Command::Dial { addr, reply })
+            .await?
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>> {
+        self.call(actor::Command::ConnectedPeers).await
+    }
+
+    /// Validate and store a record locally, then put it to the DHT (quorum one) and republish it
+    /// every [`NetConfig::republish_interval`] while it is live.
+    ///
+    /// Returns [`NetError::NotReplicated`] when no peer acknowledged the put (e.g. no peers yet):
+    /// the record is then kept locally, served to peers that ask and republished later. Note that
+    /// a remote acknowledgement only means the peer received it: waterfall peers validate before
+    /// storing and silently drop what they refuse.
+    pub async fn put_record(&self, key: Vec<u8>, value: Vec<u8>) -> Result<()> {
+        self.call(|reply| actor::Command::PutRecord { key, value, reply })
+            .await?
+    }
+
+    /// Fetch every valid copy of the record under `key` (local store and network), distinct
+    /// values sorted by descending sequence number. When this node stores a live copy, copies
+    /// by other signers are dropped (the current owner holds the key); otherwise all valid
+    /// copies are returned and the caller must pin the signer it expects. [`NetError::NotFound`] when the lookup
+    /// finished without a valid record, [`NetError::Timeout`] when `timeout` passed first.
+    pub async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        let rx = self
+            .call(|reply| actor::Command::GetRecord {
+                key,
+                timeout,
+                reply,
+            })
+            .await?;
+        // The actor enforces `timeout` (with the tick's granularity); the margin only guards
+        // against a wedged actor.
+        match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
+            Ok(r) => r.map_err(|_| NetError::Closed)?,
+            Err(_) => Err(NetError::Timeout),
+        }
+    }
+
+    /// Remove one of our own records locally and stop republishing it (copies elsewhere expire).
+    /// Returns whether a record was removed.
+    pub async fn remove_record(&self, key: Vec<u8>) -> Result<bool> {
+        self.call(|reply| actor::Command::RemoveRecord { key, reply })
+            .await
+    }
+
+    /// Join a gossip topic. Returns false if already subscribed.
+    pub async fn subscribe(&self, topic: String) -> Result<bool> {
+        self.call(|reply| actor::Command::Subscribe { topic, reply })
+            .await?
+    }
+
+    /// Leave a gossip topic. Returns false if not subscribed.
+    pub async fn unsubscribe(&self, topic: String) -> Result<bool> {
+        self.call(|reply| actor::Command::Unsubscribe { topic, reply })
+            .await
+    }
+
+    /// Publish `data` on `topic` (signed with the node key). Queued briefly when no subscribed
+    /// peer is known yet.
+    pub async fn publish(&self, topic: String, data: Vec<u8>) -> Result<Published> {
+        self.call(|reply| actor::Command::Publish { topic, data, reply })
+            .await?
+    }
+
+    /// Send a request to `peer` and wait for its response.
+    pub async fn request(&self, peer: PeerId, data: Vec<u8>, timeout: Duration) -> Result<Vec<u8>> {
+        let rx = self
+            .call(|reply| actor::Command::Request { peer, data, reply })
+            .await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(r) => r.map_err(|_| NetError::Closed)?,
+            Err(_) => Err(NetError::Timeout),
+        }
+    }
+
+    /// Answer an inbound request (same as [`ResponseHandle::respond`]).
+    pub async fn respond(&self, reply: ResponseHandle, data: Vec<u8>) -> Result<()> {
+        let id = reply.id;
+        self.call(|reply| actor::Command::Respond { id, data, reply })
+            .await?
+    }
+
+    /// Announce `key` as provided by this node on the public DHT (needs [`NetConfig::public`]).
+    pub async fn provide_public(&self, key: Vec<u8>) -> Result<()> {
+        self.call(|reply| actor::Command::ProvidePublic { key, reply })
+            .await?
+    }
+
+    pub async fn status(&self) -> Result<NetStatus> {
+        self.call(actor::Command::Status).await
+    }
+
+    /// Stop the actor now (other handles then get [`NetError::Closed`]).
+    pub async fn shutdown(&self) {
+        let _ = self.cmd.send(actor::Command::Shutdown).await;
+    }
+}

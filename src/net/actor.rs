@@ -1,0 +1,984 @@
+//! The actor task: owns the swarm, serves commands, turns swarm events into [`NetEvent`]s.
+//!
+//! Pending long operations live in maps keyed by libp2p ids (`QueryId`, `OutboundRequestId`,
+//! `ConnectionId`) and are completed by the matching swarm event; a housekeeping tick enforces
+//! `get_record` deadlines, retries queued gossip, forgets unanswered inbound requests and lifts
+//! expired bans. Every map is bounded (see the constants in [`super`]).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, gossipsub, identify,
+    kad::{self, GetRecordOk, QueryId, QueryResult, Quorum, Record, RecordKey, store::RecordStore},
+    mdns,
+    multiaddr::Protocol,
+    request_response::{self, InboundRequestId, OutboundRequestId, ResponseChannel},
+    swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts},
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, trace, warn};
+
+use super::{
+    MAX_GOSSIP_BYTES, MAX_PENDING_INBOUND, MAX_PENDING_QUERIES, MAX_STRIKES, NetConfig, NetError,
+    NetEvent, NetStatus, PENDING_PUBLISH_PER_TOPIC, PENDING_PUBLISH_TOPICS, PENDING_PUBLISH_TTL,
+    PUBLIC_KAD_PROTOCOL, Published, RecordValidator, ResponseHandle, Result,
+    WATERFALL_KAD_PROTOCOL,
+    behaviour::{Behaviour, BehaviourEvent, build_swarm},
+    codec::Body,
+    records::{self, Refusal},
+};
+
+/// Housekeeping period: the granularity of `get_record` deadlines and publish retries.
+const TICK: Duration = Duration::from_millis(100);
+/// Unanswered inbound requests are forgotten after this long (the requester gave up).
+const INBOUND_TTL: Duration = Duration::from_secs(60);
+/// Distinct records collected per `get_record` (a key has one owner; more is noise or attack).
+const MAX_RECORDS_PER_GET: usize = 16;
+/// Peers whose strikes are remembered at once.
+const MAX_TRACKED_OFFENDERS: usize = 4096;
+/// Addresses taken from one identify message.
+const MAX_IDENTIFY_ADDRS: usize = 16;
+
+pub(crate) enum Command {
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<PeerId>>,
+    },
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    PutRecord {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    GetRecord {
+        key: Vec<u8>,
+        timeout: Duration,
+        reply: oneshot::Sender<oneshot::Receiver<Result<Vec<Vec<u8>>>>>,
+    },
+    RemoveRecord {
+        key: Vec<u8>,
+        reply: oneshot::Sender<bool>,
+    },
+    Subscribe {
+        topic: String,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    Unsubscribe {
+        topic: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<Published>>,
+    },
+    Request {
+        peer: PeerId,
+        data: Vec<u8>,
+        reply: oneshot::Sender<oneshot::Receiver<Result<Vec<u8>>>>,
+    },
+    Respond {
+        id: u64,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    ProvidePublic {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Status(oneshot::Sender<NetStatus>),
+    Shutdown,
+}
+
+struct PendingGet {
+    key: Vec<u8>,
+    /// Signer of our live local copy, if any: copies by other signers are not the record.
+    owner: Option<Vec<u8>>,
+    deadline: Instant,
+    /// (seq, value), distinct values.
+    found: Vec<(u64, Vec<u8>)>,
+    reply: oneshot::Sender<Result<Vec<Vec<u8>>>>,
+}
+
+struct OwnRecord {
+    value: Vec<u8>,
+    expires_unix_ms: u64,
+}
+
+struct PendingInbound {
+    channel: ResponseChannel<Body>,
+    since: Instant,
+}
+
+pub(crate) struct Actor {
+    swarm: Swarm<Behaviour>,
+    cmd_rx: mpsc::Receiver<Command>,
+    cmd_weak: mpsc::WeakSender<Command>,
+    events: mpsc::Sender<NetEvent>,
+    validator: RecordValidator,
+    gossip_validator: super::GossipValidator,
+    republish_interval: Duration,
+    ban_duration: Duration,
+    max_request_bytes: usize,
+    max_response_bytes: usize,
+    public: bool,
+    listen_addrs: Vec<Multiaddr>,
+    dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId>>>,
+    puts: HashMap<QueryId, oneshot::Sender<Result<()>>>,
+    gets: HashMap<QueryId, PendingGet>,
+    provides: HashMap<QueryId, oneshot::Sender<Result<()>>>,
+    requests: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>>>>,
+    inbound: HashMap<u64, PendingInbound>,
+    inbound_ids: HashMap<InboundRequestId, u64>,
+    next_inbound: u64,
+    own: HashMap<Vec<u8>, OwnRecord>,
+    pending_publish: HashMap<String, VecDeque<(Vec<u8>, Instant)>>,
+    strikes: HashMap<PeerId, u32>,
+    banned: HashMap<PeerId, Instant>,
+    kad_bootstrapped: bool,
+    dropped_events: u64,
+}
+
+impl Actor {
+    pub(crate) fn new(
+        config: NetConfig,
+        cmd_rx: mpsc::Receiver<Command>,
+        cmd_weak: mpsc::WeakSender<Command>,
+        events: mpsc::Sender<NetEvent>,
+    ) -> Result<Self> {
+        let mut swarm = build_swarm(&config)?;
+        for addr in &config.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let mut actor = Actor {
+            swarm,
+            cmd_rx,
+            cmd_weak,
+            events,
+            validator: config.record_validator.clone(),
+            gossip_validator: config.gossip_validator.clone(),
+            republish_interval: config.republish_interval,
+            ban_duration: config.ban_duration,
+            max_request_bytes: config.max_request_bytes,
+            max_response_bytes: config.max_response_bytes,
+            public: config.public,
+            listen_addrs: Vec::new(),
+            dials: HashMap::new(),
+            puts: HashMap::new(),
+            gets: HashMap::new(),
+            provides: HashMap::new(),
+            requests: HashMap::new(),
+            inbound: HashMap::new(),
+            inbound_ids: HashMap::new(),
+            next_inbound: 0,
+            own: HashMap::new(),
+            pending_publish: HashMap::new(),
+            strikes: HashMap::new(),
+            banned: HashMap::new(),
+            kad_bootstrapped: false,
+            dropped_events: 0,
+        };
+        for addr in &config.bootstrap {
+            if let Some(peer) = peer_id_of(addr) {
+                actor
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
+            }
+            if let Err(e) = actor.swarm.dial(addr.clone()) {
+                warn!(%addr, error = %e, "bootstrap dial failed");
+            }
+        }
+        Ok(actor)
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut republish = tokio::time::interval(self.republish_interval);
+        republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        republish.tick().await; // the first tick is immediate; nothing to republish yet
+        let local = *self.swarm.local_peer_id();
+        let span = tracing::info_span!("net", peer = %local);
+        let _guard = span.enter();
+        loop {
+            tokio::select! {
+                // Local work before remote input (rust-libp2p coding guidelines).
+                biased;
+                cmd = self.cmd_rx.recv() => match cmd {
+                    None | Some(Command::Shutdown) => break,
+                    Some(cmd) => self.on_command(cmd),
+                },
+                _ = tick.tick() => self.housekeeping(),
+                _ = republish.tick() => self.republish(),
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+            }
+        }
+        debug!("network actor stopped");
+    }
+
+    fn emit(&mut self, ev: NetEvent) {
+        if let Err(e) = self.events.try_send(ev) {
+            match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    self.dropped_events += 1;
+                    // Log sparsely: a lagging application must not flood the log either.
+                    if self.dropped_events.is_power_of_two() {
+                        warn!(
+                            dropped = self.dropped_events,
+                            "event receiver lagging, events dropped"
+                        );
+                    }
+                }
+                mpsc::error::TrySendError::Closed(_) => {}
+            }
+        }
+    }
+
+    // ----- commands -----
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::Dial { addr, reply } => self.dial(addr, reply),
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::PutRecord { key, value, reply } => self.put_record(key, value, reply),
+            Command::GetRecord {
+                key,
+                timeout,
+                reply,
+            } => {
+                let (tx, rx) = oneshot::channel();
+                let _ = reply.send(rx);
+                self.get_record(key, timeout, tx);
+            }
+            Command::RemoveRecord { key, reply } => {
+                let removed = self.own.remove(&key).is_some();
+                if removed {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .store_mut()
+                        .remove(&RecordKey::new(&key));
+                }
+                let _ = reply.send(removed);
+            }
+            Command::Subscribe { topic, reply } => {
+                let t = gossipsub::IdentTopic::new(topic);
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .subscribe(&t)
+                    .map_err(|e| NetError::Subscribe(e.to_string()));
+                let _ = reply.send(r);
+            }
+            Command::Unsubscribe { topic, reply } => {
+                self.pending_publish.remove(&topic);
+                let t = gossipsub::IdentTopic::new(topic);
+                let _ = reply.send(self.swarm.behaviour_mut().gossipsub.unsubscribe(&t));
+            }
+            Command::Publish { topic, data, reply } => {
+                let _ = reply.send(self.publish(topic, data));
+            }
+            Command::Request { peer, data, reply } => {
+                let (tx, rx) = oneshot::channel();
+                let _ = reply.send(rx);
+                if data.len() > self.max_request_bytes {
+                    let _ = tx.send(Err(NetError::TooLarge {
+                        size: data.len(),
+                        max: self.max_request_bytes,
+                    }));
+                    return;
+                }
+                if self.requests.len() >= MAX_PENDING_QUERIES {
+                    let _ = tx.send(Err(NetError::Busy));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rr
+                    .send_request(&peer, Body::Data(data));
+                self.requests.insert(id, tx);
+            }
+            Command::Respond { id, data, reply } => {
+                if data.len() > self.max_response_bytes {
+                    let _ = reply.send(Err(NetError::TooLarge {
+                        size: data.len(),
+                        max: self.max_response_bytes,
+                    }));
+                    return;
+                }
+                let r = match self.inbound.remove(&id) {
+                    None => Err(NetError::UnknownRequest),
+                    Some(p) => self
+                        .swarm
+                        .behaviour_mut()
+                        .rr
+                        .send_response(p.channel, Body::Data(data))
+                        .map_err(|_| NetError::UnknownRequest),
+                };
+                let _ = reply.send(r);
+            }
+            Command::ProvidePublic { key, reply } => {
+                let Some(kad) = self.swarm.behaviour_mut().public_kad.as_mut() else {
+                    let _ = reply.send(Err(NetError::PublicDhtDisabled));
+                    return;
+                };
+                match kad.start_providing(RecordKey::new(&key)) {
+                    Ok(id) => {
+                        self.provides.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Provide(e.to_string())));
+                    }
+                }
+            }
+            Command::Status(reply) => {
+                let b = self.swarm.behaviour_mut();
+                let dht_records = b.kad.store_mut().records().count();
+                let dht_peers = b.kad.kbuckets().map(|k| k.num_entries()).sum();
+                let topics = b.gossipsub.topics().map(|t| t.to_string()).collect();
+                let peers = self.swarm.connected_peers().count();
+                let _ = reply.send(NetStatus {
+                    peers,
+                    dht_peers,
+                    dht_records,
+                    topics,
+                });
+            }
+            Command::Shutdown => unreachable!("handled in run"),
+        }
+    }
+
+    fn dial(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId>>) {
+        let opts = match peer_id_of(&addr) {
+            Some(peer) => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(peer));
+                    return;
+                }
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
+                DialOpts::peer_id(peer).addresses(vec![addr]).build()
+            }
+            None => DialOpts::unknown_peer_id().address(addr).build(),
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dials.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NetError::Dial(e.to_string())));
+            }
+        }
+    }
+
+    fn put_record(&mut self, key: Vec<u8>, value: Vec<u8>, reply: oneshot::Sender<Result<()>>) {
+        let rkey = RecordKey::new(&key);
+        let stored = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .store_mut()
+            .get(&rkey)
+            .map(|r| r.value.clone());
+        let now = records::now_unix_ms();
+        let checked = match records::admit(&self.validator, &key, &value, stored.as_deref(), now) {
+            Ok(c) => c,
+            Err(refusal) => {
+                let _ = reply.send(Err(match refusal {
+                    Refusal::TooLarge(size) => NetError::RecordTooLarge {
+                        size,
+                        max: super::MAX_RECORD_BYTES,
+                    },
+                    Refusal::Invalid(why) => NetError::InvalidRecord(why),
+                    Refusal::Expired | Refusal::LifetimeTooLong => NetError::BadLifetime,
+                    Refusal::NotOwner => NetError::NotOwner,
+                    Refusal::Stale => NetError::StaleRecord,
+                }));
+                return;
+            }
+        };
+        if self.puts.len() >= MAX_PENDING_QUERIES {
+            let _ = reply.send(Err(NetError::Busy));
+            return;
+        }
+        self.own.insert(
+            key.clone(),
+            OwnRecord {
+                value: value.clone(),
+                expires_unix_ms: checked.meta.expires_unix_ms,
+            },
+        );
+        match self.put_to_dht(key, value, checked.remaining) {
+            Ok(id) => {
+                self.puts.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    fn put_to_dht(&mut self, key: Vec<u8>, value: Vec<u8>, remaining: Duration) -> Result<QueryId> {
+        let mut record = Record::new(key, value);
+        record.expires = Some(Instant::now() + remaining);
+        self.swarm
+            .behaviour_mut()
+            .kad
+            .put_record(record, Quorum::One)
+            .map_err(|e| NetError::InvalidRecord(format!("local store: {e}")))
+    }
+
+    fn republish(&mut self) {
+        let now = records::now_unix_ms();
+        self.own.retain(|_, r| r.expires_unix_ms > now);
+        let live: Vec<(Vec<u8>, Vec<u8>, u64)> = self
+            .own
+            .iter()
+            .map(|(k, r)| (k.clone(), r.value.clone(), r.expires_unix_ms))
+            .collect();
+        for (key, value, expires) in live {
+            let remaining = Duration::from_millis(expires.saturating_sub(now));
+            if let Err(e) = self.put_to_dht(key, value, remaining) {
+                debug!(error = %e, "republish failed");
+            }
+        }
+    }
+
+    fn get_record(
+        &mut self,
+        key: Vec<u8>,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<Vec<Vec<u8>>>>,
+    ) {
+        if self.gets.len() >= MAX_PENDING_QUERIES {
+            let _ = reply.send(Err(NetError::Busy));
+            return;
+        }
+        let rkey = RecordKey::new(&key);
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let owner = kad.store_mut().get(&rkey).and_then(|r| {
+            records::check(&self.validator, &key, &r.value, records::now_unix_ms())
+                .ok()
+                .map(|c| c.meta.signer)
+        });
+        let id = kad.get_record(rkey);
+        self.gets.insert(
+            id,
+            PendingGet {
+                key,
+                owner,
+                deadline: Instant::now() + timeout,
+                found: Vec::new(),
+                reply,
+            },
+        );
+    }
+
+    fn publish(&mut self, topic: String, data: Vec<u8>) -> Result<Published> {
+        if data.len() > MAX_GOSSIP_BYTES {
+            return Err(NetError::TooLarge {
+                size: data.len(),
+                max: MAX_GOSSIP_BYTES,
+            });
+        }
+        let t = gossipsub::IdentTopic::new(topic.clone());
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(t, data.clone())
+        {
+            Ok(_) => Ok(Published::Sent),
+            Err(
+                gossipsub::PublishError::NoPeersSubscribedToTopic
+                | gossipsub::PublishError::AllQueuesFull(_),
+            ) => {
+                if !self.pending_publish.contains_key(&topic)
+                    && self.pending_publish.len() >= PENDING_PUBLISH_TOPICS
+                {
+                    return Err(NetError::Publish(
+                        "too many topics with queued messages".into(),
+                    ));
+                }
+                let q = self.pending_publish.entry(topic).or_default();
+                if q.len() >= PENDING_PUBLISH_PER_TOPIC {
+                    // Keep the newest: a later tree update supersedes an older one.
+                    q.pop_front();
+                }
+                q.push_back((data, Instant::now()));
+                Ok(Published::Queued)
+            }
+            Err(gossipsub::PublishError::MessageTooLarge) => Err(NetError::TooLarge {
+                size: data.len(),
+                max: MAX_GOSSIP_BYTES,
+            }),
+            Err(e) => Err(NetError::Publish(e.to_string())),
+        }
+    }
+
+    /// Retry queued messages of `topic` (all topics if `None`), dropping stale ones.
+    fn flush_pending(&mut self, only: Option<&str>) {
+        let now = Instant::now();
+        let topics: Vec<String> = match only {
+            Some(t) if self.pending_publish.contains_key(t) => vec![t.to_owned()],
+            Some(_) => return,
+            None => self.pending_publish.keys().cloned().collect(),
+        };
+        for topic in topics {
+            let Some(mut q) = self.pending_publish.remove(&topic) else {
+                continue;
+            };
+            q.retain(|(_, at)| now.duration_since(*at) < PENDING_PUBLISH_TTL);
+            while let Some((data, at)) = q.pop_front() {
+                let t = gossipsub::IdentTopic::new(topic.clone());
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(t, data.clone())
+                {
+                    Ok(_) => trace!(%topic, "queued message published"),
+                    Err(
+                        gossipsub::PublishError::NoPeersSubscribedToTopic
+                        | gossipsub::PublishError::AllQueuesFull(_),
+                    ) => {
+                        q.push_front((data, at));
+                        break;
+                    }
+                    Err(e) => debug!(%topic, error = %e, "queued message dropped"),
+                }
+            }
+            if !q.is_empty() {
+                self.pending_publish.insert(topic, q);
+            }
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        // get_record deadlines: return what we have, or Timeout.
+        let due: Vec<QueryId> = self
+            .gets
+            .iter()
+            .filter(|(_, g)| g.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                q.finish();
+            }
+            if let Some(g) = self.gets.remove(&id) {
+                finish_get(g, Err(NetError::Timeout));
+            }
+        }
+        if !self.pending_publish.is_empty() {
+            self.flush_pending(None);
+        }
+        self.inbound
+            .retain(|_, p| now.duration_since(p.since) < INBOUND_TTL);
+        self.inbound_ids
+            .retain(|_, id| self.inbound.contains_key(id));
+        let expired: Vec<PeerId> = self
+            .banned
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in expired {
+            self.banned.remove(&peer);
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            debug!(%peer, "ban lifted");
+        }
+    }
+
+    /// Count a misbehaviour of `peer`; block it for the ban duration at [`MAX_STRIKES`].
+    fn strike(&mut self, peer: PeerId, why: &str) {
+        if peer == *self.swarm.local_peer_id() {
+            return;
+        }
+        if self.strikes.len() >= MAX_TRACKED_OFFENDERS && !self.strikes.contains_key(&peer) {
+            // Bounded memory under a flood of identities: forget old offenders.
+            self.strikes.clear();
+        }
+        let n = self.strikes.entry(peer).or_default();
+        *n += 1;
+        info!(%peer, strikes = *n, why, "peer misbehaved");
+        if *n >= MAX_STRIKES {
+            self.strikes.remove(&peer);
+            warn!(%peer, "blocking misbehaving peer");
+            let b = self.swarm.behaviour_mut();
+            if self.banned.len() < MAX_TRACKED_OFFENDERS {
+                self.banned.insert(peer, Instant::now() + self.ban_duration);
+                b.blocked.block_peer(peer);
+            } else {
+                // Ban list full: at least cut the current connections.
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            let b = self.swarm.behaviour_mut();
+            b.kad.remove_peer(&peer);
+            if let Some(k) = b.public_kad.as_mut() {
+                k.remove_peer(&peer);
+            }
+        }
+    }
+
+    // ----- swarm events -----
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        match ev {
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                debug!(%address, "listening");
+                self.listen_addrs.push(address.clone());
+                self.emit(NetEvent::Listening(address));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| a != &address);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                if let Some(reply) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                if num_established.get() == 1 {
+                    self.emit(NetEvent::PeerConnected(peer_id));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                // Strikes outlive the connection: reconnecting does not wash them away.
+                self.emit(NetEvent::PeerDisconnected(peer_id));
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                peer_id,
+            } => {
+                debug!(?peer_id, %error, "outgoing connection failed");
+                if let Some(reply) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Err(NetError::Dial(error.to_string())));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
+        match ev {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                self.on_identify(peer_id, info);
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in list {
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    if self.banned.contains_key(&peer) {
+                        continue;
+                    }
+                    for a in &addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+                    }
+                    if !self.swarm.is_connected(&peer) {
+                        let opts = DialOpts::peer_id(peer).addresses(addrs.clone()).build();
+                        if let Err(e) = self.swarm.dial(opts) {
+                            debug!(%peer, error = %e, "dialling mDNS peer failed");
+                        }
+                    }
+                    self.emit(NetEvent::Discovered(peer, addrs));
+                }
+            }
+            BehaviourEvent::Kad(ev) => self.on_kad(ev),
+            BehaviourEvent::PublicKad(ev) => {
+                if let kad::Event::OutboundQueryProgressed {
+                    id,
+                    result: QueryResult::StartProviding(r),
+                    ..
+                } = ev
+                    && let Some(reply) = self.provides.remove(&id)
+                {
+                    let _ = reply.send(r.map(|_| ()).map_err(|e| NetError::Provide(e.to_string())));
+                }
+            }
+            BehaviourEvent::Gossipsub(ev) => self.on_gossip(ev),
+            BehaviourEvent::Rr(ev) => self.on_request_response(ev),
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                info!(?old, ?new, "NAT status changed");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
+        let has = |p: &str| info.protocols.iter().any(|s| s.as_ref() == p);
+        let waterfall = has(WATERFALL_KAD_PROTOCOL);
+        let public = self.public && has(PUBLIC_KAD_PROTOCOL);
+        for addr in info.listen_addrs.iter().take(MAX_IDENTIFY_ADDRS) {
+            let b = self.swarm.behaviour_mut();
+            if waterfall {
+                b.kad.add_address(&peer, addr.clone());
+            }
+            if public && let Some(k) = b.public_kad.as_mut() {
+                k.add_address(&peer, addr.clone());
+            }
+        }
+        if waterfall && !self.kad_bootstrapped {
+            // First DHT peer: look ourselves up so the routing table fills beyond the bootstrap.
+            self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+        }
+    }
+
+    fn on_kad(&mut self, ev: kad::Event) {
+        match ev {
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => self.on_inbound_put(source, record),
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                QueryResult::PutRecord(r) => {
+                    if let Some(reply) = self.puts.remove(&id) {
+                        let _ = reply.send(r.map(|_| ()).map_err(|e| {
+                            debug!(error = %e, "put not acknowledged by any peer");
+                            NetError::NotReplicated
+                        }));
+                    }
+                }
+                QueryResult::GetRecord(r) => self.on_get_progress(id, r, step.last),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn on_inbound_put(&mut self, source: PeerId, mut record: Record) {
+        let key = record.key.to_vec();
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        let stored = store.get(&record.key).map(|r| r.value.clone());
+        let now = records::now_unix_ms();
+        match records::admit(&self.validator, &key, &record.value, stored.as_deref(), now) {
+            Ok(checked) => {
+                // Our clock and the signed expiry rule, not the sender's TTL.
+                record.expires = Some(Instant::now() + checked.remaining);
+                record.publisher = record.publisher.or(Some(source));
+                if let Err(e) = store.put(record) {
+                    debug!(%source, error = %e, "record not stored");
+                }
+            }
+            Err(refusal) => {
+                debug!(%source, ?refusal, "inbound record refused");
+                if refusal.is_misbehaviour() {
+                    self.strike(source, "invalid record");
+                }
+            }
+        }
+    }
+
+    fn on_get_progress(
+        &mut self,
+        id: QueryId,
+        r: Result<GetRecordOk, kad::GetRecordError>,
+        last: bool,
+    ) {
+        let Some(g) = self.gets.get_mut(&id) else {
+            return;
+        };
+        let mut offender = None;
+        match r {
+            Ok(GetRecordOk::FoundRecord(peer_record)) => {
+                let value = peer_record.record.value;
+                match records::check(&self.validator, &g.key, &value, records::now_unix_ms()) {
+                    Ok(c) if g.owner.as_ref().is_some_and(|o| *o != c.meta.signer) => {
+                        debug!(peer = ?peer_record.peer, "fetched record of another signer dropped");
+                    }
+                    Ok(c) => {
+                        if g.found.len() < MAX_RECORDS_PER_GET
+                            && !g.found.iter().any(|(_, v)| *v == value)
+                        {
+                            g.found.push((c.meta.seq, value));
+                        }
+                    }
+                    Err(refusal) => {
+                        debug!(peer = ?peer_record.peer, ?refusal, "fetched record refused");
+                        if refusal.is_misbehaviour() {
+                            offender = peer_record.peer;
+                        }
+                    }
+                }
+            }
+            Ok(GetRecordOk::FinishedWithNoAdditionalRecord { .. }) | Err(_) => {}
+        }
+        if last && let Some(g) = self.gets.remove(&id) {
+            finish_get(g, Err(NetError::NotFound));
+        }
+        if let Some(peer) = offender {
+            self.strike(peer, "invalid record returned");
+        }
+    }
+
+    fn on_gossip(&mut self, ev: gossipsub::Event) {
+        match ev {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let topic = message.topic.as_str().to_owned();
+                let author = message.source.unwrap_or(propagation_source);
+                let ok = (self.gossip_validator)(&topic, &author, &message.data);
+                let acceptance = if ok {
+                    gossipsub::MessageAcceptance::Accept
+                } else {
+                    gossipsub::MessageAcceptance::Reject
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                if ok {
+                    self.emit(NetEvent::Gossip {
+                        topic,
+                        from: author,
+                        data: message.data,
+                    });
+                } else {
+                    // Honest peers forward only what they validated, so the forwarder is at fault.
+                    self.strike(propagation_source, "invalid gossip");
+                }
+            }
+            gossipsub::Event::Subscribed { topic, .. } => {
+                self.flush_pending(Some(topic.as_str()));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_request_response(&mut self, ev: request_response::Event<Body, Body>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request_id,
+                    request,
+                    channel,
+                } => {
+                    let Body::Data(data) = request else {
+                        // Dropping the channel makes the request fail at the sender.
+                        self.strike(peer, "oversized request");
+                        return;
+                    };
+                    if self.inbound.len() >= MAX_PENDING_INBOUND {
+                        debug!(%peer, "too many pending inbound requests, dropping");
+                        return;
+                    }
+                    let id = self.next_inbound;
+                    self.next_inbound += 1;
+                    self.inbound.insert(
+                        id,
+                        PendingInbound {
+                            channel,
+                            since: Instant::now(),
+                        },
+                    );
+                    self.inbound_ids.insert(request_id, id);
+                    let reply = ResponseHandle {
+                        id,
+                        peer,
+                        cmd: self.cmd_weak.clone(),
+                    };
+                    self.emit(NetEvent::Request {
+                        from: peer,
+                        data,
+                        reply,
+                    });
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.requests.remove(&request_id) {
+                        let r = match response {
+                            Body::Data(d) => Ok(d),
+                            Body::Oversized => Err(NetError::Request("oversized response".into())),
+                        };
+                        let _ = reply.send(r);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(reply) = self.requests.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request(error.to_string())));
+                }
+            }
+            request_response::Event::InboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(id) = self.inbound_ids.remove(&request_id) {
+                    self.inbound.remove(&id);
+                }
+                debug!(%peer, %error, "inbound request failed");
+            }
+            request_response::Event::ResponseSent { request_id, .. } => {
+                self.inbound_ids.remove(&request_id);
+            }
+        }
+    }
+}
+
+/// Complete a get: the collected records sorted by descending sequence, else `empty`.
+fn finish_get(mut g: PendingGet, empty: Result<Vec<Vec<u8>>>) {
+    let r = if g.found.is_empty() {
+        empty
+    } else {
+        g.found.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        Ok(g.found.into_iter().map(|(_, v)| v).collect())
+    };
+    let _ = g.reply.send(r);
+}
+
+/// The peer id in a `/p2p/<id>` suffix, if any.
+fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}

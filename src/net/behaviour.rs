@@ -1,0 +1,174 @@
+//! The composed libp2p behaviour and the swarm construction.
+//!
+//! Parameter choices (why, not what):
+//! - the waterfall Kademlia is forced into server mode: nodes on loopback or behind NAT would
+//!   otherwise stay clients and every query would fail in small networks;
+//! - `StoreInserts::FilterBoth`: inbound puts are handed to the actor, which validates them
+//!   ([`super::records`]) before storing; kad's own periodic publication is off because the actor
+//!   republishes its own live records itself (and only those);
+//! - gossipsub mesh sizes 1/3/6 with `mesh_outbound_min` 0 so a room of two peers forms a mesh;
+//!   flood publishing so a message reaches every subscribed neighbour even before the mesh
+//!   settles; strict signing and manual validation so nothing is forwarded before the
+//!   application accepted it.
+
+use std::time::Duration;
+
+use libp2p::{
+    StreamProtocol, Swarm, SwarmBuilder, allow_block_list, autonat, connection_limits, dcutr,
+    gossipsub, identify,
+    identity::Keypair,
+    kad::{self, store::MemoryStore},
+    mdns, noise, ping, relay,
+    request_response::{self, ProtocolSupport},
+    swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
+    tcp, yamux,
+};
+
+use super::{
+    IDENTIFY_PROTOCOL_VERSION, MAX_GOSSIP_BYTES, MAX_RECORD_BYTES, NetConfig, NetError,
+    PUBLIC_KAD_PROTOCOL, REQUEST_PROTOCOL, WATERFALL_KAD_PROTOCOL, codec::BytesCodec,
+};
+
+/// Records a node stores for others at most (8 KiB each: 32 MiB worst case).
+const MAX_STORED_RECORDS: usize = 4096;
+/// Kademlia queries give up after this long.
+const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request-response gives up after this long (handles usually time out earlier).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections without traffic stay open this long (gossip and kad need standing connections).
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
+/// Connections per peer (one per transport plus a dcutr upgrade).
+const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub autonat: autonat::Behaviour,
+    pub relay: relay::client::Behaviour,
+    pub dcutr: dcutr::Behaviour,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub kad: kad::Behaviour<MemoryStore>,
+    pub public_kad: Toggle<kad::Behaviour<MemoryStore>>,
+    pub gossipsub: gossipsub::Behaviour,
+    pub rr: request_response::Behaviour<BytesCodec>,
+}
+
+fn gossip_config(config: &NetConfig) -> Result<gossipsub::Config, NetError> {
+    gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .mesh_n_low(1)
+        .mesh_n(3)
+        .mesh_n_high(6)
+        .mesh_outbound_min(0)
+        .gossip_lazy(3)
+        .flood_publish(true)
+        .heartbeat_interval(config.gossip_heartbeat)
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .build()
+        .map_err(|e| NetError::Build(format!("gossipsub config: {e}")))
+}
+
+fn waterfall_kad(keypair: &Keypair) -> kad::Behaviour<MemoryStore> {
+    let peer_id = keypair.public().to_peer_id();
+    let mut cfg = kad::Config::new(StreamProtocol::new(WATERFALL_KAD_PROTOCOL));
+    cfg.set_record_filtering(kad::StoreInserts::FilterBoth)
+        .set_publication_interval(None)
+        .set_query_timeout(KAD_QUERY_TIMEOUT)
+        .set_record_ttl(Some(super::MAX_RECORD_LIFETIME))
+        .set_max_packet_size(4 * MAX_RECORD_BYTES);
+    let store = MemoryStore::with_config(
+        peer_id,
+        kad::store::MemoryStoreConfig {
+            max_records: MAX_STORED_RECORDS,
+            max_value_bytes: MAX_RECORD_BYTES,
+            ..Default::default()
+        },
+    );
+    let mut kad = kad::Behaviour::with_config(peer_id, store, cfg);
+    kad.set_mode(Some(kad::Mode::Server));
+    kad
+}
+
+fn public_kad(keypair: &Keypair) -> kad::Behaviour<MemoryStore> {
+    let peer_id = keypair.public().to_peer_id();
+    let mut cfg = kad::Config::new(StreamProtocol::new(PUBLIC_KAD_PROTOCOL));
+    cfg.set_query_timeout(KAD_QUERY_TIMEOUT);
+    // Value records of others are never accepted from the public DHT: we only provide.
+    cfg.set_record_filtering(kad::StoreInserts::FilterBoth);
+    kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), cfg)
+}
+
+pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
+    let gossip_cfg = gossip_config(config)?;
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+        .with_max_pending_incoming(Some(config.max_connections))
+        .with_max_pending_outgoing(Some(config.max_connections));
+    let mdns_on = config.mdns;
+    let public_on = config.public;
+    let (max_req, max_resp) = (config.max_request_bytes, config.max_response_bytes);
+    let swarm = SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .map_err(|e| NetError::Build(format!("tcp: {e}")))?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Build(format!("relay client: {e}")))?
+        .with_behaviour(
+            |key, relay| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+                let peer_id = key.public().to_peer_id();
+                let mdns = if mdns_on {
+                    Some(mdns::tokio::Behaviour::new(
+                        mdns::Config::default(),
+                        peer_id,
+                    )?)
+                } else {
+                    None
+                };
+                let gossipsub = gossipsub::Behaviour::new(
+                    gossipsub::MessageAuthenticity::Signed(key.clone()),
+                    gossip_cfg,
+                )?;
+                let codec = BytesCodec {
+                    max_request: max_req,
+                    max_response: max_resp,
+                };
+                let rr = request_response::Behaviour::with_codec(
+                    codec,
+                    [(StreamProtocol::new(REQUEST_PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+                );
+                Ok(Behaviour {
+                    limits: connection_limits::Behaviour::new(limits),
+                    blocked: allow_block_list::Behaviour::default(),
+                    identify: identify::Behaviour::new(
+                        identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
+                            .with_agent_version(format!("waterfall/{}", env!("CARGO_PKG_VERSION")))
+                            .with_push_listen_addr_updates(true),
+                    ),
+                    ping: ping::Behaviour::default(),
+                    autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+                    relay,
+                    dcutr: dcutr::Behaviour::new(peer_id),
+                    mdns: Toggle::from(mdns),
+                    kad: waterfall_kad(key),
+                    public_kad: Toggle::from(public_on.then(|| public_kad(key))),
+                    gossipsub,
+                    rr,
+                })
+            },
+        )
+        .map_err(|e| NetError::Build(format!("behaviour: {e}")))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+        .build();
+    Ok(swarm)
+}
