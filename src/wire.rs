@@ -241,7 +241,7 @@ pub struct TreeUpdate {
     pub parent: Option<Id>,
     /// Hops from the root (root = 0).
     pub depth: u16,
-    /// Path to the root, parent first.
+    /// Path from the root to the parent, root first.
     pub ancestors: Vec<Id>,
     /// Current children.
     pub children: Vec<Id>,

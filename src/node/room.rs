@@ -37,7 +37,7 @@ use crate::media::{
     Sinks, Viewer,
 };
 use crate::net::{Net, ResponseHandle};
-use crate::proto::{self, Millis, NodeId, Output, TreeEvent, TreeMsg, TreeNode};
+use crate::proto::{self, Millis, NodeId, Output, TreeEvent, TreeNode};
 use crate::wire::{
     self, Candidate, Control, Envelope, Id, Nonce16, Notice, RoomRecord, RoomRequest,
     RoomResponse, SdpKind, Signal, SnapshotRequest, SnapshotResponse, Ticket, TrackInfo,
@@ -90,6 +90,9 @@ pub struct RoomConfig {
     pub bitrate_kbps: u32,
     /// Tree tunables (defaults are right for real use; tests shorten them).
     pub tree: proto::Config,
+    /// Start reading the sources at once (else call [`RoomHandle::start`], e.g. once the first
+    /// viewers are attached so that they get every frame from the first).
+    pub autostart: bool,
 }
 
 impl RoomConfig {
@@ -103,6 +106,7 @@ impl RoomConfig {
             fanout: 4,
             bitrate_kbps: 1000,
             tree: proto::Config::default(),
+            autostart: true,
         }
     }
     /// Set the password.
@@ -342,6 +346,13 @@ impl RoomHandle {
         }
     }
 
+    /// Start the media sources (broadcaster only; once).
+    pub fn start(&self) {
+        if let Some(b) = &self.broadcaster {
+            b.start();
+        }
+    }
+
     /// Current tree position.
     pub async fn status(&self) -> Result<RoomStatus, NodeError> {
         let (tx, rx) = oneshot::channel();
@@ -428,7 +439,9 @@ impl Node {
                 Some(ticket),
             )
             .await?;
-        bc.start();
+        if cfg.autostart {
+            bc.start();
+        }
         Ok(handle)
     }
 
@@ -664,15 +677,23 @@ impl RoomTask {
         self.node.inner.rooms.remove(&self.room);
         self.node.inner.topics.remove(self.keys.topic());
         let _ = self.net.unsubscribe(self.keys.topic().to_owned()).await;
-        match self.media {
-            Media::Viewer(v) => {
-                if let Ok(v) = Arc::try_unwrap(v) {
-                    v.close().await;
+        self.emit(RoomEvent::Ended);
+        if let Media::Viewer(mut v) = self.media {
+            // Spawned signalling tasks may still hold the viewer for a moment; closing it
+            // finalizes the files (they are valid without it too, up to the last frame).
+            for _ in 0..50 {
+                match Arc::try_unwrap(v) {
+                    Ok(v) => {
+                        v.close().await;
+                        break;
+                    }
+                    Err(shared) => {
+                        v = shared;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 }
             }
-            Media::Root(_) => {}
         }
-        self.emit(RoomEvent::Ended);
         if let Some(done) = leave_reply {
             let _ = done.send(());
         }
@@ -809,7 +830,6 @@ impl RoomTask {
                 Output::RequestSnapshot => self.request_snapshot(),
                 Output::Timer(_) => {} // the loop asks poll_timeout()
                 Output::Event(ev) => self.on_tree_event(ev),
-                _ => {}
             }
         }
     }
@@ -829,7 +849,6 @@ impl RoomTask {
             }
             TreeEvent::ChildAdded(c) => p(c).map(RoomEvent::ChildAdded),
             TreeEvent::ChildRemoved(c) => p(c).map(RoomEvent::ChildRemoved),
-            _ => None,
         };
         if let Some(ev) = ev {
             self.emit(ev);
@@ -1323,7 +1342,8 @@ fn to_wire_update(u: &proto::TreeUpdate) -> wire::TreeUpdate {
         capacity: u.capacity,
         uplink_kbps: u.uplink_kbps,
         seq: u.seq,
-        ts_ms: u.ts_ms,
+        // The state machine's clock is node-local; the wire carries wall-clock time.
+        ts_ms: now_ms(),
     }
 }
 
