@@ -726,13 +726,17 @@ mod tests {
     fn vp8_frames_assemble() {
         let mut b = FrameBuilder::new(Codec::Vp8);
         // VP8 descriptor 0x10 = S bit, PID 0; 0x00 = continuation.
-        assert!(b.push(&pkt(1, 90, false, &[0x10, 1, 2]), false).is_none());
-        let f = b.push(&pkt(2, 90, true, &[0x00, 3]), false).unwrap();
-        assert_eq!(&f.data[..], &[1, 2, 3]);
+        // (The depacketizer wants at least 4 payload bytes.)
+        assert!(
+            b.push(&pkt(1, 90, false, &[0x10, 1, 2, 3]), false)
+                .is_none()
+        );
+        let f = b.push(&pkt(2, 90, true, &[0x00, 4, 5, 6]), false).unwrap();
+        assert_eq!(&f.data[..], &[1, 2, 3, 4, 5, 6]);
         assert!(!f.after_gap);
         // Lost head: the continuation is dropped and the next frame is flagged.
-        assert!(b.push(&pkt(4, 180, true, &[0x00, 9]), true).is_none());
-        let f = b.push(&pkt(5, 270, true, &[0x10, 7]), false).unwrap();
+        assert!(b.push(&pkt(4, 180, true, &[0x00, 9, 9, 9]), true).is_none());
+        let f = b.push(&pkt(5, 270, true, &[0x10, 7, 7, 7]), false).unwrap();
         assert!(f.after_gap);
     }
 
