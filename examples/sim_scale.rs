@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use waterfall::proto::sim::{run, SimConfig};
+use waterfall::proto::sim::{SimConfig, run};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,7 +22,10 @@ fn main() {
     let report = run(&cfg);
     let wall = t0.elapsed();
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
     } else {
         println!("{report}");
     }

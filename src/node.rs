@@ -46,9 +46,7 @@ pub enum NodeError {
     #[error("wrong password for room {room:?}")]
     WrongPassword { room: String },
     /// No record for this room name and password.
-    #[error(
-        "room {room:?} not found: no live broadcast with this name and password is reachable"
-    )]
+    #[error("room {room:?} not found: no live broadcast with this name and password is reachable")]
     RoomNotFound { room: String },
     /// The record exists but the broadcast ended.
     #[error("room {room:?} has ended (its record expired {ago_s} s ago)")]
@@ -108,7 +106,9 @@ impl Default for NodeBuilder {
         Self {
             listen: vec![
                 "/ip4/127.0.0.1/tcp/0".parse().expect("literal multiaddr"),
-                "/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("literal multiaddr"),
+                "/ip4/127.0.0.1/udp/0/quic-v1"
+                    .parse()
+                    .expect("literal multiaddr"),
             ],
             bootstrap: Vec::new(),
             mdns: false,
@@ -218,7 +218,12 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(t) = self.dispatcher.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(t) = self
+            .dispatcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             t.abort();
         }
     }

@@ -39,9 +39,8 @@ use crate::media::{
 use crate::net::{Net, ResponseHandle};
 use crate::proto::{self, Millis, NodeId, Output, TreeEvent, TreeNode};
 use crate::wire::{
-    self, Candidate, Control, Envelope, Id, Nonce16, Notice, RoomRecord, RoomRequest,
-    RoomResponse, SdpKind, Signal, SnapshotRequest, SnapshotResponse, Ticket, TrackInfo,
-    TrackKind,
+    self, Candidate, Control, Envelope, Id, Nonce16, Notice, RoomRecord, RoomRequest, RoomResponse,
+    SdpKind, Signal, SnapshotRequest, SnapshotResponse, Ticket, TrackInfo, TrackKind,
 };
 
 /// Inputs queued per room.
@@ -192,12 +191,25 @@ pub struct RoomStatus {
 }
 
 enum Input {
-    Gossip { from: PeerId, data: Vec<u8> },
-    Request { from: PeerId, req: RoomRequest, reply: ResponseHandle },
+    Gossip {
+        from: PeerId,
+        data: Vec<u8>,
+    },
+    Request {
+        from: PeerId,
+        req: RoomRequest,
+        reply: ResponseHandle,
+    },
     PeerGone(PeerId),
     Snapshot(proto::Snapshot),
-    ParentSignalled { parent: NodeId, ok: Result<(), String> },
-    ChildAttached { child: NodeId, id: ChildId },
+    ParentSignalled {
+        parent: NodeId,
+        ok: Result<(), String>,
+    },
+    ChildAttached {
+        child: NodeId,
+        id: ChildId,
+    },
     Status(oneshot::Sender<RoomStatus>),
     Leave(oneshot::Sender<()>),
 }
@@ -238,7 +250,10 @@ impl Rooms {
     pub(crate) fn gossip(&self, topic: &str, from: PeerId, data: Vec<u8>) {
         let tx = {
             let g = self.lock();
-            g.by_topic.get(topic).and_then(|id| g.by_id.get(id)).cloned()
+            g.by_topic
+                .get(topic)
+                .and_then(|id| g.by_id.get(id))
+                .cloned()
         };
         if let Some(tx) = tx
             && tx.try_send(Input::Gossip { from, data }).is_err()
@@ -341,7 +356,9 @@ impl RoomHandle {
     /// Send an application message down the tree (broadcaster only).
     pub fn send_data(&self, msg: &[u8]) -> Result<(), NodeError> {
         match &self.broadcaster {
-            Some(b) => b.send_data(msg).map_err(|e| NodeError::Media(e.to_string())),
+            Some(b) => b
+                .send_data(msg)
+                .map_err(|e| NodeError::Media(e.to_string())),
             None => Err(NodeError::Invalid("only the broadcaster sends data".into())),
         }
     }
@@ -435,7 +452,7 @@ impl Node {
                 Media::Root(bc.clone()),
                 media_events,
                 Some(record),
-                RoomRole::Broadcaster,
+                me,
                 Some(ticket),
             )
             .await?;
@@ -487,20 +504,16 @@ impl Node {
         media_events: mpsc::Receiver<MediaEvent>,
         record: RoomRecord,
     ) -> Result<RoomHandle, NodeError> {
-        let mut h = self
-            .start_room(
-                keys,
-                tree,
-                Media::Viewer(Arc::new(viewer)),
-                media_events,
-                None,
-                RoomRole::Viewer,
-                None,
-            )
-            .await?;
-        h.ticket = None;
-        let _ = record;
-        Ok(h)
+        self.start_room(
+            keys,
+            tree,
+            Media::Viewer(Arc::new(viewer)),
+            media_events,
+            None,
+            record.broadcaster,
+            None,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -511,9 +524,14 @@ impl Node {
         media: Media,
         media_events: mpsc::Receiver<MediaEvent>,
         record: Option<RoomRecord>,
-        role: RoomRole,
+        broadcaster_id: Id,
         ticket: Option<Ticket>,
     ) -> Result<RoomHandle, NodeError> {
+        let role = if record.is_some() {
+            RoomRole::Broadcaster
+        } else {
+            RoomRole::Viewer
+        };
         let room = Id(*keys.locator());
         let (tx, rx) = mpsc::channel(ROOM_INPUT_QUEUE);
         if !self
@@ -533,7 +551,6 @@ impl Node {
             Media::Root(b) => Some(b.clone()),
             Media::Viewer(_) => None,
         };
-        let broadcaster_id = record.as_ref().map(|r| r.broadcaster);
         let task = RoomTask {
             node: self.clone(),
             net: self.inner.net.clone(),
@@ -543,7 +560,7 @@ impl Node {
             tree,
             media,
             record,
-            broadcaster: broadcaster_id,
+            broadcaster: Some(broadcaster_id),
             epoch: Instant::now(),
             inputs_tx: tx.clone(),
             events: ev_tx,
@@ -626,7 +643,11 @@ impl RoomTask {
         }
     }
 
-    async fn run(mut self, mut inputs: mpsc::Receiver<Input>, mut media_events: mpsc::Receiver<MediaEvent>) {
+    async fn run(
+        mut self,
+        mut inputs: mpsc::Receiver<Input>,
+        mut media_events: mpsc::Receiver<MediaEvent>,
+    ) {
         let now = self.now();
         if matches!(self.media, Media::Viewer(_)) {
             self.tree.start(now);
@@ -636,9 +657,10 @@ impl RoomTask {
         refresh.tick().await;
         let mut media_open = true;
         let leave_reply = loop {
-            let timer = self.tree.poll_timeout().map(|t| {
-                tokio::time::Instant::from_std(self.epoch + Duration::from_millis(t.0))
-            });
+            let timer = self
+                .tree
+                .poll_timeout()
+                .map(|t| tokio::time::Instant::from_std(self.epoch + Duration::from_millis(t.0)));
             tokio::select! {
                 input = inputs.recv() => match input {
                     Some(Input::Leave(done)) => break Some(done),
@@ -700,7 +722,9 @@ impl RoomTask {
     }
 
     async fn refresh_record(&mut self) {
-        let Some(r) = self.record.as_mut() else { return };
+        let Some(r) = self.record.as_mut() else {
+            return;
+        };
         r.seq += 1;
         r.expires_ms = now_ms() + ROOM_LIVENESS.as_millis() as u64;
         let r = r.clone();
@@ -837,7 +861,9 @@ impl RoomTask {
     fn on_tree_event(&self, ev: TreeEvent) {
         let p = |id: NodeId| Self::peer_of(id);
         let ev = match ev {
-            TreeEvent::Joined { parent, depth } => p(parent).map(|parent| RoomEvent::Joined { parent, depth }),
+            TreeEvent::Joined { parent, depth } => {
+                p(parent).map(|parent| RoomEvent::Joined { parent, depth })
+            }
             TreeEvent::ParentChanged { old, new } => p(new).map(|new| RoomEvent::ParentChanged {
                 old: old.and_then(p),
                 new,
@@ -877,7 +903,9 @@ impl RoomTask {
 
     /// Queue a message to a peer; one task per peer keeps them in order.
     fn send_to(&mut self, to: NodeId, env: Envelope) {
-        let Some(peer) = Self::peer_of(to) else { return };
+        let Some(peer) = Self::peer_of(to) else {
+            return;
+        };
         let bytes = self.request_bytes(env);
         let tx = self.senders.entry(to).or_insert_with(|| {
             let (tx, mut rx) = mpsc::channel::<Vec<u8>>(PEER_SEND_QUEUE);
@@ -910,7 +938,9 @@ impl RoomTask {
             .chain(self.tree.parent())
             .find(|t| *t != self.me);
         let Some(target) = target else { return };
-        let Some(peer) = Self::peer_of(target) else { return };
+        let Some(peer) = Self::peer_of(target) else {
+            return;
+        };
         self.snapshot_inflight = true;
         let req = SnapshotRequest {
             v: wire::VERSION,
@@ -938,8 +968,12 @@ impl RoomTask {
     }
 
     fn connect_parent(&mut self, parent: NodeId) {
-        let Media::Viewer(viewer) = &self.media else { return };
-        let Some(peer) = Self::peer_of(parent) else { return };
+        let Media::Viewer(viewer) = &self.media else {
+            return;
+        };
+        let Some(peer) = Self::peer_of(parent) else {
+            return;
+        };
         let viewer = viewer.clone();
         let nonce = Nonce16(random_bytes());
         let keys = self.keys.clone();
@@ -1011,14 +1045,20 @@ impl RoomTask {
 
     async fn on_gossip(&mut self, from: PeerId, data: Vec<u8>) {
         // Already verified and opened by the gossip validator; open again to get the payload.
-        let Some((env, plain)) = self.node.inner.topics.open_gossip(self.keys.topic(), &from, &data)
+        let Some((env, plain)) =
+            self.node
+                .inner
+                .topics
+                .open_gossip(self.keys.topic(), &from, &data)
         else {
             return;
         };
         if env.kind != Kind::Notice {
             return;
         }
-        let Ok(notice) = wire::decode::<Notice>(&plain) else { return };
+        let Ok(notice) = wire::decode::<Notice>(&plain) else {
+            return;
+        };
         if notice.to.0 != self.me.0 || notice.kind != SdpKind::Offer {
             return;
         }
@@ -1042,13 +1082,17 @@ impl RoomTask {
                 return;
             };
             for v in values {
-                let Ok(env) = wire::decode::<Envelope>(&v) else { continue };
+                let Ok(env) = wire::decode::<Envelope>(&v) else {
+                    continue;
+                };
                 let Ok(offer) = open_signal(&keys, &env, Kind::Offer, child, me) else {
                     continue;
                 };
                 if let Ok((id, answer_env)) = answer_offer(&node, &keys, &media, &offer).await {
                     let akey = signal_key(&keys, child, me, &offer.nonce, SdpKind::Answer);
-                    let _ = net.put_record(akey.to_vec(), wire::encode(&answer_env)).await;
+                    let _ = net
+                        .put_record(akey.to_vec(), wire::encode(&answer_env))
+                        .await;
                     let notice = Notice {
                         v: wire::VERSION,
                         room: offer.room,
@@ -1064,7 +1108,9 @@ impl RoomTask {
                         now_ms() + SIGNAL_TTL.as_millis() as u64,
                         keys.seal(Kind::Notice, &wire::encode(&notice)),
                     );
-                    let _ = net.publish(keys.topic().to_owned(), wire::encode(&env)).await;
+                    let _ = net
+                        .publish(keys.topic().to_owned(), wire::encode(&env))
+                        .await;
                     let _ = tx.send(Input::ChildAttached { child, id }).await;
                 }
                 return;
@@ -1144,8 +1190,12 @@ impl RoomTask {
                     Media::Root(b) => Media::Root(b.clone()),
                     Media::Viewer(v) => Media::Viewer(v.clone()),
                 };
-                let (node, keys, tx, me) =
-                    (self.node.clone(), self.keys.clone(), self.inputs_tx.clone(), self.me);
+                let (node, keys, tx, me) = (
+                    self.node.clone(),
+                    self.keys.clone(),
+                    self.inputs_tx.clone(),
+                    self.me,
+                );
                 // Answering gathers ICE candidates: off the loop.
                 tokio::spawn(async move {
                     match answer_offer(&node, &keys, &media, &offer).await {
@@ -1174,7 +1224,13 @@ fn ok_response(env: Option<Envelope>) -> Vec<u8> {
 }
 
 /// DHT key of a signalling blob: H(room, child, parent, nonce, kind).
-fn signal_key(keys: &RoomKeys, child: NodeId, parent: NodeId, nonce: &Nonce16, kind: SdpKind) -> [u8; 32] {
+fn signal_key(
+    keys: &RoomKeys,
+    child: NodeId,
+    parent: NodeId,
+    nonce: &Nonce16,
+    kind: SdpKind,
+) -> [u8; 32] {
     let k = [match kind {
         SdpKind::Offer => 0u8,
         SdpKind::Answer => 1u8,

@@ -546,9 +546,7 @@ impl TreeNode {
 
     /// When [`TreeNode::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let pending = self
-            .pending
-            .map(|p| p.sent.plus(self.cfg.join_timeout_ms));
+        let pending = self.pending.map(|p| p.sent.plus(self.cfg.join_timeout_ms));
         let upstream = self
             .upstream_detached_since
             .map(|t| t.plus(self.cfg.upstream_grace_ms));
@@ -816,10 +814,7 @@ impl TreeNode {
                 depth,
             });
         } else {
-            self.emit(TreeEvent::ParentChanged {
-                old,
-                new: from,
-            });
+            self.emit(TreeEvent::ParentChanged { old, new: from });
         }
         if let Some(o) = self.orphan.take() {
             self.emit(TreeEvent::Rejoined {
@@ -938,7 +933,9 @@ impl TreeNode {
             let strict = now < o.since.plus(self.cfg.repair_settle_ms);
             // Successor named by the departed parent first, then the backup.
             let mut target = None;
-            if let Some(s) = o.successor.filter(|s| self.refused.get(s).is_none_or(|t| *t <= now))
+            if let Some(s) = o
+                .successor
+                .filter(|s| self.refused.get(s).is_none_or(|t| *t <= now))
             {
                 target = Some((s, Some(o.old_depth.saturating_sub(1))));
             }
@@ -1109,10 +1106,8 @@ impl TreeNode {
                 Vec::new()
             };
             self.send(from, TreeMsg::Refuse { reason, hints });
-            self.out.push_back(Output::RefuseChild {
-                peer: from,
-                reason,
-            });
+            self.out
+                .push_back(Output::RefuseChild { peer: from, reason });
             if reason == RefuseReason::Full && kind == JoinKind::Move {
                 self.maybe_relocate_for(capacity, now);
             }
@@ -1535,14 +1530,11 @@ impl TreeMsg {
                     + cbor_text("hints")
                     + cbor_ads(hints),
             ),
-            TreeMsg::Leave { successor } => (
-                "Leave",
-                1 + cbor_text("successor") + cbor_opt_id(successor),
-            ),
-            TreeMsg::Summary { slots } => ("Summary", 1 + cbor_text("slots") + cbor_ads(slots)),
-            TreeMsg::Directory { slots } => {
-                ("Directory", 1 + cbor_text("slots") + cbor_ads(slots))
+            TreeMsg::Leave { successor } => {
+                ("Leave", 1 + cbor_text("successor") + cbor_opt_id(successor))
             }
+            TreeMsg::Summary { slots } => ("Summary", 1 + cbor_text("slots") + cbor_ads(slots)),
+            TreeMsg::Directory { slots } => ("Directory", 1 + cbor_text("slots") + cbor_ads(slots)),
             TreeMsg::Relocate => return cbor_text("Relocate"),
         };
         1 + cbor_text(name) + body

@@ -1,0 +1,262 @@
+//! The whole node end to end on loopback: a broadcaster and viewers, each a real node (libp2p
+//! swarm + WebRTC), find the room through the DHT, form the tree, and stream real VP8 + Opus.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use waterfall::crypto::KdfParams;
+use waterfall::media::source::read_all_frames;
+use waterfall::media::{
+    FileSource, MediaEvent, MediaKind, MediaSource, SinkTarget, Sinks, SourceOptions,
+};
+use waterfall::node::room::{WatchOptions, WatchTarget};
+use waterfall::node::{Node, NodeError, RoomConfig, RoomEvent, RoomHandle};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+async fn node(bootstrap: Vec<libp2p::Multiaddr>) -> Node {
+    init_tracing();
+    Node::builder()
+        .kdf(KdfParams::TEST_ONLY)
+        .bootstrap(bootstrap)
+        .spawn()
+        .await
+        .expect("node starts")
+}
+
+fn tree_cfg() -> waterfall::proto::Config {
+    waterfall::proto::Config {
+        // Byte-identical delivery is asserted: no make-before-break moves during the test.
+        rebalance_interval_ms: 0,
+        ..Default::default()
+    }
+}
+
+struct Watcher {
+    node: Node,
+    room: RoomHandle,
+    events: mpsc::Receiver<RoomEvent>,
+    video: PathBuf,
+    audio: PathBuf,
+    data: PathBuf,
+}
+
+async fn watcher(
+    dir: &Path,
+    i: usize,
+    boot: &[libp2p::Multiaddr],
+    ticket: &waterfall::wire::Ticket,
+    pw: &str,
+) -> Watcher {
+    let node = node(boot.to_vec()).await;
+    let video = dir.join(format!("v{i}.ivf"));
+    let audio = dir.join(format!("v{i}.ogg"));
+    let data = dir.join(format!("v{i}.txt"));
+    let mut room = node
+        .watch(
+            WatchTarget::Ticket(ticket.clone()),
+            Some(pw),
+            WatchOptions {
+                sinks: Sinks {
+                    video: Some(SinkTarget::File(video.clone())),
+                    audio: Some(SinkTarget::File(audio.clone())),
+                    data: Some(SinkTarget::File(data.clone())),
+                },
+                tree: Some(tree_cfg()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("viewer {i} joins: {e}"));
+    let events = room.events().expect("events once");
+    Watcher {
+        node,
+        room,
+        events,
+        video,
+        audio,
+        data,
+    }
+}
+
+/// Wait until the viewer's media connection to its parent is up.
+async fn wait_connected(w: &mut Watcher, i: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, w.events.recv()).await {
+            Ok(Some(RoomEvent::Media(MediaEvent::ParentConnected))) => return,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("viewer {i}: room ended"),
+            Err(_) => panic!("viewer {i}: no parent connection within 30 s"),
+        }
+    }
+}
+
+fn ffmpeg_ok(path: &Path) {
+    match std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(path)
+        .args(["-f", "null", "-"])
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "ffmpeg rejects {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(_) => eprintln!(
+            "ffmpeg not installed: skipping the decode check of {}",
+            path.display()
+        ),
+    }
+}
+
+/// A broadcaster whose own uplink takes `root_children` children; the room's fanout is `fanout`.
+async fn broadcaster(
+    fanout: u16,
+    root_children: u16,
+    pw: &str,
+) -> (Node, RoomHandle, mpsc::Receiver<RoomEvent>) {
+    init_tracing();
+    let b = Node::builder()
+        .kdf(KdfParams::TEST_ONLY)
+        .max_children(root_children)
+        .spawn()
+        .await
+        .expect("node starts");
+    let opts = SourceOptions::default();
+    let v = FileSource::open(fixture("f.ivf"), opts.clone())
+        .await
+        .unwrap();
+    let a = FileSource::open(fixture("f.ogg"), opts).await.unwrap();
+    let mut cfg = RoomConfig::new("standup")
+        .password(pw)
+        .fanout(fanout)
+        .source(Box::new(v) as Box<dyn MediaSource>)
+        .source(Box::new(a));
+    cfg.autostart = false;
+    cfg.tree = tree_cfg();
+    let mut room = b.broadcast(cfg).await.expect("broadcast starts");
+    let ev = room.events().unwrap();
+    (b, room, ev)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twelve_viewers_fanout_three_get_every_frame() {
+    timeout(Duration::from_secs(240), async {
+        let dir = tempfile::tempdir().unwrap();
+        // Fanout 3 below a broadcaster that feeds 2: 2 + 6 + 4, depth 3.
+        let (b, room, mut bev) = broadcaster(3, 2, "hunter2").await;
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        let mut ws = Vec::new();
+        for i in 0..12 {
+            let mut w = watcher(dir.path(), i, &boot, &ticket, "hunter2").await;
+            wait_connected(&mut w, i).await;
+            ws.push(w);
+        }
+        let mut depths = Vec::new();
+        for w in &ws {
+            let s = w.room.status().await.unwrap();
+            depths.push(s.depth.expect("attached"));
+            assert!(s.children.len() <= 3);
+        }
+        let max_depth = *depths.iter().max().unwrap();
+        eprintln!("depths: {depths:?}");
+        assert!(max_depth >= 3, "12 viewers at fanout 3 reach depth 3");
+        // Let the leaves' data channels open, then stream.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        room.start();
+        for i in 0..20 {
+            room.send_data(format!("line {i}").as_bytes()).unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Wait for both sources to end.
+        let mut ended = 0;
+        while ended < 2 {
+            match timeout(Duration::from_secs(30), bev.recv()).await {
+                Ok(Some(RoomEvent::Media(MediaEvent::SourceEnded { error: None, .. }))) => {
+                    ended += 1
+                }
+                Ok(Some(_)) => {}
+                other => panic!("broadcaster events: {other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let src_v = read_all_frames(fixture("f.ivf")).unwrap();
+        let src_a = read_all_frames(fixture("f.ogg")).unwrap();
+        let lines: Vec<String> = (0..20).map(|i| format!("line {i}")).collect();
+        for (i, w) in ws.into_iter().enumerate() {
+            w.room.leave().await;
+            let got_v = read_all_frames(&w.video).unwrap();
+            assert_eq!(got_v.len(), src_v.len(), "viewer {i}: video frames");
+            for (k, (a, b)) in src_v.iter().zip(&got_v).enumerate() {
+                assert_eq!(a.data, b.data, "viewer {i}: video frame {k}");
+            }
+            let got_a = read_all_frames(&w.audio).unwrap();
+            assert_eq!(got_a.len(), src_a.len(), "viewer {i}: audio frames");
+            for (k, (a, b)) in src_a.iter().zip(&got_a).enumerate() {
+                assert_eq!(a.data, b.data, "viewer {i}: audio frame {k}");
+            }
+            let got: Vec<String> = std::fs::read_to_string(&w.data)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(got, lines, "viewer {i}: data lines");
+            ffmpeg_ok(&w.video);
+            ffmpeg_ok(&w.audio);
+            w.node.shutdown().await;
+        }
+        room.leave().await;
+        b.shutdown().await;
+        let _ = MediaKind::Video;
+    })
+    .await
+    .expect("test finishes within 240 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_a_clear_error() {
+    timeout(Duration::from_secs(60), async {
+        let (b, room, _ev) = broadcaster(2, 2, "right").await;
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        let v = node(boot).await;
+        let err = v
+            .watch(
+                WatchTarget::Ticket(ticket),
+                Some("wrong"),
+                WatchOptions::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeError::WrongPassword { .. }), "{err}");
+        // By name, the wrong password finds no room.
+        let err = v
+            .watch(
+                WatchTarget::Name("standup".into()),
+                Some("wrong"),
+                WatchOptions::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeError::RoomNotFound { .. }), "{err}");
+    })
+    .await
+    .expect("bounded");
+}
