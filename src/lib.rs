@@ -13,6 +13,7 @@
 //! - [`node`]: the embedding API tying them together.
 
 pub mod crypto;
+pub mod demo;
 pub mod media;
 pub mod net;
 pub mod node;

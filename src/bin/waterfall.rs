@@ -1,4 +1,600 @@
-//! The `waterfall` command line (being completed).
+//! The `waterfall` command line: thin over the library.
+//!
+//! Human output goes to stderr, machine output (`--json`) to stdout. Ctrl-C shuts down
+//! gracefully: rooms are left (children and parent told) and files are closed valid.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use waterfall::crypto::{Identity, KdfParams};
+use waterfall::media::source::Container;
+use waterfall::media::{FileSource, MediaConfig, MediaEvent, MediaSource, SinkTarget, Sinks, SourceOptions};
+use waterfall::node::room::{WatchOptions, WatchTarget};
+use waterfall::node::{Node, NodeBuilder, RoomConfig, RoomEvent};
+use waterfall::wire::Ticket;
+
+/// waterfall: decentralized live streaming through a relay tree of peers.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Stream a generated test clip from a broadcaster to several viewers through a relay tree,
+    /// all in this process over loopback; leaves the viewers' files in --out.
+    Demo(waterfall::demo::DemoArgs),
+    /// Run a long-lived node: serves the DHT and relays for rooms it is in.
+    Node {
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Broadcast media into a room; prints a ticket for viewers.
+    Broadcast(BroadcastArgs),
+    /// Watch a room: write what arrives to files or stdout.
+    Watch(WatchArgs),
+    /// Run the deterministic tree simulator.
+    Sim(SimArgs),
+    /// Print this node's peer id, creating its identity key on first run.
+    Keygen {
+        /// Data directory holding identity.key (mode 0600).
+        #[arg(long, env = "WATERFALL_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// Options of the simulator.
+#[derive(Args, Debug)]
+struct SimArgs {
+    /// Viewers.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// Children per relay.
+    #[arg(long, default_value_t = 4)]
+    fanout: u16,
+    /// Mean session length in seconds (exponential); 0 = no churn.
+    #[arg(long, default_value_t = 600.0)]
+    churn_mean: f64,
+    /// Simulated seconds.
+    #[arg(long, default_value_t = 600.0)]
+    duration: f64,
+    /// Seed: the same seed gives the same trace.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// One-way link latency in ms.
+    #[arg(long, default_value_t = 50.0)]
+    latency_ms: f64,
+    /// Report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Network options shared by every command that runs a node.
+#[derive(Args, Debug, Clone)]
+struct NetArgs {
+    /// Listen address (repeatable). Default: loopback TCP and QUIC on random ports.
+    #[arg(long)]
+    listen: Vec<Multiaddr>,
+    /// Peer to dial at start (repeatable), e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3...
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// Turn LAN discovery by mDNS off.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Join the public DHT and use public STUN servers (opt-in).
+    #[arg(long)]
+    public: bool,
+    /// STUN/TURN server for WebRTC (repeatable), e.g. stun:stun.example.org:3478.
+    #[arg(long)]
+    stun: Vec<String>,
+    /// Address WebRTC binds its UDP sockets to (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    udp_bind: std::net::IpAddr,
+    /// Children this node relays to at most.
+    #[arg(long)]
+    max_children: Option<u16>,
+    /// Data directory (identity key).
+    #[arg(long, env = "WATERFALL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// Room password options: from a file, the environment, or a prompt — never only argv.
+#[derive(Args, Debug, Clone)]
+struct PasswordArgs {
+    /// Read the room password from this file (first line).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// A public room: no password (anyone who knows the name can watch).
+    #[arg(long, conflicts_with = "password_file")]
+    no_password: bool,
+}
+
+#[derive(Args, Debug)]
+struct BroadcastArgs {
+    /// Room name.
+    #[arg(long)]
+    room: String,
+    #[command(flatten)]
+    password: PasswordArgs,
+    /// Video: an IVF (VP8/VP9/AV1) or H.264 Annex-B file, or - for IVF on stdin.
+    #[arg(long)]
+    video: Option<String>,
+    /// Audio: an Ogg Opus file, or - for stdin.
+    #[arg(long)]
+    audio: Option<String>,
+    /// Send stdin lines as data-channel messages (`--data -`).
+    #[arg(long)]
+    data: Option<String>,
+    /// Loop file sources.
+    #[arg(long = "loop")]
+    looped: bool,
+    /// Children per relay the room aims for.
+    #[arg(long, default_value_t = 4)]
+    fanout: u16,
+    /// Events as JSON lines on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+#[derive(Args, Debug)]
+struct WatchArgs {
+    /// A ticket printed by `broadcast` (or use --room).
+    ticket: Option<String>,
+    /// Room name, to find the room in the DHT without a ticket.
+    #[arg(long, conflicts_with = "ticket")]
+    room: Option<String>,
+    #[command(flatten)]
+    password: PasswordArgs,
+    /// Write video here (IVF), - for stdout.
+    #[arg(long)]
+    video: Option<String>,
+    /// Write audio here (Ogg Opus), - for stdout.
+    #[arg(long)]
+    audio: Option<String>,
+    /// Write data-channel messages here as lines, - for stdout.
+    #[arg(long)]
+    data: Option<String>,
+    /// Also keep a recording of the video in this file while watching.
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<u64>,
+    /// Events as JSON lines on stdout.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+/// `$XDG_DATA_HOME/waterfall`, else `~/.local/share/waterfall`.
+fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("waterfall");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/waterfall");
+    }
+    PathBuf::from(".waterfall")
+}
+
+/// Public STUN servers, used only with --public.
+const PUBLIC_STUN: &[&str] = &["stun:stun.l.google.com:19302", "stun:stun.cloudflare.com:3478"];
+
+impl NetArgs {
+    fn builder(&self, mdns_default: bool) -> anyhow::Result<NodeBuilder> {
+        let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
+        let identity = Identity::load_or_create(&dir)
+            .with_context(|| format!("loading identity from {}", dir.display()))?;
+        let mut ice = self.stun.clone();
+        if self.public && ice.is_empty() {
+            ice = PUBLIC_STUN.iter().map(|s| s.to_string()).collect();
+        }
+        let media = MediaConfig {
+            ice_servers: ice,
+            udp_bind: self.udp_bind,
+            ..MediaConfig::default()
+        };
+        let mut b = Node::builder()
+            .identity(identity)
+            .bootstrap(self.bootstrap.clone())
+            .mdns(mdns_default && !self.no_mdns)
+            .public(self.public)
+            .kdf(KdfParams::STRONG)
+            .media(media);
+        if !self.listen.is_empty() {
+            b = b.listen(self.listen.clone());
+        }
+        if let Some(n) = self.max_children {
+            b = b.max_children(n);
+        }
+        Ok(b)
+    }
+}
+
+impl PasswordArgs {
+    /// The password from --password-file, $WATERFALL_PASSWORD, or a prompt; None = public room.
+    fn read(&self) -> anyhow::Result<Option<String>> {
+        if self.no_password {
+            return Ok(None);
+        }
+        if let Some(f) = &self.password_file {
+            let s = std::fs::read_to_string(f)
+                .with_context(|| format!("reading password file {}", f.display()))?;
+            let line = s.lines().next().unwrap_or("").to_owned();
+            if line.is_empty() {
+                bail!("password file {} is empty (use --no-password for a public room)", f.display());
+            }
+            return Ok(Some(line));
+        }
+        if let Ok(p) = std::env::var("WATERFALL_PASSWORD") {
+            return Ok((!p.is_empty()).then_some(p));
+        }
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            let p = rpassword::prompt_password("room password (empty for a public room): ")?;
+            return Ok((!p.is_empty()).then_some(p));
+        }
+        bail!(
+            "no room password: give --password-file, set WATERFALL_PASSWORD, run in a terminal \
+             to be asked, or pass --no-password for a public room"
+        )
+    }
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Keygen { data_dir } => {
+            let dir = data_dir.unwrap_or_else(default_data_dir);
+            let id = Identity::load_or_create(&dir)
+                .with_context(|| format!("loading identity from {}", dir.display()))?;
+            eprintln!("identity: {}", dir.join("identity.key").display());
+            println!("{}", id.peer_id());
+            Ok(())
+        }
+        Command::Sim(args) => {
+            let cfg = waterfall::proto::sim::SimConfig {
+                nodes: args.nodes,
+                fanout: args.fanout,
+                churn_mean_secs: (args.churn_mean > 0.0).then_some(args.churn_mean),
+                duration_secs: args.duration,
+                seed: args.seed,
+                link_latency_ms: args.latency_ms,
+                ..Default::default()
+            };
+            eprintln!(
+                "simulating {} nodes, fanout {}, {} s ...",
+                args.nodes, args.fanout, args.duration
+            );
+            let started = std::time::Instant::now();
+            let report = waterfall::proto::sim::run(&cfg);
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{report}");
+            }
+            eprintln!("wall time {:.1} s", started.elapsed().as_secs_f64());
+            if report.violations.total() > 0 {
+                bail!("{} invariant violations", report.violations.total());
+            }
+            Ok(())
+        }
+        other => runtime()?.block_on(run_async(other)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+async fn run_async(cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Demo(args) => Ok(waterfall::demo::run(args).await?),
+        Command::Node { net } => run_node(net).await,
+        Command::Broadcast(args) => broadcast(args).await,
+        Command::Watch(args) => watch(args).await,
+        Command::Keygen { .. } | Command::Sim(_) => unreachable!("handled synchronously"),
+    }
+}
+
+async fn run_node(net: NetArgs) -> anyhow::Result<()> {
+    let node = net.builder(true)?.spawn().await?;
+    eprintln!("peer id: {}", node.peer_id());
+    for a in node.addrs().await? {
+        eprintln!("listening: {a}");
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                if let Ok(s) = node.net().status().await {
+                    eprint!("\rpeers {:>4}  dht records {:>5}  rooms {:>3}   ", s.peers, s.dht_records, s.topics.len());
+                }
+            }
+        }
+    }
+    eprintln!("\nshutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
+    use serde_json::json;
+    Some(match ev {
+        RoomEvent::Joined { parent, depth } => {
+            json!({"event": "joined", "parent": parent.to_string(), "depth": depth})
+        }
+        RoomEvent::ParentChanged { old, new } => json!({"event": "parent_changed",
+            "old": old.map(|p| p.to_string()), "new": new.to_string()}),
+        RoomEvent::DepthChanged { depth } => json!({"event": "depth", "depth": depth}),
+        RoomEvent::Orphaned { lost } => json!({"event": "orphaned", "lost": lost.to_string()}),
+        RoomEvent::Rejoined { parent, outage_ms } => json!({"event": "rejoined",
+            "parent": parent.to_string(), "outage_ms": outage_ms}),
+        RoomEvent::ChildAdded(c) => json!({"event": "child_added", "peer": c.to_string()}),
+        RoomEvent::ChildRemoved(c) => json!({"event": "child_removed", "peer": c.to_string()}),
+        RoomEvent::Media(MediaEvent::FirstFrame { kind, after }) => json!({"event": "first_frame",
+            "kind": format!("{kind:?}").to_lowercase(), "after_ms": after.as_millis() as u64}),
+        RoomEvent::Media(MediaEvent::ParentConnected) => json!({"event": "parent_connected"}),
+        RoomEvent::Media(MediaEvent::ParentLost) => json!({"event": "parent_lost"}),
+        RoomEvent::Media(MediaEvent::DecryptFailed(e)) => {
+            json!({"event": "decrypt_failed", "error": e.to_string()})
+        }
+        RoomEvent::Media(MediaEvent::Stats(s)) => json!({"event": "stats",
+            "bitrate_bps": s.bitrate_bps, "video_frames": s.video_frames,
+            "audio_frames": s.audio_frames, "gaps": s.gaps, "children": s.children,
+            "packets_forwarded": s.packets_forwarded}),
+        RoomEvent::Media(MediaEvent::SourceEnded { kind, error }) => json!({"event": "source_ended",
+            "kind": format!("{kind:?}").to_lowercase(), "error": error}),
+        RoomEvent::Ended => json!({"event": "ended"}),
+        _ => return None,
+    })
+}
+
+/// The status line: parent, depth, children, bitrate, loss.
+#[derive(Default)]
+struct StatusLine {
+    depth: Option<u16>,
+    parent: Option<String>,
+    children: usize,
+    bitrate: u64,
+    gaps: u64,
+    frames: u64,
+}
+
+impl StatusLine {
+    fn update(&mut self, ev: &RoomEvent) {
+        match ev {
+            RoomEvent::Joined { parent, depth } => {
+                self.parent = Some(short(parent));
+                self.depth = Some(*depth);
+            }
+            RoomEvent::ParentChanged { new, .. } => self.parent = Some(short(new)),
+            RoomEvent::Rejoined { parent, .. } => self.parent = Some(short(parent)),
+            RoomEvent::DepthChanged { depth } => self.depth = *depth,
+            RoomEvent::Orphaned { .. } => self.parent = None,
+            RoomEvent::Media(MediaEvent::Stats(s)) => {
+                self.children = s.children as usize;
+                self.bitrate = s.bitrate_bps;
+                self.gaps = s.gaps;
+                self.frames = s.video_frames;
+            }
+            _ => {}
+        }
+    }
+
+    fn print(&self) {
+        eprint!(
+            "\r\x1b[Kparent {}  depth {}  children {}  {:.0} kbit/s  frames {}  gaps {}",
+            self.parent.as_deref().unwrap_or("-"),
+            self.depth.map(|d| d.to_string()).unwrap_or("-".into()),
+            self.children,
+            self.bitrate as f64 / 1000.0,
+            self.frames,
+            self.gaps
+        );
+    }
+}
+
+fn short(p: &libp2p::PeerId) -> String {
+    let s = p.to_string();
+    s[s.len().saturating_sub(8)..].to_owned()
+}
+
+async fn open_source(spec: &str, looped: bool) -> anyhow::Result<Box<dyn MediaSource>> {
+    let opts = SourceOptions {
+        loops: looped.then_some(u32::MAX),
+        ..SourceOptions::default()
+    };
+    if spec == "-" {
+        // stdin carries IVF (e.g. `ffmpeg ... -f ivf -`), paced by its timestamps.
+        let s = FileSource::from_async_read(tokio::io::stdin(), Container::Ivf, opts).await?;
+        return Ok(Box::new(s));
+    }
+    let s = FileSource::open(spec, opts)
+        .await
+        .with_context(|| format!("opening {spec}"))?;
+    Ok(Box::new(s))
+}
+
+async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
+    let password = args.password.read()?;
+    let node = args.net.builder(true)?.spawn().await?;
+    let mut cfg = RoomConfig::new(&args.room).fanout(args.fanout);
+    cfg.password = password;
+    if let Some(v) = &args.video {
+        cfg.sources.push(open_source(v, args.looped).await?);
+    }
+    if let Some(a) = &args.audio {
+        cfg.sources.push(open_source(a, args.looped).await?);
+    }
+    if cfg.sources.is_empty() && args.data.is_none() {
+        bail!("nothing to broadcast: give --video, --audio or --data");
+    }
+    cfg.data = args.data.is_some();
+    let mut room = node.broadcast(cfg).await?;
+    if room.keys().is_public() {
+        eprintln!("note: room {:?} has no password: anyone who knows its name can watch", args.room);
+    }
+    let ticket = room.ticket().expect("broadcaster has a ticket").to_string();
+    eprintln!("peer id: {}", node.peer_id());
+    eprintln!("ticket (give it to viewers with the password):");
+    println!("{ticket}");
+    let mut events = room.events().expect("fresh handle");
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<String>(256);
+    if args.data.as_deref() == Some("-") {
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                if line_tx.send(l).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut status = StatusLine::default();
+    let mut children = 0usize;
+    let mut ended_sources = 0;
+    let sources = args.video.is_some() as usize + args.audio.is_some() as usize;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            Some(l) = line_rx.recv() => {
+                if let Err(e) = room.send_data(l.as_bytes()) {
+                    eprintln!("\ndata: {e}");
+                }
+            }
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                match &ev {
+                    RoomEvent::ChildAdded(_) => children += 1,
+                    RoomEvent::ChildRemoved(_) => children = children.saturating_sub(1),
+                    RoomEvent::Media(MediaEvent::SourceEnded { error, kind }) => {
+                        eprintln!("\n{kind:?} source ended{}", error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
+                        ended_sources += 1;
+                    }
+                    _ => {}
+                }
+                if args.json {
+                    if let Some(j) = json_event(&ev) { println!("{j}"); }
+                } else {
+                    status.update(&ev);
+                    status.depth = Some(0);
+                    status.children = children;
+                    status.print();
+                }
+                if sources > 0 && ended_sources >= sources && args.data.is_none() {
+                    eprintln!("\nall sources ended");
+                    break;
+                }
+            }
+        }
+    }
+    eprintln!("\nleaving");
+    room.leave().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn watch(args: WatchArgs) -> anyhow::Result<()> {
+    let password = args.password.read()?;
+    let target = match (&args.ticket, &args.room) {
+        (Some(t), _) => WatchTarget::Ticket(t.parse::<Ticket>().context("parsing the ticket")?),
+        (None, Some(r)) => WatchTarget::Name(r.clone()),
+        (None, None) => bail!("give a ticket or --room NAME"),
+    };
+    let target_of = |s: &Option<String>| {
+        s.as_ref().map(|p| {
+            if p == "-" {
+                SinkTarget::Stdout
+            } else {
+                SinkTarget::File(PathBuf::from(p))
+            }
+        })
+    };
+    let mut sinks = Sinks {
+        video: target_of(&args.video),
+        audio: target_of(&args.audio),
+        data: target_of(&args.data),
+    };
+    if let Some(r) = &args.record {
+        if sinks.video.is_some() {
+            bail!("--record keeps the video when --video is not a file already; use one of them");
+        }
+        sinks.video = Some(SinkTarget::File(r.clone()));
+    }
+    let stdout_users = [&sinks.video, &sinks.audio, &sinks.data]
+        .iter()
+        .filter(|s| matches!(s, Some(SinkTarget::Stdout)))
+        .count();
+    if stdout_users > 1 || (stdout_users == 1 && args.json) {
+        bail!("only one output can go to stdout");
+    }
+    let node = args.net.builder(true)?.spawn().await?;
+    eprintln!("peer id: {}", node.peer_id());
+    let mut room = node
+        .watch(
+            target,
+            password.as_deref(),
+            WatchOptions {
+                sinks,
+                tree: None,
+            },
+        )
+        .await?;
+    let mut events = room.events().expect("fresh handle");
+    let mut status = StatusLine::default();
+    let stop = async {
+        match args.duration {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut stop => break,
+            ev = events.recv() => {
+                let Some(ev) = ev else { break };
+                if let RoomEvent::Media(MediaEvent::DecryptFailed(e)) = &ev {
+                    eprintln!("\nmedia does not decrypt ({e}): wrong password?");
+                }
+                if args.json {
+                    if let Some(j) = json_event(&ev) { println!("{j}"); }
+                } else {
+                    status.update(&ev);
+                    status.print();
+                }
+                if matches!(ev, RoomEvent::Ended) {
+                    break;
+                }
+            }
+        }
+    }
+    eprintln!("\nleaving (files are closed valid)");
+    room.leave().await;
+    node.shutdown().await;
     Ok(())
 }
