@@ -36,6 +36,8 @@ use super::{
 const TICK: Duration = Duration::from_millis(100);
 /// Unanswered inbound requests are forgotten after this long (the requester gave up).
 const INBOUND_TTL: Duration = Duration::from_secs(60);
+/// After the first valid record, how long a lookup keeps collecting other copies.
+const GET_GRACE: Duration = Duration::from_millis(1000);
 /// Distinct records collected per `get_record` (a key has one owner; more is noise or attack).
 const MAX_RECORDS_PER_GET: usize = 16;
 /// LAN peers remembered for redialling.
@@ -892,6 +894,9 @@ impl Actor {
                         {
                             g.found.push((c.meta.seq, value));
                         }
+                        // Once a valid copy is in hand, wait only briefly for other versions:
+                        // the query itself may hang on an unreachable peer until kad's timeout.
+                        g.deadline = g.deadline.min(Instant::now() + GET_GRACE);
                     }
                     Err(refusal) => {
                         debug!(peer = ?peer_record.peer, ?refusal, "fetched record refused");
