@@ -36,8 +36,14 @@ use super::{
 const TICK: Duration = Duration::from_millis(100);
 /// Unanswered inbound requests are forgotten after this long (the requester gave up).
 const INBOUND_TTL: Duration = Duration::from_secs(60);
+/// After the first valid record, how long a lookup keeps collecting other copies.
+const GET_GRACE: Duration = Duration::from_millis(1000);
 /// Distinct records collected per `get_record` (a key has one owner; more is noise or attack).
 const MAX_RECORDS_PER_GET: usize = 16;
+/// LAN peers remembered for redialling.
+const MAX_LAN_PEERS: usize = 256;
+/// Longest pause between redials of a LAN peer.
+const LAN_REDIAL_MAX: Duration = Duration::from_secs(60);
 /// Peers whose strikes are remembered at once.
 const MAX_TRACKED_OFFENDERS: usize = 4096;
 /// Addresses taken from one identify message.
@@ -110,6 +116,13 @@ struct OwnRecord {
     expires_unix_ms: u64,
 }
 
+/// A peer found by mDNS, redialled until connected.
+struct LanPeer {
+    addrs: Vec<Multiaddr>,
+    next_dial: Instant,
+    attempts: u32,
+}
+
 struct PendingInbound {
     channel: ResponseChannel<Body>,
     since: Instant,
@@ -140,6 +153,7 @@ pub(crate) struct Actor {
     pending_publish: HashMap<String, VecDeque<(Vec<u8>, Instant)>>,
     strikes: HashMap<PeerId, u32>,
     banned: HashMap<PeerId, Instant>,
+    lan_peers: HashMap<PeerId, LanPeer>,
     kad_bootstrapped: bool,
     dropped_events: u64,
 }
@@ -185,6 +199,7 @@ impl Actor {
             pending_publish: HashMap::new(),
             strikes: HashMap::new(),
             banned: HashMap::new(),
+            lan_peers: HashMap::new(),
             kad_bootstrapped: false,
             dropped_events: 0,
         };
@@ -596,6 +611,9 @@ impl Actor {
         if !self.pending_publish.is_empty() {
             self.flush_pending(None);
         }
+        if !self.lan_peers.is_empty() {
+            self.dial_lan_peers();
+        }
         self.inbound
             .retain(|_, p| now.duration_since(p.since) < INBOUND_TTL);
         self.inbound_ids
@@ -610,6 +628,30 @@ impl Actor {
             self.banned.remove(&peer);
             self.swarm.behaviour_mut().blocked.unblock_peer(peer);
             debug!(%peer, "ban lifted");
+        }
+    }
+
+    /// Dial LAN peers found by mDNS that we are not connected to, with exponential backoff: a
+    /// first dial can fail (both sides dialling at once, link not up yet) and mDNS reports a
+    /// peer only once per address.
+    fn dial_lan_peers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .lan_peers
+            .iter()
+            .filter(|(p, e)| e.next_dial <= now && !self.swarm.is_connected(p))
+            .map(|(p, e)| (*p, e.addrs.clone()))
+            .collect();
+        for (peer, addrs) in due {
+            if let Some(e) = self.lan_peers.get_mut(&peer) {
+                e.attempts = e.attempts.saturating_add(1);
+                let backoff = Duration::from_millis(500) * 2u32.saturating_pow(e.attempts.min(7));
+                e.next_dial = now + backoff.min(LAN_REDIAL_MAX);
+            }
+            let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "dialling LAN peer failed");
+            }
         }
     }
 
@@ -666,6 +708,9 @@ impl Actor {
                 if let Some(reply) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
+                if let Some(e) = self.lan_peers.get_mut(&peer_id) {
+                    e.attempts = 0;
+                }
                 if num_established.get() == 1 {
                     self.emit(NetEvent::PeerConnected(peer_id));
                 }
@@ -709,13 +754,30 @@ impl Actor {
                     for a in &addrs {
                         self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
                     }
-                    if !self.swarm.is_connected(&peer) {
-                        let opts = DialOpts::peer_id(peer).addresses(addrs.clone()).build();
-                        if let Err(e) = self.swarm.dial(opts) {
-                            debug!(%peer, error = %e, "dialling mDNS peer failed");
+                    if self.lan_peers.len() < MAX_LAN_PEERS || self.lan_peers.contains_key(&peer) {
+                        let entry = self.lan_peers.entry(peer).or_insert_with(|| LanPeer {
+                            addrs: Vec::new(),
+                            next_dial: Instant::now(),
+                            attempts: 0,
+                        });
+                        for a in &addrs {
+                            if !entry.addrs.contains(a) && entry.addrs.len() < MAX_IDENTIFY_ADDRS {
+                                entry.addrs.push(a.clone());
+                            }
                         }
                     }
                     self.emit(NetEvent::Discovered(peer, addrs));
+                }
+                self.dial_lan_peers();
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
+                for (peer, addr) in list {
+                    if let Some(e) = self.lan_peers.get_mut(&peer) {
+                        e.addrs.retain(|a| *a != addr);
+                        if e.addrs.is_empty() {
+                            self.lan_peers.remove(&peer);
+                        }
+                    }
                 }
             }
             BehaviourEvent::Kad(ev) => self.on_kad(ev),
@@ -832,6 +894,9 @@ impl Actor {
                         {
                             g.found.push((c.meta.seq, value));
                         }
+                        // Once a valid copy is in hand, wait only briefly for other versions:
+                        // the query itself may hang on an unreachable peer until kad's timeout.
+                        g.deadline = g.deadline.min(Instant::now() + GET_GRACE);
                     }
                     Err(refusal) => {
                         debug!(peer = ?peer_record.peer, ?refusal, "fetched record refused");

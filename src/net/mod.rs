@@ -367,7 +367,9 @@ impl Net {
     /// Fetch every valid copy of the record under `key` (local store and network), distinct
     /// values sorted by descending sequence number. When this node stores a live copy, copies
     /// by other signers are dropped (the current owner holds the key); otherwise all valid
-    /// copies are returned and the caller must pin the signer it expects. [`NetError::NotFound`] when the lookup
+    /// copies are returned and the caller must pin the signer it expects. After the first valid
+    /// copy arrives the lookup collects for at most one more second (an unreachable peer would
+    /// otherwise hold the query until Kademlia's own timeout). [`NetError::NotFound`] when the lookup
     /// finished without a valid record, [`NetError::Timeout`] when `timeout` passed first.
     pub async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>> {
         let rx = self
