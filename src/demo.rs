@@ -215,12 +215,18 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let src_v = read_all_frames(&clip_v).map_err(|e| NodeError::Media(e.to_string()))?;
     let src_a = read_all_frames(&clip_a).map_err(|e| NodeError::Media(e.to_string()))?;
     let loops = args.loops.max(1) as usize;
-    let mut report = Vec::new();
-    for (i, v) in viewers.into_iter().enumerate() {
+    // Leave deepest first, so that nobody is orphaned (and repaired) on the way out.
+    let mut handles = Vec::new();
+    for v in viewers.into_iter().rev() {
         v.room.leave().await;
         v.node.shutdown().await;
-        let got_v = read_all_frames(&v.video).map_err(|e| NodeError::Media(e.to_string()))?;
-        let got_a = read_all_frames(&v.audio).map_err(|e| NodeError::Media(e.to_string()))?;
+        handles.push((v.video, v.audio));
+    }
+    handles.reverse();
+    let mut report = Vec::new();
+    for (i, (video, audio)) in handles.into_iter().enumerate() {
+        let got_v = read_all_frames(&video).map_err(|e| NodeError::Media(e.to_string()))?;
+        let got_a = read_all_frames(&audio).map_err(|e| NodeError::Media(e.to_string()))?;
         let ok_v = got_v.len() == src_v.len() * loops
             && got_v
                 .iter()
@@ -237,8 +243,8 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             if ok_v { "identical" } else { "DIFFER" },
             got_a.len(),
             if ok_a { "identical" } else { "DIFFER" },
-            v.video.display(),
-            v.audio.display()
+            video.display(),
+            audio.display()
         );
         if !(ok_v && ok_a) {
             report.push(format!("viewer {i}"));
@@ -266,7 +272,10 @@ async fn print_tree(b: &Node, broom: &RoomHandle, viewers: &[Viewer]) {
     let mut children: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let root = b.peer_id().to_string();
     if let Ok(s) = broom.status().await {
-        children.insert(root.clone(), s.children.iter().map(|c| c.to_string()).collect());
+        children.insert(
+            root.clone(),
+            s.children.iter().map(|c| c.to_string()).collect(),
+        );
     }
     for v in viewers {
         if let Ok(s) = v.room.status().await {

@@ -405,6 +405,14 @@ impl Node {
         Ok(rec)
     }
 
+    /// Stop abruptly, telling no peer: for tests of crash repair. Room tasks are aborted (their
+    /// WebRTC connections dropped) and the swarm is closed without any leave message.
+    #[doc(hidden)]
+    pub async fn crash(&self) {
+        self.inner.rooms.abort_all();
+        self.inner.net.shutdown().await;
+    }
+
     /// Stop the node: leave every room, close the swarm.
     pub async fn shutdown(&self) {
         self.inner.rooms.shutdown_all().await;

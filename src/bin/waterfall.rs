@@ -11,7 +11,9 @@ use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 use waterfall::crypto::{Identity, KdfParams};
 use waterfall::media::source::Container;
-use waterfall::media::{FileSource, MediaConfig, MediaEvent, MediaSource, SinkTarget, Sinks, SourceOptions};
+use waterfall::media::{
+    FileSource, MediaConfig, MediaEvent, MediaSource, SinkTarget, Sinks, SourceOptions,
+};
 use waterfall::node::room::{WatchOptions, WatchTarget};
 use waterfall::node::{Node, NodeBuilder, RoomConfig, RoomEvent};
 use waterfall::wire::Ticket;
@@ -186,7 +188,10 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// Public STUN servers, used only with --public.
-const PUBLIC_STUN: &[&str] = &["stun:stun.l.google.com:19302", "stun:stun.cloudflare.com:3478"];
+const PUBLIC_STUN: &[&str] = &[
+    "stun:stun.l.google.com:19302",
+    "stun:stun.cloudflare.com:3478",
+];
 
 impl NetArgs {
     fn builder(&self, mdns_default: bool) -> anyhow::Result<NodeBuilder> {
@@ -230,7 +235,10 @@ impl PasswordArgs {
                 .with_context(|| format!("reading password file {}", f.display()))?;
             let line = s.lines().next().unwrap_or("").to_owned();
             if line.is_empty() {
-                bail!("password file {} is empty (use --no-password for a public room)", f.display());
+                bail!(
+                    "password file {} is empty (use --no-password for a public room)",
+                    f.display()
+                );
             }
             return Ok(Some(line));
         }
@@ -252,7 +260,12 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // webrtc-rs warns about routine ICE/DTLS steps; keep its errors only by default.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(
+                        "warn,rtc=error,rtc_ice=error,rtc_dtls=error,rtc_sctp=error,webrtc=error",
+                    )
+                }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -364,8 +377,10 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
             "bitrate_bps": s.bitrate_bps, "video_frames": s.video_frames,
             "audio_frames": s.audio_frames, "gaps": s.gaps, "children": s.children,
             "packets_forwarded": s.packets_forwarded}),
-        RoomEvent::Media(MediaEvent::SourceEnded { kind, error }) => json!({"event": "source_ended",
-            "kind": format!("{kind:?}").to_lowercase(), "error": error}),
+        RoomEvent::Media(MediaEvent::SourceEnded { kind, error }) => {
+            json!({"event": "source_ended",
+            "kind": format!("{kind:?}").to_lowercase(), "error": error})
+        }
         RoomEvent::Ended => json!({"event": "ended"}),
         _ => return None,
     })
@@ -454,7 +469,10 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     cfg.data = args.data.is_some();
     let mut room = node.broadcast(cfg).await?;
     if room.keys().is_public() {
-        eprintln!("note: room {:?} has no password: anyone who knows its name can watch", args.room);
+        eprintln!(
+            "note: room {:?} has no password: anyone who knows its name can watch",
+            args.room
+        );
     }
     let ticket = room.ticket().expect("broadcaster has a ticket").to_string();
     eprintln!("peer id: {}", node.peer_id());
@@ -557,10 +575,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         .watch(
             target,
             password.as_deref(),
-            WatchOptions {
-                sinks,
-                tree: None,
-            },
+            WatchOptions { sinks, tree: None },
         )
         .await?;
     let mut events = room.events().expect("fresh handle");

@@ -87,7 +87,9 @@ pub(crate) struct Hub {
     children: Mutex<BTreeMap<ChildId, ChildSlot>>,
     next_id: AtomicU64,
     /// Codecs of the upstream tracks (known from the source or the parent's answer).
-    tracks: Mutex<Vec<(MediaKind, Codec)>>,
+    /// `None` until known (a viewer learns them from its parent's answer); `Some(empty)` is a
+    /// data-only room.
+    tracks: Mutex<Option<Vec<(MediaKind, Codec)>>>,
     keyframe_tx: mpsc::Sender<()>,
     pub events: mpsc::Sender<MediaEvent>,
     pub config: MediaConfig,
@@ -105,7 +107,7 @@ impl Hub {
             Arc::new(Hub {
                 children: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(1),
-                tracks: Mutex::new(Vec::new()),
+                tracks: Mutex::new(None),
                 keyframe_tx,
                 events,
                 config,
@@ -131,11 +133,20 @@ impl Hub {
     }
 
     pub fn set_tracks(&self, tracks: Vec<(MediaKind, Codec)>) {
-        *self.tracks.lock().expect("hub lock") = tracks;
+        *self.tracks.lock().expect("hub lock") = Some(tracks);
     }
 
     pub fn tracks(&self) -> Vec<(MediaKind, Codec)> {
-        self.tracks.lock().expect("hub lock").clone()
+        self.tracks
+            .lock()
+            .expect("hub lock")
+            .clone()
+            .unwrap_or_default()
+    }
+
+    /// Whether the tracks are known (possibly none: a data-only room).
+    pub fn tracks_known(&self) -> bool {
+        self.tracks.lock().expect("hub lock").is_some()
     }
 
     pub fn request_keyframe(&self) {
@@ -201,10 +212,10 @@ impl Hub {
         self: &Arc<Self>,
         offer: &SignalBlob,
     ) -> Result<(ChildId, SignalBlob), SessionError> {
-        let tracks = self.tracks();
-        if tracks.is_empty() {
+        if !self.tracks_known() {
             return Err(SessionError::NoUpstream);
         }
+        let tracks = self.tracks();
         let id = ChildId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (ev_tx, ev_rx) = mpsc::channel(super::peer::PEER_EVENT_QUEUE);
         let peer = Arc::new(Peer::new(&self.config, ev_tx).await?);

@@ -543,9 +543,7 @@ impl Viewer {
             .into_iter()
             .filter(|(_, c)| c.relayable())
             .collect();
-        if tracks.is_empty() {
-            return Err(SessionError::NoUpstream);
-        }
+        // No track at all is a data-only room: children still attach for the data channel.
         self.hub.set_tracks(tracks);
         Ok(())
     }

@@ -224,6 +224,7 @@ pub(crate) struct Rooms {
 struct RoomsInner {
     by_id: HashMap<Id, mpsc::Sender<Input>>,
     by_topic: HashMap<String, Id>,
+    tasks: HashMap<Id, tokio::task::AbortHandle>,
 }
 
 impl Rooms {
@@ -244,6 +245,7 @@ impl Rooms {
     fn remove(&self, id: &Id) {
         let mut g = self.lock();
         g.by_id.remove(id);
+        g.tasks.remove(id);
         g.by_topic.retain(|_, v| v != id);
     }
 
@@ -291,6 +293,16 @@ impl Rooms {
         for tx in txs {
             let _ = tx.try_send(Input::PeerGone(peer));
         }
+    }
+
+    /// Stop every room task at once, telling nobody (crash simulation).
+    pub(crate) fn abort_all(&self) {
+        let mut g = self.lock();
+        for (_, t) in g.tasks.drain() {
+            t.abort();
+        }
+        g.by_id.clear();
+        g.by_topic.clear();
     }
 
     pub(crate) async fn shutdown_all(&self) {
@@ -570,7 +582,8 @@ impl Node {
             seq: 0,
             snapshot_inflight: false,
         };
-        tokio::spawn(task.run(rx, media_events));
+        let h = tokio::spawn(task.run(rx, media_events));
+        self.inner.rooms.lock().tasks.insert(room, h.abort_handle());
         Ok(RoomHandle {
             tx,
             events: Some(ev_rx),

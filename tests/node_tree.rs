@@ -1,0 +1,379 @@
+//! Real nodes on loopback forming a room tree: the state machine's rules hold on the wire,
+//! departures and crashes are repaired, forged records and forged tree updates are rejected.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use libp2p::PeerId;
+use tokio::time::{Instant, timeout};
+use waterfall::crypto::{Identity, KdfParams, Kind, now_ms};
+use waterfall::media::{FileSource, MediaSource, SourceOptions};
+use waterfall::node::room::{RoomStatus, WatchOptions, WatchTarget};
+use waterfall::node::{Node, NodeError, RoomConfig, RoomHandle};
+use waterfall::wire::{self, Id, RoomRequest, RoomResponse};
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+async fn node(boot: Vec<libp2p::Multiaddr>, cap: u16) -> Node {
+    init_tracing();
+    Node::builder()
+        .kdf(KdfParams::TEST_ONLY)
+        .bootstrap(boot)
+        .max_children(cap)
+        .spawn()
+        .await
+        .expect("node starts")
+}
+
+async fn broadcast(b: &Node, name: &str, pw: &str) -> RoomHandle {
+    let opts = SourceOptions {
+        loops: Some(1000),
+        ..Default::default()
+    };
+    let v = FileSource::open(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/f.ivf"),
+        opts,
+    )
+    .await
+    .unwrap();
+    let cfg = RoomConfig::new(name)
+        .password(pw)
+        .fanout(3)
+        .source(Box::new(v) as Box<dyn MediaSource>);
+    b.broadcast(cfg).await.expect("broadcast")
+}
+
+struct Member {
+    node: Node,
+    room: RoomHandle,
+}
+
+/// Statuses of every member, keyed by peer id.
+async fn statuses(root: (&Node, &RoomHandle), members: &[Member]) -> HashMap<PeerId, RoomStatus> {
+    let mut m = HashMap::new();
+    m.insert(root.0.peer_id(), root.1.status().await.unwrap());
+    for x in members {
+        if let Ok(s) = x.room.status().await {
+            m.insert(x.node.peer_id(), s);
+        }
+    }
+    m
+}
+
+/// The tree rules: capacity, parent/child agreement, depth = parent's + 1, no cycles.
+fn check_tree(root: PeerId, st: &HashMap<PeerId, RoomStatus>, cap: usize) -> Result<usize, String> {
+    let mut max_depth = 0;
+    for (p, s) in st {
+        if s.children.len() > cap {
+            return Err(format!("{p} has {} children > {cap}", s.children.len()));
+        }
+        for c in &s.children {
+            if let Some(cs) = st.get(c)
+                && cs.parent != Some(*p)
+            {
+                return Err(format!(
+                    "{p} lists child {c} whose parent is {:?}",
+                    cs.parent
+                ));
+            }
+        }
+        if *p == root {
+            continue;
+        }
+        let (Some(parent), Some(depth)) = (s.parent, s.depth) else {
+            return Err(format!("{p} is not attached"));
+        };
+        let ps = st
+            .get(&parent)
+            .ok_or(format!("{p}'s parent {parent} unknown"))?;
+        if ps.depth.map(|d| d + 1) != Some(depth) {
+            return Err(format!("{p} depth {depth}, parent depth {:?}", ps.depth));
+        }
+        if !ps.children.contains(p) {
+            return Err(format!("{parent} does not list its child {p}"));
+        }
+        // Follow parents to the root: a cycle never gets there.
+        let mut cur = *p;
+        let mut hops = 0;
+        while cur != root {
+            cur = st
+                .get(&cur)
+                .and_then(|s| s.parent)
+                .ok_or(format!("{p}: broken path"))?;
+            hops += 1;
+            if hops > st.len() {
+                return Err(format!("cycle through {p}"));
+            }
+        }
+        max_depth = max_depth.max(depth as usize);
+    }
+    Ok(max_depth)
+}
+
+async fn wait_tree(
+    root: (&Node, &RoomHandle),
+    members: &[Member],
+    cap: usize,
+    within: Duration,
+) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let st = statuses(root, members).await;
+        match check_tree(root.0.peer_id(), &st, cap) {
+            Ok(d) if st.len() == members.len() + 1 => return d,
+            Ok(_) => {}
+            Err(e) if Instant::now() >= deadline => panic!("tree not valid in time: {e}"),
+            Err(_) => {}
+        }
+        assert!(Instant::now() < deadline, "tree incomplete in time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_nodes_form_a_tree_and_repair_leave_and_crash() {
+    timeout(Duration::from_secs(240), async {
+        let b = node(vec![], 3).await;
+        let room = broadcast(&b, "tree", "pw").await;
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        // Join in concurrent waves of 5: joiners race for the same free slots.
+        let mut members = Vec::new();
+        for wave in 0..4 {
+            let mut joins = Vec::new();
+            for _ in 0..5 {
+                let (boot, ticket) = (boot.clone(), ticket.clone());
+                joins.push(tokio::spawn(async move {
+                    let n = node(boot, 3).await;
+                    let r = n
+                        .watch(
+                            WatchTarget::Ticket(ticket),
+                            Some("pw"),
+                            WatchOptions::default(),
+                        )
+                        .await
+                        .expect("joins");
+                    Member { node: n, room: r }
+                }));
+            }
+            for j in joins {
+                members.push(j.await.unwrap());
+            }
+            eprintln!("wave {wave} joined");
+        }
+        let depth = wait_tree((&b, &room), &members, 3, Duration::from_secs(60)).await;
+        eprintln!("20 nodes: max depth {depth}");
+        // ceil(log3(20 * 2 / 3 + 1)) = 3 levels of viewers when packed; one more is allowed.
+        assert!(depth <= 4, "depth {depth}");
+
+        // A relay leaves gracefully, another crashes.
+        let st = statuses((&b, &room), &members).await;
+        let relays: Vec<usize> = members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| {
+                st.get(&m.node.peer_id())
+                    .is_some_and(|s| !s.children.is_empty())
+            })
+            .map(|(i, _)| i)
+            .collect();
+        assert!(relays.len() >= 2, "need two relays, have {}", relays.len());
+        let leaver = members.remove(relays[0]);
+        let orphans_l = st[&leaver.node.peer_id()].children.clone();
+        leaver.room.leave().await;
+        leaver.node.shutdown().await;
+        let crasher = members.remove(relays[1] - 1);
+        let orphans_c = st[&crasher.node.peer_id()].children.clone();
+        crasher.node.crash().await;
+        drop(crasher);
+        eprintln!(
+            "left: {} orphans, crashed: {} orphans",
+            orphans_l.len(),
+            orphans_c.len()
+        );
+        let t = Instant::now();
+        wait_tree((&b, &room), &members, 3, Duration::from_secs(60)).await;
+        eprintln!("repaired in {:?}", t.elapsed());
+        for m in members {
+            m.room.leave().await;
+            m.node.shutdown().await;
+        }
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_records_and_updates_are_rejected() {
+    timeout(Duration::from_secs(120), async {
+        let b = node(vec![], 3).await;
+        let room = broadcast(&b, "guarded", "pw").await;
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        let attacker = node(boot.clone(), 3).await;
+        let keys = attacker.room_keys("guarded", Some("pw")).await.unwrap();
+
+        // 1. Another signer cannot replace the live record: the broadcaster's DHT refuses it,
+        //    and a viewer still finds the real room (by ticket and by name).
+        let forged = attacker.identity().seal_envelope(
+            Kind::RoomRecord,
+            999,
+            now_ms() + 60_000,
+            keys.seal(Kind::RoomRecord, b"not a record"),
+        );
+        let _ = attacker
+            .net()
+            .put_record(keys.locator().to_vec(), wire::encode(&forged))
+            .await;
+        let v = node(boot.clone(), 3).await;
+        let r = v
+            .watch(
+                WatchTarget::Ticket(ticket.clone()),
+                Some("pw"),
+                WatchOptions::default(),
+            )
+            .await
+            .expect("the real room is found despite the forged record");
+        r.leave().await;
+        v.shutdown().await;
+
+        // 2. A forged record in a room nobody created: a clear error, not a hang.
+        let other = attacker.room_keys("nobody", Some("pw")).await.unwrap();
+        let junk = attacker.identity().seal_envelope(
+            Kind::RoomRecord,
+            1,
+            now_ms() + 60_000,
+            other.seal(Kind::RoomRecord, b"junk"),
+        );
+        let _ = attacker
+            .net()
+            .put_record(other.locator().to_vec(), wire::encode(&junk))
+            .await;
+        let v = node(boot.clone(), 3).await;
+        let t = Instant::now();
+        let err = v
+            .watch(
+                WatchTarget::Name("nobody".into()),
+                Some("pw"),
+                WatchOptions::default(),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, NodeError::TamperedRecord { .. }), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(20));
+
+        // 3. Forged tree updates sent straight to the broadcaster are refused with a reason.
+        let room_id = Id(*keys.locator());
+        let ask = |env: wire::Envelope| {
+            let net = attacker.net().clone();
+            let to = b.peer_id();
+            async move {
+                let req = wire::encode(&RoomRequest {
+                    v: wire::VERSION,
+                    room: room_id,
+                    env,
+                });
+                let resp = net.request(to, req, Duration::from_secs(5)).await.unwrap();
+                wire::decode::<RoomResponse>(&resp).unwrap().error
+            }
+        };
+        let update_about = |peer: [u8; 32]| wire::TreeUpdate {
+            v: wire::VERSION,
+            peer: Id(peer),
+            parent: None,
+            depth: 0,
+            ancestors: vec![],
+            children: vec![],
+            capacity: 100,
+            uplink_kbps: 1,
+            seq: 1,
+            ts_ms: now_ms(),
+        };
+        // (a) an update about someone else (the broadcaster itself), signed by the attacker
+        let env = attacker.identity().seal_envelope(
+            Kind::TreeUpdate,
+            1,
+            now_ms() + 30_000,
+            keys.seal(
+                Kind::TreeUpdate,
+                &wire::encode(&update_about(b.identity().public())),
+            ),
+        );
+        assert!(
+            ask(env).await.is_some(),
+            "update about another peer accepted"
+        );
+        // (b) a valid update with a tampered signature
+        let mut env = attacker.identity().seal_envelope(
+            Kind::TreeUpdate,
+            2,
+            now_ms() + 30_000,
+            keys.seal(
+                Kind::TreeUpdate,
+                &wire::encode(&update_about(attacker.identity().public())),
+            ),
+        );
+        env.sig[0] ^= 1;
+        assert!(ask(env).await.is_some(), "tampered signature accepted");
+        // (c) signed by a key other than the sending peer's
+        let stranger = Identity::generate();
+        let env = stranger.seal_envelope(
+            Kind::TreeUpdate,
+            1,
+            now_ms() + 30_000,
+            keys.seal(
+                Kind::TreeUpdate,
+                &wire::encode(&update_about(stranger.public())),
+            ),
+        );
+        assert!(
+            ask(env).await.is_some(),
+            "envelope of another signer accepted"
+        );
+        // (d) sealed with the wrong room key (a non-member)
+        let wrong = attacker.room_keys("guarded", Some("guess")).await.unwrap();
+        let env = attacker.identity().seal_envelope(
+            Kind::TreeUpdate,
+            3,
+            now_ms() + 30_000,
+            wrong.seal(
+                Kind::TreeUpdate,
+                &wire::encode(&update_about(attacker.identity().public())),
+            ),
+        );
+        assert!(ask(env).await.is_some(), "non-member update accepted");
+        // (e) garbage bytes: refused, and the broadcaster keeps serving.
+        let resp = attacker
+            .net()
+            .request(b.peer_id(), vec![0xff; 64], Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(wire::decode::<RoomResponse>(&resp).unwrap().error.is_some());
+        let st = room.status().await.unwrap();
+        assert_eq!(st.depth, Some(0));
+        let v = node(boot, 3).await;
+        let r = v
+            .watch(
+                WatchTarget::Ticket(ticket),
+                Some("pw"),
+                WatchOptions::default(),
+            )
+            .await
+            .expect("still serving");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while r.status().await.unwrap().depth.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "a newcomer joins after the attack"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("bounded");
+}
