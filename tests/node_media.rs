@@ -260,3 +260,95 @@ async fn wrong_password_is_a_clear_error() {
     .await
     .expect("bounded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_a_relay_its_subtree_resumes_and_files_stay_valid() {
+    timeout(Duration::from_secs(180), async {
+        let dir = tempfile::tempdir().unwrap();
+        init_tracing();
+        let b = Node::builder()
+            .kdf(KdfParams::TEST_ONLY)
+            .max_children(2)
+            .spawn()
+            .await
+            .unwrap();
+        // 4 passes of the 3 s clip: the crash happens in the middle of the stream.
+        let opts = SourceOptions {
+            loops: Some(3),
+            ..Default::default()
+        };
+        let v = FileSource::open(fixture("f.ivf"), opts).await.unwrap();
+        let mut cfg = RoomConfig::new("relaykill")
+            .password("pw")
+            .fanout(2)
+            .source(Box::new(v) as Box<dyn MediaSource>);
+        cfg.autostart = false;
+        cfg.tree = tree_cfg();
+        let room = b.broadcast(cfg).await.unwrap();
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        let mut ws = Vec::new();
+        for i in 0..6 {
+            let mut w = watcher(dir.path(), i, &boot, &ticket, "pw").await;
+            wait_connected(&mut w, i).await;
+            ws.push(w);
+        }
+        room.start();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Crash a depth-1 relay (it has children); its subtree must come back.
+        let mut victim = None;
+        for (i, w) in ws.iter().enumerate() {
+            let s = w.room.status().await.unwrap();
+            if s.depth == Some(1) && !s.children.is_empty() {
+                victim = Some((i, s.children.clone()));
+                break;
+            }
+        }
+        let (vi, orphans) = victim.expect("a depth-1 relay with children");
+        let dead = ws.remove(vi);
+        dead.node.crash().await;
+        drop(dead);
+        let crashed_at = Instant::now();
+        let mut orphan_ws: Vec<&mut Watcher> = ws
+            .iter_mut()
+            .filter(|w| orphans.contains(&w.node.peer_id()))
+            .collect();
+        assert!(!orphan_ws.is_empty());
+        // Each orphan gets a new parent and frames flow again.
+        for w in orphan_ws.iter_mut() {
+            let base = read_all_frames(&w.video).map(|f| f.len()).unwrap_or(0);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let s = w.room.status().await.unwrap();
+                let now = read_all_frames(&w.video).map(|f| f.len()).unwrap_or(0);
+                if s.depth.is_some() && now > base + 15 {
+                    eprintln!(
+                        "orphan resumed {:?} after the crash at depth {:?}",
+                        crashed_at.elapsed(),
+                        s.depth
+                    );
+                    break;
+                }
+                assert!(Instant::now() < deadline, "subtree did not resume within 20 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let src = read_all_frames(fixture("f.ivf")).unwrap();
+        for w in ws {
+            w.room.leave().await;
+            w.node.shutdown().await;
+            // Valid and decodable; every frame written is a frame of the source.
+            ffmpeg_ok(&w.video);
+            let got = read_all_frames(&w.video).unwrap();
+            assert!(!got.is_empty());
+            for f in &got {
+                assert!(src.iter().any(|s| s.data == f.data), "a frame not from the source");
+            }
+        }
+        room.leave().await;
+        b.shutdown().await;
+    })
+    .await
+    .expect("bounded");
+}
