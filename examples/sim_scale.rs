@@ -18,6 +18,19 @@ fn main() {
         seed: nums.get(3).map_or(1, |s| *s as u64),
         ..SimConfig::default()
     };
+    let mut cfg = cfg;
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
+    if let Some(v) = env("JOIN_RATE") {
+        cfg.join_rate_per_sec = v;
+    }
+    if let Some(v) = env("CRASH_FRACTION") {
+        cfg.crash_fraction = v;
+    }
+    if let Some(v) = env("FIXED") {
+        if v > 0.0 {
+            cfg.capacity = waterfall::proto::sim::CapacityDist::Fixed;
+        }
+    }
     let t0 = Instant::now();
     let report = run(&cfg);
     let wall = t0.elapsed();

@@ -68,6 +68,8 @@ const MAX_SLOTS_IN: usize = 32;
 const MAX_HINTS: usize = 24;
 /// Minimum gap between two relocation orders from one parent.
 const RELOCATE_GAP_MS: u64 = 10_000;
+/// How many times a join request may be passed down by full candidates.
+const MAX_FORWARD: u8 = 3;
 
 /// The signed state a peer announces to its tree neighbours.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +123,9 @@ pub enum JoinKind {
     Repair,
     /// Rebalancing: make-before-break move of an attached node.
     Move,
+    /// Directed by the departing parent to a slot in the successor's subtree; accepted even while
+    /// the target is itself repairing (the departing parent made the plan acyclic).
+    Handover,
 }
 
 /// Why a join was refused.
@@ -153,6 +158,11 @@ pub enum TreeMsg {
         max_depth: Option<u16>,
         /// The parent the joiner just lost (refuse if it is among your ancestors).
         lost_parent: Option<NodeId>,
+        /// Set when a full candidate forwarded the request down its subtree: the real joiner,
+        /// to whom the answer goes.
+        joiner: Option<NodeId>,
+        /// Times forwarded so far.
+        hops: u8,
     },
     /// Adopted: the parent's update and its directory.
     Accept {
@@ -356,18 +366,30 @@ struct ChildInfo {
 }
 
 #[derive(Clone, Copy, Debug)]
+struct JoinReq {
+    joiner: NodeId,
+    kind: JoinKind,
+    capacity: u16,
+    max_depth: Option<u16>,
+    lost_parent: Option<NodeId>,
+    hops: u8,
+}
+
+#[derive(Clone, Copy, Debug)]
 struct Pending {
     target: NodeId,
     kind: JoinKind,
     sent: Millis,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Orphan {
     since: Millis,
     old_depth: u16,
     lost: Option<NodeId>,
     successor: Option<NodeId>,
+    /// Our path before the loss (tells a successor grandparent from a handover target).
+    lost_ancestors: Vec<NodeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -620,7 +642,19 @@ impl TreeNode {
                 capacity,
                 max_depth,
                 lost_parent,
-            } => self.on_join(from, kind, capacity, max_depth, lost_parent, now),
+                joiner,
+                hops,
+            } => {
+                let req = JoinReq {
+                    joiner: joiner.unwrap_or(from),
+                    kind,
+                    capacity,
+                    max_depth,
+                    lost_parent,
+                    hops,
+                };
+                self.on_join(req, now)
+            }
             TreeMsg::Accept { parent, directory } => self.on_accept(from, parent, directory, now),
             TreeMsg::Refuse { reason: _, hints } => self.on_refuse(from, hints, now),
             TreeMsg::Leave { successor } => self.on_leave(from, successor, now),
@@ -725,15 +759,28 @@ impl TreeNode {
         if self.left {
             return;
         }
+        // The most capable child takes our slot at our parent; its siblings are directed to the
+        // free slots of its subtree (disjoint from theirs, so the plan has no cycle), where they
+        // keep their depth. Those without a slot fall back on their backups.
         let successor_child = self
             .children
             .iter()
             .max_by_key(|(id, c)| (c.capacity, c.has_children, Reverse(**id)))
             .map(|(id, _)| *id);
+        let mut slots: Vec<SlotAd> = successor_child
+            .and_then(|s| self.children.get(&s))
+            .map(|c| c.summary.clone())
+            .unwrap_or_default();
         let kids: Vec<NodeId> = self.children.keys().copied().collect();
         for c in kids {
-            let successor = if Some(c) == successor_child && self.path.is_some() {
-                self.parent
+            let successor = if Some(c) == successor_child {
+                self.parent.filter(|_| self.path.is_some())
+            } else if let (Some(_), Some(d)) = (successor_child, self.depth()) {
+                // Only the successor and its children: the orphan ends at most one level deeper.
+                slots.iter_mut().find(|a| a.free > 0 && a.depth <= d + 2).map(|a| {
+                    a.free -= 1;
+                    a.peer
+                })
             } else {
                 None
             };
@@ -765,7 +812,8 @@ impl TreeNode {
     // ----- join side -----
 
     fn on_accept(&mut self, from: NodeId, upd: TreeUpdate, directory: Vec<SlotAd>, now: Millis) {
-        let Some(p) = self.pending.filter(|p| p.target == from) else {
+        // The answer may come from where a full target forwarded our request.
+        let Some(p) = self.pending else {
             // Stale (we timed out and went elsewhere): free the slot we were given.
             if self.parent != Some(from) {
                 self.send(from, TreeMsg::Leave { successor: None });
@@ -773,7 +821,7 @@ impl TreeNode {
             return;
         };
         self.pending = None;
-        let bad = upd.depth == DEPTH_DETACHED
+        let bad = (upd.depth == DEPTH_DETACHED && p.kind != JoinKind::Handover)
             || upd.ancestors.len() >= MAX_ANCESTORS
             || upd.ancestors.contains(&self.id)
             || upd.peer != from;
@@ -792,6 +840,17 @@ impl TreeNode {
         }
         self.parent = Some(from);
         self.parent_capacity = upd.capacity;
+        if upd.depth == DEPTH_DETACHED {
+            // Handover to a sibling that is itself repairing: we follow it once it is attached.
+            self.path = None;
+            self.upstream_detached_since = Some(now);
+            self.hints.clear();
+            self.out.push_back(Output::ConnectParent { peer: from });
+            self.emit(TreeEvent::ParentChanged { old, new: from });
+            self.orphan = None;
+            self.publish_now(now);
+            return;
+        }
         let mut ancestors = upd.ancestors;
         ancestors.push(from);
         let new_path = Path {
@@ -844,13 +903,17 @@ impl TreeNode {
     }
 
     fn on_refuse(&mut self, from: NodeId, hints: Vec<SlotAd>, now: Millis) {
-        if !self.pending.is_some_and(|p| p.target == from) {
+        if self.pending.is_none() {
             return;
         }
         let kind = self.pending.map(|p| p.kind);
-        self.pending = None;
-        self.refused
-            .insert(from, now.plus(self.cfg.refuse_memory_ms));
+        let until = now.plus(self.cfg.refuse_memory_ms);
+        if let Some(p) = self.pending.take() {
+            // Full, or it would not have forwarded.
+            self.refused.insert(p.target, until);
+            self.hints.retain(|h| h.peer != p.target);
+        }
+        self.refused.insert(from, until);
         self.hints.retain(|h| h.peer != from);
         for h in hints.into_iter().take(MAX_SLOTS_IN) {
             self.add_hint(h);
@@ -899,34 +962,55 @@ impl TreeNode {
             && ad.free > 0
             && ad.depth != DEPTH_DETACHED
             && Some(ad.peer) != self.parent
-            && self.orphan.is_none_or(|o| o.lost != Some(ad.peer))
+            && self.orphan.as_ref().is_none_or(|o| o.lost != Some(ad.peer))
             && self.refused.get(&ad.peer).is_none_or(|t| *t <= now)
             && !self.in_own_subtree(ad.peer)
     }
 
+    /// Usable candidates: the hints (fresh: from a snapshot or a refusal) if any, else the
+    /// directory (older, often stale at the top).
     fn candidates(&self, now: Millis) -> Vec<SlotAd> {
         let mut v: Vec<SlotAd> = self
             .hints
             .iter()
-            .chain(self.directory.iter())
             .filter(|a| self.usable(a, now))
             .copied()
             .collect();
+        if v.is_empty() {
+            v = self
+                .directory
+                .iter()
+                .filter(|a| self.usable(a, now))
+                .copied()
+                .collect();
+        }
         dedup_ads(&mut v);
         v
     }
 
-    /// Join rule: smallest depth, then most free slots, then lowest RTT, then random.
+    /// Join rule: smallest depth first. Among the candidates of that depth the choice is random,
+    /// weighted by spare slots and by RTT: the tie-breaks of the design (spare capacity, then
+    /// RTT) as preferences rather than absolutes, so that joiners holding the same directory
+    /// do not all race for one slot.
     fn pick(&mut self, cands: &[SlotAd]) -> Option<SlotAd> {
-        let mut best: Option<((u16, Reverse<u16>, u32, u64), SlotAd)> = None;
-        for a in cands {
-            let rtt = self.rtt.get(&a.peer).copied().unwrap_or(u32::MAX);
-            let key = (a.depth, Reverse(a.free), rtt, self.rng.next_u64());
-            if best.as_ref().is_none_or(|(k, _)| key < *k) {
-                best = Some((key, *a));
+        let min = cands.iter().map(|a| a.depth).min()?;
+        let weights: Vec<(SlotAd, u64)> = cands
+            .iter()
+            .filter(|a| a.depth == min)
+            .map(|a| {
+                let rtt = self.rtt.get(&a.peer).copied().unwrap_or(100).max(1) as u64;
+                (*a, (a.free as u64 * 1_000_000) / rtt)
+            })
+            .collect();
+        let total: u64 = weights.iter().map(|(_, w)| *w).sum();
+        let mut r = self.rng.below(total.max(1));
+        for (a, w) in &weights {
+            if r < *w {
+                return Some(*a);
             }
+            r -= w;
         }
-        best.map(|(_, a)| a)
+        weights.first().map(|(a, _)| *a)
     }
 
     fn attempt_join(&mut self, now: Millis) {
@@ -934,13 +1018,22 @@ impl TreeNode {
             return;
         }
         self.refused.retain(|_, t| *t > now);
-        let (kind, max_depth, lost) = if let Some(o) = self.orphan {
-            let strict = now < o.since.plus(self.cfg.repair_settle_ms);
+        let (kind, max_depth, lost) = if let Some(o) = self.orphan.clone() {
+            // Without children we cannot close a cycle: no need to wait for shallower parents.
+            let strict =
+                !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
             // Successor named by the departed parent first, then the backup.
             let mut target = None;
             if let Some(s) = o.successor.filter(|s| self.refused.get(s).is_none_or(|t| *t <= now))
             {
-                target = Some((s, Some(o.old_depth.saturating_sub(1))));
+                let kind = if o.lost_ancestors.contains(&s) {
+                    JoinKind::Repair
+                } else {
+                    JoinKind::Handover
+                };
+                let md = (kind == JoinKind::Repair).then(|| o.old_depth.saturating_sub(1));
+                self.send_join(s, kind, md, o.lost, now);
+                return;
             }
             if target.is_none() {
                 let cands = self.candidates(now);
@@ -1007,6 +1100,8 @@ impl TreeNode {
                 capacity: self.capacity,
                 max_depth,
                 lost_parent,
+                joiner: None,
+                hops: 0,
             },
         );
     }
@@ -1073,17 +1168,29 @@ impl TreeNode {
             .saturating_sub(self.children.len().min(u16::MAX as usize) as u16)
     }
 
-    fn on_join(
-        &mut self,
-        from: NodeId,
-        kind: JoinKind,
-        capacity: u16,
-        max_depth: Option<u16>,
-        lost_parent: Option<NodeId>,
-        now: Millis,
-    ) {
+    fn on_join(&mut self, req: JoinReq, now: Millis) {
+        let JoinReq {
+            joiner: from,
+            kind,
+            capacity,
+            max_depth,
+            lost_parent,
+            hops,
+        } = req;
+        if from == self.id {
+            return;
+        }
+        let handover = kind == JoinKind::Handover;
         let reason = if self.children.contains_key(&from) {
             None // duplicate (our Accept was lost or is in flight): accept again
+        } else if handover {
+            if self.ancestors().contains(&from) || self.parent == Some(from) {
+                Some(RefuseReason::Cycle)
+            } else if self.free() == 0 {
+                Some(RefuseReason::Full)
+            } else {
+                None
+            }
         } else if self.path.is_none() {
             Some(RefuseReason::NotAttached)
         } else if self.ancestors().contains(&from)
@@ -1099,6 +1206,13 @@ impl TreeNode {
         } else {
             None
         };
+        if reason == Some(RefuseReason::Full)
+            && !handover
+            && hops < MAX_FORWARD
+            && self.forward_join(&req, now)
+        {
+            return;
+        }
         if let Some(reason) = reason {
             let hints: Vec<SlotAd> = if reason == RefuseReason::Full {
                 self.compute_summary(self.cfg.summary_len)
@@ -1132,6 +1246,45 @@ impl TreeNode {
             self.emit(TreeEvent::ChildAdded(from));
             self.children_changed(now);
         }
+    }
+
+    /// A full candidate passes the request to a free slot of its subtree, whose summary is fresher
+    /// than what the joiner holds (saves the joiner a round trip per level).
+    fn forward_join(&mut self, req: &JoinReq, now: Millis) -> bool {
+        let _ = now;
+        let cands: Vec<SlotAd> = self
+            .children
+            .values()
+            .flat_map(|c| c.summary.iter())
+            .filter(|a| {
+                a.free > 0
+                    && a.peer != req.joiner
+                    && a.peer != self.id
+                    && req.max_depth.is_none_or(|m| a.depth <= m)
+            })
+            .copied()
+            .collect();
+        let Some(target) = self.pick(&cands) else {
+            return false;
+        };
+        // Book the slot in our copy so the next joiner goes elsewhere.
+        for c in self.children.values_mut() {
+            for a in c.summary.iter_mut().filter(|a| a.peer == target.peer) {
+                a.free = a.free.saturating_sub(1);
+            }
+        }
+        self.send(
+            target.peer,
+            TreeMsg::Join {
+                kind: req.kind,
+                capacity: req.capacity,
+                max_depth: req.max_depth,
+                lost_parent: req.lost_parent,
+                joiner: Some(req.joiner),
+                hops: req.hops + 1,
+            },
+        );
+        true
     }
 
     fn maybe_relocate_for(&mut self, capacity: u16, now: Millis) {
@@ -1185,13 +1338,14 @@ impl TreeNode {
         }
         let lost = self.parent.take();
         let old_depth = self.depth().unwrap_or(self.last_depth).max(1);
-        self.path = None;
+        let lost_ancestors = self.path.take().map(|p| p.ancestors).unwrap_or_default();
         self.upstream_detached_since = None;
         self.orphan = Some(Orphan {
             since: now,
             old_depth,
             lost,
             successor,
+            lost_ancestors,
         });
         if let Some(p) = self.pending.as_mut() {
             // A move in progress becomes the repair.
@@ -1500,6 +1654,8 @@ impl TreeMsg {
                 capacity,
                 max_depth,
                 lost_parent,
+                joiner,
+                hops,
             } => (
                 "Join",
                 1 + cbor_text("kind")
@@ -1507,13 +1663,18 @@ impl TreeMsg {
                         JoinKind::New => "New",
                         JoinKind::Repair => "Repair",
                         JoinKind::Move => "Move",
+                        JoinKind::Handover => "Handover",
                     })
                     + cbor_text("capacity")
                     + cbor_uint(*capacity as u64)
                     + cbor_text("max_depth")
                     + cbor_opt_u16(max_depth)
                     + cbor_text("lost_parent")
-                    + cbor_opt_id(lost_parent),
+                    + cbor_opt_id(lost_parent)
+                    + cbor_text("joiner")
+                    + cbor_opt_id(joiner)
+                    + cbor_text("hops")
+                    + cbor_uint(*hops as u64),
             ),
             TreeMsg::Accept { parent, directory } => (
                 "Accept",
