@@ -1709,3 +1709,387 @@ impl TreeMsg {
         1 + cbor_text(name) + body
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    fn cfg(cap: u16) -> Config {
+        Config {
+            max_children: Some(cap),
+            ..Config::default()
+        }
+    }
+
+    fn drain(n: &mut TreeNode) -> Vec<Output> {
+        std::iter::from_fn(|| n.poll_output()).collect()
+    }
+
+    fn sent(out: &[Output]) -> Vec<(NodeId, TreeMsg)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { to, msg } => Some((*to, msg.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ad(n: u8, depth: u16, free: u16) -> SlotAd {
+        SlotAd {
+            peer: id(n),
+            depth,
+            free,
+            capacity: 4,
+        }
+    }
+
+    fn join_msg(kind: JoinKind) -> TreeMsg {
+        TreeMsg::Join {
+            kind,
+            capacity: 4,
+            max_depth: None,
+            lost_parent: None,
+            joiner: None,
+            hops: 0,
+        }
+    }
+
+    /// A viewer attached under `parent` (whose path is `ancestors` + parent at `depth - 1`).
+    fn attached(me: u8, parent: u8, ancestors: &[u8], cap: u16) -> TreeNode {
+        let mut n = TreeNode::new(id(me), cfg(cap), me as u64);
+        let t = Millis(0);
+        n.start(t);
+        n.handle_snapshot(
+            Snapshot {
+                candidates: vec![ad(parent, ancestors.len() as u16, 1)],
+            },
+            t,
+        );
+        let upd = TreeUpdate {
+            peer: id(parent),
+            parent: ancestors.last().map(|a| id(*a)),
+            depth: ancestors.len() as u16,
+            ancestors: ancestors.iter().map(|a| id(*a)).collect(),
+            children: vec![id(me)],
+            capacity: 4,
+            uplink_kbps: 0,
+            seq: 1,
+            ts_ms: 0,
+        };
+        n.handle_message(
+            id(parent),
+            TreeMsg::Accept {
+                parent: upd,
+                directory: vec![ad(50, 1, 2), ad(51, 1, 3)],
+            },
+            t,
+        );
+        drain(&mut n);
+        n
+    }
+
+    #[test]
+    fn capacity_configured_or_measured() {
+        assert_eq!(cfg(3).capacity(), 3);
+        let measured = Config {
+            max_children: None,
+            uplink_kbps: 5_500,
+            stream_kbps: 1_000,
+            ..Config::default()
+        };
+        assert_eq!(measured.capacity(), 5);
+        let slow = Config {
+            max_children: None,
+            uplink_kbps: 800,
+            stream_kbps: 1_000,
+            ..Config::default()
+        };
+        assert_eq!(slow.capacity(), 0, "less than one stream of uplink: leaf only");
+    }
+
+    #[test]
+    fn join_picks_the_shallowest_free_slot() {
+        let mut n = TreeNode::new(id(9), cfg(4), 1);
+        n.start(Millis(0));
+        assert!(drain(&mut n).contains(&Output::RequestSnapshot));
+        n.handle_snapshot(
+            Snapshot {
+                candidates: vec![ad(3, 3, 4), ad(1, 1, 1), ad(2, 2, 4), ad(4, 1, 0)],
+            },
+            Millis(10),
+        );
+        let s = sent(&drain(&mut n));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, id(1), "depth 1 with a free slot beats more spare capacity deeper");
+    }
+
+    #[test]
+    fn parent_accepts_up_to_capacity_and_refuses_the_rest() {
+        let mut root = TreeNode::new_root(id(0), cfg(2), 7);
+        for j in 1..=3u8 {
+            root.handle_message(id(j), join_msg(JoinKind::New), Millis(j as u64));
+        }
+        let out = drain(&mut root);
+        let s = sent(&out);
+        let accepted: Vec<NodeId> = s
+            .iter()
+            .filter(|(_, m)| matches!(m, TreeMsg::Accept { .. }))
+            .map(|(to, _)| *to)
+            .collect();
+        assert_eq!(accepted, vec![id(1), id(2)]);
+        assert!(s.iter().any(|(to, m)| *to == id(3)
+            && matches!(
+                m,
+                TreeMsg::Refuse {
+                    reason: RefuseReason::Full,
+                    ..
+                }
+            )));
+        assert_eq!(root.child_count(), 2);
+    }
+
+    #[test]
+    fn leaf_only_peer_refuses_children() {
+        let mut n = attached(5, 0, &[], 0);
+        n.handle_message(id(6), join_msg(JoinKind::New), Millis(5));
+        let s = sent(&drain(&mut n));
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Refuse {
+                reason: RefuseReason::Full,
+                ..
+            }
+        ));
+        assert_eq!(n.child_count(), 0);
+    }
+
+    #[test]
+    fn never_adopts_an_ancestor() {
+        // 3 is under 2 under 1 under root 0: 1 must not become 3's child.
+        let mut n = attached(3, 2, &[0, 1], 4);
+        assert_eq!(n.depth(), Some(3));
+        n.handle_message(id(1), join_msg(JoinKind::Repair), Millis(5));
+        let s = sent(&drain(&mut n));
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Refuse {
+                reason: RefuseReason::Cycle,
+                ..
+            }
+        ));
+        // Nor the sibling subtree of a joiner whose lost parent is our ancestor.
+        n.handle_message(
+            id(7),
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                capacity: 1,
+                max_depth: None,
+                lost_parent: Some(id(2)),
+                joiner: None,
+                hops: 0,
+            },
+            Millis(6),
+        );
+        let s = sent(&drain(&mut n));
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Refuse {
+                reason: RefuseReason::Cycle,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn parent_loss_switches_to_backup_at_once() {
+        let mut n = attached(5, 1, &[0], 4);
+        let backup = n.backup().expect("a backup is chosen on attach");
+        assert!(backup == id(50) || backup == id(51));
+        n.handle_link_down(id(1), Millis(100));
+        let out = drain(&mut n);
+        assert!(out.contains(&Output::Event(TreeEvent::Orphaned { lost: id(1) })));
+        let s = sent(&out);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, backup);
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                ..
+            }
+        ));
+        assert!(n.is_orphan() && !n.is_attached());
+    }
+
+    #[test]
+    fn graceful_leave_tells_children_and_parent() {
+        let mut n = attached(5, 1, &[0], 4);
+        n.handle_message(id(20), join_msg(JoinKind::New), Millis(1));
+        n.handle_message(
+            id(21),
+            TreeMsg::Join {
+                kind: JoinKind::New,
+                capacity: 8,
+                max_depth: None,
+                lost_parent: None,
+                joiner: None,
+                hops: 0,
+            },
+            Millis(1),
+        );
+        drain(&mut n);
+        n.leave(Millis(2));
+        let s = sent(&drain(&mut n));
+        let to = |p: NodeId| s.iter().find(|(t, _)| *t == p).map(|(_, m)| m.clone());
+        // The most capable child inherits our slot at our parent.
+        assert_eq!(
+            to(id(21)),
+            Some(TreeMsg::Leave {
+                successor: Some(id(1))
+            })
+        );
+        assert!(matches!(to(id(20)), Some(TreeMsg::Leave { .. })));
+        assert_eq!(to(id(1)), Some(TreeMsg::Leave { successor: None }));
+        assert!(n.has_left());
+    }
+
+    #[test]
+    fn a_cycle_announced_by_the_parent_is_left() {
+        let mut n = attached(5, 1, &[0], 4);
+        let upd = TreeUpdate {
+            peer: id(1),
+            parent: Some(id(5)),
+            depth: 2,
+            ancestors: vec![id(0), id(5)],
+            children: vec![id(5)],
+            capacity: 4,
+            uplink_kbps: 0,
+            seq: 9,
+            ts_ms: 0,
+        };
+        n.handle_update(id(1), upd, Millis(3));
+        let out = drain(&mut n);
+        assert!(sent(&out).contains(&(id(1), TreeMsg::Leave { successor: None })));
+        assert!(n.is_orphan());
+    }
+
+    #[test]
+    fn full_parent_forwards_to_its_subtree() {
+        let mut root = TreeNode::new_root(id(0), cfg(1), 3);
+        root.handle_message(id(1), join_msg(JoinKind::New), Millis(0));
+        root.handle_message(
+            id(1),
+            TreeMsg::Summary {
+                slots: vec![ad(1, 1, 3)],
+            },
+            Millis(1),
+        );
+        drain(&mut root);
+        root.handle_message(id(2), join_msg(JoinKind::New), Millis(2));
+        let s = sent(&drain(&mut root));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, id(1));
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Join {
+                joiner: Some(j),
+                hops: 1,
+                ..
+            } if j == id(2)
+        ));
+    }
+
+    #[test]
+    fn move_is_make_before_break() {
+        let mut n = attached(5, 1, &[0, 8, 9], 8);
+        assert_eq!(n.depth(), Some(4));
+        n.handle_message(
+            id(1),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 1, 2)],
+            },
+            Millis(1),
+        );
+        drain(&mut n);
+        n.handle_timeout(Millis(1_000_000));
+        let s = sent(&drain(&mut n));
+        assert!(
+            s.iter()
+                .any(|(to, m)| *to == id(60) && matches!(m, TreeMsg::Join { kind: JoinKind::Move, .. })),
+            "{s:?}"
+        );
+        // Still attached to the old parent while the move is pending.
+        assert_eq!(n.parent(), Some(id(1)));
+        let upd = TreeUpdate {
+            peer: id(60),
+            parent: Some(id(0)),
+            depth: 1,
+            ancestors: vec![id(0)],
+            children: vec![id(5)],
+            capacity: 4,
+            uplink_kbps: 0,
+            seq: 1,
+            ts_ms: 0,
+        };
+        n.handle_message(
+            id(60),
+            TreeMsg::Accept {
+                parent: upd,
+                directory: vec![],
+            },
+            Millis(1_000_100),
+        );
+        let s = sent(&drain(&mut n));
+        assert!(s.contains(&(id(1), TreeMsg::Leave { successor: None })));
+        assert_eq!(n.parent(), Some(id(60)));
+        assert_eq!(n.depth(), Some(2));
+    }
+
+    #[test]
+    fn wire_len_matches_cbor() {
+        let upd = TreeUpdate {
+            peer: id(1),
+            parent: Some(id(2)),
+            depth: 3,
+            ancestors: vec![id(3), id(2)],
+            children: vec![id(4)],
+            capacity: 4,
+            uplink_kbps: 12_000,
+            seq: 77,
+            ts_ms: 1_700_000_000_000,
+        };
+        let msgs = vec![
+            join_msg(JoinKind::Repair),
+            TreeMsg::Accept {
+                parent: upd.clone(),
+                directory: vec![ad(1, 2, 3), ad(2, 300, 1)],
+            },
+            TreeMsg::Refuse {
+                reason: RefuseReason::NotAttached,
+                hints: vec![ad(9, 1, 1)],
+            },
+            TreeMsg::Leave {
+                successor: Some(id(3)),
+            },
+            TreeMsg::Summary { slots: vec![] },
+            TreeMsg::Directory {
+                slots: vec![ad(5, 5, 5)],
+            },
+            TreeMsg::Relocate,
+        ];
+        for m in msgs {
+            let mut buf = Vec::new();
+            ciborium::into_writer(&m, &mut buf).expect("encodes");
+            assert_eq!(m.wire_len(), buf.len(), "{m:?}");
+            let back: TreeMsg = ciborium::from_reader(&buf[..]).expect("decodes");
+            assert_eq!(back, m);
+        }
+        let mut buf = Vec::new();
+        ciborium::into_writer(&upd, &mut buf).expect("encodes");
+        assert_eq!(upd.wire_len(), buf.len());
+    }
+}
