@@ -910,11 +910,9 @@ impl TreeNode {
         let until = now.plus(self.cfg.refuse_memory_ms);
         if let Some(p) = self.pending.take() {
             // Full, or it would not have forwarded.
-            self.refused.insert(p.target, until);
-            self.hints.retain(|h| h.peer != p.target);
+            self.forget(p.target, until);
         }
-        self.refused.insert(from, until);
-        self.hints.retain(|h| h.peer != from);
+        self.forget(from, until);
         for h in hints.into_iter().take(MAX_SLOTS_IN) {
             self.add_hint(h);
         }
@@ -925,13 +923,20 @@ impl TreeNode {
 
     fn give_up_pending(&mut self, now: Millis) {
         if let Some(p) = self.pending.take() {
-            self.refused
-                .insert(p.target, now.plus(self.cfg.refuse_memory_ms));
-            self.hints.retain(|h| h.peer != p.target);
+            self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
             if p.kind != JoinKind::Move || self.orphan.is_some() {
                 self.retry_at = Some(now);
             }
         }
+    }
+
+    /// A candidate refused or did not answer: not again for a while, and out of our copies of
+    /// the directory and hints (else a stale directory full of departed peers loops forever;
+    /// once empty we ask for a fresh snapshot).
+    fn forget(&mut self, peer: NodeId, until: Millis) {
+        self.refused.insert(peer, until);
+        self.hints.retain(|h| h.peer != peer);
+        self.directory.retain(|h| h.peer != peer);
     }
 
     fn schedule_retry(&mut self, now: Millis) {
