@@ -1,11 +1,12 @@
 //! Runs the tree simulator at scale and prints the report (and the wall time).
 //!
 //! `cargo run --release --example sim_scale -- [NODES] [DURATION_SECS] [CHURN_MEAN_SECS] [SEED] [--json]`
-//! Defaults: 10000 nodes, 1800 s, 600 s mean session, seed 1.
+//! Defaults: 10000 nodes, 1800 s, 600 s mean session, seed 1. Environment overrides: JOIN_RATE,
+//! CRASH_FRACTION, FIXED=1 (every viewer has fanout slots), REBALANCE_MS.
 
 use std::time::Instant;
 
-use waterfall::proto::sim::{run, SimConfig};
+use waterfall::proto::sim::{SimConfig, run};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -26,16 +27,20 @@ fn main() {
     if let Some(v) = env("CRASH_FRACTION") {
         cfg.crash_fraction = v;
     }
-    if let Some(v) = env("FIXED") {
-        if v > 0.0 {
-            cfg.capacity = waterfall::proto::sim::CapacityDist::Fixed;
-        }
+    if let Some(v) = env("REBALANCE_MS") {
+        cfg.tree.rebalance_interval_ms = v as u64;
+    }
+    if env("FIXED").is_some_and(|v| v > 0.0) {
+        cfg.capacity = waterfall::proto::sim::CapacityDist::Fixed;
     }
     let t0 = Instant::now();
     let report = run(&cfg);
     let wall = t0.elapsed();
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
     } else {
         println!("{report}");
     }

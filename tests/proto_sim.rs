@@ -17,15 +17,27 @@ fn thousand_nodes_under_churn_stay_shallow_and_connected() {
     eprintln!("{r}");
     assert_eq!(r.violations.total(), 0, "{:?}", r.violations);
     assert_eq!(r.ideal_depth, 5);
-    assert!(r.depth.p99 <= (r.ideal_depth + 2) as f64, "depth p99 {}", r.depth.p99);
-    assert!(r.final_max_depth <= r.ideal_depth + 4, "final max {}", r.final_max_depth);
+    assert!(
+        r.depth.p99 <= (r.ideal_depth + 2) as f64,
+        "depth p99 {}",
+        r.depth.p99
+    );
+    assert!(
+        r.final_max_depth <= r.ideal_depth + 4,
+        "final max {}",
+        r.final_max_depth
+    );
     assert!(r.continuity >= 0.99, "continuity {}", r.continuity);
     assert!(r.outage_ms.p50 <= 1000.0, "outage p50 {}", r.outage_ms.p50);
     assert!(r.join_ms.p50 <= 1000.0, "join p50 {}", r.join_ms.p50);
     assert!(r.leaves > 50 && r.crashes > 10, "churn happened");
     assert!(r.attached_at_end * 100 >= r.live_at_end * 99);
     // Control traffic a viewer receives stays small.
-    assert!(r.rx_bytes_per_sec.mean < 1250.0, "{}", r.rx_bytes_per_sec.mean);
+    assert!(
+        r.rx_bytes_per_sec.mean < 1250.0,
+        "{}",
+        r.rx_bytes_per_sec.mean
+    );
 }
 
 #[test]
@@ -59,7 +71,11 @@ fn no_churn_tree_is_near_ideal() {
     eprintln!("{r}");
     assert_eq!(r.violations.total(), 0);
     assert_eq!(r.attached_at_end, 1000);
-    assert!(r.final_max_depth <= ideal_depth(1000, 4) + 1, "{}", r.final_max_depth);
+    assert!(
+        r.final_max_depth <= ideal_depth(1000, 4) + 1,
+        "{}",
+        r.final_max_depth
+    );
     assert_eq!(r.outage_ms.count, 0);
 }
 

@@ -25,8 +25,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use tree::{
-    Config, JoinKind, Output, RefuseReason, SlotAd, Snapshot, TreeEvent, TreeMsg, TreeNode,
-    TreeUpdate, DEPTH_DETACHED,
+    Config, DEPTH_DETACHED, JoinKind, Output, RefuseReason, SlotAd, Snapshot, TreeEvent, TreeMsg,
+    TreeNode, TreeUpdate,
 };
 
 /// Identity of a peer: the bytes of its ed25519 public key.

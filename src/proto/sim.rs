@@ -304,13 +304,34 @@ pub fn run(cfg: &SimConfig) -> SimReport {
 #[derive(Debug)]
 enum Ev {
     Arrive(u32),
-    Msg { to: u32, from: u32, msg: TreeMsg },
-    Update { to: u32, from: u32, upd: TreeUpdate },
-    SnapReq { to: u32, from: u32 },
-    SnapResp { to: u32, snap: Snapshot },
+    Msg {
+        to: u32,
+        from: u32,
+        msg: TreeMsg,
+    },
+    Update {
+        to: u32,
+        from: u32,
+        upd: TreeUpdate,
+    },
+    SnapReq {
+        to: u32,
+        from: u32,
+    },
+    SnapResp {
+        to: u32,
+        snap: Snapshot,
+    },
     Timer(u32),
-    Depart { node: u32, graceful: bool, replace: bool },
-    LinkDown { to: u32, peer: u32 },
+    Depart {
+        node: u32,
+        graceful: bool,
+        replace: bool,
+    },
+    LinkDown {
+        to: u32,
+        peer: u32,
+    },
     Mass,
     KillRootChildren,
     Sample,
@@ -620,8 +641,12 @@ impl<'a> Sim<'a> {
                 let Some(m) = self.cfg.mass_departure.clone() else {
                     return;
                 };
-                let mut victims: Vec<u32> =
-                    self.alive_list.iter().copied().filter(|&i| i != 0).collect();
+                let mut victims: Vec<u32> = self
+                    .alive_list
+                    .iter()
+                    .copied()
+                    .filter(|&i| i != 0)
+                    .collect();
                 let k = ((victims.len() as f64) * m.fraction).round() as usize;
                 // Partial Fisher-Yates.
                 for j in 0..k.min(victims.len()) {
@@ -750,10 +775,10 @@ impl<'a> Sim<'a> {
     }
 
     fn drain(&mut self, i: u32) {
-        loop {
-            let Some(o) = self.nodes[i as usize].as_mut().and_then(|n| n.poll_output()) else {
-                break;
-            };
+        while let Some(o) = self.nodes[i as usize]
+            .as_mut()
+            .and_then(|n| n.poll_output())
+        {
             match o {
                 Output::RefuseChild { reason, .. } => {
                     *self.refusals.entry(format!("{reason:?}")).or_default() += 1;
@@ -768,7 +793,14 @@ impl<'a> Sim<'a> {
                     }
                     self.stats[i as usize].tx_bytes += msg.wire_len() as f64;
                     let t = self.now + self.latency(i, j);
-                    self.push(t, Ev::Msg { to: j, from: i, msg });
+                    self.push(
+                        t,
+                        Ev::Msg {
+                            to: j,
+                            from: i,
+                            msg,
+                        },
+                    );
                 }
                 Output::Publish { update, to } => {
                     let len = (update.wire_len() + SIGNATURE_OVERHEAD) as f64;
@@ -1039,11 +1071,7 @@ impl<'a> Sim<'a> {
                 p50: q(0.5),
                 p95: q(0.95),
                 p99: q(0.99),
-                max: self
-                    .depth_hist
-                    .iter()
-                    .rposition(|n| *n > 0)
-                    .unwrap_or(0) as f64,
+                max: self.depth_hist.iter().rposition(|n| *n > 0).unwrap_or(0) as f64,
             }
         };
         let root_life = (end as f64 / 1000.0).max(1e-9);
@@ -1075,4 +1103,3 @@ impl<'a> Sim<'a> {
         }
     }
 }
-

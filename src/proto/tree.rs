@@ -568,9 +568,7 @@ impl TreeNode {
 
     /// When [`TreeNode::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let pending = self
-            .pending
-            .map(|p| p.sent.plus(self.cfg.join_timeout_ms));
+        let pending = self.pending.map(|p| p.sent.plus(self.cfg.join_timeout_ms));
         let upstream = self
             .upstream_detached_since
             .map(|t| t.plus(self.cfg.upstream_grace_ms));
@@ -777,10 +775,13 @@ impl TreeNode {
                 self.parent.filter(|_| self.path.is_some())
             } else if let (Some(_), Some(d)) = (successor_child, self.depth()) {
                 // Only the successor and its children: the orphan ends at most one level deeper.
-                slots.iter_mut().find(|a| a.free > 0 && a.depth <= d + 2).map(|a| {
-                    a.free -= 1;
-                    a.peer
-                })
+                slots
+                    .iter_mut()
+                    .find(|a| a.free > 0 && a.depth <= d + 2)
+                    .map(|a| {
+                        a.free -= 1;
+                        a.peer
+                    })
             } else {
                 None
             };
@@ -875,10 +876,7 @@ impl TreeNode {
                 depth,
             });
         } else {
-            self.emit(TreeEvent::ParentChanged {
-                old,
-                new: from,
-            });
+            self.emit(TreeEvent::ParentChanged { old, new: from });
         }
         if let Some(o) = self.orphan.take() {
             self.emit(TreeEvent::Rejoined {
@@ -1025,11 +1023,12 @@ impl TreeNode {
         self.refused.retain(|_, t| *t > now);
         let (kind, max_depth, lost) = if let Some(o) = self.orphan.clone() {
             // Without children we cannot close a cycle: no need to wait for shallower parents.
-            let strict =
-                !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
+            let strict = !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
             // Successor named by the departed parent first, then the backup.
             let mut target = None;
-            if let Some(s) = o.successor.filter(|s| self.refused.get(s).is_none_or(|t| *t <= now))
+            if let Some(s) = o
+                .successor
+                .filter(|s| self.refused.get(s).is_none_or(|t| *t <= now))
             {
                 let kind = if o.lost_ancestors.contains(&s) {
                     JoinKind::Repair
@@ -1228,10 +1227,8 @@ impl TreeNode {
                 Vec::new()
             };
             self.send(from, TreeMsg::Refuse { reason, hints });
-            self.out.push_back(Output::RefuseChild {
-                peer: from,
-                reason,
-            });
+            self.out
+                .push_back(Output::RefuseChild { peer: from, reason });
             if reason == RefuseReason::Full && kind == JoinKind::Move {
                 self.maybe_relocate_for(capacity, now);
             }
@@ -1701,14 +1698,11 @@ impl TreeMsg {
                     + cbor_text("hints")
                     + cbor_ads(hints),
             ),
-            TreeMsg::Leave { successor } => (
-                "Leave",
-                1 + cbor_text("successor") + cbor_opt_id(successor),
-            ),
-            TreeMsg::Summary { slots } => ("Summary", 1 + cbor_text("slots") + cbor_ads(slots)),
-            TreeMsg::Directory { slots } => {
-                ("Directory", 1 + cbor_text("slots") + cbor_ads(slots))
+            TreeMsg::Leave { successor } => {
+                ("Leave", 1 + cbor_text("successor") + cbor_opt_id(successor))
             }
+            TreeMsg::Summary { slots } => ("Summary", 1 + cbor_text("slots") + cbor_ads(slots)),
+            TreeMsg::Directory { slots } => ("Directory", 1 + cbor_text("slots") + cbor_ads(slots)),
             TreeMsg::Relocate => return cbor_text("Relocate"),
         };
         1 + cbor_text(name) + body
@@ -1813,7 +1807,11 @@ mod tests {
             stream_kbps: 1_000,
             ..Config::default()
         };
-        assert_eq!(slow.capacity(), 0, "less than one stream of uplink: leaf only");
+        assert_eq!(
+            slow.capacity(),
+            0,
+            "less than one stream of uplink: leaf only"
+        );
     }
 
     #[test]
@@ -1829,7 +1827,11 @@ mod tests {
         );
         let s = sent(&drain(&mut n));
         assert_eq!(s.len(), 1);
-        assert_eq!(s[0].0, id(1), "depth 1 with a free slot beats more spare capacity deeper");
+        assert_eq!(
+            s[0].0,
+            id(1),
+            "depth 1 with a free slot beats more spare capacity deeper"
+        );
     }
 
     #[test]
@@ -2023,8 +2025,14 @@ mod tests {
         n.handle_timeout(Millis(1_000_000));
         let s = sent(&drain(&mut n));
         assert!(
-            s.iter()
-                .any(|(to, m)| *to == id(60) && matches!(m, TreeMsg::Join { kind: JoinKind::Move, .. })),
+            s.iter().any(|(to, m)| *to == id(60)
+                && matches!(
+                    m,
+                    TreeMsg::Join {
+                        kind: JoinKind::Move,
+                        ..
+                    }
+                )),
             "{s:?}"
         );
         // Still attached to the old parent while the move is pending.
