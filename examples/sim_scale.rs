@@ -1,7 +1,8 @@
 //! Runs the tree simulator at scale and prints the report (and the wall time).
 //!
 //! `cargo run --release --example sim_scale -- [NODES] [DURATION_SECS] [CHURN_MEAN_SECS] [SEED] [--json]`
-//! Defaults: 10000 nodes, 1800 s, 600 s mean session, seed 1.
+//! Defaults: 10000 nodes, 1800 s, 600 s mean session, seed 1. Environment overrides: JOIN_RATE,
+//! CRASH_FRACTION, FIXED=1 (every viewer has fanout slots), REBALANCE_MS.
 
 use std::time::Instant;
 
@@ -18,6 +19,20 @@ fn main() {
         seed: nums.get(3).map_or(1, |s| *s as u64),
         ..SimConfig::default()
     };
+    let mut cfg = cfg;
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
+    if let Some(v) = env("JOIN_RATE") {
+        cfg.join_rate_per_sec = v;
+    }
+    if let Some(v) = env("CRASH_FRACTION") {
+        cfg.crash_fraction = v;
+    }
+    if let Some(v) = env("REBALANCE_MS") {
+        cfg.tree.rebalance_interval_ms = v as u64;
+    }
+    if env("FIXED").is_some_and(|v| v > 0.0) {
+        cfg.capacity = waterfall::proto::sim::CapacityDist::Fixed;
+    }
     let t0 = Instant::now();
     let report = run(&cfg);
     let wall = t0.elapsed();

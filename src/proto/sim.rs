@@ -217,6 +217,10 @@ pub struct SimReport {
     pub violations: Violations,
     /// Simulated events processed.
     pub events: u64,
+    /// Join requests refused, by reason.
+    pub refusals: std::collections::BTreeMap<String, u64>,
+    /// Join requests sent.
+    pub join_requests: u64,
 }
 
 impl fmt::Display for SimReport {
@@ -267,6 +271,11 @@ impl fmt::Display for SimReport {
             f,
             "  invariants       cycles {}  over-capacity {}  unrepaired {}  bookkeeping {}  ({} events)",
             v.cycles, v.over_capacity, v.unrepaired, v.bookkeeping, self.events
+        )?;
+        write!(
+            f,
+            "\n  join requests    {} sent; refused {:?}",
+            self.join_requests, self.refusals
         )
     }
 }
@@ -390,6 +399,8 @@ struct Sim<'a> {
     final_max_depth: u32,
     violations: Violations,
     events: u64,
+    refusals: std::collections::BTreeMap<String, u64>,
+    join_requests: u64,
     leaves: u64,
     crashes: u64,
     arrivals: u64,
@@ -437,6 +448,8 @@ impl<'a> Sim<'a> {
             final_max_depth: 0,
             violations: Violations::default(),
             events: 0,
+            refusals: Default::default(),
+            join_requests: 0,
             leaves: 0,
             crashes: 0,
             arrivals: 0,
@@ -762,15 +775,18 @@ impl<'a> Sim<'a> {
     }
 
     fn drain(&mut self, i: u32) {
-        loop {
-            let Some(o) = self.nodes[i as usize]
-                .as_mut()
-                .and_then(|n| n.poll_output())
-            else {
-                break;
-            };
+        while let Some(o) = self.nodes[i as usize]
+            .as_mut()
+            .and_then(|n| n.poll_output())
+        {
             match o {
+                Output::RefuseChild { reason, .. } => {
+                    *self.refusals.entry(format!("{reason:?}")).or_default() += 1;
+                }
                 Output::Send { to, msg } => {
+                    if matches!(msg, TreeMsg::Join { .. }) {
+                        self.join_requests += 1;
+                    }
                     let j = idx(to);
                     if j as usize >= self.nodes.len() {
                         continue;
@@ -1082,6 +1098,8 @@ impl<'a> Sim<'a> {
             attached_at_end,
             violations: self.violations.clone(),
             events: self.events,
+            refusals: std::mem::take(&mut self.refusals),
+            join_requests: self.join_requests,
         }
     }
 }

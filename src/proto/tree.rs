@@ -68,6 +68,8 @@ const MAX_SLOTS_IN: usize = 32;
 const MAX_HINTS: usize = 24;
 /// Minimum gap between two relocation orders from one parent.
 const RELOCATE_GAP_MS: u64 = 10_000;
+/// How many times a join request may be passed down by full candidates.
+const MAX_FORWARD: u8 = 3;
 
 /// The signed state a peer announces to its tree neighbours.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +123,9 @@ pub enum JoinKind {
     Repair,
     /// Rebalancing: make-before-break move of an attached node.
     Move,
+    /// Directed by the departing parent to a slot in the successor's subtree; accepted even while
+    /// the target is itself repairing (the departing parent made the plan acyclic).
+    Handover,
 }
 
 /// Why a join was refused.
@@ -153,6 +158,11 @@ pub enum TreeMsg {
         max_depth: Option<u16>,
         /// The parent the joiner just lost (refuse if it is among your ancestors).
         lost_parent: Option<NodeId>,
+        /// Set when a full candidate forwarded the request down its subtree: the real joiner,
+        /// to whom the answer goes.
+        joiner: Option<NodeId>,
+        /// Times forwarded so far.
+        hops: u8,
     },
     /// Adopted: the parent's update and its directory.
     Accept {
@@ -356,18 +366,30 @@ struct ChildInfo {
 }
 
 #[derive(Clone, Copy, Debug)]
+struct JoinReq {
+    joiner: NodeId,
+    kind: JoinKind,
+    capacity: u16,
+    max_depth: Option<u16>,
+    lost_parent: Option<NodeId>,
+    hops: u8,
+}
+
+#[derive(Clone, Copy, Debug)]
 struct Pending {
     target: NodeId,
     kind: JoinKind,
     sent: Millis,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Orphan {
     since: Millis,
     old_depth: u16,
     lost: Option<NodeId>,
     successor: Option<NodeId>,
+    /// Our path before the loss (tells a successor grandparent from a handover target).
+    lost_ancestors: Vec<NodeId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -618,7 +640,19 @@ impl TreeNode {
                 capacity,
                 max_depth,
                 lost_parent,
-            } => self.on_join(from, kind, capacity, max_depth, lost_parent, now),
+                joiner,
+                hops,
+            } => {
+                let req = JoinReq {
+                    joiner: joiner.unwrap_or(from),
+                    kind,
+                    capacity,
+                    max_depth,
+                    lost_parent,
+                    hops,
+                };
+                self.on_join(req, now)
+            }
             TreeMsg::Accept { parent, directory } => self.on_accept(from, parent, directory, now),
             TreeMsg::Refuse { reason: _, hints } => self.on_refuse(from, hints, now),
             TreeMsg::Leave { successor } => self.on_leave(from, successor, now),
@@ -723,15 +757,31 @@ impl TreeNode {
         if self.left {
             return;
         }
+        // The most capable child takes our slot at our parent; its siblings are directed to the
+        // free slots of its subtree (disjoint from theirs, so the plan has no cycle), where they
+        // keep their depth. Those without a slot fall back on their backups.
         let successor_child = self
             .children
             .iter()
             .max_by_key(|(id, c)| (c.capacity, c.has_children, Reverse(**id)))
             .map(|(id, _)| *id);
+        let mut slots: Vec<SlotAd> = successor_child
+            .and_then(|s| self.children.get(&s))
+            .map(|c| c.summary.clone())
+            .unwrap_or_default();
         let kids: Vec<NodeId> = self.children.keys().copied().collect();
         for c in kids {
-            let successor = if Some(c) == successor_child && self.path.is_some() {
-                self.parent
+            let successor = if Some(c) == successor_child {
+                self.parent.filter(|_| self.path.is_some())
+            } else if let (Some(_), Some(d)) = (successor_child, self.depth()) {
+                // Only the successor and its children: the orphan ends at most one level deeper.
+                slots
+                    .iter_mut()
+                    .find(|a| a.free > 0 && a.depth <= d + 2)
+                    .map(|a| {
+                        a.free -= 1;
+                        a.peer
+                    })
             } else {
                 None
             };
@@ -763,7 +813,8 @@ impl TreeNode {
     // ----- join side -----
 
     fn on_accept(&mut self, from: NodeId, upd: TreeUpdate, directory: Vec<SlotAd>, now: Millis) {
-        let Some(p) = self.pending.filter(|p| p.target == from) else {
+        // The answer may come from where a full target forwarded our request.
+        let Some(p) = self.pending else {
             // Stale (we timed out and went elsewhere): free the slot we were given.
             if self.parent != Some(from) {
                 self.send(from, TreeMsg::Leave { successor: None });
@@ -771,7 +822,7 @@ impl TreeNode {
             return;
         };
         self.pending = None;
-        let bad = upd.depth == DEPTH_DETACHED
+        let bad = (upd.depth == DEPTH_DETACHED && p.kind != JoinKind::Handover)
             || upd.ancestors.len() >= MAX_ANCESTORS
             || upd.ancestors.contains(&self.id)
             || upd.peer != from;
@@ -790,6 +841,17 @@ impl TreeNode {
         }
         self.parent = Some(from);
         self.parent_capacity = upd.capacity;
+        if upd.depth == DEPTH_DETACHED {
+            // Handover to a sibling that is itself repairing: we follow it once it is attached.
+            self.path = None;
+            self.upstream_detached_since = Some(now);
+            self.hints.clear();
+            self.out.push_back(Output::ConnectParent { peer: from });
+            self.emit(TreeEvent::ParentChanged { old, new: from });
+            self.orphan = None;
+            self.publish_now(now);
+            return;
+        }
         let mut ancestors = upd.ancestors;
         ancestors.push(from);
         let new_path = Path {
@@ -839,14 +901,16 @@ impl TreeNode {
     }
 
     fn on_refuse(&mut self, from: NodeId, hints: Vec<SlotAd>, now: Millis) {
-        if !self.pending.is_some_and(|p| p.target == from) {
+        if self.pending.is_none() {
             return;
         }
         let kind = self.pending.map(|p| p.kind);
-        self.pending = None;
-        self.refused
-            .insert(from, now.plus(self.cfg.refuse_memory_ms));
-        self.hints.retain(|h| h.peer != from);
+        let until = now.plus(self.cfg.refuse_memory_ms);
+        if let Some(p) = self.pending.take() {
+            // Full, or it would not have forwarded.
+            self.forget(p.target, until);
+        }
+        self.forget(from, until);
         for h in hints.into_iter().take(MAX_SLOTS_IN) {
             self.add_hint(h);
         }
@@ -857,13 +921,20 @@ impl TreeNode {
 
     fn give_up_pending(&mut self, now: Millis) {
         if let Some(p) = self.pending.take() {
-            self.refused
-                .insert(p.target, now.plus(self.cfg.refuse_memory_ms));
-            self.hints.retain(|h| h.peer != p.target);
+            self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
             if p.kind != JoinKind::Move || self.orphan.is_some() {
                 self.retry_at = Some(now);
             }
         }
+    }
+
+    /// A candidate refused or did not answer: not again for a while, and out of our copies of
+    /// the directory and hints (else a stale directory full of departed peers loops forever;
+    /// once empty we ask for a fresh snapshot).
+    fn forget(&mut self, peer: NodeId, until: Millis) {
+        self.refused.insert(peer, until);
+        self.hints.retain(|h| h.peer != peer);
+        self.directory.retain(|h| h.peer != peer);
     }
 
     fn schedule_retry(&mut self, now: Millis) {
@@ -894,34 +965,55 @@ impl TreeNode {
             && ad.free > 0
             && ad.depth != DEPTH_DETACHED
             && Some(ad.peer) != self.parent
-            && self.orphan.is_none_or(|o| o.lost != Some(ad.peer))
+            && self.orphan.as_ref().is_none_or(|o| o.lost != Some(ad.peer))
             && self.refused.get(&ad.peer).is_none_or(|t| *t <= now)
             && !self.in_own_subtree(ad.peer)
     }
 
+    /// Usable candidates: the hints (fresh: from a snapshot or a refusal) if any, else the
+    /// directory (older, often stale at the top).
     fn candidates(&self, now: Millis) -> Vec<SlotAd> {
         let mut v: Vec<SlotAd> = self
             .hints
             .iter()
-            .chain(self.directory.iter())
             .filter(|a| self.usable(a, now))
             .copied()
             .collect();
+        if v.is_empty() {
+            v = self
+                .directory
+                .iter()
+                .filter(|a| self.usable(a, now))
+                .copied()
+                .collect();
+        }
         dedup_ads(&mut v);
         v
     }
 
-    /// Join rule: smallest depth, then most free slots, then lowest RTT, then random.
+    /// Join rule: smallest depth first. Among the candidates of that depth the choice is random,
+    /// weighted by spare slots and by RTT: the tie-breaks of the design (spare capacity, then
+    /// RTT) as preferences rather than absolutes, so that joiners holding the same directory
+    /// do not all race for one slot.
     fn pick(&mut self, cands: &[SlotAd]) -> Option<SlotAd> {
-        let mut best: Option<((u16, Reverse<u16>, u32, u64), SlotAd)> = None;
-        for a in cands {
-            let rtt = self.rtt.get(&a.peer).copied().unwrap_or(u32::MAX);
-            let key = (a.depth, Reverse(a.free), rtt, self.rng.next_u64());
-            if best.as_ref().is_none_or(|(k, _)| key < *k) {
-                best = Some((key, *a));
+        let min = cands.iter().map(|a| a.depth).min()?;
+        let weights: Vec<(SlotAd, u64)> = cands
+            .iter()
+            .filter(|a| a.depth == min)
+            .map(|a| {
+                let rtt = self.rtt.get(&a.peer).copied().unwrap_or(100).max(1) as u64;
+                (*a, (a.free as u64 * 1_000_000) / rtt)
+            })
+            .collect();
+        let total: u64 = weights.iter().map(|(_, w)| *w).sum();
+        let mut r = self.rng.below(total.max(1));
+        for (a, w) in &weights {
+            if r < *w {
+                return Some(*a);
             }
+            r -= w;
         }
-        best.map(|(_, a)| a)
+        weights.first().map(|(a, _)| *a)
     }
 
     fn attempt_join(&mut self, now: Millis) {
@@ -929,15 +1021,23 @@ impl TreeNode {
             return;
         }
         self.refused.retain(|_, t| *t > now);
-        let (kind, max_depth, lost) = if let Some(o) = self.orphan {
-            let strict = now < o.since.plus(self.cfg.repair_settle_ms);
+        let (kind, max_depth, lost) = if let Some(o) = self.orphan.clone() {
+            // Without children we cannot close a cycle: no need to wait for shallower parents.
+            let strict = !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
             // Successor named by the departed parent first, then the backup.
             let mut target = None;
             if let Some(s) = o
                 .successor
                 .filter(|s| self.refused.get(s).is_none_or(|t| *t <= now))
             {
-                target = Some((s, Some(o.old_depth.saturating_sub(1))));
+                let kind = if o.lost_ancestors.contains(&s) {
+                    JoinKind::Repair
+                } else {
+                    JoinKind::Handover
+                };
+                let md = (kind == JoinKind::Repair).then(|| o.old_depth.saturating_sub(1));
+                self.send_join(s, kind, md, o.lost, now);
+                return;
             }
             if target.is_none() {
                 let cands = self.candidates(now);
@@ -1004,6 +1104,8 @@ impl TreeNode {
                 capacity: self.capacity,
                 max_depth,
                 lost_parent,
+                joiner: None,
+                hops: 0,
             },
         );
     }
@@ -1070,17 +1172,29 @@ impl TreeNode {
             .saturating_sub(self.children.len().min(u16::MAX as usize) as u16)
     }
 
-    fn on_join(
-        &mut self,
-        from: NodeId,
-        kind: JoinKind,
-        capacity: u16,
-        max_depth: Option<u16>,
-        lost_parent: Option<NodeId>,
-        now: Millis,
-    ) {
+    fn on_join(&mut self, req: JoinReq, now: Millis) {
+        let JoinReq {
+            joiner: from,
+            kind,
+            capacity,
+            max_depth,
+            lost_parent,
+            hops,
+        } = req;
+        if from == self.id {
+            return;
+        }
+        let handover = kind == JoinKind::Handover;
         let reason = if self.children.contains_key(&from) {
             None // duplicate (our Accept was lost or is in flight): accept again
+        } else if handover {
+            if self.ancestors().contains(&from) || self.parent == Some(from) {
+                Some(RefuseReason::Cycle)
+            } else if self.free() == 0 {
+                Some(RefuseReason::Full)
+            } else {
+                None
+            }
         } else if self.path.is_none() {
             Some(RefuseReason::NotAttached)
         } else if self.ancestors().contains(&from)
@@ -1096,6 +1210,13 @@ impl TreeNode {
         } else {
             None
         };
+        if reason == Some(RefuseReason::Full)
+            && !handover
+            && hops < MAX_FORWARD
+            && self.forward_join(&req, now)
+        {
+            return;
+        }
         if let Some(reason) = reason {
             let hints: Vec<SlotAd> = if reason == RefuseReason::Full {
                 self.compute_summary(self.cfg.summary_len)
@@ -1127,6 +1248,45 @@ impl TreeNode {
             self.emit(TreeEvent::ChildAdded(from));
             self.children_changed(now);
         }
+    }
+
+    /// A full candidate passes the request to a free slot of its subtree, whose summary is fresher
+    /// than what the joiner holds (saves the joiner a round trip per level).
+    fn forward_join(&mut self, req: &JoinReq, now: Millis) -> bool {
+        let _ = now;
+        let cands: Vec<SlotAd> = self
+            .children
+            .values()
+            .flat_map(|c| c.summary.iter())
+            .filter(|a| {
+                a.free > 0
+                    && a.peer != req.joiner
+                    && a.peer != self.id
+                    && req.max_depth.is_none_or(|m| a.depth <= m)
+            })
+            .copied()
+            .collect();
+        let Some(target) = self.pick(&cands) else {
+            return false;
+        };
+        // Book the slot in our copy so the next joiner goes elsewhere.
+        for c in self.children.values_mut() {
+            for a in c.summary.iter_mut().filter(|a| a.peer == target.peer) {
+                a.free = a.free.saturating_sub(1);
+            }
+        }
+        self.send(
+            target.peer,
+            TreeMsg::Join {
+                kind: req.kind,
+                capacity: req.capacity,
+                max_depth: req.max_depth,
+                lost_parent: req.lost_parent,
+                joiner: Some(req.joiner),
+                hops: req.hops + 1,
+            },
+        );
+        true
     }
 
     fn maybe_relocate_for(&mut self, capacity: u16, now: Millis) {
@@ -1180,13 +1340,14 @@ impl TreeNode {
         }
         let lost = self.parent.take();
         let old_depth = self.depth().unwrap_or(self.last_depth).max(1);
-        self.path = None;
+        let lost_ancestors = self.path.take().map(|p| p.ancestors).unwrap_or_default();
         self.upstream_detached_since = None;
         self.orphan = Some(Orphan {
             since: now,
             old_depth,
             lost,
             successor,
+            lost_ancestors,
         });
         if let Some(p) = self.pending.as_mut() {
             // A move in progress becomes the repair.
@@ -1495,6 +1656,8 @@ impl TreeMsg {
                 capacity,
                 max_depth,
                 lost_parent,
+                joiner,
+                hops,
             } => (
                 "Join",
                 1 + cbor_text("kind")
@@ -1502,13 +1665,18 @@ impl TreeMsg {
                         JoinKind::New => "New",
                         JoinKind::Repair => "Repair",
                         JoinKind::Move => "Move",
+                        JoinKind::Handover => "Handover",
                     })
                     + cbor_text("capacity")
                     + cbor_uint(*capacity as u64)
                     + cbor_text("max_depth")
                     + cbor_opt_u16(max_depth)
                     + cbor_text("lost_parent")
-                    + cbor_opt_id(lost_parent),
+                    + cbor_opt_id(lost_parent)
+                    + cbor_text("joiner")
+                    + cbor_opt_id(joiner)
+                    + cbor_text("hops")
+                    + cbor_uint(*hops as u64),
             ),
             TreeMsg::Accept { parent, directory } => (
                 "Accept",
@@ -1538,5 +1706,403 @@ impl TreeMsg {
             TreeMsg::Relocate => return cbor_text("Relocate"),
         };
         1 + cbor_text(name) + body
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    fn cfg(cap: u16) -> Config {
+        Config {
+            max_children: Some(cap),
+            ..Config::default()
+        }
+    }
+
+    fn drain(n: &mut TreeNode) -> Vec<Output> {
+        std::iter::from_fn(|| n.poll_output()).collect()
+    }
+
+    fn sent(out: &[Output]) -> Vec<(NodeId, TreeMsg)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { to, msg } => Some((*to, msg.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn ad(n: u8, depth: u16, free: u16) -> SlotAd {
+        SlotAd {
+            peer: id(n),
+            depth,
+            free,
+            capacity: 4,
+        }
+    }
+
+    fn join_msg(kind: JoinKind) -> TreeMsg {
+        TreeMsg::Join {
+            kind,
+            capacity: 4,
+            max_depth: None,
+            lost_parent: None,
+            joiner: None,
+            hops: 0,
+        }
+    }
+
+    /// A viewer attached under `parent` (whose path is `ancestors` + parent at `depth - 1`).
+    fn attached(me: u8, parent: u8, ancestors: &[u8], cap: u16) -> TreeNode {
+        let mut n = TreeNode::new(id(me), cfg(cap), me as u64);
+        let t = Millis(0);
+        n.start(t);
+        n.handle_snapshot(
+            Snapshot {
+                candidates: vec![ad(parent, ancestors.len() as u16, 1)],
+            },
+            t,
+        );
+        let upd = TreeUpdate {
+            peer: id(parent),
+            parent: ancestors.last().map(|a| id(*a)),
+            depth: ancestors.len() as u16,
+            ancestors: ancestors.iter().map(|a| id(*a)).collect(),
+            children: vec![id(me)],
+            capacity: 4,
+            uplink_kbps: 0,
+            seq: 1,
+            ts_ms: 0,
+        };
+        n.handle_message(
+            id(parent),
+            TreeMsg::Accept {
+                parent: upd,
+                directory: vec![ad(50, 1, 2), ad(51, 1, 3)],
+            },
+            t,
+        );
+        drain(&mut n);
+        n
+    }
+
+    #[test]
+    fn capacity_configured_or_measured() {
+        assert_eq!(cfg(3).capacity(), 3);
+        let measured = Config {
+            max_children: None,
+            uplink_kbps: 5_500,
+            stream_kbps: 1_000,
+            ..Config::default()
+        };
+        assert_eq!(measured.capacity(), 5);
+        let slow = Config {
+            max_children: None,
+            uplink_kbps: 800,
+            stream_kbps: 1_000,
+            ..Config::default()
+        };
+        assert_eq!(
+            slow.capacity(),
+            0,
+            "less than one stream of uplink: leaf only"
+        );
+    }
+
+    #[test]
+    fn join_picks_the_shallowest_free_slot() {
+        let mut n = TreeNode::new(id(9), cfg(4), 1);
+        n.start(Millis(0));
+        assert!(drain(&mut n).contains(&Output::RequestSnapshot));
+        n.handle_snapshot(
+            Snapshot {
+                candidates: vec![ad(3, 3, 4), ad(1, 1, 1), ad(2, 2, 4), ad(4, 1, 0)],
+            },
+            Millis(10),
+        );
+        let s = sent(&drain(&mut n));
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            s[0].0,
+            id(1),
+            "depth 1 with a free slot beats more spare capacity deeper"
+        );
+    }
+
+    #[test]
+    fn parent_accepts_up_to_capacity_and_refuses_the_rest() {
+        let mut root = TreeNode::new_root(id(0), cfg(2), 7);
+        for j in 1..=3u8 {
+            root.handle_message(id(j), join_msg(JoinKind::New), Millis(j as u64));
+        }
+        let out = drain(&mut root);
+        let s = sent(&out);
+        let accepted: Vec<NodeId> = s
+            .iter()
+            .filter(|(_, m)| matches!(m, TreeMsg::Accept { .. }))
+            .map(|(to, _)| *to)
+            .collect();
+        assert_eq!(accepted, vec![id(1), id(2)]);
+        assert!(s.iter().any(|(to, m)| *to == id(3)
+            && matches!(
+                m,
+                TreeMsg::Refuse {
+                    reason: RefuseReason::Full,
+                    ..
+                }
+            )));
+        assert_eq!(root.child_count(), 2);
+    }
+
+    #[test]
+    fn leaf_only_peer_refuses_children() {
+        let mut n = attached(5, 0, &[], 0);
+        n.handle_message(id(6), join_msg(JoinKind::New), Millis(5));
+        let s = sent(&drain(&mut n));
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Refuse {
+                reason: RefuseReason::Full,
+                ..
+            }
+        ));
+        assert_eq!(n.child_count(), 0);
+    }
+
+    #[test]
+    fn never_adopts_an_ancestor() {
+        // 3 is under 2 under 1 under root 0: 1 must not become 3's child.
+        let mut n = attached(3, 2, &[0, 1], 4);
+        assert_eq!(n.depth(), Some(3));
+        n.handle_message(id(1), join_msg(JoinKind::Repair), Millis(5));
+        let s = sent(&drain(&mut n));
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Refuse {
+                reason: RefuseReason::Cycle,
+                ..
+            }
+        ));
+        // Nor the sibling subtree of a joiner whose lost parent is our ancestor.
+        n.handle_message(
+            id(7),
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                capacity: 1,
+                max_depth: None,
+                lost_parent: Some(id(2)),
+                joiner: None,
+                hops: 0,
+            },
+            Millis(6),
+        );
+        let s = sent(&drain(&mut n));
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Refuse {
+                reason: RefuseReason::Cycle,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn parent_loss_switches_to_backup_at_once() {
+        let mut n = attached(5, 1, &[0], 4);
+        let backup = n.backup().expect("a backup is chosen on attach");
+        assert!(backup == id(50) || backup == id(51));
+        n.handle_link_down(id(1), Millis(100));
+        let out = drain(&mut n);
+        assert!(out.contains(&Output::Event(TreeEvent::Orphaned { lost: id(1) })));
+        let s = sent(&out);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, backup);
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                ..
+            }
+        ));
+        assert!(n.is_orphan() && !n.is_attached());
+    }
+
+    #[test]
+    fn graceful_leave_tells_children_and_parent() {
+        let mut n = attached(5, 1, &[0], 4);
+        n.handle_message(id(20), join_msg(JoinKind::New), Millis(1));
+        n.handle_message(
+            id(21),
+            TreeMsg::Join {
+                kind: JoinKind::New,
+                capacity: 8,
+                max_depth: None,
+                lost_parent: None,
+                joiner: None,
+                hops: 0,
+            },
+            Millis(1),
+        );
+        drain(&mut n);
+        n.leave(Millis(2));
+        let s = sent(&drain(&mut n));
+        let to = |p: NodeId| s.iter().find(|(t, _)| *t == p).map(|(_, m)| m.clone());
+        // The most capable child inherits our slot at our parent.
+        assert_eq!(
+            to(id(21)),
+            Some(TreeMsg::Leave {
+                successor: Some(id(1))
+            })
+        );
+        assert!(matches!(to(id(20)), Some(TreeMsg::Leave { .. })));
+        assert_eq!(to(id(1)), Some(TreeMsg::Leave { successor: None }));
+        assert!(n.has_left());
+    }
+
+    #[test]
+    fn a_cycle_announced_by_the_parent_is_left() {
+        let mut n = attached(5, 1, &[0], 4);
+        let upd = TreeUpdate {
+            peer: id(1),
+            parent: Some(id(5)),
+            depth: 2,
+            ancestors: vec![id(0), id(5)],
+            children: vec![id(5)],
+            capacity: 4,
+            uplink_kbps: 0,
+            seq: 9,
+            ts_ms: 0,
+        };
+        n.handle_update(id(1), upd, Millis(3));
+        let out = drain(&mut n);
+        assert!(sent(&out).contains(&(id(1), TreeMsg::Leave { successor: None })));
+        assert!(n.is_orphan());
+    }
+
+    #[test]
+    fn full_parent_forwards_to_its_subtree() {
+        let mut root = TreeNode::new_root(id(0), cfg(1), 3);
+        root.handle_message(id(1), join_msg(JoinKind::New), Millis(0));
+        root.handle_message(
+            id(1),
+            TreeMsg::Summary {
+                slots: vec![ad(1, 1, 3)],
+            },
+            Millis(1),
+        );
+        drain(&mut root);
+        root.handle_message(id(2), join_msg(JoinKind::New), Millis(2));
+        let s = sent(&drain(&mut root));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, id(1));
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Join {
+                joiner: Some(j),
+                hops: 1,
+                ..
+            } if j == id(2)
+        ));
+    }
+
+    #[test]
+    fn move_is_make_before_break() {
+        let mut n = attached(5, 1, &[0, 8, 9], 8);
+        assert_eq!(n.depth(), Some(4));
+        n.handle_message(
+            id(1),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 1, 2)],
+            },
+            Millis(1),
+        );
+        drain(&mut n);
+        n.handle_timeout(Millis(1_000_000));
+        let s = sent(&drain(&mut n));
+        assert!(
+            s.iter().any(|(to, m)| *to == id(60)
+                && matches!(
+                    m,
+                    TreeMsg::Join {
+                        kind: JoinKind::Move,
+                        ..
+                    }
+                )),
+            "{s:?}"
+        );
+        // Still attached to the old parent while the move is pending.
+        assert_eq!(n.parent(), Some(id(1)));
+        let upd = TreeUpdate {
+            peer: id(60),
+            parent: Some(id(0)),
+            depth: 1,
+            ancestors: vec![id(0)],
+            children: vec![id(5)],
+            capacity: 4,
+            uplink_kbps: 0,
+            seq: 1,
+            ts_ms: 0,
+        };
+        n.handle_message(
+            id(60),
+            TreeMsg::Accept {
+                parent: upd,
+                directory: vec![],
+            },
+            Millis(1_000_100),
+        );
+        let s = sent(&drain(&mut n));
+        assert!(s.contains(&(id(1), TreeMsg::Leave { successor: None })));
+        assert_eq!(n.parent(), Some(id(60)));
+        assert_eq!(n.depth(), Some(2));
+    }
+
+    #[test]
+    fn wire_len_matches_cbor() {
+        let upd = TreeUpdate {
+            peer: id(1),
+            parent: Some(id(2)),
+            depth: 3,
+            ancestors: vec![id(3), id(2)],
+            children: vec![id(4)],
+            capacity: 4,
+            uplink_kbps: 12_000,
+            seq: 77,
+            ts_ms: 1_700_000_000_000,
+        };
+        let msgs = vec![
+            join_msg(JoinKind::Repair),
+            TreeMsg::Accept {
+                parent: upd.clone(),
+                directory: vec![ad(1, 2, 3), ad(2, 300, 1)],
+            },
+            TreeMsg::Refuse {
+                reason: RefuseReason::NotAttached,
+                hints: vec![ad(9, 1, 1)],
+            },
+            TreeMsg::Leave {
+                successor: Some(id(3)),
+            },
+            TreeMsg::Summary { slots: vec![] },
+            TreeMsg::Directory {
+                slots: vec![ad(5, 5, 5)],
+            },
+            TreeMsg::Relocate,
+        ];
+        for m in msgs {
+            let mut buf = Vec::new();
+            ciborium::into_writer(&m, &mut buf).expect("encodes");
+            assert_eq!(m.wire_len(), buf.len(), "{m:?}");
+            let back: TreeMsg = ciborium::from_reader(&buf[..]).expect("decodes");
+            assert_eq!(back, m);
+        }
+        let mut buf = Vec::new();
+        ciborium::into_writer(&upd, &mut buf).expect("encodes");
+        assert_eq!(upd.wire_len(), buf.len());
     }
 }

@@ -1,0 +1,161 @@
+//! Simulator tests: the tree under churn, crashes and mass departures keeps its invariants.
+
+use proptest::prelude::*;
+use waterfall::proto::sim::{CapacityDist, MassDeparture, SimConfig, ideal_depth, run};
+
+/// 1,000 viewers, fanout 4, heterogeneous capacity, 10-minute mean sessions, 50 ms links, every
+/// invariant checked on every step.
+#[test]
+fn thousand_nodes_under_churn_stay_shallow_and_connected() {
+    let cfg = SimConfig {
+        nodes: 1000,
+        duration_secs: 300.0,
+        seed: 7,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    eprintln!("{r}");
+    assert_eq!(r.violations.total(), 0, "{:?}", r.violations);
+    assert_eq!(r.ideal_depth, 5);
+    assert!(
+        r.depth.p99 <= (r.ideal_depth + 2) as f64,
+        "depth p99 {}",
+        r.depth.p99
+    );
+    assert!(
+        r.final_max_depth <= r.ideal_depth + 4,
+        "final max {}",
+        r.final_max_depth
+    );
+    assert!(r.continuity >= 0.99, "continuity {}", r.continuity);
+    assert!(r.outage_ms.p50 <= 1000.0, "outage p50 {}", r.outage_ms.p50);
+    assert!(r.join_ms.p50 <= 1000.0, "join p50 {}", r.join_ms.p50);
+    assert!(r.leaves > 50 && r.crashes > 10, "churn happened");
+    assert!(r.attached_at_end * 100 >= r.live_at_end * 99);
+    // Control traffic a viewer receives stays small.
+    assert!(
+        r.rx_bytes_per_sec.mean < 1250.0,
+        "{}",
+        r.rx_bytes_per_sec.mean
+    );
+}
+
+#[test]
+fn same_seed_same_trace() {
+    let cfg = SimConfig {
+        nodes: 200,
+        duration_secs: 120.0,
+        churn_mean_secs: Some(60.0),
+        seed: 42,
+        ..SimConfig::default()
+    };
+    let a = serde_json::to_string(&run(&cfg)).expect("serializes");
+    let b = serde_json::to_string(&run(&cfg)).expect("serializes");
+    assert_eq!(a, b);
+    let c = serde_json::to_string(&run(&SimConfig { seed: 43, ..cfg })).expect("serializes");
+    assert_ne!(a, c, "the seed matters");
+}
+
+#[test]
+fn no_churn_tree_is_near_ideal() {
+    let cfg = SimConfig {
+        nodes: 1000,
+        duration_secs: 60.0,
+        churn_mean_secs: None,
+        capacity: CapacityDist::Fixed,
+        join_rate_per_sec: 50.0,
+        seed: 3,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    eprintln!("{r}");
+    assert_eq!(r.violations.total(), 0);
+    assert_eq!(r.attached_at_end, 1000);
+    assert!(
+        r.final_max_depth <= ideal_depth(1000, 4) + 1,
+        "{}",
+        r.final_max_depth
+    );
+    assert_eq!(r.outage_ms.count, 0);
+}
+
+#[test]
+fn losing_all_of_the_roots_children_at_once_is_repaired() {
+    let cfg = SimConfig {
+        nodes: 500,
+        duration_secs: 90.0,
+        churn_mean_secs: None,
+        kill_root_children_at_secs: Some(30.0),
+        seed: 11,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    eprintln!("{r}");
+    assert_eq!(r.violations.total(), 0, "{:?}", r.violations);
+    assert!(r.crashes >= 1);
+    assert_eq!(r.attached_at_end, r.live_at_end, "everyone reattached");
+    assert!(r.outage_ms.count > 100, "the whole tree was cut");
+    assert!(r.outage_ms.p99 < 10_000.0, "{}", r.outage_ms.p99);
+}
+
+#[test]
+fn mass_departure_is_repaired() {
+    for graceful in [true, false] {
+        let cfg = SimConfig {
+            nodes: 500,
+            duration_secs: 90.0,
+            churn_mean_secs: None,
+            mass_departure: Some(MassDeparture {
+                at_secs: 30.0,
+                fraction: 0.3,
+                graceful,
+            }),
+            seed: 5,
+            ..SimConfig::default()
+        };
+        let r = run(&cfg);
+        eprintln!("{r}");
+        assert_eq!(r.violations.total(), 0, "{:?}", r.violations);
+        assert_eq!(r.attached_at_end, r.live_at_end);
+        assert!(r.live_at_end <= 360);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Random populations, sessions, crash shares, capacities and mass events: no cycle, nobody
+    /// over capacity, no outage beyond the bound, bookkeeping consistent.
+    #[test]
+    fn invariants_hold_under_random_join_leave_crash(
+        seed in any::<u64>(),
+        nodes in 5usize..120,
+        fanout in 2u16..6,
+        churn in prop::option::of(5.0f64..120.0),
+        crash in 0.0f64..1.0,
+        fixed in any::<bool>(),
+        mass in prop::option::of((0.05f64..0.6, any::<bool>())),
+        kill_root_children in any::<bool>(),
+        latency in 5.0f64..150.0,
+    ) {
+        let cfg = SimConfig {
+            nodes,
+            fanout,
+            churn_mean_secs: churn,
+            duration_secs: 120.0,
+            seed,
+            link_latency_ms: latency,
+            capacity: if fixed { CapacityDist::Fixed } else { CapacityDist::Heterogeneous },
+            join_rate_per_sec: 20.0,
+            crash_fraction: crash,
+            mass_departure: mass.map(|(fraction, graceful)| MassDeparture { at_secs: 40.0, fraction, graceful }),
+            kill_root_children_at_secs: kill_root_children.then_some(50.0),
+            ..SimConfig::default()
+        };
+        let r = run(&cfg);
+        prop_assert_eq!(r.violations.cycles, 0, "{}", r);
+        prop_assert_eq!(r.violations.over_capacity, 0, "{}", r);
+        prop_assert_eq!(r.violations.unrepaired, 0, "{}", r);
+        prop_assert_eq!(r.violations.bookkeeping, 0, "{}", r);
+    }
+}
