@@ -329,7 +329,10 @@ async fn killing_a_relay_its_subtree_resumes_and_files_stay_valid() {
                     );
                     break;
                 }
-                assert!(Instant::now() < deadline, "subtree did not resume within 20 s");
+                assert!(
+                    Instant::now() < deadline,
+                    "subtree did not resume within 20 s"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -343,7 +346,10 @@ async fn killing_a_relay_its_subtree_resumes_and_files_stay_valid() {
             let got = read_all_frames(&w.video).unwrap();
             assert!(!got.is_empty());
             for f in &got {
-                assert!(src.iter().any(|s| s.data == f.data), "a frame not from the source");
+                assert!(
+                    src.iter().any(|s| s.data == f.data),
+                    "a frame not from the source"
+                );
             }
         }
         room.leave().await;
