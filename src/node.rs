@@ -38,6 +38,13 @@ pub const ROOM_RECORD_TTL: Duration = Duration::from_secs(3600);
 /// How long a lookup of a room record may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(8);
 
+/// The key every waterfall node provides on the public DHT (`--public`), so that waterfall nodes
+/// can find each other among the IPFS peers. Only provider records go there, never values.
+pub const PUBLIC_NODES_KEY: &[u8] = b"/waterfall/v1/nodes";
+/// Public IPFS bootstrap peers reachable without DNS (used with `--public` and no `--bootstrap`).
+pub const PUBLIC_BOOTSTRAP: &[&str] =
+    &["/ip4/104.131.131.82/tcp/4001/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ"];
+
 /// Errors of the node API.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -185,6 +192,12 @@ impl NodeBuilder {
         );
         config.listen = self.listen;
         config.bootstrap = self.bootstrap;
+        if self.public && config.bootstrap.is_empty() {
+            config.bootstrap = PUBLIC_BOOTSTRAP
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
+        }
         config.mdns = self.mdns;
         config.public = self.public;
         let (net, events) = Net::spawn(config).await?;
@@ -197,8 +210,17 @@ impl NodeBuilder {
             kdf: self.kdf,
             media: self.media,
             max_children: self.max_children,
+            public: self.public,
             dispatcher: Mutex::new(None),
         });
+        if self.public {
+            let net = net.clone();
+            tokio::spawn(async move {
+                if let Err(e) = net.provide_public(PUBLIC_NODES_KEY.to_vec()).await {
+                    tracing::warn!("providing on the public DHT failed: {e}");
+                }
+            });
+        }
         let task = tokio::spawn(dispatch(events, rooms));
         *inner.dispatcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(Node { inner })
@@ -213,6 +235,7 @@ pub(crate) struct Inner {
     pub(crate) kdf: KdfParams,
     pub(crate) media: MediaConfig,
     pub(crate) max_children: Option<u16>,
+    pub(crate) public: bool,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 

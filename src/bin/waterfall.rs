@@ -163,7 +163,7 @@ struct WatchArgs {
     /// Write data-channel messages here as lines, - for stdout.
     #[arg(long)]
     data: Option<String>,
-    /// Also keep a recording of the video in this file while watching.
+    /// Also keep a recording while watching: PREFIX.ivf (video) and PREFIX.ogg (audio).
     #[arg(long)]
     record: Option<PathBuf>,
     /// Stop after this many seconds.
@@ -556,15 +556,30 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         audio: target_of(&args.audio),
         data: target_of(&args.data),
     };
-    if let Some(r) = &args.record {
-        if sinks.video.is_some() {
-            bail!("--record keeps the video when --video is not a file already; use one of them");
+    if let Some(prefix) = &args.record {
+        // Keep a recording beside whatever the viewer plays: PREFIX.ivf and PREFIX.ogg.
+        let rec = |ext: &str, t: Option<SinkTarget>| {
+            let file = SinkTarget::File(prefix.with_extension(ext));
+            Some(match t {
+                Some(t) => SinkTarget::Tee(Box::new(t), Box::new(file)),
+                None => file,
+            })
+        };
+        sinks.video = rec("ivf", sinks.video.take());
+        sinks.audio = rec("ogg", sinks.audio.take());
+    }
+    fn to_stdout(t: &Option<SinkTarget>) -> bool {
+        match t {
+            Some(SinkTarget::Stdout) => true,
+            Some(SinkTarget::Tee(a, b)) => {
+                to_stdout(&Some((**a).clone())) || to_stdout(&Some((**b).clone()))
+            }
+            _ => false,
         }
-        sinks.video = Some(SinkTarget::File(r.clone()));
     }
     let stdout_users = [&sinks.video, &sinks.audio, &sinks.data]
         .iter()
-        .filter(|s| matches!(s, Some(SinkTarget::Stdout)))
+        .filter(|s| to_stdout(s))
         .count();
     if stdout_users > 1 || (stdout_users == 1 && args.json) {
         bail!("only one output can go to stdout");

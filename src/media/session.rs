@@ -800,10 +800,7 @@ fn handle_ready(
         if t.sink.is_none()
             && let Some(target) = t.target.take()
         {
-            let made: Result<Box<dyn FrameSink>, _> = match kind {
-                MediaKind::Video => IvfSink::create(&target, codec).map(|s| Box::new(s) as _),
-                MediaKind::Audio => OggOpusSink::create(&target, 2).map(|s| Box::new(s) as _),
-            };
+            let made = super::sink::create_frame_sink(kind, &target, codec);
             match made {
                 Ok(s) => t.sink = Some(s),
                 Err(e) => h.emit(MediaEvent::SinkFailed(e.to_string())),

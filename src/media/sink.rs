@@ -39,6 +39,8 @@ pub enum SinkTarget {
     File(PathBuf),
     /// The process's standard output.
     Stdout,
+    /// Both (e.g. play to stdout and keep a recording): frames go to each.
+    Tee(Box<SinkTarget>, Box<SinkTarget>),
 }
 
 enum Out {
@@ -51,6 +53,9 @@ impl Out {
         Ok(match t {
             SinkTarget::File(p) => Out::File(File::create(p)?),
             SinkTarget::Stdout => Out::Stdout(io::stdout()),
+            SinkTarget::Tee(..) => {
+                return Err(io::Error::other("a tee is two outputs: use TeeSink"));
+            }
         })
     }
 
@@ -83,6 +88,41 @@ pub trait FrameSink: Send {
     fn write_frame(&mut self, frame: &[u8], pts: Duration) -> Result<(), SinkError>;
     /// Finalizes headers. Idempotent; the file is valid without it.
     fn close(&mut self) -> Result<(), SinkError>;
+}
+
+/// Writes every frame to two sinks; a failure of either is reported.
+pub struct TeeSink(pub Box<dyn FrameSink>, pub Box<dyn FrameSink>);
+
+impl FrameSink for TeeSink {
+    fn codec(&self) -> Codec {
+        self.0.codec()
+    }
+    fn write_frame(&mut self, frame: &[u8], pts: Duration) -> Result<(), SinkError> {
+        let a = self.0.write_frame(frame, pts);
+        let b = self.1.write_frame(frame, pts);
+        a.and(b)
+    }
+    fn close(&mut self) -> Result<(), SinkError> {
+        let a = self.0.close();
+        let b = self.1.close();
+        a.and(b)
+    }
+}
+
+/// A video or audio sink for `target`: IVF for video, Ogg Opus for audio, both for a tee.
+pub fn create_frame_sink(
+    kind: super::MediaKind,
+    target: &SinkTarget,
+    codec: Codec,
+) -> Result<Box<dyn FrameSink>, SinkError> {
+    Ok(match (kind, target) {
+        (_, SinkTarget::Tee(a, b)) => Box::new(TeeSink(
+            create_frame_sink(kind, a, codec)?,
+            create_frame_sink(kind, b, codec)?,
+        )),
+        (super::MediaKind::Video, t) => Box::new(IvfSink::create(t, codec)?),
+        (super::MediaKind::Audio, t) => Box::new(OggOpusSink::create(t, 2)?),
+    })
 }
 
 /// IVF writer (VP8, VP9, AV1). Timebase 1/90000 (the RTP video clock).

@@ -555,6 +555,15 @@ impl Node {
         }
         self.inner.topics.insert(keys.clone());
         self.inner.net.subscribe(keys.topic().to_owned()).await?;
+        if self.inner.public {
+            // Room members are findable on the public DHT under a key only members can compute.
+            let (net, key) = (self.inner.net.clone(), keys.derived_key(b"members", &[]));
+            tokio::spawn(async move {
+                if let Err(e) = net.provide_public(key.to_vec()).await {
+                    tracing::warn!("providing the room on the public DHT failed: {e}");
+                }
+            });
+        }
         if let Some(r) = &record {
             self.publish_record(&keys, r).await?;
         }
