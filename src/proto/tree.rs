@@ -339,7 +339,7 @@ impl Default for Config {
             retry_jitter_ms: 150,
             repair_settle_ms: 250,
             upstream_grace_ms: 6_000,
-            rebalance_interval_ms: 15_000,
+            rebalance_interval_ms: 5_000,
             refuse_memory_ms: 3_000,
         }
     }
