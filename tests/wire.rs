@@ -85,7 +85,29 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         addrs: vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
         check: vec![1, 2, 3, 4, 5, 6, 7, 8],
     };
+    let control = Control {
+        v: VERSION,
+        room: id(9),
+        from: id(3),
+        to: id(2),
+        msg: waterfall::proto::TreeMsg::Leave {
+            successor: Some(waterfall::proto::NodeId([1; 32])),
+        },
+    };
+    let request = RoomRequest {
+        v: VERSION,
+        room: id(9),
+        env: env.clone(),
+    };
+    let response = RoomResponse {
+        v: VERSION,
+        env: None,
+        error: Some("not a child of this node".into()),
+    };
     vec![
+        ("control", encode(&control)),
+        ("room_request", encode(&request)),
+        ("room_response", encode(&response)),
         ("ticket", encode(&ticket)),
         ("room_record", encode(&record)),
         ("tree_update", encode(&update)),
@@ -133,6 +155,9 @@ fn reencode(name: &str, bytes: &[u8]) -> Result<Vec<u8>, WireError> {
     Ok(match name {
         "room_record" => encode(&decode::<RoomRecord>(bytes)?),
         "ticket" => encode(&decode::<Ticket>(bytes)?),
+        "control" => encode(&decode::<Control>(bytes)?),
+        "room_request" => encode(&decode::<RoomRequest>(bytes)?),
+        "room_response" => encode(&decode::<RoomResponse>(bytes)?),
         "tree_update" | "tree_update_root" => encode(&decode::<TreeUpdate>(bytes)?),
         "envelope" => encode(&decode::<Envelope>(bytes)?),
         "snapshot_request" => encode(&decode::<SnapshotRequest>(bytes)?),
@@ -206,7 +231,7 @@ fn truncations_and_wrong_types_are_typed_errors() {
         }
     }
     // A tree update decoded as a room record: a typed error, not a panic or a wrong value.
-    let upd = samples()[2].1.clone();
+    let upd = samples()[5].1.clone();
     assert!(matches!(
         decode::<RoomRecord>(&upd),
         Err(WireError::Malformed { .. })
@@ -239,7 +264,7 @@ fn truncations_and_wrong_types_are_typed_errors() {
 
 #[test]
 fn ticket_text_round_trip() {
-    let (_, bytes) = samples().swap_remove(0);
+    let (_, bytes) = samples().swap_remove(3);
     let t: Ticket = decode(&bytes).unwrap();
     let text = t.to_string();
     assert!(text.starts_with("wf1"));
@@ -269,6 +294,9 @@ fn huge_declared_lengths_do_not_allocate() {
 fn decode_all(bytes: &[u8]) {
     let _ = decode::<RoomRecord>(bytes);
     let _ = decode::<Ticket>(bytes);
+    let _ = decode::<Control>(bytes);
+    let _ = decode::<RoomRequest>(bytes);
+    let _ = decode::<RoomResponse>(bytes);
     if let Ok(s) = std::str::from_utf8(bytes) {
         let _ = s.parse::<Ticket>();
     }
@@ -290,7 +318,7 @@ proptest! {
     }
 
     #[test]
-    fn mutated_messages_never_panic(which in 0usize..10, pos in any::<usize>(), val in any::<u8>(), cut in any::<usize>()) {
+    fn mutated_messages_never_panic(which in 0usize..13, pos in any::<usize>(), val in any::<u8>(), cut in any::<usize>()) {
         let (_, mut bytes) = samples().swap_remove(which);
         let p = pos % bytes.len();
         bytes[p] = val;

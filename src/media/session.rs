@@ -27,7 +27,7 @@ use webrtc::peer_connection::RTCPeerConnectionState;
 use super::e2ee::{E2eeError, MediaKey, is_vp8_keyframe};
 use super::peer::{MediaConfig, Peer, PeerError, PeerEvent, SignalBlob};
 use super::relay::{FrameBuilder, Hub, Item, Reorder, keyframe_coalescer, sdp_send_codecs};
-use super::sink::{DataSink, FrameSink, IvfSink, OggOpusSink, SinkTarget};
+use super::sink::{DataSink, FrameSink, SinkTarget};
 use super::source::{MediaSource, SourceError};
 use super::{Codec, MediaKind};
 

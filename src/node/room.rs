@@ -197,7 +197,7 @@ enum Input {
     },
     Request {
         from: PeerId,
-        req: RoomRequest,
+        req: Box<RoomRequest>,
         reply: ResponseHandle,
     },
     PeerGone(PeerId),
@@ -276,8 +276,12 @@ impl Rooms {
         let tx = self.lock().by_id.get(&req.room).cloned();
         match tx {
             Some(tx) => {
-                if let Err(mpsc::error::TrySendError::Full(Input::Request { reply, .. })) =
-                    tx.try_send(Input::Request { from, req, reply })
+                if let Err(mpsc::error::TrySendError::Full(Input::Request { reply, .. })) = tx
+                    .try_send(Input::Request {
+                        from,
+                        req: Box::new(req),
+                        reply,
+                    })
                 {
                     let _ = reply.respond(refusal("busy")).await;
                 }
@@ -782,7 +786,7 @@ impl RoomTask {
         let now = self.now();
         match input {
             Input::Gossip { from, data } => self.on_gossip(from, data).await,
-            Input::Request { from, req, reply } => self.on_request(from, req, reply).await,
+            Input::Request { from, req, reply } => self.on_request(from, *req, reply).await,
             Input::PeerGone(peer) => {
                 if let Some(pk) = public_of_peer(&peer) {
                     let id = NodeId(pk);
