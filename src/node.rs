@@ -106,6 +106,7 @@ pub struct NodeBuilder {
     kdf: KdfParams,
     media: MediaConfig,
     max_children: Option<u16>,
+    inline_signalling: bool,
 }
 
 impl Default for NodeBuilder {
@@ -125,6 +126,7 @@ impl Default for NodeBuilder {
             kdf: KdfParams::STRONG,
             media: MediaConfig::default(),
             max_children: None,
+            inline_signalling: true,
         }
     }
 }
@@ -177,6 +179,14 @@ impl NodeBuilder {
         self
     }
 
+    /// Carry WebRTC offers and answers in direct requests (the fast path; default). When off,
+    /// they travel only through the DHT with a notice on the room topic — the path a node uses
+    /// when it cannot reach its parent directly.
+    pub fn inline_signalling(mut self, on: bool) -> Self {
+        self.inline_signalling = on;
+        self
+    }
+
     /// Start the node.
     pub async fn spawn(self) -> Result<Node, NodeError> {
         let identity = match (self.identity, &self.data_dir) {
@@ -211,6 +221,7 @@ impl NodeBuilder {
             media: self.media,
             max_children: self.max_children,
             public: self.public,
+            inline_signalling: self.inline_signalling,
             dispatcher: Mutex::new(None),
         });
         if self.public {
@@ -236,6 +247,7 @@ pub(crate) struct Inner {
     pub(crate) media: MediaConfig,
     pub(crate) max_children: Option<u16>,
     pub(crate) public: bool,
+    pub(crate) inline_signalling: bool,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 

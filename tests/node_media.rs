@@ -358,3 +358,70 @@ async fn killing_a_relay_its_subtree_resumes_and_files_stay_valid() {
     .await
     .expect("bounded");
 }
+
+/// The slow signalling path: offers and answers only through the DHT, announced on the room
+/// topic (what a node does when it cannot reach its parent with a direct request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signalling_through_the_dht_and_gossip_only() {
+    timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, room, _bev) = broadcaster(2, 2, "pw").await;
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        let mut ws = Vec::new();
+        for i in 0..3 {
+            let node = Node::builder()
+                .kdf(KdfParams::TEST_ONLY)
+                .bootstrap(boot.clone())
+                .inline_signalling(false)
+                .spawn()
+                .await
+                .unwrap();
+            let video = dir.path().join(format!("d{i}.ivf"));
+            let mut r = node
+                .watch(
+                    WatchTarget::Ticket(ticket.clone()),
+                    Some("pw"),
+                    WatchOptions {
+                        sinks: Sinks {
+                            video: Some(SinkTarget::File(video.clone())),
+                            ..Default::default()
+                        },
+                        tree: Some(tree_cfg()),
+                    },
+                )
+                .await
+                .unwrap();
+            let events = r.events().unwrap();
+            let mut w = Watcher {
+                node,
+                room: r,
+                events,
+                video,
+                audio: PathBuf::new(),
+                data: PathBuf::new(),
+            };
+            wait_connected(&mut w, i).await;
+            ws.push(w);
+        }
+        room.start();
+        let src = read_all_frames(fixture("f.ivf")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for w in &ws {
+            while read_all_frames(&w.video).map(|f| f.len()).unwrap_or(0) < src.len() {
+                assert!(
+                    Instant::now() < deadline,
+                    "media through DHT-signalled links"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        for w in ws {
+            w.room.leave().await;
+            w.node.shutdown().await;
+            ffmpeg_ok(&w.video);
+        }
+    })
+    .await
+    .expect("bounded");
+}

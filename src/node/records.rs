@@ -102,3 +102,93 @@ impl TopicKeys {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Identity, KdfParams};
+    use crate::wire::{Id, Nonce16, Notice, SdpKind};
+
+    fn notice(from: &Identity, keys: &RoomKeys) -> Vec<u8> {
+        let n = Notice {
+            v: wire::VERSION,
+            room: Id(*keys.locator()),
+            from: Id(from.public()),
+            to: Id([2; 32]),
+            nonce: Nonce16([3; 16]),
+            kind: SdpKind::Offer,
+            blob_key: Id([4; 32]),
+        };
+        let env = from.seal_envelope(
+            Kind::Notice,
+            1,
+            now_ms() + 10_000,
+            keys.seal(Kind::Notice, &wire::encode(&n)),
+        );
+        wire::encode(&env)
+    }
+
+    #[test]
+    fn gossip_is_opened_verified_and_bound_to_its_author() {
+        let keys = RoomKeys::derive("r", Some("pw"), KdfParams::TEST_ONLY).unwrap();
+        let topics = TopicKeys::default();
+        topics.insert(keys.clone());
+        let alice = Identity::generate();
+        let msg = notice(&alice, &keys);
+        assert!(
+            topics
+                .open_gossip(keys.topic(), &alice.peer_id(), &msg)
+                .is_some()
+        );
+        // Relayed under another author's name.
+        let mallory = Identity::generate();
+        assert!(
+            topics
+                .open_gossip(keys.topic(), &mallory.peer_id(), &msg)
+                .is_none()
+        );
+        // Unknown topic, tampered bytes, sealed with another room's key.
+        assert!(
+            topics
+                .open_gossip("other", &alice.peer_id(), &msg)
+                .is_none()
+        );
+        let mut t = msg.clone();
+        let last = t.len() - 70;
+        t[last] ^= 1;
+        assert!(
+            topics
+                .open_gossip(keys.topic(), &alice.peer_id(), &t)
+                .is_none()
+        );
+        let wrong = RoomKeys::derive("r", Some("guess"), KdfParams::TEST_ONLY).unwrap();
+        let forged = notice(&alice, &wrong);
+        assert!(
+            topics
+                .open_gossip(keys.topic(), &alice.peer_id(), &forged)
+                .is_none()
+        );
+        assert!(
+            topics
+                .open_gossip(keys.topic(), &alice.peer_id(), b"garbage")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn dht_records_need_a_valid_signature_and_a_dht_kind() {
+        let id = Identity::generate();
+        let env = id.seal_envelope(Kind::RoomRecord, 3, now_ms() + 60_000, b"sealed".to_vec());
+        let meta = validate_record(b"k", &wire::encode(&env)).unwrap();
+        assert_eq!(meta.signer, id.public().to_vec());
+        assert_eq!(meta.seq, 3);
+        let mut bad = env.clone();
+        bad.payload[0] ^= 1;
+        assert!(validate_record(b"k", &wire::encode(&bad)).is_err());
+        let gossip_kind = id.seal_envelope(Kind::TreeUpdate, 1, now_ms() + 60_000, vec![1]);
+        assert!(validate_record(b"k", &wire::encode(&gossip_kind)).is_err());
+        let expired = id.seal_envelope(Kind::Offer, 1, now_ms() - 1, vec![1]);
+        assert!(validate_record(b"k", &wire::encode(&expired)).is_err());
+        assert!(validate_record(b"k", b"\xff\x00").is_err());
+    }
+}

@@ -1037,7 +1037,14 @@ impl RoomTask {
                     room,
                     env: env.clone(),
                 });
-                let answer_env = match node.inner.net.request(peer, req, SIGNAL_TIMEOUT).await {
+                let direct = if node.inner.inline_signalling {
+                    node.inner.net.request(peer, req, SIGNAL_TIMEOUT).await
+                } else {
+                    Err(crate::net::NetError::Request(
+                        "inline signalling is off".into(),
+                    ))
+                };
+                let answer_env = match direct {
                     Ok(resp) => {
                         let resp: RoomResponse = wire::decode(&resp).map_err(|e| e.to_string())?;
                         if let Some(err) = resp.error {
@@ -1047,8 +1054,12 @@ impl RoomTask {
                     }
                     Err(e) => {
                         // Slow path: tell the parent on the room topic, wait for its answer blob.
-                        tracing::debug!("direct signalling failed ({e}); using the DHT");
-                        let _ = put.await;
+                        tracing::debug!("direct signalling unavailable ({e}); using the DHT");
+                        put.await.map_err(|e| e.to_string())?.or_else(|e| match e {
+                            // Stored here and served from here: the parent can fetch it.
+                            crate::net::NetError::NotReplicated => Ok(()),
+                            e => Err(e.to_string()),
+                        })?;
                         signal_via_dht(&node, &keys, room, me, parent, nonce, blob_key).await?
                     }
                 };
@@ -1091,6 +1102,10 @@ impl RoomTask {
         // A child could not reach us directly: fetch its offer from the DHT and answer there.
         let child = NodeId(notice.from.0);
         if !self.tree.children().any(|c| c == child) {
+            return;
+        }
+        if !self.seen.insert(digest(&notice.nonce.0)) {
+            tracing::debug!(?child, "replayed signalling notice ignored");
             return;
         }
         let net = self.net.clone();
@@ -1440,5 +1455,75 @@ fn from_wire_update(u: &wire::TreeUpdate) -> proto::TreeUpdate {
         uplink_kbps: u.uplink_kbps,
         seq: u.seq,
         ts_ms: u.ts_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{Identity, KdfParams};
+
+    fn signal_env(
+        from: &Identity,
+        to: NodeId,
+        keys: &RoomKeys,
+        ts_ms: u64,
+        kind: Kind,
+    ) -> Envelope {
+        let s = Signal {
+            v: wire::VERSION,
+            room: Id(*keys.locator()),
+            from: Id(from.public()),
+            to: Id(to.0),
+            nonce: Nonce16([7; 16]),
+            kind: SdpKind::Offer,
+            sdp: "v=0".into(),
+            ts_ms,
+        };
+        from.seal_envelope(
+            kind,
+            1,
+            now_ms() + 60_000,
+            keys.seal(kind, &wire::encode(&s)),
+        )
+    }
+
+    #[test]
+    fn signals_are_checked_for_age_address_signer_and_kind() {
+        let keys = RoomKeys::derive("r", Some("pw"), KdfParams::TEST_ONLY).unwrap();
+        let child = Identity::generate();
+        let parent = NodeId([9; 32]);
+        let me = NodeId(child.public());
+        let fresh = signal_env(&child, parent, &keys, now_ms(), Kind::Offer);
+        assert!(open_signal(&keys, &fresh, Kind::Offer, me, parent).is_ok());
+        // Stale.
+        let old = signal_env(&child, parent, &keys, now_ms() - 60_000, Kind::Offer);
+        let e = open_signal(&keys, &old, Kind::Offer, me, parent).unwrap_err();
+        assert!(e.contains("stale"), "{e}");
+        // From the future.
+        let future = signal_env(&child, parent, &keys, now_ms() + 60_000, Kind::Offer);
+        assert!(open_signal(&keys, &future, Kind::Offer, me, parent).is_err());
+        // For someone else, from someone else, or of the other kind.
+        assert!(open_signal(&keys, &fresh, Kind::Offer, me, NodeId([1; 32])).is_err());
+        assert!(open_signal(&keys, &fresh, Kind::Offer, NodeId([1; 32]), parent).is_err());
+        assert!(open_signal(&keys, &fresh, Kind::Answer, me, parent).is_err());
+        // Another room's key.
+        let other = RoomKeys::derive("r", Some("other"), KdfParams::TEST_ONLY).unwrap();
+        assert!(open_signal(&other, &fresh, Kind::Offer, me, parent).is_err());
+    }
+
+    #[test]
+    fn seen_is_bounded_and_detects_replays() {
+        let mut s = Seen::default();
+        assert!(s.insert([1; 32]));
+        assert!(!s.insert([1; 32]));
+        for i in 0..(SEEN_CAPACITY as u32 + 10) {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            k[31] = 0xEE;
+            s.insert(k);
+        }
+        assert!(s.set.len() <= SEEN_CAPACITY + 1);
+        assert_eq!(s.set.len(), s.order.len());
     }
 }
