@@ -377,3 +377,44 @@ async fn forged_records_and_updates_are_rejected() {
     .await
     .expect("bounded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_node() {
+    timeout(Duration::from_secs(60), async {
+        let b = node(vec![], 3).await;
+        let room = broadcast(&b, "dropme", "pw").await;
+        let tcp: std::net::SocketAddr = b
+            .addrs()
+            .await
+            .unwrap()
+            .iter()
+            .find_map(|a| {
+                let mut ip = None;
+                let mut port = None;
+                for p in a.iter() {
+                    match p {
+                        libp2p::multiaddr::Protocol::Ip4(i) => ip = Some(i),
+                        libp2p::multiaddr::Protocol::Tcp(t) => port = Some(t),
+                        _ => {}
+                    }
+                }
+                Some(std::net::SocketAddr::from((ip?, port?)))
+            })
+            .expect("a TCP listen address");
+        assert!(tokio::net::TcpStream::connect(tcp).await.is_ok());
+        drop(room);
+        drop(b);
+        // The room leaves in the background, then the node's last reference goes and the swarm
+        // closes its listeners.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(tcp).await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "node still listening after its last handle dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("bounded");
+}

@@ -61,6 +61,8 @@ const SIGNAL_TTL: Duration = Duration::from_secs(60);
 const CONTROL_TTL: Duration = Duration::from_secs(30);
 /// Remembered envelope signatures and nonces (replay protection), per room.
 const SEEN_CAPACITY: usize = 4096;
+/// A tree neighbour whose libp2p connection closed must answer a probe within this.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Candidates in a snapshot.
 const SNAPSHOT_MAX: usize = 16;
 
@@ -210,6 +212,7 @@ enum Input {
         child: NodeId,
         id: ChildId,
     },
+    LinkDown(NodeId),
     Status(oneshot::Sender<RoomStatus>),
     Leave(oneshot::Sender<()>),
 }
@@ -402,6 +405,15 @@ impl RoomHandle {
         if self.tx.send(Input::Leave(tx)).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
         }
+    }
+}
+
+impl Drop for RoomHandle {
+    /// Dropping the handle leaves the room (gracefully, in the background); once every room
+    /// handle and every `Node` clone is gone, the node stops.
+    fn drop(&mut self) {
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.tx.try_send(Input::Leave(tx));
     }
 }
 
@@ -788,12 +800,35 @@ impl RoomTask {
             Input::Gossip { from, data } => self.on_gossip(from, data).await,
             Input::Request { from, req, reply } => self.on_request(from, *req, reply).await,
             Input::PeerGone(peer) => {
-                if let Some(pk) = public_of_peer(&peer) {
-                    let id = NodeId(pk);
-                    if self.tree.parent() == Some(id) || self.children.contains_key(&id) {
-                        self.tree.handle_link_down(id, now);
-                    }
-                    self.senders.remove(&id);
+                let Some(pk) = public_of_peer(&peer) else {
+                    return;
+                };
+                let id = NodeId(pk);
+                self.senders.remove(&id);
+                let neighbour =
+                    self.tree.parent() == Some(id) || self.tree.children().any(|c| c == id);
+                if neighbour {
+                    // The libp2p connection to a tree neighbour closed. A crashed peer refuses a
+                    // new connection at once; an idle-closed connection simply reopens. Probe
+                    // with a small request instead of tearing the edge down on a hunch.
+                    let req = SnapshotRequest {
+                        v: wire::VERSION,
+                        room: self.room,
+                        max: 1,
+                    };
+                    let env = self.envelope(Kind::Snapshot, &wire::encode(&req), CONTROL_TTL);
+                    let bytes = self.request_bytes(env);
+                    let (net, tx) = (self.net.clone(), self.inputs_tx.clone());
+                    tokio::spawn(async move {
+                        if net.request(peer, bytes, PROBE_TIMEOUT).await.is_err() {
+                            let _ = tx.send(Input::LinkDown(id)).await;
+                        }
+                    });
+                }
+            }
+            Input::LinkDown(id) => {
+                if self.tree.parent() == Some(id) || self.tree.children().any(|c| c == id) {
+                    self.tree.handle_link_down(id, now);
                 }
             }
             Input::Snapshot(s) => {
