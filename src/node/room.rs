@@ -520,18 +520,6 @@ impl Node {
         tree_cfg.stream_kbps = record.bitrate_kbps;
         let me = NodeId(self.inner.identity.public());
         let tree = TreeNode::new(me, tree_cfg, u64::from_le_bytes(random_bytes()));
-        self.start_room_with_record(keys, tree, viewer, media_events, record)
-            .await
-    }
-
-    async fn start_room_with_record(
-        &self,
-        keys: RoomKeys,
-        tree: TreeNode,
-        viewer: Viewer,
-        media_events: mpsc::Receiver<MediaEvent>,
-        record: RoomRecord,
-    ) -> Result<RoomHandle, NodeError> {
         self.start_room(
             keys,
             tree,
@@ -544,7 +532,6 @@ impl Node {
         .await
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn start_room(
         &self,
         keys: RoomKeys,
