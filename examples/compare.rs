@@ -352,7 +352,8 @@ pub fn analyse(
         deepest_depth,
         depth_histogram: hist,
         delivery_ratio: distinct_total as f64 / (n as u64 * wmsgs).max(1) as f64,
-        dup_ratio: copies_total.saturating_sub(distinct_total) as f64 / distinct_total.max(1) as f64,
+        dup_ratio: copies_total.saturating_sub(distinct_total) as f64
+            / distinct_total.max(1) as f64,
         source_upload_bytes: source_upload.0,
         source_upload_basis: source_upload.1.into(),
         source_upload_kbps: source_upload.0 as f64 * 8.0 / 1000.0 / secs.max(1) as f64,

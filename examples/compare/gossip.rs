@@ -102,12 +102,18 @@ struct GossipNode {
     publish_errors: Arc<AtomicU64>,
 }
 
-fn config(mesh: Mesh, copies: Arc<AtomicU64>, window: Arc<Window>) -> anyhow::Result<gossipsub::Config> {
+fn config(
+    mesh: Mesh,
+    copies: Arc<AtomicU64>,
+    window: Arc<Window>,
+) -> anyhow::Result<gossipsub::Config> {
     let mut b = gossipsub::ConfigBuilder::default();
     b.max_transmit_size(64 * 1024)
         .message_id_fn(move |m: &gossipsub::Message| {
             let (seq, _) = parse_probe(&m.data).unwrap_or((u64::MAX, 0));
-            if seq >= window.start.load(Ordering::Relaxed) && seq < window.end.load(Ordering::Relaxed) {
+            if seq >= window.start.load(Ordering::Relaxed)
+                && seq < window.end.load(Ordering::Relaxed)
+            {
                 copies.fetch_add(1, Ordering::Relaxed);
             }
             MessageId::from(seq.to_be_bytes().to_vec())
@@ -120,7 +126,8 @@ fn config(mesh: Mesh, copies: Arc<AtomicU64>, window: Arc<Window>) -> anyhow::Re
             .gossip_lazy(3)
             .flood_publish(false);
     }
-    b.build().map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))
+    b.build()
+        .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))
 }
 
 async fn spawn_node(
@@ -134,15 +141,16 @@ async fn spawn_node(
     let key = Keypair::generate_ed25519();
     let bytes = Arc::new(Bytes::default());
     let b2 = bytes.clone();
-    let transport = libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default().nodelay(true))
-        .map(move |s, _| Counted {
-            inner: s,
-            bytes: b2.clone(),
-        })
-        .upgrade(Version::V1Lazy)
-        .authenticate(libp2p::noise::Config::new(&key)?)
-        .multiplex(libp2p::yamux::Config::default())
-        .boxed();
+    let transport =
+        libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default().nodelay(true))
+            .map(move |s, _| Counted {
+                inner: s,
+                bytes: b2.clone(),
+            })
+            .upgrade(Version::V1Lazy)
+            .authenticate(libp2p::noise::Config::new(&key)?)
+            .multiplex(libp2p::yamux::Config::default())
+            .boxed();
     let copies = Arc::new(AtomicU64::new(0));
     let behaviour: gossipsub::Behaviour = gossipsub::Behaviour::new(
         MessageAuthenticity::Signed(key.clone()),
@@ -219,7 +227,14 @@ pub async fn run(n: usize, secs: u64, mesh: Mesh) -> anyhow::Result<RunResult> {
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let (pub_tx, pub_rx) = mpsc::channel::<Vec<u8>>(64);
-    let source = spawn_node(mesh, Vec::new(), window.clone(), Some(pub_rx), stop_rx.clone()).await?;
+    let source = spawn_node(
+        mesh,
+        Vec::new(),
+        window.clone(),
+        Some(pub_rx),
+        stop_rx.clone(),
+    )
+    .await?;
     let dropped = Arc::new(AtomicU64::new(0));
     let d2 = dropped.clone();
     let (seq, pacer_stop) = spawn_pacer(move |m| {
@@ -251,14 +266,20 @@ pub async fn run(n: usize, secs: u64, mesh: Mesh) -> anyhow::Result<RunResult> {
     window.start.store(w0, Ordering::SeqCst);
     let (cpu0, lo0) = (cpu_seconds(), lo_bytes());
     let src_tx0 = source.bytes.tx.load(Ordering::Relaxed);
-    let tcp0: u64 = nodes.iter().map(|x| x.bytes.rx.load(Ordering::Relaxed)).sum::<u64>()
+    let tcp0: u64 = nodes
+        .iter()
+        .map(|x| x.bytes.rx.load(Ordering::Relaxed))
+        .sum::<u64>()
         + source.bytes.rx.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let w1 = seq.load(Ordering::SeqCst);
     window.end.store(w1, Ordering::SeqCst);
     let (cpu1, lo1) = (cpu_seconds(), lo_bytes());
     let src_up = source.bytes.tx.load(Ordering::Relaxed) - src_tx0;
-    let tcp1: u64 = nodes.iter().map(|x| x.bytes.rx.load(Ordering::Relaxed)).sum::<u64>()
+    let tcp1: u64 = nodes
+        .iter()
+        .map(|x| x.bytes.rx.load(Ordering::Relaxed))
+        .sum::<u64>()
         + source.bytes.rx.load(Ordering::Relaxed);
     tokio::time::sleep(DRAIN).await;
     let _ = pacer_stop.send(true);
@@ -278,7 +299,11 @@ pub async fn run(n: usize, secs: u64, mesh: Mesh) -> anyhow::Result<RunResult> {
         cpu_s_total: cpu1,
         peak_rss_mb: peak_rss_mb(),
         // Outside a private namespace, the sum of the TCP counters is the honest total.
-        lo_bytes_window: if std::env::var("COMPARE_NETNS").is_ok() { lo } else { tcp1 - tcp0 },
+        lo_bytes_window: if std::env::var("COMPARE_NETNS").is_ok() {
+            lo
+        } else {
+            tcp1 - tcp0
+        },
     };
     let name = match mesh {
         Mesh::Default => "gossip-default",
@@ -290,7 +315,10 @@ pub async fn run(n: usize, secs: u64, mesh: Mesh) -> anyhow::Result<RunResult> {
         secs,
         (w0, w1),
         &outcomes,
-        (src_up, "bytes written to the source's TCP sockets (noise + yamux + gossipsub framing and control)"),
+        (
+            src_up,
+            "bytes written to the source's TCP sockets (noise + yamux + gossipsub framing and control)",
+        ),
         procs,
         setup_s,
     );

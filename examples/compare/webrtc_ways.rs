@@ -60,7 +60,12 @@ struct StarViewer {
     join_us: u64,
 }
 
-async fn star_viewer(bc: &Broadcaster, key: &MediaKey, dir: &Path, i: usize) -> anyhow::Result<StarViewer> {
+async fn star_viewer(
+    bc: &Broadcaster,
+    key: &MediaKey,
+    dir: &Path,
+    i: usize,
+) -> anyhow::Result<StarViewer> {
     let path = dir.join(format!("d{i}"));
     let recv = fifo_receiver(&path)?;
     let join_us = now_us();
@@ -97,7 +102,11 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     let t0 = Instant::now();
     let dir = tempfile::tempdir()?;
     let key = MediaKey::new([7; 32]);
-    let (bc, mut bev) = Broadcaster::new(vec![idle_video().await?], key.clone(), MediaConfig::default())?;
+    let (bc, mut bev) = Broadcaster::new(
+        vec![idle_video().await?],
+        key.clone(),
+        MediaConfig::default(),
+    )?;
     tokio::spawn(async move { while bev.recv().await.is_some() {} });
     let bc = Arc::new(bc);
     let b2 = bc.clone();
@@ -107,9 +116,7 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     let mut viewers = Vec::new();
     let mut notes = Vec::new();
     for batch in (0..n).collect::<Vec<_>>().chunks(JOIN_BATCH) {
-        let joins = batch
-            .iter()
-            .map(|&i| star_viewer(&bc, &key, dir.path(), i));
+        let joins = batch.iter().map(|&i| star_viewer(&bc, &key, dir.path(), i));
         for r in join_all(joins).await {
             match r {
                 Ok(v) => viewers.push(v),
@@ -119,9 +126,17 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     }
     let setup_s = t0.elapsed().as_secs_f64();
     tokio::time::sleep(SETTLE).await;
-    let (w0, cpu0, lo0) = (seq.load(std::sync::atomic::Ordering::SeqCst), cpu_seconds(), lo_bytes());
+    let (w0, cpu0, lo0) = (
+        seq.load(std::sync::atomic::Ordering::SeqCst),
+        cpu_seconds(),
+        lo_bytes(),
+    );
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (w1, cpu1, lo1) = (seq.load(std::sync::atomic::Ordering::SeqCst), cpu_seconds(), lo_bytes());
+    let (w1, cpu1, lo1) = (
+        seq.load(std::sync::atomic::Ordering::SeqCst),
+        cpu_seconds(),
+        lo_bytes(),
+    );
     tokio::time::sleep(DRAIN).await;
     let _ = stop.send(true);
     let outcomes: Vec<ViewerOutcome> = viewers
@@ -150,7 +165,10 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
         secs,
         (w0, w1),
         &outcomes,
-        (upload, "data-channel payload incl. E2EE (copies delivered by direct children x 1240 B)"),
+        (
+            upload,
+            "data-channel payload incl. E2EE (copies delivered by direct children x 1240 B)",
+        ),
         procs,
         setup_s,
     );
@@ -172,7 +190,12 @@ fn tree_cfg() -> waterfall::proto::Config {
     waterfall::proto::Config::default()
 }
 
-async fn tree_root() -> anyhow::Result<(Node, RoomHandle, waterfall::wire::Ticket, Vec<libp2p::Multiaddr>)> {
+async fn tree_root() -> anyhow::Result<(
+    Node,
+    RoomHandle,
+    waterfall::wire::Ticket,
+    Vec<libp2p::Multiaddr>,
+)> {
     let b = Node::builder()
         .kdf(KdfParams::TEST_ONLY)
         .max_children(FANOUT)
@@ -292,9 +315,17 @@ pub async fn tree(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     let viewers = join_tree(n, dir.path(), &boot, &ticket, &mut notes).await;
     let setup_s = t0.elapsed().as_secs_f64();
     tokio::time::sleep(SETTLE).await;
-    let (w0, cpu0, lo0) = (seq.load(std::sync::atomic::Ordering::SeqCst), cpu_seconds(), lo_bytes());
+    let (w0, cpu0, lo0) = (
+        seq.load(std::sync::atomic::Ordering::SeqCst),
+        cpu_seconds(),
+        lo_bytes(),
+    );
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (w1, cpu1, lo1) = (seq.load(std::sync::atomic::Ordering::SeqCst), cpu_seconds(), lo_bytes());
+    let (w1, cpu1, lo1) = (
+        seq.load(std::sync::atomic::Ordering::SeqCst),
+        cpu_seconds(),
+        lo_bytes(),
+    );
     tokio::time::sleep(DRAIN).await;
     let _ = stop.send(true);
     let mut outcomes = Vec::new();
@@ -323,7 +354,10 @@ pub async fn tree(n: usize, secs: u64) -> anyhow::Result<RunResult> {
         secs,
         (w0, w1),
         &outcomes,
-        (upload, "data-channel payload incl. E2EE (copies delivered to depth-1 viewers x 1240 B)"),
+        (
+            upload,
+            "data-channel payload incl. E2EE (copies delivered to depth-1 viewers x 1240 B)",
+        ),
         procs,
         setup_s,
     );
@@ -355,6 +389,9 @@ pub struct ChurnResult {
     pub delivery_ratio: f64,
     pub dup_ratio: f64,
     pub latency_all_ms: Pct,
+    /// Extra delays (> 100 ms) between consecutive sends of the source: the process stalled.
+    #[serde(default)]
+    pub source_stall_ms: Pct,
     pub kill_method: String,
     pub notes: Vec<String>,
 }
@@ -419,6 +456,27 @@ pub async fn churn(n: usize, secs: u64) -> anyhow::Result<ChurnResult> {
     tokio::time::sleep(DRAIN).await;
     let _ = stop.send(true);
     let survivors: Vec<&TreeViewer> = viewers.iter().filter(|v| v.room.is_some()).collect();
+    // Send times of every window message (any receiver knows them): a stall of the source
+    // process (the kills run in the same process) must not count as a tree outage.
+    let mut sent_at = std::collections::BTreeMap::new();
+    for v in &survivors {
+        for r in v.recv.snapshot() {
+            if r.0 >= w0 && r.0 < w1 {
+                sent_at.insert(r.0, r.1);
+            }
+        }
+    }
+    let period = 1_000_000 / super::RATE_HZ;
+    let sends: Vec<(u64, u64)> = sent_at.iter().map(|(a, b)| (*a, *b)).collect();
+    let mut stall_after = std::collections::BTreeMap::new();
+    let mut source_stalls = Vec::new();
+    for w in sends.windows(2) {
+        let extra = (w[1].1 - w[0].1).saturating_sub(period * (w[1].0 - w[0].0));
+        stall_after.insert(w[0].0, extra);
+        if extra > 100_000 {
+            source_stalls.push(extra as f64 / 1000.0);
+        }
+    }
     let mut gaps = Vec::new();
     let mut with_outage = 0;
     let mut rejoins = Vec::new();
@@ -437,12 +495,12 @@ pub async fn churn(n: usize, secs: u64) -> anyhow::Result<ChurnResult> {
         recs.dedup_by_key(|r| r.0);
         distinct += recs.len() as u64;
         lats.extend(recs.iter().map(|r| r.2.saturating_sub(r.1) as f64 / 1000.0));
-        // Arrival gaps in send order, including a missing head or tail of the window.
-        let mut times: Vec<u64> = recs.iter().map(|r| r.2).collect();
-        times.sort_unstable();
+        // Arrival gaps between consecutive messages, minus the source's own stalls in between.
         let mut had = false;
-        for w in times.windows(2) {
-            let g = (w[1] - w[0]) as f64 / 1000.0;
+        for w in recs.windows(2) {
+            let raw = w[1].2.saturating_sub(w[0].2);
+            let stall: u64 = stall_after.range(w[0].0..w[1].0).map(|(_, x)| *x).sum();
+            let g = raw.saturating_sub(stall) as f64 / 1000.0;
             if g > GAP_MS {
                 gaps.push(g);
                 had = true;
@@ -476,6 +534,7 @@ pub async fn churn(n: usize, secs: u64) -> anyhow::Result<ChurnResult> {
         delivery_ratio: distinct as f64 / (survivors.len() as u64 * wmsgs).max(1) as f64,
         dup_ratio: copies.saturating_sub(distinct) as f64 / distinct.max(1) as f64,
         latency_all_ms: pct(lats),
+        source_stall_ms: pct(source_stalls),
         kill_method: "in-process: the victim's libp2p swarm is shut down, then its room left and \
                       node stopped (its WebRTC connections close, so children see the loss at once; \
                       a crashed process would add ICE failure detection time)"
