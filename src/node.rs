@@ -107,6 +107,7 @@ pub struct NodeBuilder {
     media: MediaConfig,
     max_children: Option<u16>,
     inline_signalling: bool,
+    max_connections: Option<u32>,
 }
 
 impl Default for NodeBuilder {
@@ -127,6 +128,7 @@ impl Default for NodeBuilder {
             media: MediaConfig::default(),
             max_children: None,
             inline_signalling: true,
+            max_connections: None,
         }
     }
 }
@@ -187,6 +189,12 @@ impl NodeBuilder {
         self
     }
 
+    /// Established connections at most (default 1024).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
     /// Start the node.
     pub async fn spawn(self) -> Result<Node, NodeError> {
         let identity = match (self.identity, &self.data_dir) {
@@ -210,6 +218,9 @@ impl NodeBuilder {
         }
         config.mdns = self.mdns;
         config.public = self.public;
+        if let Some(n) = self.max_connections {
+            config.max_connections = n;
+        }
         let (net, events) = Net::spawn(config).await?;
         let rooms = room::Rooms::default();
         let inner = Arc::new(Inner {

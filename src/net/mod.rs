@@ -130,7 +130,8 @@ impl NetConfig {
             bootstrap: Vec::new(),
             mdns: false,
             public: false,
-            max_connections: 128,
+            // A broadcaster is everyone's first contact in small setups: room for a crowd.
+            max_connections: 1024,
             record_validator,
             gossip_validator,
             max_request_bytes: 256 * 1024,
