@@ -127,7 +127,7 @@ fn fmt_summary(v: &Value) -> String {
         return "no samples".into();
     }
     format!(
-        "p50 {:>8.1}  p95 {:>8.1}  [{:.1} .. {:.1}]  n={}",
+        "p50 {:>8.2}  p95 {:>8.2}  [{:.2} .. {:.2}]  n={}",
         v["p50"].as_f64().unwrap_or(f64::NAN),
         v["p95"].as_f64().unwrap_or(f64::NAN),
         v["min"].as_f64().unwrap_or(f64::NAN),
@@ -233,9 +233,13 @@ async fn room(
 /// When things happened to one viewer, measured from its `watch()` call.
 #[derive(Default, Clone, Copy)]
 struct Times {
+    /// `watch()` returned (key derivation + record lookup done).
+    returned: Option<Duration>,
     joined: Option<Duration>,
     connected: Option<Duration>,
     first_video: Option<Duration>,
+    /// Media payload bytes received so far (from the last stats event).
+    bytes_in: u64,
 }
 
 struct Viewer {
@@ -263,7 +267,10 @@ async fn watch(node: Node, ticket: &Ticket, sinks: Sinks) -> anyhow::Result<View
             },
         )
         .await?;
-    let times = Arc::new(Mutex::new(Times::default()));
+    let times = Arc::new(Mutex::new(Times {
+        returned: Some(t0.elapsed()),
+        ..Times::default()
+    }));
     let mut events = room.events().context("events once")?;
     let t = times.clone();
     tokio::spawn(async move {
@@ -283,6 +290,7 @@ async fn watch(node: Node, ticket: &Ticket, sinks: Sinks) -> anyhow::Result<View
                 }) => {
                     g.first_video.get_or_insert(now);
                 }
+                RoomEvent::Media(MediaEvent::Stats(st)) => g.bytes_in = st.bytes_in,
                 RoomEvent::Ended => break,
                 _ => {}
             }
@@ -376,6 +384,7 @@ async fn join_run(n: usize, wave: usize) -> anyhow::Result<Value> {
     let out = json!({
         "viewers": n,
         "wave": wave,
+        "watch_returned_ms": summary(pick(|t| t.returned)),
         "to_joined_ms": summary(pick(|t| t.joined)),
         "to_parent_connected_ms": summary(pick(|t| t.connected)),
         "to_first_video_frame_ms": summary(pick(|t| t.first_video)),
@@ -463,58 +472,64 @@ async fn hops(depth: usize) -> anyhow::Result<Value> {
     }
     // Data channels open shortly after the media connection.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let epoch = Instant::now();
     const MSGS: usize = 40;
-    // arrivals[d][m] = ms since epoch
-    let mut arrivals = vec![vec![None::<f64>; MSGS]; depth];
-    let mut sent = vec![0f64; MSGS];
-    let mut seen_len = vec![0usize; depth];
-    let mut next = 0usize;
-    let mut next_send = epoch;
-    let deadline = epoch + Duration::from_millis(MSGS as u64 * 50 + 5_000);
-    // One loop sends every 50 ms and polls the sink files every millisecond (bounded in time).
-    while Instant::now() < deadline {
-        let now = Instant::now();
-        if next < MSGS && now >= next_send {
-            sent[next] = ms(epoch.elapsed());
-            root.room.send_data(format!("msg {next}").as_bytes())?;
-            next += 1;
-            next_send += Duration::from_millis(50);
-        }
-        for (d, f) in files.iter().enumerate() {
-            let len = std::fs::metadata(f).map(|m| m.len() as usize).unwrap_or(0);
-            if len > seen_len[d] {
-                let t = ms(epoch.elapsed());
-                let text = std::fs::read_to_string(f).unwrap_or_default();
-                for line in text.get(seen_len[d]..).unwrap_or("").lines() {
-                    if let Some(m) = line
-                        .strip_prefix("msg ")
-                        .and_then(|m| m.parse::<usize>().ok())
-                        && m < MSGS
-                    {
-                        arrivals[d][m].get_or_insert(t);
+    // A plain thread polls the sink files in a tight loop (resolution: tens of microseconds)
+    // while the runtime sends one line every 50 ms. Both are bounded in time.
+    let epoch = std::time::Instant::now();
+    let poll_files = files.clone();
+    let poller = std::thread::spawn(move || {
+        let n = poll_files.len();
+        let mut arrivals = vec![vec![None::<f64>; MSGS]; n];
+        let mut seen_len = vec![0usize; n];
+        let deadline = epoch + Duration::from_millis(MSGS as u64 * 50 + 5_000);
+        while std::time::Instant::now() < deadline {
+            for (d, f) in poll_files.iter().enumerate() {
+                let len = std::fs::metadata(f).map(|m| m.len() as usize).unwrap_or(0);
+                if len > seen_len[d] {
+                    let t = ms(epoch.elapsed());
+                    let text = std::fs::read_to_string(f).unwrap_or_default();
+                    for line in text.get(seen_len[d]..).unwrap_or("").lines() {
+                        if let Some(m) = line
+                            .strip_prefix("msg ")
+                            .and_then(|m| m.parse::<usize>().ok())
+                            && m < MSGS
+                        {
+                            arrivals[d][m].get_or_insert(t);
+                        }
                     }
+                    // Only whole lines count as seen.
+                    seen_len[d] = text.rfind('\n').map_or(0, |i| i + 1);
                 }
-                // Only whole lines count as seen.
-                seen_len[d] = text.rfind('\n').map_or(0, |i| i + 1);
             }
+            if arrivals.iter().all(|a| a.iter().all(Option::is_some)) {
+                break;
+            }
+            std::thread::yield_now();
         }
-        if next == MSGS && arrivals.iter().all(|a| a.iter().all(Option::is_some)) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        arrivals
+    });
+    let mut sent = vec![0f64; MSGS];
+    for (m, at) in sent.iter_mut().enumerate() {
+        *at = ms(epoch.elapsed());
+        root.room.send_data(format!("msg {m}").as_bytes())?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let arrivals = tokio::task::spawn_blocking(move || poller.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("poller panicked"))?;
     let mut by_depth = Vec::new();
     let mut per_hop = Vec::new();
-    for d in 0..depth {
-        let lat: Vec<f64> = (0..MSGS)
-            .filter_map(|m| arrivals[d][m].map(|a| a - sent[m]))
+    for (d, at) in arrivals.iter().enumerate() {
+        let lat: Vec<f64> = at
+            .iter()
+            .zip(&sent)
+            .filter_map(|(a, s)| a.map(|a| a - s))
             .collect();
         by_depth.push(json!({ "depth": d + 1, "latency_ms": summary(lat) }));
     }
-    for m in 0..MSGS {
-        for d in 1..depth {
-            if let (Some(a), Some(b)) = (arrivals[d - 1][m], arrivals[d][m]) {
+    for pair in arrivals.windows(2) {
+        for (a, b) in pair[0].iter().zip(&pair[1]) {
+            if let (Some(a), Some(b)) = (a, b) {
                 per_hop.push(b - a);
             }
         }
@@ -563,7 +578,7 @@ fn make_clip(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Streams the clip to 4 leaves, directly or through one relay; CPU cores used while streaming.
-async fn cpu_run(clip: &Path, relay: bool) -> anyhow::Result<(f64, f64)> {
+async fn cpu_run(clip: &Path, relay: bool) -> anyhow::Result<(f64, f64, Vec<u64>)> {
     let mut root = room("cpu", clip, None, false, if relay { 1 } else { 4 }, false).await?;
     let mut viewers = Vec::new();
     if relay {
@@ -610,8 +625,12 @@ async fn cpu_run(clip: &Path, relay: bool) -> anyhow::Result<(f64, f64)> {
     if ended.is_err() {
         eprintln!("  the clip did not end within 40 s");
     }
+    // The last stats tick, then what the leaves received.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let leaves = &viewers[usize::from(relay)..];
+    let leaf_kbytes: Vec<u64> = leaves.iter().map(|v| v.times().bytes_in / 1000).collect();
     teardown(viewers, root).await;
-    Ok((cores, relay_children as f64))
+    Ok((cores, relay_children as f64, leaf_kbytes))
 }
 
 async fn cpu() -> anyhow::Result<Value> {
@@ -621,14 +640,15 @@ async fn cpu() -> anyhow::Result<Value> {
         return Ok(json!({ "skipped": "ffmpeg with libvpx not available" }));
     };
     let bytes = std::fs::metadata(&clip)?.len();
-    let (mut direct, mut relayed) = (Vec::new(), Vec::new());
+    let (mut direct, mut relayed, mut leaf_kb) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..2 {
-        let (d, dk) = cpu_run(&clip, false).await?;
-        let (r, rk) = cpu_run(&clip, true).await?;
+        let (d, dk, db) = cpu_run(&clip, false).await?;
+        let (r, rk, rb) = cpu_run(&clip, true).await?;
         eprintln!(
-            "  rep {rep}: direct {d:.3} cores ({dk} children at the root), via relay {r:.3} cores \
-             ({rk} children at the relay)"
+            "  rep {rep}: direct {d:.3} cores ({dk} children at the root, leaves got {db:?} kB), \
+             via relay {r:.3} cores ({rk} children at the relay, leaves got {rb:?} kB)"
         );
+        leaf_kb.extend(db.into_iter().chain(rb).map(|x| x as f64));
         direct.push(d);
         relayed.push(r);
     }
@@ -644,6 +664,7 @@ async fn cpu() -> anyhow::Result<Value> {
         "via_relay_cores": relayed.iter().map(|x| round(x * 1000.0) / 1000.0).collect::<Vec<_>>(),
         "ratio_relay_over_direct": round(r / d),
         "relay_cost_cores": round((r - d) * 1000.0) / 1000.0,
+        "leaf_received_kbytes": summary(leaf_kb),
     }))
 }
 
@@ -697,7 +718,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let r = join_run(n, wave).await?;
                 table += &format!(
                     "join {n:>3} viewers, {}: all joined in {} s, max depth {}, {} without video\n  \
-                     watch -> joined (ms)          {}\n  \
+                     watch() returned (ms)          {}\n  \
+                     watch -> joined (ms)           {}\n  \
                      watch -> parent connected (ms) {}\n  \
                      watch -> first video frame (ms) {}\n",
                     if wave == 1 {
@@ -708,6 +730,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     r["all_joined_s"],
                     r["max_depth"],
                     r["without_video"],
+                    fmt_summary(&r["watch_returned_ms"]),
                     fmt_summary(&r["to_joined_ms"]),
                     fmt_summary(&r["to_parent_connected_ms"]),
                     fmt_summary(&r["to_first_video_frame_ms"]),
