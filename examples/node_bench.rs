@@ -557,20 +557,12 @@ fn make_clip(dir: &Path) -> Option<PathBuf> {
             "lavfi",
             "-i",
             "testsrc=size=1280x720:rate=30",
-            "-t",
-            "10",
-            "-c:v",
-            "libvpx",
-            "-deadline",
-            "realtime",
-            "-cpu-used",
-            "8",
-            "-b:v",
-            "2500k",
-            "-g",
-            "30",
-            "-y",
         ])
+        // Noise keeps the encoder at its target rate (the bare test pattern compresses to ~1.4
+        // Mbit/s); alls=20 gives ~2.45 Mbit/s.
+        .args(["-vf", "noise=alls=20:allf=t", "-t", "10", "-c:v", "libvpx"])
+        .args(["-deadline", "realtime", "-cpu-used", "8", "-g", "30", "-y"])
+        .args(["-b:v", "2500k", "-minrate", "2500k", "-maxrate", "2500k"])
         .arg(&out)
         .status()
         .ok()?;
