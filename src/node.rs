@@ -35,6 +35,8 @@ pub const ROOM_REFRESH: Duration = Duration::from_secs(40);
 /// How long the envelope of a room record stays storable in the DHT (after the broadcast ended,
 /// so that viewers can still be told "ended" rather than "not found").
 pub const ROOM_RECORD_TTL: Duration = Duration::from_secs(3600);
+/// How long the broadcaster named by a ticket may take to hand over its record directly.
+pub const DIRECT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a lookup of a room record may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(8);
 
@@ -354,12 +356,12 @@ impl Node {
             .map_err(NodeError::from)
     }
 
-    /// Seal and sign a room record, store it under the room's locator.
+    /// Seal and sign a room record, store it under the room's locator; returns the envelope.
     pub(crate) async fn publish_record(
         &self,
         keys: &RoomKeys,
         record: &RoomRecord,
-    ) -> Result<(), NodeError> {
+    ) -> Result<Envelope, NodeError> {
         let sealed = keys.seal(Kind::RoomRecord, &wire::encode(record));
         let env = self.inner.identity.seal_envelope(
             Kind::RoomRecord,
@@ -375,9 +377,34 @@ impl Node {
         {
             // Alone on the network is fine for a broadcaster: the record is served from here
             // and replicated when peers arrive.
-            Ok(()) | Err(NetError::NotReplicated) => Ok(()),
+            Ok(()) | Err(NetError::NotReplicated) => Ok(env),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Ask the broadcaster a ticket pins for its room record directly (the request proves we
+    /// hold the room key; the answer is the same signed, sealed envelope the DHT stores).
+    async fn fetch_record_direct(&self, keys: &RoomKeys, ticket: &Ticket) -> Option<Vec<u8>> {
+        let peer = crate::crypto::peer_id_of(&ticket.broadcaster.0).ok()?;
+        let env = self.inner.identity.seal_envelope(
+            Kind::RoomRecord,
+            now_ms(),
+            now_ms() + 30_000,
+            keys.seal(Kind::RoomRecord, b"record?"),
+        );
+        let req = wire::encode(&wire::RoomRequest {
+            v: wire::VERSION,
+            room: Id(*keys.locator()),
+            env,
+        });
+        let resp = self
+            .inner
+            .net
+            .request(peer, req, DIRECT_LOOKUP_TIMEOUT)
+            .await
+            .ok()?;
+        let resp: wire::RoomResponse = wire::decode(&resp).ok()?;
+        resp.env.map(|e| wire::encode(&e))
     }
 
     /// Find and open a room record. `ticket` pins the broadcaster and tells a wrong password
@@ -399,12 +426,21 @@ impl Node {
                 }
             }
         }
-        let values = match self
-            .inner
-            .net
-            .get_record(keys.locator().to_vec(), LOOKUP_TIMEOUT)
-            .await
-        {
+        // A ticket holder asks the pinned broadcaster first; the DHT is the general path.
+        let direct = match ticket {
+            Some(t) => self.fetch_record_direct(keys, t).await,
+            None => None,
+        };
+        let looked_up = match direct {
+            Some(v) => Ok(vec![v]),
+            None => {
+                self.inner
+                    .net
+                    .get_record(keys.locator().to_vec(), LOOKUP_TIMEOUT)
+                    .await
+            }
+        };
+        let values = match looked_up {
             Ok(v) => v,
             Err(NetError::NotFound) | Err(NetError::Timeout) => {
                 return Err(NodeError::RoomNotFound { room });

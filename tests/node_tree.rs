@@ -240,6 +240,17 @@ async fn forged_records_and_updates_are_rejected() {
             .await
             .expect("the real room is found despite the forged record");
         r.leave().await;
+        // By name (the DHT path, no pinned broadcaster): the forged copy does not open, the
+        // real one wins.
+        let r = v
+            .watch(
+                WatchTarget::Name("guarded".into()),
+                Some("pw"),
+                WatchOptions::default(),
+            )
+            .await
+            .expect("found by name despite the forged record");
+        r.leave().await;
         v.shutdown().await;
 
         // 2. A forged record in a room nobody created: a clear error, not a hang.

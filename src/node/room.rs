@@ -567,9 +567,10 @@ impl Node {
                 }
             });
         }
-        if let Some(r) = &record {
-            self.publish_record(&keys, r).await?;
-        }
+        let record_env = match &record {
+            Some(r) => Some(self.publish_record(&keys, r).await?),
+            None => None,
+        };
         let (ev_tx, ev_rx) = mpsc::channel(ROOM_EVENT_QUEUE);
         let broadcaster = match &media {
             Media::Root(b) => Some(b.clone()),
@@ -584,6 +585,7 @@ impl Node {
             tree,
             media,
             record,
+            record_env,
             broadcaster: Some(broadcaster_id),
             epoch: Instant::now(),
             inputs_tx: tx.clone(),
@@ -645,6 +647,8 @@ struct RoomTask {
     tree: TreeNode,
     media: Media,
     record: Option<RoomRecord>,
+    /// The signed, sealed record as last published (served to ticket holders directly).
+    record_env: Option<Envelope>,
     /// The broadcaster's key (viewers learn it from the record).
     broadcaster: Option<Id>,
     epoch: Instant,
@@ -711,7 +715,12 @@ impl RoomTask {
         if let Some(mut r) = self.record.take() {
             r.seq += 1;
             r.expires_ms = now_ms();
-            let _ = self.node.publish_record(&self.keys, &r).await;
+            // Bounded: with no DHT peer left, leaving must not wait for the put's query.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.node.publish_record(&self.keys, &r),
+            )
+            .await;
         }
         // Give the per-peer queues a moment to deliver the Leave messages.
         let senders: Vec<_> = self.senders.drain().map(|(_, s)| s).collect();
@@ -753,8 +762,9 @@ impl RoomTask {
         r.seq += 1;
         r.expires_ms = now_ms() + ROOM_LIVENESS.as_millis() as u64;
         let r = r.clone();
-        if let Err(e) = self.node.publish_record(&self.keys, &r).await {
-            tracing::warn!("refreshing the room record failed: {e}");
+        match self.node.publish_record(&self.keys, &r).await {
+            Ok(env) => self.record_env = Some(env),
+            Err(e) => tracing::warn!("refreshing the room record failed: {e}"),
         }
     }
 
@@ -1220,6 +1230,11 @@ impl RoomTask {
                 respond(ok_response(None)).await;
                 self.tree.handle_update(sender, from_wire_update(&upd), now);
             }
+            Kind::RoomRecord => match &self.record_env {
+                // A member (it sealed the request with the room key) asks the broadcaster.
+                Some(env) => respond(ok_response(Some(env.clone()))).await,
+                None => respond(refusal("not the broadcaster")).await,
+            },
             Kind::Snapshot => {
                 let snap = self.tree.snapshot_for_newcomer(SNAPSHOT_MAX);
                 let resp = SnapshotResponse {
