@@ -18,9 +18,11 @@
 //! too, so it can start decoding quickly.
 //!
 //! **Playback.** A viewer's packets also go to a playback task: a small reorder buffer (bounded
-//! in packets and waiting time), VP8/Opus depacketization into frames, decryption, then the
-//! sinks. After any gap, video frames are dropped until the next keyframe (and one is
-//! requested), so files never contain undecodable frames.
+//! in packets and waiting time), depacketization into frames, decryption, then the sinks. VP8
+//! and VP9 descriptors mark the first packet of a frame; for H.264 and AV1 a frame is the
+//! packets of one RTP timestamp after the previous marker. After any gap, video frames are
+//! dropped until the next keyframe of the codec (and one is requested), so files never contain
+//! undecodable frames.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -362,11 +364,15 @@ pub(crate) fn rtp_codec(codec: Codec) -> RTCRtpCodec {
         mime_type: codec.mime_type().to_owned(),
         clock_rate: codec.clock_rate(),
         channels: if codec == Codec::Opus { 2 } else { 0 },
-        sdp_fmtp_line: if codec == Codec::Opus {
-            "minptime=10;useinbandfec=1".to_owned()
-        } else {
-            String::new()
-        },
+        // The fmtp lines of webrtc-rs's default codecs, so the track matches one exactly.
+        // H.264 needs packetization-mode=1: the payloader sends FU-A and STAP-A.
+        sdp_fmtp_line: match codec {
+            Codec::Opus => "minptime=10;useinbandfec=1",
+            Codec::H264 => "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+            Codec::Vp9 | Codec::Av1 => "profile-id=0",
+            _ => "",
+        }
+        .to_owned(),
         rtcp_feedback: vec![],
     }
 }
@@ -562,6 +568,18 @@ pub(crate) struct FrameBuilder {
     cur: Option<(u32, BytesMut)>,
     broken: bool,
     vp8: rtp::codec::vp8::Vp8Packet,
+    /// VP9, H.264, AV1: the frame being built and its depacketizer.
+    multi: Option<MultiFrame>,
+    /// The previous in-order packet ended a frame (RTP marker): the next one starts a frame.
+    prev_marker: bool,
+}
+
+/// A frame of a codec whose start is not always visible in its payload descriptor.
+struct MultiFrame {
+    ts: u32,
+    buf: BytesMut,
+    depack: Box<dyn Depacketizer + Send>,
+    certain: bool,
 }
 
 /// A reassembled frame.
@@ -570,6 +588,10 @@ pub(crate) struct Frame {
     pub data: Bytes,
     /// Something was lost before this frame.
     pub after_gap: bool,
+    /// The frame may lack its first packets (joined mid-stream, or resumed after a gap on a
+    /// codec whose descriptor cannot prove a frame start): a decryption failure then means
+    /// "incomplete", not "wrong key".
+    pub uncertain: bool,
 }
 
 impl FrameBuilder {
@@ -579,10 +601,80 @@ impl FrameBuilder {
             cur: None,
             broken: false,
             vp8: Default::default(),
+            multi: None,
+            prev_marker: false,
         }
     }
 
+    fn depacketizer(codec: Codec) -> Box<dyn Depacketizer + Send> {
+        match codec {
+            Codec::H264 => Box::new(rtp::codec::h264::H264Packet::default()),
+            Codec::Av1 => Box::new(rtp::codec::av1::Av1Depacketizer::default()),
+            _ => Box::new(rtp::codec::vp9::Vp9Packet::default()),
+        }
+    }
+
+    /// VP9, H.264, AV1: frames are the packets of one RTP timestamp up to the marker. A frame
+    /// starts after a marker; otherwise (first packet, or after a gap) only where the payload
+    /// allows it: VP9's B bit is exact, an H.264 packet that is not a middle FU-A fragment or
+    /// an AV1 packet not continuing an OBU (Z = 0) may be a start and is marked uncertain.
+    fn push_multi(&mut self, p: &rtp::Packet, gap: bool) -> Option<Frame> {
+        let prev_marker = std::mem::replace(&mut self.prev_marker, p.header.marker) && !gap;
+        if gap && self.multi.take().is_some() {
+            self.broken = true;
+        }
+        if self
+            .multi
+            .as_ref()
+            .is_some_and(|m| m.ts != p.header.timestamp)
+        {
+            // The previous frame never got its marker.
+            self.multi = None;
+            self.broken = true;
+        }
+        if self.multi.is_none() {
+            let depack = Self::depacketizer(self.codec);
+            let exact_head = self.codec == Codec::Vp9 && depack.is_partition_head(&p.payload);
+            let maybe_head = match self.codec {
+                Codec::Vp9 => exact_head,
+                _ => depack.is_partition_head(&p.payload),
+            };
+            if !(prev_marker || maybe_head) {
+                self.broken = true;
+                return None;
+            }
+            self.multi = Some(MultiFrame {
+                ts: p.header.timestamp,
+                buf: BytesMut::new(),
+                depack,
+                certain: prev_marker || exact_head,
+            });
+        }
+        let m = self.multi.as_mut()?;
+        match m.depack.depacketize(&p.payload) {
+            Ok(part) => m.buf.extend_from_slice(&part),
+            Err(_) => {
+                self.multi = None;
+                self.broken = true;
+                return None;
+            }
+        }
+        if p.header.marker {
+            let m = self.multi.take()?;
+            return Some(Frame {
+                rtp_ts: m.ts,
+                data: m.buf.freeze(),
+                after_gap: std::mem::take(&mut self.broken),
+                uncertain: !m.certain,
+            });
+        }
+        None
+    }
+
     pub fn push(&mut self, p: &rtp::Packet, gap: bool) -> Option<Frame> {
+        if matches!(self.codec, Codec::Vp9 | Codec::H264 | Codec::Av1) {
+            return self.push_multi(p, gap);
+        }
         if gap {
             self.cur = None;
             self.broken = true;
@@ -597,6 +689,7 @@ impl FrameBuilder {
                     rtp_ts: p.header.timestamp,
                     data: p.payload.clone(),
                     after_gap,
+                    uncertain: false,
                 })
             }
             Codec::Vp8 => {
@@ -626,6 +719,7 @@ impl FrameBuilder {
                         rtp_ts: ts,
                         data: buf.freeze(),
                         after_gap: std::mem::take(&mut self.broken),
+                        uncertain: false,
                     });
                 }
                 None
