@@ -34,7 +34,7 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
 use rtc::rtp::packetizer::Depacketizer;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -249,7 +249,7 @@ impl Hub {
                 .map_err(super::peer::PeerError::from)?;
             locals.push((*kind, *codec, ssrc, track, sender));
         }
-        let answer = match peer.accept_offer(offer).await {
+        let mut answer = match peer.accept_offer(offer).await {
             Ok(a) => a,
             Err(e) => {
                 peer.close().await;
@@ -260,25 +260,35 @@ impl Hub {
         for (kind, codec, ssrc, track, sender) in locals {
             // The payload type the child negotiated for this codec: write_rtp silently drops
             // packets whose SSRC or PT do not match the sender.
+            // Several H.264 and VP9 formats share a MIME type: the one with our fmtp first.
             let params = sender.get_parameters().await.ok();
+            let want = rtp_codec(codec);
             let pt = params
                 .as_ref()
                 .and_then(|p| {
-                    p.rtp_parameters
-                        .codecs
+                    let codecs = &p.rtp_parameters.codecs;
+                    let mime = |c: &&RTCRtpCodecParameters| {
+                        c.rtp_codec
+                            .mime_type
+                            .eq_ignore_ascii_case(codec.mime_type())
+                    };
+                    codecs
                         .iter()
-                        .find(|c| {
-                            c.rtp_codec
-                                .mime_type
-                                .eq_ignore_ascii_case(codec.mime_type())
-                        })
-                        .or(p.rtp_parameters.codecs.first())
+                        .filter(mime)
+                        .find(|c| c.rtp_codec.sdp_fmtp_line == want.sdp_fmtp_line)
+                        .or(codecs.iter().find(mime))
+                        .or(codecs.first())
                         .map(|c| c.payload_type)
                 })
                 .unwrap_or(match codec {
                     Codec::Opus => 111,
                     _ => 96,
                 });
+            // The child learns the codec from the first payload type of the answer's m-section
+            // (`sdp_send_codecs`), and webrtc-rs answers in the offer's order (VP8 first,
+            // whatever the track carries): the one it sends moves to the front. The answer's
+            // semantics are unchanged (the same formats, only the preference order).
+            answer.sdp = promote_payload_type(&answer.sdp, kind, pt);
             outs.push(ChildTrack {
                 kind,
                 ssrc,
@@ -729,6 +739,34 @@ impl FrameBuilder {
     }
 }
 
+/// Moves payload type `pt` to the front of the format list of the first `kind` m-section.
+pub(crate) fn promote_payload_type(sdp: &str, kind: MediaKind, pt: u8) -> String {
+    let prefix = match kind {
+        MediaKind::Video => "m=video ",
+        MediaKind::Audio => "m=audio ",
+    };
+    let mut done = false;
+    let mut out = String::with_capacity(sdp.len());
+    for line in sdp.split_inclusive('\n') {
+        if !done && line.starts_with(prefix) {
+            done = true;
+            let body = line.trim_end_matches(['\r', '\n']);
+            let ending = &line[body.len()..];
+            let mut f: Vec<&str> = body.split(' ').collect();
+            let pt = pt.to_string();
+            if let Some(i) = f.iter().skip(3).position(|x| *x == pt) {
+                let v = f.remove(3 + i);
+                f.insert(3, v);
+            }
+            out.push_str(&f.join(" "));
+            out.push_str(ending);
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
 /// Codecs of the sending m-sections of a remote description (`sendonly`/`sendrecv`, port != 0):
 /// the first payload type of each, resolved through its `a=rtpmap`.
 pub(crate) fn sdp_send_codecs(sdp: &str) -> Vec<(MediaKind, Codec)> {
@@ -846,6 +884,17 @@ mod tests {
     }
 
     #[test]
+    fn promote_pt() {
+        let sdp = "v=0\r\nm=audio 9 X 111 9\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 98 125 97\r\na=x\r\n";
+        let out = promote_payload_type(sdp, MediaKind::Video, 125);
+        assert_eq!(
+            out,
+            "v=0\r\nm=audio 9 X 111 9\r\nm=video 9 UDP/TLS/RTP/SAVPF 125 96 98 97\r\na=x\r\n"
+        );
+        assert_eq!(promote_payload_type(sdp, MediaKind::Video, 7), sdp);
+    }
+
+    #[test]
     fn sdp_codecs() {
         let sdp = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=rtpmap:96 VP8/90000\r\na=sendonly\r\n\
                    m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\na=sendonly\r\n\
@@ -857,5 +906,95 @@ mod tests {
                 (MediaKind::Audio, Codec::Opus)
             ]
         );
+    }
+
+    /// Packetizes every frame of a fixture as the broadcaster does, optionally dropping
+    /// packets, and reassembles with [`FrameBuilder`]: returns (source index, decrypted frame,
+    /// after_gap, uncertain) for every frame that comes out.
+    fn through_rtp(
+        name: &str,
+        codec: Codec,
+        drop: impl Fn(usize) -> bool,
+    ) -> (Vec<Bytes>, Vec<(Option<Bytes>, bool, bool, u32)>) {
+        use crate::media::e2ee::MediaKey;
+        use rtc::rtp::packetizer::Payloader;
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let frames = crate::media::source::read_all_frames(path).unwrap();
+        let key = MediaKey::new([5; 32]);
+        let mut pay: Box<dyn Payloader> = match codec {
+            Codec::H264 => Box::new(rtp::codec::h264::H264Payloader::default()),
+            Codec::Av1 => Box::new(rtp::codec::av1::Av1Payloader::default()),
+            _ => Box::new(rtp::codec::vp9::Vp9Payloader::default()),
+        };
+        let mut b = FrameBuilder::new(codec);
+        let mut r = Reorder::new();
+        let t0 = Instant::now();
+        let (mut seq, mut n) = (0u16, 0usize);
+        let mut out = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let enc = key.encrypt_frame(codec, &f.data).unwrap();
+            let payloads = pay.payload(1200, &enc).unwrap();
+            let last = payloads.len() - 1;
+            for (j, payload) in payloads.into_iter().enumerate() {
+                let p = pkt(seq, 3000 * i as u32, j == last, &payload);
+                seq = seq.wrapping_add(1);
+                n += 1;
+                if drop(n - 1) {
+                    continue;
+                }
+                // A lost packet is declared a gap once its wait expires.
+                for (p, gap) in r.push(p, t0).into_iter().chain(r.drain(t0 + REORDER_WAIT)) {
+                    if let Some(fr) = b.push(&p, gap) {
+                        let plain = key.decrypt_frame(codec, &fr.data).ok();
+                        out.push((plain, fr.after_gap, fr.uncertain, fr.rtp_ts / 3000));
+                    }
+                }
+            }
+        }
+        (frames.into_iter().map(|f| f.data).collect(), out)
+    }
+
+    #[test]
+    fn h264_vp9_av1_through_payloaders_byte_identical() {
+        for (name, codec) in [
+            ("f.h264", Codec::H264),
+            ("f_vp9.ivf", Codec::Vp9),
+            ("f_av1.ivf", Codec::Av1),
+        ] {
+            let (src, got) = through_rtp(name, codec, |_| false);
+            assert_eq!(got.len(), src.len(), "{name}: every frame comes out");
+            for (i, (plain, gap, _, idx)) in got.iter().enumerate() {
+                assert_eq!(*idx as usize, i);
+                assert!(!gap);
+                assert_eq!(plain.as_ref(), Some(&src[i]), "{name} frame {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn lost_packets_never_yield_a_wrong_frame() {
+        for (name, codec) in [
+            ("f.h264", Codec::H264),
+            ("f_vp9.ivf", Codec::Vp9),
+            ("f_av1.ivf", Codec::Av1),
+        ] {
+            // Drop every 7th packet: frames are lost, none is corrupted.
+            let (src, got) = through_rtp(name, codec, |n| n % 7 == 3);
+            assert!(!got.is_empty() && got.len() < src.len(), "{name}");
+            let mut ok = 0;
+            for (plain, _, uncertain, idx) in &got {
+                match plain {
+                    Some(p) => {
+                        assert_eq!(p, &src[*idx as usize], "{name} frame {idx}");
+                        ok += 1;
+                    }
+                    // Only a frame whose start could not be proven may fail to decrypt.
+                    None => assert!(uncertain, "{name} frame {idx} failed to decrypt"),
+                }
+            }
+            assert!(ok > 0, "{name}");
+        }
     }
 }
