@@ -183,21 +183,92 @@ async fn chain(file: &str, codec: Codec, ext: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h264_relay_chain() {
-    timeout(Duration::from_secs(60), chain("f.h264", Codec::H264, "h264"))
-        .await
-        .expect("test timed out");
+    timeout(
+        Duration::from_secs(60),
+        chain("f.h264", Codec::H264, "h264"),
+    )
+    .await
+    .expect("test timed out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vp9_relay_chain() {
-    timeout(Duration::from_secs(60), chain("f_vp9.ivf", Codec::Vp9, "ivf"))
-        .await
-        .expect("test timed out");
+    timeout(
+        Duration::from_secs(60),
+        chain("f_vp9.ivf", Codec::Vp9, "ivf"),
+    )
+    .await
+    .expect("test timed out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn av1_relay_chain() {
-    timeout(Duration::from_secs(60), chain("f_av1.ivf", Codec::Av1, "ivf"))
-        .await
-        .expect("test timed out");
+    timeout(
+        Duration::from_secs(60),
+        chain("f_av1.ivf", Codec::Av1, "ivf"),
+    )
+    .await
+    .expect("test timed out");
+}
+
+/// A viewer that joins a running stream starts writing at a keyframe of the codec (the
+/// keyframe gate), every frame it writes is a source frame, and the file decodes.
+async fn late_joiner(file: &str, codec: Codec, ext: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = FileSource::open(
+        fixture(file),
+        SourceOptions {
+            loops: Some(2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (b, rx) = Broadcaster::new(
+        vec![Box::new(src) as Box<dyn MediaSource>],
+        MediaKey::new(KEY),
+        MediaConfig::default(),
+    )
+    .unwrap();
+    let blog = collect(rx);
+    b.start();
+    // Join mid-GOP: every fixture has a keyframe each second.
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let late = viewer(dir.path(), "late", ext, KEY);
+    link(Parent::B(&b), &late).await;
+    wait_for(&blog, "source end", |e| {
+        matches!(e, MediaEvent::SourceEnded { error: None, .. })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stats = late.viewer.stats();
+    late.viewer.close().await;
+    let src = read_all_frames(fixture(file)).unwrap();
+    let got = read_all_frames(&late.video).unwrap();
+    assert!(got.len() >= 10, "{codec}: {} frames ({stats:?})", got.len());
+    assert!(got[0].keyframe, "{codec}: the file starts at a keyframe");
+    for (i, f) in got.iter().enumerate() {
+        assert!(
+            src.iter().any(|s| s.data == f.data),
+            "{codec}: written frame {i} is not a source frame"
+        );
+    }
+    assert_eq!(stats.decrypt_failures, 0, "{codec}: {stats:?}");
+    ffmpeg_decodes(&late.video);
+    eprintln!(
+        "{codec}: late joiner wrote {} frames, dropped {} before its first keyframe",
+        got.len(),
+        stats.frames_dropped
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiners_start_at_a_keyframe() {
+    timeout(Duration::from_secs(90), async {
+        late_joiner("f.h264", Codec::H264, "h264").await;
+        late_joiner("f_vp9.ivf", Codec::Vp9, "ivf").await;
+        late_joiner("f_av1.ivf", Codec::Av1, "ivf").await;
+    })
+    .await
+    .expect("test timed out");
 }

@@ -695,7 +695,11 @@ mod tests {
         for (a, b) in src.iter().zip(&enc) {
             assert_eq!(a[0], b[0], "NAL header in clear");
             assert_eq!(*b.last().unwrap(), NAL_TERMINATOR);
-            assert!(!b[1..].windows(3).any(|w| w[0] == 0 && w[1] == 0 && w[2] <= 2));
+            assert!(
+                !b[1..]
+                    .windows(3)
+                    .any(|w| w[0] == 0 && w[1] == 0 && w[2] <= 2)
+            );
         }
         // SPS payload is not readable in the protected frame.
         assert_ne!(&enc[0][1..src[0].len()], &src[0][1..]);
@@ -734,7 +738,12 @@ mod tests {
             Err(E2eeError::Malformed(Codec::H264, _))
         ));
         // Garbage in place of a protected frame is an error, never a panic.
-        for junk in [&[][..], &[0, 0, 1], &[0, 0, 1, 0x65, 0, 0, 0], &[0x65, 1, 2, 0x80]] {
+        for junk in [
+            &[][..],
+            &[0, 0, 1],
+            &[0, 0, 1, 0x65, 0, 0, 0],
+            &[0x65, 1, 2, 0x80],
+        ] {
             assert!(k.decrypt_frame(Codec::H264, junk).is_err());
         }
     }
@@ -771,7 +780,11 @@ mod tests {
             .filter(|u| av1_carried(u.header[0]))
             .collect();
         let enc = parse_obus(&p).unwrap();
-        assert_eq!(src.len(), enc.len(), "temporal delimiter dropped, rest kept");
+        assert_eq!(
+            src.len(),
+            enc.len(),
+            "temporal delimiter dropped, rest kept"
+        );
         for (a, b) in src.iter().zip(&enc) {
             assert_eq!(a.header, b.header, "OBU header in clear");
         }
@@ -781,7 +794,10 @@ mod tests {
         );
         let mut t = p.to_vec();
         t[0] ^= 0x01; // reserved bit of the first clear OBU header
-        assert_eq!(k.decrypt_frame(Codec::Av1, &t), Err(E2eeError::Authentication));
+        assert_eq!(
+            k.decrypt_frame(Codec::Av1, &t),
+            Err(E2eeError::Authentication)
+        );
         for junk in [&[][..], &[0x80], &[0x32, 0x05, 1], &[0x32, 0xff, 0xff]] {
             assert!(k.decrypt_frame(Codec::Av1, junk).is_err());
         }

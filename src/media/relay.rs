@@ -34,7 +34,8 @@ use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp;
 use rtc::rtp::packetizer::Depacketizer;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RtpCodecKind,
 };
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -908,6 +909,9 @@ mod tests {
         );
     }
 
+    /// (decrypted frame if it decrypts, after_gap, uncertain, source frame index)
+    type Reassembled = (Option<Bytes>, bool, bool, u32);
+
     /// Packetizes every frame of a fixture as the broadcaster does, optionally dropping
     /// packets, and reassembles with [`FrameBuilder`]: returns (source index, decrypted frame,
     /// after_gap, uncertain) for every frame that comes out.
@@ -915,7 +919,7 @@ mod tests {
         name: &str,
         codec: Codec,
         drop: impl Fn(usize) -> bool,
-    ) -> (Vec<Bytes>, Vec<(Option<Bytes>, bool, bool, u32)>) {
+    ) -> (Vec<Bytes>, Vec<Reassembled>) {
         use crate::media::e2ee::MediaKey;
         use rtc::rtp::packetizer::Payloader;
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -933,9 +937,13 @@ mod tests {
         let t0 = Instant::now();
         let (mut seq, mut n) = (0u16, 0usize);
         let mut out = Vec::new();
+        let (mut plain_bytes, mut enc_bytes, mut rtp_bytes) = (0, 0, 0);
         for (i, f) in frames.iter().enumerate() {
             let enc = key.encrypt_frame(codec, &f.data).unwrap();
             let payloads = pay.payload(1200, &enc).unwrap();
+            plain_bytes += f.data.len();
+            enc_bytes += enc.len();
+            rtp_bytes += payloads.iter().map(|p| p.len()).sum::<usize>();
             let last = payloads.len() - 1;
             for (j, payload) in payloads.into_iter().enumerate() {
                 let p = pkt(seq, 3000 * i as u32, j == last, &payload);
@@ -953,6 +961,11 @@ mod tests {
                 }
             }
         }
+        eprintln!(
+            "{name}: {} frames, {plain_bytes} B plain, {enc_bytes} B protected, \
+             {rtp_bytes} B in {n} RTP payloads",
+            frames.len()
+        );
         (frames.into_iter().map(|f| f.data).collect(), out)
     }
 

@@ -368,7 +368,7 @@ async fn pump(mut src: Box<dyn MediaSource>, key: MediaKey, hub: std::sync::Weak
 /// wrong key leaves no file at all.
 #[derive(Debug, Clone, Default)]
 pub struct Sinks {
-    /// IVF output for video.
+    /// Video output: IVF for VP8, VP9 and AV1, an Annex-B byte stream for H.264.
     pub video: Option<SinkTarget>,
     /// Ogg Opus output for audio.
     pub audio: Option<SinkTarget>,
