@@ -662,9 +662,9 @@ impl FrameBuilder {
             });
         }
         let m = self.multi.as_mut()?;
-        match m.depack.depacketize(&p.payload) {
-            Ok(part) => m.buf.extend_from_slice(&part),
-            Err(_) => {
+        match depacketize_guarded(self.codec, m.depack.as_mut(), &p.payload) {
+            Some(part) => m.buf.extend_from_slice(&part),
+            None => {
                 self.multi = None;
                 self.broken = true;
                 return None;
@@ -737,6 +737,85 @@ impl FrameBuilder {
             }
             _ => None,
         }
+    }
+}
+
+/// Depacketizes one payload from the network. rtc 0.21's depacketizers index past the end of
+/// some malformed payloads (an H.264 STAP-A cut inside a length field, an AV1 OBU element
+/// shorter than its header): those are rejected first, and any other panic inside the library
+/// is caught, so a bad parent costs a frame, never the node.
+fn depacketize_guarded(codec: Codec, d: &mut dyn Depacketizer, payload: &Bytes) -> Option<Bytes> {
+    if !payload_sane(codec, payload) {
+        return None;
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.depacketize(payload)))
+        .ok()?
+        .ok()
+}
+
+fn payload_sane(codec: Codec, p: &[u8]) -> bool {
+    match codec {
+        Codec::H264 if p.first().is_some_and(|b| b & 0x1f == 24) => {
+            let mut at = 1;
+            while at < p.len() {
+                let Some(len) = p.get(at..at + 2) else {
+                    return false;
+                };
+                at += 2 + usize::from(u16::from_be_bytes([len[0], len[1]]));
+                if at > p.len() {
+                    return false;
+                }
+            }
+            true
+        }
+        Codec::Av1 => {
+            let Some(&agg) = p.first() else { return false };
+            let (z, w) = (agg & 0x80 != 0, usize::from((agg >> 4) & 0x03));
+            let mut at = 1;
+            let mut idx = 0;
+            while at < p.len() {
+                let len = if w == 0 || idx + 1 < w {
+                    let mut v = 0usize;
+                    let mut n = 0;
+                    loop {
+                        let Some(&b) = p.get(at + n) else {
+                            return false;
+                        };
+                        v |= usize::from(b & 0x7f) << (7 * n);
+                        n += 1;
+                        if b & 0x80 == 0 {
+                            break;
+                        }
+                        if n >= 4 {
+                            return false;
+                        }
+                    }
+                    at += n;
+                    v
+                } else {
+                    p.len() - at
+                };
+                let Some(el) = p.get(at..at + len) else {
+                    return false;
+                };
+                if z && idx == 0 {
+                    // A continuation joins a buffered head of at least one byte: an empty one
+                    // could leave that head shorter than its extension header.
+                    if el.is_empty() {
+                        return false;
+                    }
+                } else if el.first().is_some_and(|h| h & 0x04 != 0) && el.len() < 2 {
+                    return false;
+                }
+                at += len;
+                idx += 1;
+                if w != 0 && idx == w {
+                    break;
+                }
+            }
+            true
+        }
+        _ => true,
     }
 }
 
@@ -882,6 +961,42 @@ mod tests {
         assert!(b.push(&pkt(4, 180, true, &[0x00, 9, 9, 9]), true).is_none());
         let f = b.push(&pkt(5, 270, true, &[0x10, 7, 7, 7]), false).unwrap();
         assert!(f.after_gap);
+    }
+
+    #[test]
+    fn malformed_payloads_do_not_panic() {
+        let cases: [(Codec, &[u8]); 6] = [
+            (Codec::H264, &[0x78, 0x00, 0x02, 0x67, 0x42, 0x00]), // STAP-A cut in a length
+            (Codec::H264, &[0x78, 0x00, 0x09, 0x67]),             // STAP-A length past the end
+            (Codec::Av1, &[0x10, 0x0c]),                          // OBU with extension bit, 1 byte
+            (Codec::Av1, &[0x00, 0x01, 0x0e]),                    // same, length-prefixed
+            (Codec::Av1, &[0x10, 0x0e]),                          // same with size bit
+            (Codec::Vp9, &[0xff]),
+        ];
+        for (codec, payload) in cases {
+            let mut b = FrameBuilder::new(codec);
+            assert!(
+                b.push(&pkt(1, 0, true, payload), false).is_none(),
+                "{codec}"
+            );
+        }
+        // Random payloads: never a panic.
+        let mut x = 0x9e37_79b9_u32;
+        for codec in [Codec::H264, Codec::Av1, Codec::Vp9] {
+            let mut b = FrameBuilder::new(codec);
+            for i in 0..3000u16 {
+                let len = (x % 40) as usize;
+                let payload: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        x as u8
+                    })
+                    .collect();
+                let _ = b.push(&pkt(i, u32::from(i / 3), i % 3 == 2, &payload), i % 50 == 0);
+            }
+        }
     }
 
     #[test]
