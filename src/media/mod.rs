@@ -13,9 +13,11 @@
 //! ```
 //!
 //! * [`source`]: IVF (VP8/VP9/AV1), H.264 Annex-B and Ogg Opus readers, paced in real time.
-//! * [`sink`]: IVF and Ogg Opus writers that stay valid when stopped abruptly, and a line sink.
-//! * [`e2ee`]: per-frame XChaCha20-Poly1305 with the codec header left in clear (as in WebRTC
-//!   insertable-streams E2EE), so relays forward ciphertext they cannot read.
+//! * [`sink`]: IVF, H.264 Annex-B and Ogg Opus writers that stay valid when stopped abruptly,
+//!   and a line sink.
+//! * [`e2ee`]: per-frame XChaCha20-Poly1305 with what the RTP payloaders parse left in clear (a
+//!   prefix for VP8/VP9/Opus, NAL and OBU headers for H.264/AV1, as in WebRTC insertable-streams
+//!   E2EE and SFrame), so relays forward ciphertext they cannot read.
 //! * [`peer`]: building a `webrtc` 0.21 peer connection and non-trickle offer/answer.
 //! * [`relay`]: the fan-out hub, per-child writers and the viewer's playback pipeline.
 //! * [`session`]: the API for the node: [`Broadcaster`] and [`Viewer`].
@@ -30,7 +32,7 @@ pub mod source;
 pub use e2ee::{E2eeError, MediaKey};
 pub use peer::{MediaConfig, PeerError, SdpKind, SignalBlob};
 pub use session::{Broadcaster, ChildId, MediaEvent, MediaStats, SessionError, Sinks, Viewer};
-pub use sink::{DataSink, FrameSink, IvfSink, OggOpusSink, SinkError, SinkTarget};
+pub use sink::{AnnexBSink, DataSink, FrameSink, IvfSink, OggOpusSink, SinkError, SinkTarget};
 pub use source::{FileSource, MediaSource, Sample, SourceError, SourceOptions};
 
 use std::fmt;
@@ -95,12 +97,15 @@ impl Codec {
             .find(|c| c.mime_type().eq_ignore_ascii_case(mime))
     }
 
-    /// Whether the relay tree can carry this codec end-to-end encrypted. The RTP payloaders of
-    /// H.264 and AV1 parse the frame (NAL units, OBUs), which ciphertext would break, and VP9's
-    /// keyframe flag lives in the payload descriptor rather than in clear frame bytes; they need
-    /// a codec-specific scheme that is not built yet.
+    /// Whether the relay tree can carry this codec end-to-end encrypted. Every codec can now:
+    /// VP8, VP9 and Opus keep a short clear prefix, H.264 and AV1 are encrypted per NAL unit
+    /// and per OBU with their headers in clear, so the payloaders still parse them (see
+    /// [`e2ee`]).
     pub fn relayable(self) -> bool {
-        matches!(self, Codec::Vp8 | Codec::Opus)
+        matches!(
+            self,
+            Codec::Vp8 | Codec::Vp9 | Codec::Av1 | Codec::H264 | Codec::Opus
+        )
     }
 }
 

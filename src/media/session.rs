@@ -24,7 +24,7 @@ use webrtc::data_channel::DataChannelEvent;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::RTCPeerConnectionState;
 
-use super::e2ee::{E2eeError, MediaKey, is_vp8_keyframe};
+use super::e2ee::{E2eeError, MediaKey, is_keyframe};
 use super::peer::{MediaConfig, Peer, PeerError, PeerEvent, SignalBlob};
 use super::relay::{FrameBuilder, Hub, Item, Reorder, keyframe_coalescer, sdp_send_codecs};
 use super::sink::{DataSink, FrameSink, SinkTarget};
@@ -299,7 +299,10 @@ async fn pump(mut src: Box<dyn MediaSource>, key: MediaKey, hub: std::sync::Weak
             p.enable_picture_id = true;
             Box::new(p)
         }
-        _ => Box::new(rtp::codec::opus::OpusPayloader),
+        Codec::Vp9 => Box::new(rtp::codec::vp9::Vp9Payloader::default()),
+        Codec::H264 => Box::new(rtp::codec::h264::H264Payloader::default()),
+        Codec::Av1 => Box::new(rtp::codec::av1::Av1Payloader::default()),
+        Codec::Opus => Box::new(rtp::codec::opus::OpusPayloader),
     };
     let mut seq: u16 = rand::random();
     let ts_base: u32 = rand::random();
@@ -309,9 +312,16 @@ async fn pump(mut src: Box<dyn MediaSource>, key: MediaKey, hub: std::sync::Weak
             let Some(hub) = hub.upgrade() else {
                 return Ok(());
             };
-            let enc = key
-                .encrypt_frame(codec, &s.data)
-                .map_err(|e| e.to_string())?;
+            let enc = match key.encrypt_frame(codec, &s.data) {
+                Ok(e) => e,
+                // A frame with nothing the RTP path can carry (say, an access unit delimiter
+                // alone) is skipped, not fatal.
+                Err(e @ E2eeError::Malformed(..)) => {
+                    warn!(%codec, "frame skipped: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
             let payloads = payloader
                 .payload(RTP_MTU, &enc)
                 .map_err(|e| e.to_string())?;
@@ -358,7 +368,7 @@ async fn pump(mut src: Box<dyn MediaSource>, key: MediaKey, hub: std::sync::Weak
 /// wrong key leaves no file at all.
 #[derive(Debug, Clone, Default)]
 pub struct Sinks {
-    /// IVF output for video.
+    /// Video output: IVF for VP8, VP9 and AV1, an Annex-B byte stream for H.264.
     pub video: Option<SinkTarget>,
     /// Ogg Opus output for audio.
     pub audio: Option<SinkTarget>,
@@ -775,6 +785,12 @@ fn handle_ready(
         };
         let plain = match key.decrypt_frame(codec, &frame.data) {
             Ok(p) => p,
+            Err(_) if frame.uncertain => {
+                // Probably a frame whose first packets were never received: not a key problem.
+                h.counters.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                t.need_keyframe = true;
+                continue;
+            }
             Err(e) => {
                 h.counters.decrypt_failures.fetch_add(1, Ordering::Relaxed);
                 if decrypt_errors.is_multiple_of(100) {
@@ -789,7 +805,7 @@ fn handle_ready(
                 t.need_keyframe = true;
             }
             if t.need_keyframe {
-                if codec == Codec::Vp8 && !is_vp8_keyframe(&plain) {
+                if !is_keyframe(codec, &plain) {
                     h.counters.frames_dropped.fetch_add(1, Ordering::Relaxed);
                     h.request_keyframe();
                     continue;

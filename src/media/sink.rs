@@ -1,4 +1,4 @@
-//! Sinks: IVF and Ogg Opus writers (file or stdout) and a line sink for data-channel messages.
+//! Sinks: IVF, H.264 Annex-B and Ogg Opus writers (file or stdout) and a line sink for data-channel messages.
 //!
 //! Every writer is valid and complete up to the last frame it was given, even when the process
 //! stops abruptly: each frame is written whole and flushed before the call returns, and the
@@ -9,8 +9,11 @@
 //! close, so tools that trust the header see the right number.
 //!
 //! The IVF header needs the frame size, which a relay-tree viewer only learns from the
-//! bitstream: for VP8 it is read from the first keyframe (RFC 6386 §9.1), so the header is
-//! written lazily with the first frame.
+//! bitstream: for VP8 (RFC 6386 §9.1) and VP9 (the uncompressed header, §6.2) it is read from
+//! the first keyframe, so the header is written lazily with the first frame. AV1 keeps its
+//! size in the sequence header behind variable-length fields; its IVF header says 0x0, which
+//! demuxers ignore (the decoder reads the sequence header). H.264 is written as an Annex-B
+//! byte stream.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -109,7 +112,8 @@ impl FrameSink for TeeSink {
     }
 }
 
-/// A video or audio sink for `target`: IVF for video, Ogg Opus for audio, both for a tee.
+/// A video or audio sink for `target`: an H.264 Annex-B byte stream for H.264, IVF for other
+/// video, Ogg Opus for audio, both for a tee.
 pub fn create_frame_sink(
     kind: super::MediaKind,
     target: &SinkTarget,
@@ -120,6 +124,7 @@ pub fn create_frame_sink(
             create_frame_sink(kind, a, codec)?,
             create_frame_sink(kind, b, codec)?,
         )),
+        (super::MediaKind::Video, t) if codec == Codec::H264 => Box::new(AnnexBSink::create(t)?),
         (super::MediaKind::Video, t) => Box::new(IvfSink::create(t, codec)?),
         (super::MediaKind::Audio, t) => Box::new(OggOpusSink::create(t, 2)?),
     })
@@ -183,6 +188,60 @@ pub fn vp8_keyframe_size(frame: &[u8]) -> Option<(u16, u16)> {
     Some((w, h))
 }
 
+/// Width and height from a VP9 keyframe's uncompressed header (VP9 bitstream spec §6.2:
+/// frame marker, profile, show_existing_frame, frame_type, show_frame, error_resilient_mode,
+/// sync code, color_config, then frame_width_minus_1 and frame_height_minus_1, 16 bits each).
+pub fn vp9_keyframe_size(frame: &[u8]) -> Option<(u16, u16)> {
+    let mut r = BitReader { b: frame, pos: 0 };
+    if r.bits(2)? != 0b10 {
+        return None;
+    }
+    let profile = r.bits(1)? | r.bits(1)? << 1;
+    if profile == 3 {
+        r.bits(1)?;
+    }
+    if r.bits(1)? != 0 || r.bits(1)? != 0 {
+        return None; // show_existing_frame, or not a keyframe
+    }
+    r.bits(2)?; // show_frame, error_resilient_mode
+    if r.bits(24)? != 0x49_83_42 {
+        return None;
+    }
+    if profile >= 2 {
+        r.bits(1)?; // ten_or_twelve_bit
+    }
+    let color_space = r.bits(3)?;
+    if color_space != 7 {
+        r.bits(1)?; // color_range
+        if profile == 1 || profile == 3 {
+            r.bits(3)?; // subsampling_x, subsampling_y, reserved_zero
+        }
+    } else if profile == 1 || profile == 3 {
+        r.bits(1)?; // reserved_zero
+    }
+    let w = r.bits(16)? + 1;
+    let h = r.bits(16)? + 1;
+    Some((u16::try_from(w).ok()?, u16::try_from(h).ok()?))
+}
+
+/// MSB-first bit reader over a byte slice.
+struct BitReader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl BitReader<'_> {
+    fn bits(&mut self, n: usize) -> Option<u32> {
+        let mut v = 0u32;
+        for _ in 0..n {
+            let byte = *self.b.get(self.pos / 8)?;
+            v = v << 1 | u32::from(byte >> (7 - self.pos % 8) & 1);
+            self.pos += 1;
+        }
+        Some(v)
+    }
+}
+
 impl FrameSink for IvfSink {
     fn codec(&self) -> Codec {
         self.codec
@@ -191,9 +250,12 @@ impl FrameSink for IvfSink {
     fn write_frame(&mut self, frame: &[u8], pts: Duration) -> Result<(), SinkError> {
         let mut buf = Vec::with_capacity(44 + frame.len());
         if !self.header_written {
-            if self.codec == Codec::Vp8
-                && let Some(s) = vp8_keyframe_size(frame)
-            {
+            let size = match self.codec {
+                Codec::Vp8 => vp8_keyframe_size(frame),
+                Codec::Vp9 => vp9_keyframe_size(frame),
+                _ => None,
+            };
+            if let Some(s) = size {
                 self.size = s;
             }
             buf.extend_from_slice(&self.header());
@@ -217,6 +279,42 @@ impl FrameSink for IvfSink {
             if let Out::File(f) = &mut self.out {
                 f.sync_data()?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// H.264 Annex-B byte stream writer: each access unit as it arrives (NAL units behind 4-byte
+/// start codes), written whole and flushed. The format has no header and no index, so a file
+/// cut anywhere after a frame is complete; a player needs the stream to begin at an IDR access
+/// unit with SPS and PPS, which playback guarantees by waiting for a keyframe.
+pub struct AnnexBSink {
+    out: Out,
+}
+
+impl AnnexBSink {
+    /// Creates the target; nothing is written before the first frame.
+    pub fn create(target: &SinkTarget) -> Result<Self, SinkError> {
+        Ok(AnnexBSink {
+            out: Out::open(target)?,
+        })
+    }
+}
+
+impl FrameSink for AnnexBSink {
+    fn codec(&self) -> Codec {
+        Codec::H264
+    }
+
+    fn write_frame(&mut self, frame: &[u8], _pts: Duration) -> Result<(), SinkError> {
+        // Annex-B carries no timestamps: players assume a frame rate (`-r` in ffmpeg).
+        self.out.write_all_flush(frame)?;
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<(), SinkError> {
+        if let Out::File(f) = &mut self.out {
+            f.sync_data()?;
         }
         Ok(())
     }

@@ -439,7 +439,7 @@ impl FrameParser for IvfParser {
     }
 }
 
-fn vp9_keyframe(d: &[u8]) -> bool {
+pub(crate) fn vp9_keyframe(d: &[u8]) -> bool {
     let Some(&b) = d.first() else { return false };
     if b >> 6 != 0b10 {
         return false;
@@ -460,7 +460,7 @@ fn vp9_keyframe(d: &[u8]) -> bool {
     (b >> (7 - bit)) & 1 == 0
 }
 
-fn av1_has_sequence_header(d: &[u8]) -> bool {
+pub(crate) fn av1_has_sequence_header(d: &[u8]) -> bool {
     let mut i = 0;
     let mut guard = 0;
     while i < d.len() && guard < 16 {
