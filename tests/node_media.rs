@@ -425,3 +425,76 @@ async fn signalling_through_the_dht_and_gossip_only() {
     .await
     .expect("bounded");
 }
+
+/// A data-only room (no media track): binary messages reach every viewer, through a relay, in
+/// order and byte for byte, delivered into the program through a channel sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_only_room_delivers_binary_messages_in_order() {
+    timeout(Duration::from_secs(120), async {
+        init_tracing();
+        let b = Node::builder()
+            .kdf(KdfParams::TEST_ONLY)
+            .max_children(1)
+            .spawn()
+            .await
+            .unwrap();
+        let mut cfg = RoomConfig::new("chat").password("pw").fanout(1);
+        cfg.tree = tree_cfg();
+        let room = b.broadcast(cfg).await.unwrap();
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        let mut viewers = Vec::new();
+        for i in 0..2 {
+            let n = node(boot.clone()).await;
+            let (tx, rx) = mpsc::channel(16);
+            let mut r = n
+                .watch(
+                    WatchTarget::Ticket(ticket.clone()),
+                    Some("pw"),
+                    WatchOptions {
+                        sinks: Sinks {
+                            data: Some(SinkTarget::Channel(tx)),
+                            ..Default::default()
+                        },
+                        tree: Some(tree_cfg()),
+                    },
+                )
+                .await
+                .unwrap();
+            let events = r.events().unwrap();
+            let mut w = Watcher {
+                node: n,
+                room: r,
+                events,
+                video: PathBuf::new(),
+                audio: PathBuf::new(),
+                data: PathBuf::new(),
+            };
+            wait_connected(&mut w, i).await;
+            viewers.push((w, rx));
+        }
+        assert_eq!(viewers[1].0.room.status().await.unwrap().depth, Some(2));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let msgs: Vec<Vec<u8>> = (0..50u8)
+            .map(|i| vec![i, b'\n', 0xff, 0x00, b'\r', i.wrapping_mul(7)])
+            .collect();
+        for m in &msgs {
+            room.send_data(m).unwrap();
+        }
+        for (i, (_, rx)) in viewers.iter_mut().enumerate() {
+            for (k, m) in msgs.iter().enumerate() {
+                let got = timeout(Duration::from_secs(20), rx.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("viewer {i}: message {k} missing"))
+                    .expect("channel open");
+                assert_eq!(&got[..], &m[..], "viewer {i}: message {k}");
+            }
+        }
+        for (w, _) in viewers {
+            w.room.leave().await;
+            w.node.shutdown().await;
+        }
+    })
+    .await
+    .expect("bounded");
+}

@@ -714,6 +714,13 @@ async fn playback(
                     let Some(h) = hub.upgrade() else { return };
                     match key.decrypt_data(&b) {
                         Ok(msg) => {
+                            if let Some(SinkTarget::Channel(tx)) = &data_target {
+                                // In order, nothing dropped: wait for the program to read.
+                                if tx.send(msg.clone()).await.is_err() {
+                                    data_target = None;
+                                }
+                                continue;
+                            }
                             if data_sink.is_none() && let Some(t) = data_target.take() {
                                 match DataSink::create(&t) {
                                     Ok(s) => data_sink = Some(s),

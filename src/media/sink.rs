@@ -36,7 +36,7 @@ pub enum SinkError {
 }
 
 /// Where a sink writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum SinkTarget {
     /// A file, created or truncated.
     File(PathBuf),
@@ -44,6 +44,10 @@ pub enum SinkTarget {
     Stdout,
     /// Both (e.g. play to stdout and keep a recording): frames go to each.
     Tee(Box<SinkTarget>, Box<SinkTarget>),
+    /// Data-channel messages into the embedding program, in order and exactly as sent
+    /// (binary-safe). Bounded: a program that stops reading holds up its own playback, and
+    /// nothing is dropped. For data only.
+    Channel(tokio::sync::mpsc::Sender<bytes::Bytes>),
 }
 
 enum Out {
@@ -58,6 +62,11 @@ impl Out {
             SinkTarget::Stdout => Out::Stdout(io::stdout()),
             SinkTarget::Tee(..) => {
                 return Err(io::Error::other("a tee is two outputs: use TeeSink"));
+            }
+            SinkTarget::Channel(_) => {
+                return Err(io::Error::other(
+                    "a channel target takes data messages only",
+                ));
             }
         })
     }
