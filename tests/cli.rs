@@ -169,13 +169,19 @@ fn broadcast_watch_and_a_relay_killed_with_sigkill() {
     wait_line(&a_rx, "A joined", Duration::from_secs(60), |l| {
         l.contains("\"joined\"")
     });
+    wait_line(
+        &a_rx,
+        "A's first video frame",
+        Duration::from_secs(30),
+        |l| l.contains("first_frame") && l.contains("video"),
+    );
     let (_bv, b_rx, b_video) = viewer(d, "b", &ticket, &[]);
     let joined = wait_line(&b_rx, "B joined", Duration::from_secs(60), |l| {
         l.contains("\"joined\"")
     });
     assert!(joined.contains("\"depth\":2"), "B joins below A: {joined}");
     wait_line(&b_rx, "B's first frame", Duration::from_secs(30), |l| {
-        l.contains("first_frame")
+        l.contains("first_frame") && l.contains("video")
     });
     let before = frames(&b_video);
     // A real crash: no goodbye, the OS closes A's sockets.
@@ -198,7 +204,13 @@ fn broadcast_watch_and_a_relay_killed_with_sigkill() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // A's file, cut by SIGKILL, is still valid up to its last frame.
-    assert!(frames(&a_video) > 0);
+    let a_read = waterfall::media::source::read_all_frames(&a_video);
+    assert!(
+        a_read.as_ref().is_ok_and(|f| !f.is_empty()),
+        "A's file ({:?} bytes): {:?}",
+        std::fs::metadata(&a_video).map(|m| m.len()),
+        a_read.map(|f| f.len())
+    );
     ffmpeg_ok(&a_video);
     ffmpeg_ok(&b_video);
 }

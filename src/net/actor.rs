@@ -218,15 +218,17 @@ impl Actor {
         Ok(actor)
     }
 
+    /// The actor's span: a root span per node (never nested under whoever spawned it).
+    pub(crate) fn span(&self) -> tracing::Span {
+        tracing::info_span!(parent: None, "net", peer = %self.swarm.local_peer_id())
+    }
+
     pub(crate) async fn run(mut self) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut republish = tokio::time::interval(self.republish_interval);
         republish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         republish.tick().await; // the first tick is immediate; nothing to republish yet
-        let local = *self.swarm.local_peer_id();
-        let span = tracing::info_span!("net", peer = %local);
-        let _guard = span.enter();
         loop {
             tokio::select! {
                 // Local work before remote input (rust-libp2p coding guidelines).

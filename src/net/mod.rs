@@ -312,7 +312,10 @@ impl Net {
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity.max(1));
         let actor = actor::Actor::new(config, cmd_rx, cmd_tx.downgrade(), ev_tx)?;
-        tokio::spawn(actor.run());
+        // Instrumented, not entered: a span guard held across awaits would tag other tasks
+        // running on the same worker thread with this node's span.
+        let span = actor.span();
+        tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
         let net = Net {
             cmd: cmd_tx,
             local_peer_id,
