@@ -26,7 +26,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::tree::{Config, Output, Snapshot, TreeMsg, TreeNode, TreeUpdate};
+use super::tree::{Config, Output, Snapshot, TreeEvent, TreeMsg, TreeNode, TreeUpdate};
 use super::{Millis, NodeId, SplitMix64};
 
 /// Bytes a signature and envelope add to a published update.
@@ -193,6 +193,12 @@ pub struct SimReport {
     pub join_ms: Dist,
     /// Each outage (time without a path to the root) of a viewer that got repaired, ms.
     pub outage_ms: Dist,
+    /// The outages that began with a crash (they include the transport's detection delay).
+    pub outage_crash_ms: Dist,
+    /// The outages that began otherwise (graceful leave, moves, self-repair).
+    pub outage_other_ms: Dist,
+    /// Repair time as the orphan sees it: from noticing the loss to the new parent's accept, ms.
+    pub repair_ms: Dist,
     /// Fraction of viewer-time with a path to the root.
     pub continuity: f64,
     /// Control bytes received per viewer per second.
@@ -238,7 +244,7 @@ impl fmt::Display for SimReport {
         )?;
         writeln!(
             f,
-            "  depth            p50 {:.0}  p99 {:.0}  max {:.0}  (final max {}; ideal ceil(log_K N) = {})",
+            "  depth            p50 {:.0}  p99 {:.0}  max {:.0} over all samples  (final max {}; ideal ceil(log_K N) = {})",
             self.depth.p50, self.depth.p99, self.depth.max, self.final_max_depth, self.ideal_depth
         )?;
         writeln!(
@@ -251,15 +257,43 @@ impl fmt::Display for SimReport {
             "  outage/repair    p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({} outages)",
             self.outage_ms.p50, self.outage_ms.p95, self.outage_ms.p99, self.outage_ms.count
         )?;
+        writeln!(
+            f,
+            "    after a crash  p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({}; includes detection)",
+            self.outage_crash_ms.p50,
+            self.outage_crash_ms.p95,
+            self.outage_crash_ms.p99,
+            self.outage_crash_ms.count
+        )?;
+        writeln!(
+            f,
+            "    otherwise      p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({})",
+            self.outage_other_ms.p50,
+            self.outage_other_ms.p95,
+            self.outage_other_ms.p99,
+            self.outage_other_ms.count
+        )?;
+        writeln!(
+            f,
+            "    orphan's view  p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({} repairs, loss noticed to accepted)",
+            self.repair_ms.p50, self.repair_ms.p95, self.repair_ms.p99, self.repair_ms.count
+        )?;
         writeln!(f, "  continuity       {:.4}%", self.continuity * 100.0)?;
         writeln!(
             f,
-            "  control rx/node  {:.0} B/s mean  {:.0} B/s p99  {:.2} msg/s mean  (tx {:.0} B/s mean; root rx {:.0} B/s)",
+            "  control rx/node  {:.0} B/s mean  {:.0} B/s p99  {:.0} B/s max  (root {:.0} B/s)",
             self.rx_bytes_per_sec.mean,
             self.rx_bytes_per_sec.p99,
-            self.rx_msgs_per_sec.mean,
-            self.tx_bytes_per_sec.mean,
+            self.rx_bytes_per_sec.max,
             self.root_rx_bytes_per_sec
+        )?;
+        writeln!(
+            f,
+            "                   {:.2} msg/s mean  {:.2} msg/s p99  {:.2} msg/s max  (tx {:.0} B/s mean)",
+            self.rx_msgs_per_sec.mean,
+            self.rx_msgs_per_sec.p99,
+            self.rx_msgs_per_sec.max,
+            self.tx_bytes_per_sec.mean
         )?;
         writeln!(
             f,
@@ -369,6 +403,8 @@ struct Stats {
     rx_msgs: f64,
     tx_bytes: f64,
     outage_since: Option<u64>,
+    /// The current outage began with a crash (else a graceful leave, a move or a repair).
+    outage_crash: bool,
     disconnected_ms: u64,
     flagged: bool,
 }
@@ -394,6 +430,11 @@ struct Sim<'a> {
     mark: Vec<u32>,
     mark_gen: u32,
     outages: Vec<f64>,
+    outages_crash: Vec<f64>,
+    outages_other: Vec<f64>,
+    repairs: Vec<f64>,
+    /// Set while the subtrees of a crashed node are cut (outage cause).
+    cutting_crash: bool,
     joins: Vec<f64>,
     depth_hist: Vec<u64>,
     final_max_depth: u32,
@@ -443,6 +484,10 @@ impl<'a> Sim<'a> {
             mark: Vec::new(),
             mark_gen: 0,
             outages: Vec::new(),
+            outages_crash: Vec::new(),
+            outages_other: Vec::new(),
+            repairs: Vec::new(),
+            cutting_crash: false,
             joins: Vec::new(),
             depth_hist: Vec::new(),
             final_max_depth: 0,
@@ -737,10 +782,12 @@ impl<'a> Sim<'a> {
         self.set_conn(i, false);
         self.stats[i as usize].departed = Some(self.now);
         let kids = self.gt_children[i as usize].clone();
+        self.cutting_crash = !graceful;
         for c in kids {
             self.close_edge(c);
             self.set_subtree(c, false);
         }
+        self.cutting_crash = false;
         self.nodes[i as usize] = None;
         for nb in neighbours {
             let (lo, hi) = self.cfg.crash_detect_ms;
@@ -780,6 +827,9 @@ impl<'a> Sim<'a> {
             .and_then(|n| n.poll_output())
         {
             match o {
+                Output::Event(TreeEvent::Rejoined { outage_ms, .. }) => {
+                    self.repairs.push(outage_ms as f64);
+                }
                 Output::RefuseChild { reason, .. } => {
                     *self.refusals.entry(format!("{reason:?}")).or_default() += 1;
                 }
@@ -941,9 +991,15 @@ impl<'a> Sim<'a> {
                 s.disconnected_ms += d;
                 s.flagged = false;
                 self.outages.push(d as f64);
+                if s.outage_crash {
+                    self.outages_crash.push(d as f64);
+                } else {
+                    self.outages_other.push(d as f64);
+                }
             }
         } else if s.joined_at.is_some() && self.alive[u as usize] {
             s.outage_since = Some(now);
+            s.outage_crash = self.cutting_crash;
         } else if let Some(since) = s.outage_since.take() {
             // Departed during an outage: counts against continuity, not as a repair.
             s.disconnected_ms += now - since;
@@ -1082,6 +1138,9 @@ impl<'a> Sim<'a> {
             final_max_depth: self.final_max_depth,
             join_ms: Dist::of(std::mem::take(&mut self.joins)),
             outage_ms: Dist::of(std::mem::take(&mut self.outages)),
+            outage_crash_ms: Dist::of(std::mem::take(&mut self.outages_crash)),
+            outage_other_ms: Dist::of(std::mem::take(&mut self.outages_other)),
+            repair_ms: Dist::of(std::mem::take(&mut self.repairs)),
             continuity: if viewer_ms == 0 {
                 1.0
             } else {
