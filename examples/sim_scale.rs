@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --example sim_scale -- [NODES] [DURATION_SECS] [CHURN_MEAN_SECS] [SEED] [--json]`
 //! Defaults: 10000 nodes, 1800 s, 600 s mean session, seed 1. Environment overrides: JOIN_RATE,
-//! CRASH_FRACTION, FIXED=1 (every viewer has fanout slots), REBALANCE_MS.
+//! CRASH_FRACTION, FIXED=1 (every viewer has fanout slots), REBALANCE_MS, REPAIR_TIMEOUT_MS.
 
 use std::time::Instant;
 
@@ -30,6 +30,9 @@ fn main() {
     if let Some(v) = env("REBALANCE_MS") {
         cfg.tree.rebalance_interval_ms = v as u64;
     }
+    if let Some(v) = env("REPAIR_TIMEOUT_MS") {
+        cfg.tree.repair_timeout_ms = v as u64;
+    }
     if env("FIXED").is_some_and(|v| v > 0.0) {
         cfg.capacity = waterfall::proto::sim::CapacityDist::Fixed;
     }
@@ -44,5 +47,12 @@ fn main() {
     } else {
         println!("{report}");
     }
+    eprintln!(
+        "dbg sent {:?}",
+        waterfall::proto::tree::DBG
+            .iter()
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+            .collect::<Vec<_>>()
+    );
     eprintln!("wall time: {:.2} s", wall.as_secs_f64());
 }

@@ -244,8 +244,8 @@ impl fmt::Display for SimReport {
         )?;
         writeln!(
             f,
-            "  depth            p50 {:.0}  p99 {:.0}  max {:.0} over all samples  (final max {}; ideal ceil(log_K N) = {})",
-            self.depth.p50, self.depth.p99, self.depth.max, self.final_max_depth, self.ideal_depth
+            "  depth            mean {:.2}  p50 {:.0}  p99 {:.0}  max {:.0} over all samples  (final max {}; ideal ceil(log_K N) = {})",
+            self.depth.mean, self.depth.p50, self.depth.p99, self.depth.max, self.final_max_depth, self.ideal_depth
         )?;
         writeln!(
             f,

@@ -58,6 +58,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{Millis, NodeId, SplitMix64};
 
+#[doc(hidden)]
+pub static DBG: [std::sync::atomic::AtomicU64; 12] = [const { std::sync::atomic::AtomicU64::new(0) }; 12];
+fn dbg(i: usize) {
+    DBG[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Depth advertised by a node that currently has no path to the root.
 pub const DEPTH_DETACHED: u16 = u16::MAX;
 /// Longest ancestor path accepted from the network (longer means a loop or an attack).
@@ -321,6 +327,15 @@ pub struct Config {
     pub rebalance_interval_ms: u64,
     /// A refusing candidate is not asked again for this long.
     pub refuse_memory_ms: u64,
+    /// A repair request (the stream is cut meanwhile) without answer after this (or 4 RTT of the
+    /// target when measured, whichever is longer) is considered refused; a late accept is still
+    /// taken or released.
+    #[serde(default = "default_repair_timeout_ms")]
+    pub repair_timeout_ms: u64,
+}
+
+fn default_repair_timeout_ms() -> u64 {
+    400
 }
 
 impl Default for Config {
@@ -341,6 +356,7 @@ impl Default for Config {
             upstream_grace_ms: 6_000,
             rebalance_interval_ms: 5_000,
             refuse_memory_ms: 3_000,
+            repair_timeout_ms: default_repair_timeout_ms(),
         }
     }
 }
@@ -362,6 +378,8 @@ impl Config {
 struct ChildInfo {
     capacity: u16,
     has_children: bool,
+    /// The child's own children, from its last signed update: only they may report it lost.
+    kids: Vec<NodeId>,
     summary: Vec<SlotAd>,
 }
 
@@ -568,7 +586,7 @@ impl TreeNode {
 
     /// When [`TreeNode::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let pending = self.pending.map(|p| p.sent.plus(self.cfg.join_timeout_ms));
+        let pending = self.pending.map(|p| p.sent.plus(self.timeout_for(&p)));
         let upstream = self
             .upstream_detached_since
             .map(|t| t.plus(self.cfg.upstream_grace_ms));
@@ -584,6 +602,21 @@ impl TreeNode {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// How long to wait for an answer to a join request: repairs are urgent (the subtree has no
+    /// stream), and a target that does not answer quickly is most likely gone.
+    fn timeout_for(&self, p: &Pending) -> u64 {
+        match p.kind {
+            JoinKind::Repair | JoinKind::Handover => {
+                let rtt = self.rtt.get(&p.target).map_or(0, |r| 4 * *r as u64);
+                self.cfg
+                    .repair_timeout_ms
+                    .max(rtt)
+                    .min(self.cfg.join_timeout_ms)
+            }
+            JoinKind::New | JoinKind::Move => self.cfg.join_timeout_ms,
+        }
     }
 
     /// Record a measured RTT to a peer (tie-break between equal candidates).
@@ -654,7 +687,12 @@ impl TreeNode {
                 self.on_join(req, now)
             }
             TreeMsg::Accept { parent, directory } => self.on_accept(from, parent, directory, now),
-            TreeMsg::Refuse { reason: _, hints } => self.on_refuse(from, hints, now),
+            TreeMsg::Refuse { reason, hints } => {
+                if self.orphan.is_some() && self.pending.is_some() {
+                    dbg(match reason { RefuseReason::Full => 6, RefuseReason::Cycle => 7, RefuseReason::NotAttached => 8, RefuseReason::TooDeep => 9, _ => 10 });
+                }
+                self.on_refuse(from, hints, now)
+            }
             TreeMsg::Leave { successor } => self.on_leave(from, successor, now),
             TreeMsg::Summary { mut slots } => {
                 if let Some(c) = self.children.get_mut(&from) {
@@ -687,6 +725,8 @@ impl TreeNode {
         } else if let Some(c) = self.children.get_mut(&from) {
             c.capacity = update.capacity;
             c.has_children = !update.children.is_empty();
+            c.kids = update.children;
+            c.kids.truncate(MAX_SLOTS_IN);
         }
         self.after(now);
     }
@@ -716,7 +756,7 @@ impl TreeNode {
         self.last_timer = None;
         if self
             .pending
-            .is_some_and(|p| now >= p.sent.plus(self.cfg.join_timeout_ms))
+            .is_some_and(|p| now >= p.sent.plus(self.timeout_for(&p)))
         {
             self.give_up_pending(now);
         }
@@ -879,6 +919,7 @@ impl TreeNode {
             self.emit(TreeEvent::ParentChanged { old, new: from });
         }
         if let Some(o) = self.orphan.take() {
+            dbg(3);
             self.emit(TreeEvent::Rejoined {
                 parent: from,
                 outage_ms: now.since(o.since),
@@ -920,6 +961,11 @@ impl TreeNode {
     }
 
     fn give_up_pending(&mut self, now: Millis) {
+        if self.orphan.is_some() && let Some(p) = self.pending {
+            dbg(1);
+            if Some(p.target) == self.backup { dbg(10); }
+            if self.orphan.as_ref().is_some_and(|o| o.successor == Some(p.target)) { dbg(11); }
+        }
         if let Some(p) = self.pending.take() {
             self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
             if p.kind != JoinKind::Move || self.orphan.is_some() {
@@ -1049,10 +1095,18 @@ impl TreeNode {
                 let backup = self
                     .backup
                     .and_then(|b| shallower.iter().find(|a| a.peer == b).copied());
+                // The lost parent's parent: alive as of our last update, it has the slot of the
+                // lost parent (it evicts it on our word), and fresh summaries of the neighbouring
+                // subtrees to forward us to; a directory entry may be long gone.
+                let grandparent = (o.lost_ancestors.len() >= 2)
+                    .then(|| o.lost_ancestors[o.lost_ancestors.len() - 2])
+                    .filter(|g| *g != self.id && self.refused.get(g).is_none_or(|t| *t <= now));
                 if let Some(b) = backup {
                     target = Some((b.peer, Some(o.old_depth.saturating_sub(1))));
                 } else if let Some(a) = self.pick(&shallower) {
                     target = Some((a.peer, Some(o.old_depth.saturating_sub(1))));
+                } else if let Some(g) = grandparent {
+                    target = Some((g, Some(o.old_depth.saturating_sub(1))));
                 } else if strict {
                     self.retry_at = Some(o.since.plus(self.cfg.repair_settle_ms));
                     return;
@@ -1080,6 +1134,7 @@ impl TreeNode {
     }
 
     fn need_snapshot(&mut self, now: Millis) {
+
         self.out.push_back(Output::RequestSnapshot);
         self.retry_at = Some(now.plus(self.cfg.join_timeout_ms));
     }
@@ -1092,6 +1147,11 @@ impl TreeNode {
         lost_parent: Option<NodeId>,
         now: Millis,
     ) {
+        if self.orphan.is_some() {
+            dbg(0);
+            if Some(target) == self.backup { dbg(4); }
+            if self.orphan.as_ref().is_some_and(|o| o.successor == Some(target)) { dbg(5); }
+        }
         self.pending = Some(Pending {
             target,
             kind,
@@ -1185,6 +1245,17 @@ impl TreeNode {
             return;
         }
         let handover = kind == JoinKind::Handover;
+        if kind == JoinKind::Repair
+            && let Some(l) = lost_parent
+            && self.children.get(&l).is_some_and(|c| c.kids.contains(&from))
+        {
+            // A child of our child `l` lost it: `l` crashed or left (its own word may still be on
+            // the way, and our transport notices later). Its slot is the orphan's best place.
+            dbg(2);
+            self.send(l, TreeMsg::Leave { successor: None });
+            self.out.push_back(Output::Disconnect { peer: l });
+            self.remove_child(l, now);
+        }
         let reason = if self.children.contains_key(&from) {
             None // duplicate (our Accept was lost or is in flight): accept again
         } else if handover {
@@ -1238,6 +1309,7 @@ impl TreeNode {
         self.children.entry(from).or_insert(ChildInfo {
             capacity,
             has_children: false,
+            kids: Vec::new(),
             summary: Vec::new(),
         });
         let parent = self.current_update(now);
@@ -1256,8 +1328,9 @@ impl TreeNode {
         let _ = now;
         let cands: Vec<SlotAd> = self
             .children
-            .values()
-            .flat_map(|c| c.summary.iter())
+            .iter()
+            .filter(|(id, _)| Some(**id) != req.lost_parent)
+            .flat_map(|(_, c)| c.summary.iter())
             .filter(|a| {
                 a.free > 0
                     && a.peer != req.joiner
