@@ -36,6 +36,33 @@ const SNAPSHOT_REQUEST_BYTES: usize = 48;
 /// Candidates in a snapshot.
 const SNAPSHOT_LEN: usize = 8;
 
+/// Kinds of received control traffic, for the breakdown of the busiest viewer.
+const RX_KINDS: [&str; 11] = [
+    "Join",
+    "Accept",
+    "Refuse",
+    "Leave",
+    "Summary",
+    "Directory",
+    "Relocate",
+    "Update",
+    "SnapshotRequest",
+    "Snapshot",
+    "KeepAlive",
+];
+
+fn msg_kind(m: &TreeMsg) -> usize {
+    match m {
+        TreeMsg::Join { .. } => 0,
+        TreeMsg::Accept { .. } => 1,
+        TreeMsg::Refuse { .. } => 2,
+        TreeMsg::Leave { .. } => 3,
+        TreeMsg::Summary { .. } => 4,
+        TreeMsg::Directory { .. } => 5,
+        _ => 6,
+    }
+}
+
 /// How capacities (maximum children) are drawn.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CapacityDist {
@@ -209,6 +236,8 @@ pub struct SimReport {
     pub tx_bytes_per_sec: Dist,
     /// Control bytes the broadcaster received per second.
     pub root_rx_bytes_per_sec: f64,
+    /// What the viewer that received the most per second received, by kind, bytes per second.
+    pub busiest_rx_bytes_per_sec: std::collections::BTreeMap<String, f64>,
     /// Viewers that arrived.
     pub arrivals: u64,
     /// Graceful departures.
@@ -295,6 +324,12 @@ impl fmt::Display for SimReport {
             self.rx_msgs_per_sec.max,
             self.tx_bytes_per_sec.mean
         )?;
+        let busiest: Vec<String> = self
+            .busiest_rx_bytes_per_sec
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect();
+        writeln!(f, "    busiest, B/s   {}", busiest.join(", "))?;
         writeln!(
             f,
             "  population       {} arrivals, {} leaves, {} crashes; {} live at end, {} attached",
@@ -400,6 +435,8 @@ struct Stats {
     joined_at: Option<u64>,
     departed: Option<u64>,
     rx_bytes: f64,
+    /// Received bytes by kind (see [`RX_KINDS`]).
+    rx_kind: [f64; RX_KINDS.len()],
     rx_msgs: f64,
     tx_bytes: f64,
     outage_since: Option<u64>,
@@ -628,10 +665,11 @@ impl<'a> Sim<'a> {
             Ev::Arrive(i) => self.arrive(i),
             Ev::Msg { to, from, msg } => {
                 let len = msg.wire_len() as f64;
+                let kind = msg_kind(&msg);
                 let fid = self.ids[from as usize];
                 if let Some(n) = self.tn(to) {
                     n.handle_message(fid, msg, now);
-                    self.rx(to, len);
+                    self.rx(to, kind, len);
                     self.drain(to);
                 }
             }
@@ -640,14 +678,14 @@ impl<'a> Sim<'a> {
                 let fid = self.ids[from as usize];
                 if let Some(n) = self.tn(to) {
                     n.handle_update(fid, upd, now);
-                    self.rx(to, len);
+                    self.rx(to, 7, len);
                     self.drain(to);
                 }
             }
             Ev::SnapReq { to, from } => {
                 if let Some(n) = self.tn(to) {
                     let snap = n.snapshot_for_newcomer(SNAPSHOT_LEN);
-                    self.rx(to, SNAPSHOT_REQUEST_BYTES as f64);
+                    self.rx(to, 8, SNAPSHOT_REQUEST_BYTES as f64);
                     self.stats[to as usize].tx_bytes += snap.wire_len() as f64;
                     let t = self.now + self.latency(to, from);
                     self.push(t, Ev::SnapResp { to: from, snap });
@@ -657,7 +695,7 @@ impl<'a> Sim<'a> {
                 let len = snap.wire_len() as f64;
                 if let Some(n) = self.tn(to) {
                     n.handle_snapshot(snap, now);
-                    self.rx(to, len);
+                    self.rx(to, 9, len);
                     self.drain(to);
                 }
             }
@@ -717,9 +755,10 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn rx(&mut self, i: u32, bytes: f64) {
+    fn rx(&mut self, i: u32, kind: usize, bytes: f64) {
         let s = &mut self.stats[i as usize];
         s.rx_bytes += bytes;
+        s.rx_kind[kind] += bytes;
         s.rx_msgs += 1.0;
     }
 
@@ -815,6 +854,7 @@ impl<'a> Sim<'a> {
         for (a, b) in [(c, p), (p, c)] {
             let s = &mut self.stats[a as usize];
             s.rx_bytes += bytes;
+            s.rx_kind[10] += bytes;
             s.rx_msgs += secs;
             self.stats[b as usize].tx_bytes += bytes;
         }
@@ -1071,6 +1111,7 @@ impl<'a> Sim<'a> {
         let min_life = (self.cfg.min_lifetime_for_traffic_secs * 1000.0) as u64;
         let mut live_at_end = 0;
         let mut attached_at_end = 0;
+        let mut busiest: Option<(f64, usize, f64)> = None;
         for i in 1..self.nodes.len() {
             let s = &self.stats[i];
             let alive = self.alive[i];
@@ -1092,6 +1133,9 @@ impl<'a> Sim<'a> {
                 let life = stop.saturating_sub(s.arrived);
                 if life >= min_life && life > 0 {
                     let secs = life as f64 / 1000.0;
+                    if busiest.as_ref().is_none_or(|(b, _, _)| s.rx_bytes / secs > *b) {
+                        busiest = Some((s.rx_bytes / secs, i, secs));
+                    }
                     rx.push(s.rx_bytes / secs);
                     rxm.push(s.rx_msgs / secs);
                     tx.push(s.tx_bytes / secs);
@@ -1131,6 +1175,16 @@ impl<'a> Sim<'a> {
             }
         };
         let root_life = (end as f64 / 1000.0).max(1e-9);
+        let busiest_rx = busiest
+            .map(|(_, i, secs)| {
+                RX_KINDS
+                    .iter()
+                    .zip(self.stats[i].rx_kind.iter())
+                    .filter(|(_, b)| **b > 0.0)
+                    .map(|(k, b)| (k.to_string(), b / secs))
+                    .collect()
+            })
+            .unwrap_or_default();
         SimReport {
             config: self.cfg.clone(),
             ideal_depth: ideal_depth(self.cfg.nodes, self.cfg.fanout),
@@ -1150,6 +1204,7 @@ impl<'a> Sim<'a> {
             rx_msgs_per_sec: Dist::of(rxm),
             tx_bytes_per_sec: Dist::of(tx),
             root_rx_bytes_per_sec: self.stats[0].rx_bytes / root_life,
+            busiest_rx_bytes_per_sec: busiest_rx,
             arrivals: self.arrivals,
             leaves: self.leaves,
             crashes: self.crashes,

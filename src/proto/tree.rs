@@ -332,6 +332,15 @@ pub struct Config {
     /// taken or released.
     #[serde(default = "default_repair_timeout_ms")]
     pub repair_timeout_ms: u64,
+    /// Summary bytes per second a parent receives from all its children together (0: no budget):
+    /// a child of a parent with `c` slots sends at most `budget / c` bytes per second, and fewer
+    /// entries to a parent with many slots.
+    #[serde(default = "default_summary_budget")]
+    pub summary_budget_bytes_per_sec: u32,
+}
+
+fn default_summary_budget() -> u32 {
+    400
 }
 
 fn default_repair_timeout_ms() -> u64 {
@@ -357,6 +366,7 @@ impl Default for Config {
             rebalance_interval_ms: 5_000,
             refuse_memory_ms: 3_000,
             repair_timeout_ms: default_repair_timeout_ms(),
+            summary_budget_bytes_per_sec: default_summary_budget(),
         }
     }
 }
@@ -1510,11 +1520,34 @@ impl TreeNode {
     fn summary_dirty(&mut self, now: Millis) {
         if self.summary_due.is_none() {
             let at = match self.last_summary_at {
-                Some(t) => t.plus(self.cfg.summary_interval_ms).max(now),
+                Some(t) => t.plus(self.summary_gap()).max(now),
                 None => now,
             };
             self.summary_due = Some(at);
         }
+    }
+
+    /// Entries in our summary: the parent keeps only the best `summary_len` of all its children's,
+    /// so the more children it has, the fewer each needs to send (at least 2, for forwarding).
+    fn summary_entries(&self) -> usize {
+        let c = (self.parent_capacity as usize).max(1);
+        (self.cfg.summary_len * 4).div_ceil(c).clamp(2, self.cfg.summary_len.max(2))
+    }
+
+    /// Minimum gap between two summaries: the configured interval, stretched so that all the
+    /// children of our parent together stay within its byte budget.
+    fn summary_gap(&self) -> u64 {
+        let base = self.cfg.summary_interval_ms;
+        let budget = self.cfg.summary_budget_bytes_per_sec as u64;
+        if budget == 0 {
+            return base;
+        }
+        let len = TreeMsg::Summary {
+            slots: self.last_summary.clone(),
+        }
+        .wire_len() as u64;
+        let share = (self.parent_capacity as u64).max(1);
+        base.max(len * share * 1000 / budget)
     }
 
     fn flush_summary(&mut self, now: Millis) {
@@ -1528,7 +1561,7 @@ impl TreeNode {
             return;
         }
         let Some(p) = self.parent else { return };
-        let s = self.compute_summary(self.cfg.summary_len);
+        let s = self.compute_summary(self.summary_entries());
         if s != self.last_summary {
             self.last_summary = s.clone();
             self.last_summary_at = Some(now);
