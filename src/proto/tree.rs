@@ -74,6 +74,8 @@ const MAX_SLOTS_IN: usize = 32;
 const MAX_HINTS: usize = 24;
 /// Minimum gap between two relocation orders from one parent.
 const RELOCATE_GAP_MS: u64 = 10_000;
+/// Failed moves in a row beyond which the rebalancing gap stops doubling (2^4 = 16 times).
+const MAX_MOVE_BACKOFF: u8 = 4;
 /// How many times a join request may be passed down by full candidates.
 const MAX_FORWARD: u8 = 3;
 
@@ -461,6 +463,9 @@ pub struct TreeNode {
     last_dir_at: Option<Millis>,
     rebalance_at: Option<Millis>,
     last_relocate_at: Option<Millis>,
+    /// Failed moves in a row: each doubles the gap to the next rebalancing check, so nodes whose
+    /// directory is stale do not flood the few shallow slots it names.
+    move_failures: u8,
     last_timer: Option<Millis>,
     out: VecDeque<Output>,
 }
@@ -501,6 +506,7 @@ impl TreeNode {
             last_dir_at: None,
             rebalance_at: None,
             last_relocate_at: None,
+            move_failures: 0,
             last_timer: None,
             out: VecDeque::new(),
         }
@@ -944,6 +950,7 @@ impl TreeNode {
         self.directory_changed(now);
         self.choose_backup(now);
         if p.kind == JoinKind::Move {
+            self.move_failures = 0;
             // Stay put for a while after a move.
             self.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
         } else if self.rebalance_at.is_none() {
@@ -967,6 +974,8 @@ impl TreeNode {
         }
         if kind != Some(JoinKind::Move) {
             self.schedule_retry(now);
+        } else {
+            self.move_failed(now);
         }
     }
 
@@ -980,6 +989,8 @@ impl TreeNode {
             self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
             if p.kind != JoinKind::Move || self.orphan.is_some() {
                 self.retry_at = Some(now);
+            } else {
+                self.move_failed(now);
             }
         }
     }
@@ -1195,7 +1206,15 @@ impl TreeNode {
 
     fn rebalance_gap(&mut self) -> u64 {
         let base = self.cfg.rebalance_interval_ms;
-        base / 2 + self.rng.below(base.max(1))
+        (base / 2 + self.rng.below(base.max(1))) << self.move_failures.min(MAX_MOVE_BACKOFF)
+    }
+
+    /// A move was refused or not answered: back off.
+    fn move_failed(&mut self, now: Millis) {
+        self.move_failures = self.move_failures.saturating_add(1).min(MAX_MOVE_BACKOFF);
+        if self.cfg.rebalance_interval_ms > 0 {
+            self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        }
     }
 
     fn rebalance(&mut self, now: Millis) {
