@@ -47,12 +47,5 @@ fn main() {
     } else {
         println!("{report}");
     }
-    eprintln!(
-        "dbg sent {:?}",
-        waterfall::proto::tree::DBG
-            .iter()
-            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed))
-            .collect::<Vec<_>>()
-    );
     eprintln!("wall time: {:.2} s", wall.as_secs_f64());
 }

@@ -26,7 +26,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::tree::{Config, Output, Snapshot, TreeEvent, TreeMsg, TreeNode, TreeUpdate};
+use super::tree::{Config, JoinKind, Output, Snapshot, TreeEvent, TreeMsg, TreeNode, TreeUpdate};
 use super::{Millis, NodeId, SplitMix64};
 
 /// Bytes a signature and envelope add to a published update.
@@ -37,8 +37,8 @@ const SNAPSHOT_REQUEST_BYTES: usize = 48;
 const SNAPSHOT_LEN: usize = 8;
 
 /// Kinds of received control traffic, for the breakdown of the busiest viewer.
-const RX_KINDS: [&str; 11] = [
-    "Join",
+const RX_KINDS: [&str; 14] = [
+    "Join(New)",
     "Accept",
     "Refuse",
     "Leave",
@@ -49,11 +49,19 @@ const RX_KINDS: [&str; 11] = [
     "SnapshotRequest",
     "Snapshot",
     "KeepAlive",
+    "Join(Repair)",
+    "Join(Move)",
+    "Join(Handover)",
 ];
 
 fn msg_kind(m: &TreeMsg) -> usize {
     match m {
-        TreeMsg::Join { .. } => 0,
+        TreeMsg::Join { kind, .. } => match kind {
+            JoinKind::New => 0,
+            JoinKind::Repair => 11,
+            JoinKind::Move => 12,
+            JoinKind::Handover => 13,
+        },
         TreeMsg::Accept { .. } => 1,
         TreeMsg::Refuse { .. } => 2,
         TreeMsg::Leave { .. } => 3,
@@ -274,7 +282,12 @@ impl fmt::Display for SimReport {
         writeln!(
             f,
             "  depth            mean {:.2}  p50 {:.0}  p99 {:.0}  max {:.0} over all samples  (final max {}; ideal ceil(log_K N) = {})",
-            self.depth.mean, self.depth.p50, self.depth.p99, self.depth.max, self.final_max_depth, self.ideal_depth
+            self.depth.mean,
+            self.depth.p50,
+            self.depth.p99,
+            self.depth.max,
+            self.final_max_depth,
+            self.ideal_depth
         )?;
         writeln!(
             f,
@@ -1133,7 +1146,10 @@ impl<'a> Sim<'a> {
                 let life = stop.saturating_sub(s.arrived);
                 if life >= min_life && life > 0 {
                     let secs = life as f64 / 1000.0;
-                    if busiest.as_ref().is_none_or(|(b, _, _)| s.rx_bytes / secs > *b) {
+                    if busiest
+                        .as_ref()
+                        .is_none_or(|(b, _, _)| s.rx_bytes / secs > *b)
+                    {
                         busiest = Some((s.rx_bytes / secs, i, secs));
                     }
                     rx.push(s.rx_bytes / secs);

@@ -58,12 +58,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{Millis, NodeId, SplitMix64};
 
-#[doc(hidden)]
-pub static DBG: [std::sync::atomic::AtomicU64; 12] = [const { std::sync::atomic::AtomicU64::new(0) }; 12];
-fn dbg(i: usize) {
-    DBG[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// Depth advertised by a node that currently has no path to the root.
 pub const DEPTH_DETACHED: u16 = u16::MAX;
 /// Longest ancestor path accepted from the network (longer means a loop or an attack).
@@ -74,8 +68,8 @@ const MAX_SLOTS_IN: usize = 32;
 const MAX_HINTS: usize = 24;
 /// Minimum gap between two relocation orders from one parent.
 const RELOCATE_GAP_MS: u64 = 10_000;
-/// Failed moves in a row beyond which the rebalancing gap stops doubling (2^4 = 16 times).
-const MAX_MOVE_BACKOFF: u8 = 4;
+/// Failed moves in a row beyond which the rebalancing gap stops doubling (4 times).
+const MAX_MOVE_BACKOFF: u8 = 2;
 /// How many times a join request may be passed down by full candidates.
 const MAX_FORWARD: u8 = 3;
 
@@ -703,12 +697,7 @@ impl TreeNode {
                 self.on_join(req, now)
             }
             TreeMsg::Accept { parent, directory } => self.on_accept(from, parent, directory, now),
-            TreeMsg::Refuse { reason, hints } => {
-                if self.orphan.is_some() && self.pending.is_some() {
-                    dbg(match reason { RefuseReason::Full => 6, RefuseReason::Cycle => 7, RefuseReason::NotAttached => 8, RefuseReason::TooDeep => 9, _ => 10 });
-                }
-                self.on_refuse(from, hints, now)
-            }
+            TreeMsg::Refuse { reason: _, hints } => self.on_refuse(from, hints, now),
             TreeMsg::Leave { successor } => self.on_leave(from, successor, now),
             TreeMsg::Summary { mut slots } => {
                 if let Some(c) = self.children.get_mut(&from) {
@@ -935,7 +924,6 @@ impl TreeNode {
             self.emit(TreeEvent::ParentChanged { old, new: from });
         }
         if let Some(o) = self.orphan.take() {
-            dbg(3);
             self.emit(TreeEvent::Rejoined {
                 parent: from,
                 outage_ms: now.since(o.since),
@@ -980,11 +968,6 @@ impl TreeNode {
     }
 
     fn give_up_pending(&mut self, now: Millis) {
-        if self.orphan.is_some() && let Some(p) = self.pending {
-            dbg(1);
-            if Some(p.target) == self.backup { dbg(10); }
-            if self.orphan.as_ref().is_some_and(|o| o.successor == Some(p.target)) { dbg(11); }
-        }
         if let Some(p) = self.pending.take() {
             self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
             if p.kind != JoinKind::Move || self.orphan.is_some() {
@@ -1155,7 +1138,6 @@ impl TreeNode {
     }
 
     fn need_snapshot(&mut self, now: Millis) {
-
         self.out.push_back(Output::RequestSnapshot);
         self.retry_at = Some(now.plus(self.cfg.join_timeout_ms));
     }
@@ -1168,11 +1150,6 @@ impl TreeNode {
         lost_parent: Option<NodeId>,
         now: Millis,
     ) {
-        if self.orphan.is_some() {
-            dbg(0);
-            if Some(target) == self.backup { dbg(4); }
-            if self.orphan.as_ref().is_some_and(|o| o.successor == Some(target)) { dbg(5); }
-        }
         self.pending = Some(Pending {
             target,
             kind,
@@ -1276,11 +1253,13 @@ impl TreeNode {
         let handover = kind == JoinKind::Handover;
         if kind == JoinKind::Repair
             && let Some(l) = lost_parent
-            && self.children.get(&l).is_some_and(|c| c.kids.contains(&from))
+            && self
+                .children
+                .get(&l)
+                .is_some_and(|c| c.kids.contains(&from))
         {
             // A child of our child `l` lost it: `l` crashed or left (its own word may still be on
             // the way, and our transport notices later). Its slot is the orphan's best place.
-            dbg(2);
             self.send(l, TreeMsg::Leave { successor: None });
             self.out.push_back(Output::Disconnect { peer: l });
             self.remove_child(l, now);
@@ -1550,7 +1529,9 @@ impl TreeNode {
     /// so the more children it has, the fewer each needs to send (at least 2, for forwarding).
     fn summary_entries(&self) -> usize {
         let c = (self.parent_capacity as usize).max(1);
-        (self.cfg.summary_len * 4).div_ceil(c).clamp(2, self.cfg.summary_len.max(2))
+        (self.cfg.summary_len * 4)
+            .div_ceil(c)
+            .clamp(2, self.cfg.summary_len.max(2))
     }
 
     /// Minimum gap between two summaries: the configured interval, stretched so that all the
@@ -2229,5 +2210,170 @@ mod tests {
         let mut buf = Vec::new();
         ciborium::into_writer(&upd, &mut buf).expect("encodes");
         assert_eq!(upd.wire_len(), buf.len());
+    }
+    /// An orphan whose directory has nothing shallower than its old depth asks its lost parent's
+    /// parent, and gives a repair target only `repair_timeout_ms` (not `join_timeout_ms`).
+    #[test]
+    fn orphan_falls_back_on_the_grandparent_with_a_short_timeout() {
+        let mut n = attached(5, 2, &[0, 1], 4);
+        n.handle_message(id(7), join_msg(JoinKind::New), Millis(1));
+        n.handle_message(
+            id(2),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 6, 2)],
+            },
+            Millis(2),
+        );
+        drain(&mut n);
+        n.handle_link_down(id(2), Millis(100));
+        let s = sent(&drain(&mut n));
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].0, id(1), "the grandparent: {s:?}");
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                lost_parent: Some(l),
+                max_depth: Some(2),
+                ..
+            } if l == id(2)
+        ));
+        n.handle_timeout(Millis(499));
+        assert_eq!(n.pending.map(|p| p.target), Some(id(1)));
+        drain(&mut n);
+        n.handle_timeout(Millis(500));
+        assert_ne!(n.pending.map(|p| p.target), Some(id(1)));
+        assert!(!n.is_attached());
+        let s = sent(&drain(&mut n));
+        assert!(
+            s.iter().all(|(to, _)| *to != id(1)),
+            "the silent grandparent is not asked again at once: {s:?}"
+        );
+    }
+
+    fn update_of(peer: u8, parent: u8, children: &[u8]) -> TreeUpdate {
+        TreeUpdate {
+            peer: id(peer),
+            parent: Some(id(parent)),
+            depth: 1,
+            ancestors: vec![id(parent)],
+            children: children.iter().map(|c| id(*c)).collect(),
+            capacity: 4,
+            uplink_kbps: 0,
+            seq: 1,
+            ts_ms: 0,
+        }
+    }
+
+    /// A full parent gives the slot of a child to that child's orphan, on the orphan's word that
+    /// the child is gone, but only to a peer the child itself listed as its child.
+    #[test]
+    fn grandparent_evicts_a_lost_child_for_its_orphan() {
+        let mut g = TreeNode::new_root(id(0), cfg(1), 3);
+        g.handle_message(id(2), join_msg(JoinKind::New), Millis(0));
+        g.handle_update(id(2), update_of(2, 0, &[3]), Millis(1));
+        drain(&mut g);
+        let repair = |lost: u8| TreeMsg::Join {
+            kind: JoinKind::Repair,
+            capacity: 4,
+            max_depth: Some(1),
+            lost_parent: Some(id(lost)),
+            joiner: None,
+            hops: 0,
+        };
+        // A stranger's word is not enough.
+        g.handle_message(id(4), repair(2), Millis(2));
+        let s = sent(&drain(&mut g));
+        assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+        assert_eq!(g.children().collect::<Vec<_>>(), vec![id(2)]);
+        // The lost child's own child takes its slot.
+        g.handle_message(id(3), repair(2), Millis(3));
+        let s = sent(&drain(&mut g));
+        assert!(s.contains(&(id(2), TreeMsg::Leave { successor: None })));
+        assert!(
+            s.iter()
+                .any(|(to, m)| *to == id(3) && matches!(m, TreeMsg::Accept { .. }))
+        );
+        assert_eq!(g.children().collect::<Vec<_>>(), vec![id(3)]);
+    }
+
+    /// A full candidate does not pass an orphan's request into the subtree of the parent it lost.
+    #[test]
+    fn forwarding_skips_the_lost_subtree() {
+        let mut g = TreeNode::new_root(id(0), cfg(2), 3);
+        for c in [1u8, 2] {
+            g.handle_message(id(c), join_msg(JoinKind::New), Millis(0));
+            g.handle_message(
+                id(c),
+                TreeMsg::Summary {
+                    slots: vec![ad(c + 10, 2, 3)],
+                },
+                Millis(1),
+            );
+        }
+        drain(&mut g);
+        g.handle_message(
+            id(9),
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                capacity: 0,
+                max_depth: None,
+                lost_parent: Some(id(1)),
+                joiner: None,
+                hops: 0,
+            },
+            Millis(2),
+        );
+        let s = sent(&drain(&mut g));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, id(12), "{s:?}");
+    }
+
+    /// Children of a parent with many slots send shorter summaries, and less often than the
+    /// interval when the parent's byte budget requires it.
+    #[test]
+    fn summaries_respect_the_parents_byte_budget() {
+        let mut n = attached(5, 1, &[0], 4);
+        assert_eq!(n.summary_entries(), 6);
+        n.parent_capacity = 8;
+        assert_eq!(n.summary_entries(), 3);
+        n.last_summary = vec![ad(5, 2, 4), ad(7, 3, 4), ad(8, 3, 4)];
+        let len = TreeMsg::Summary {
+            slots: n.last_summary.clone(),
+        }
+        .wire_len() as u64;
+        assert_eq!(n.summary_gap(), len * 8 * 1000 / 400);
+        assert!(n.summary_gap() > n.cfg.summary_interval_ms);
+        n.parent_capacity = 1;
+        assert_eq!(n.summary_gap(), n.cfg.summary_interval_ms);
+    }
+
+    /// A refused move pushes the next rebalancing check further out.
+    #[test]
+    fn refused_move_backs_off() {
+        let mut n = attached(5, 1, &[0, 8, 9], 8);
+        n.handle_message(
+            id(1),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 1, 2)],
+            },
+            Millis(1),
+        );
+        drain(&mut n);
+        let t = Millis(1_000_000);
+        n.handle_timeout(t);
+        drain(&mut n);
+        n.handle_message(
+            id(60),
+            TreeMsg::Refuse {
+                reason: RefuseReason::Full,
+                hints: vec![],
+            },
+            t.plus(100),
+        );
+        assert_eq!(n.move_failures, 1);
+        let next = n.rebalance_at.expect("still rebalancing");
+        assert!(next >= t.plus(100 + 5_000), "{next:?}");
+        assert_eq!(n.parent(), Some(id(1)));
     }
 }
