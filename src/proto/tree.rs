@@ -16,7 +16,9 @@
 //!   their ancestors to avoid cycles) and coalesced when only its children change.
 //! - [`TreeMsg::Summary`] goes up one edge, at most every `summary_interval`, only when it
 //!   changed: the best `summary_len` free slots of the sender's subtree. The root's summary is the
-//!   directory of the whole tree.
+//!   directory of the whole tree. A parent's children share a byte budget
+//!   (`summary_budget_bytes_per_sec`): the child of a parent with many slots sends fewer entries
+//!   and, if need be, less often, so a high-capacity relay is not flooded with summaries.
 //! - [`TreeMsg::Directory`] goes down every edge, at most every `directory_interval`, only when it
 //!   changed. Every member can thus answer a newcomer's snapshot request
 //!   ([`TreeNode::snapshot_for_newcomer`]) and every member has backup candidates.
@@ -44,12 +46,19 @@
 //!   takes over the freed slot.
 //! - **Repair**: on parent loss (graceful [`TreeMsg::Leave`] or link down) the node switches to its
 //!   backup at once; its subtree stays attached to it and is told it is detached until the repair
-//!   is done. A node detached upstream for longer than `upstream_grace` repairs itself.
+//!   is done. Without a usable backup or shallower slot it asks its lost parent's parent: alive
+//!   as of the last update, it holds the lost parent's slot (it evicts that child on the word of
+//!   a peer the child listed among its own children) and fresh summaries of the neighbouring
+//!   subtrees to forward to (never into the lost one). A repair request unanswered after
+//!   `repair_timeout_ms` (a stale directory names departed peers) moves on to the next
+//!   candidate. A node detached upstream for longer than `upstream_grace` repairs itself.
 //! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node with
 //!   children or with more capacity than its parent looks for a free slot at least two levels
 //!   shallower and moves there make-before-break: it attaches to the new parent before it leaves
 //!   the old one, so nobody's stream is cut. A full parent asked by a more capable node relocates one
-//!   of its leaf children with less capacity (again make-before-break) to open a slot.
+//!   of its leaf children with less capacity (again make-before-break) to open a slot. A refused
+//!   or unanswered move doubles the gap to the next check (up to 4 times): the whole room holds
+//!   the same directory, and its shallowest entries would otherwise draw everyone's moves.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
