@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release --example sim_scale -- [NODES] [DURATION_SECS] [CHURN_MEAN_SECS] [SEED] [--json]`
 //! Defaults: 10000 nodes, 1800 s, 600 s mean session, seed 1. Environment overrides: JOIN_RATE,
-//! CRASH_FRACTION, FIXED=1 (every viewer has fanout slots), REBALANCE_MS.
+//! CRASH_FRACTION, FIXED=1 (every viewer has fanout slots), REBALANCE_MS, REPAIR_TIMEOUT_MS.
 
 use std::time::Instant;
 
@@ -29,6 +29,9 @@ fn main() {
     }
     if let Some(v) = env("REBALANCE_MS") {
         cfg.tree.rebalance_interval_ms = v as u64;
+    }
+    if let Some(v) = env("REPAIR_TIMEOUT_MS") {
+        cfg.tree.repair_timeout_ms = v as u64;
     }
     if env("FIXED").is_some_and(|v| v > 0.0) {
         cfg.capacity = waterfall::proto::sim::CapacityDist::Fixed;

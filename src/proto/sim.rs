@@ -26,7 +26,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::tree::{Config, Output, Snapshot, TreeMsg, TreeNode, TreeUpdate};
+use super::tree::{Config, JoinKind, Output, Snapshot, TreeEvent, TreeMsg, TreeNode, TreeUpdate};
 use super::{Millis, NodeId, SplitMix64};
 
 /// Bytes a signature and envelope add to a published update.
@@ -35,6 +35,41 @@ const SIGNATURE_OVERHEAD: usize = 64 + 8;
 const SNAPSHOT_REQUEST_BYTES: usize = 48;
 /// Candidates in a snapshot.
 const SNAPSHOT_LEN: usize = 8;
+
+/// Kinds of received control traffic, for the breakdown of the busiest viewer.
+const RX_KINDS: [&str; 14] = [
+    "Join(New)",
+    "Accept",
+    "Refuse",
+    "Leave",
+    "Summary",
+    "Directory",
+    "Relocate",
+    "Update",
+    "SnapshotRequest",
+    "Snapshot",
+    "KeepAlive",
+    "Join(Repair)",
+    "Join(Move)",
+    "Join(Handover)",
+];
+
+fn msg_kind(m: &TreeMsg) -> usize {
+    match m {
+        TreeMsg::Join { kind, .. } => match kind {
+            JoinKind::New => 0,
+            JoinKind::Repair => 11,
+            JoinKind::Move => 12,
+            JoinKind::Handover => 13,
+        },
+        TreeMsg::Accept { .. } => 1,
+        TreeMsg::Refuse { .. } => 2,
+        TreeMsg::Leave { .. } => 3,
+        TreeMsg::Summary { .. } => 4,
+        TreeMsg::Directory { .. } => 5,
+        _ => 6,
+    }
+}
 
 /// How capacities (maximum children) are drawn.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -193,6 +228,12 @@ pub struct SimReport {
     pub join_ms: Dist,
     /// Each outage (time without a path to the root) of a viewer that got repaired, ms.
     pub outage_ms: Dist,
+    /// The outages that began with a crash (they include the transport's detection delay).
+    pub outage_crash_ms: Dist,
+    /// The outages that began otherwise (graceful leave, moves, self-repair).
+    pub outage_other_ms: Dist,
+    /// Repair time as the orphan sees it: from noticing the loss to the new parent's accept, ms.
+    pub repair_ms: Dist,
     /// Fraction of viewer-time with a path to the root.
     pub continuity: f64,
     /// Control bytes received per viewer per second.
@@ -203,6 +244,8 @@ pub struct SimReport {
     pub tx_bytes_per_sec: Dist,
     /// Control bytes the broadcaster received per second.
     pub root_rx_bytes_per_sec: f64,
+    /// What the viewer that received the most per second received, by kind, bytes per second.
+    pub busiest_rx_bytes_per_sec: std::collections::BTreeMap<String, f64>,
     /// Viewers that arrived.
     pub arrivals: u64,
     /// Graceful departures.
@@ -238,8 +281,13 @@ impl fmt::Display for SimReport {
         )?;
         writeln!(
             f,
-            "  depth            p50 {:.0}  p99 {:.0}  max {:.0}  (final max {}; ideal ceil(log_K N) = {})",
-            self.depth.p50, self.depth.p99, self.depth.max, self.final_max_depth, self.ideal_depth
+            "  depth            mean {:.2}  p50 {:.0}  p99 {:.0}  max {:.0} over all samples  (final max {}; ideal ceil(log_K N) = {})",
+            self.depth.mean,
+            self.depth.p50,
+            self.depth.p99,
+            self.depth.max,
+            self.final_max_depth,
+            self.ideal_depth
         )?;
         writeln!(
             f,
@@ -251,16 +299,50 @@ impl fmt::Display for SimReport {
             "  outage/repair    p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({} outages)",
             self.outage_ms.p50, self.outage_ms.p95, self.outage_ms.p99, self.outage_ms.count
         )?;
+        writeln!(
+            f,
+            "    after a crash  p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({}; includes detection)",
+            self.outage_crash_ms.p50,
+            self.outage_crash_ms.p95,
+            self.outage_crash_ms.p99,
+            self.outage_crash_ms.count
+        )?;
+        writeln!(
+            f,
+            "    otherwise      p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({})",
+            self.outage_other_ms.p50,
+            self.outage_other_ms.p95,
+            self.outage_other_ms.p99,
+            self.outage_other_ms.count
+        )?;
+        writeln!(
+            f,
+            "    orphan's view  p50 {:.0} ms  p95 {:.0} ms  p99 {:.0} ms  ({} repairs, loss noticed to accepted)",
+            self.repair_ms.p50, self.repair_ms.p95, self.repair_ms.p99, self.repair_ms.count
+        )?;
         writeln!(f, "  continuity       {:.4}%", self.continuity * 100.0)?;
         writeln!(
             f,
-            "  control rx/node  {:.0} B/s mean  {:.0} B/s p99  {:.2} msg/s mean  (tx {:.0} B/s mean; root rx {:.0} B/s)",
+            "  control rx/node  {:.0} B/s mean  {:.0} B/s p99  {:.0} B/s max  (root {:.0} B/s)",
             self.rx_bytes_per_sec.mean,
             self.rx_bytes_per_sec.p99,
-            self.rx_msgs_per_sec.mean,
-            self.tx_bytes_per_sec.mean,
+            self.rx_bytes_per_sec.max,
             self.root_rx_bytes_per_sec
         )?;
+        writeln!(
+            f,
+            "                   {:.2} msg/s mean  {:.2} msg/s p99  {:.2} msg/s max  (tx {:.0} B/s mean)",
+            self.rx_msgs_per_sec.mean,
+            self.rx_msgs_per_sec.p99,
+            self.rx_msgs_per_sec.max,
+            self.tx_bytes_per_sec.mean
+        )?;
+        let busiest: Vec<String> = self
+            .busiest_rx_bytes_per_sec
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.0}"))
+            .collect();
+        writeln!(f, "    busiest, B/s   {}", busiest.join(", "))?;
         writeln!(
             f,
             "  population       {} arrivals, {} leaves, {} crashes; {} live at end, {} attached",
@@ -366,9 +448,13 @@ struct Stats {
     joined_at: Option<u64>,
     departed: Option<u64>,
     rx_bytes: f64,
+    /// Received bytes by kind (see [`RX_KINDS`]).
+    rx_kind: [f64; RX_KINDS.len()],
     rx_msgs: f64,
     tx_bytes: f64,
     outage_since: Option<u64>,
+    /// The current outage began with a crash (else a graceful leave, a move or a repair).
+    outage_crash: bool,
     disconnected_ms: u64,
     flagged: bool,
 }
@@ -394,6 +480,11 @@ struct Sim<'a> {
     mark: Vec<u32>,
     mark_gen: u32,
     outages: Vec<f64>,
+    outages_crash: Vec<f64>,
+    outages_other: Vec<f64>,
+    repairs: Vec<f64>,
+    /// Set while the subtrees of a crashed node are cut (outage cause).
+    cutting_crash: bool,
     joins: Vec<f64>,
     depth_hist: Vec<u64>,
     final_max_depth: u32,
@@ -443,6 +534,10 @@ impl<'a> Sim<'a> {
             mark: Vec::new(),
             mark_gen: 0,
             outages: Vec::new(),
+            outages_crash: Vec::new(),
+            outages_other: Vec::new(),
+            repairs: Vec::new(),
+            cutting_crash: false,
             joins: Vec::new(),
             depth_hist: Vec::new(),
             final_max_depth: 0,
@@ -583,10 +678,11 @@ impl<'a> Sim<'a> {
             Ev::Arrive(i) => self.arrive(i),
             Ev::Msg { to, from, msg } => {
                 let len = msg.wire_len() as f64;
+                let kind = msg_kind(&msg);
                 let fid = self.ids[from as usize];
                 if let Some(n) = self.tn(to) {
                     n.handle_message(fid, msg, now);
-                    self.rx(to, len);
+                    self.rx(to, kind, len);
                     self.drain(to);
                 }
             }
@@ -595,14 +691,14 @@ impl<'a> Sim<'a> {
                 let fid = self.ids[from as usize];
                 if let Some(n) = self.tn(to) {
                     n.handle_update(fid, upd, now);
-                    self.rx(to, len);
+                    self.rx(to, 7, len);
                     self.drain(to);
                 }
             }
             Ev::SnapReq { to, from } => {
                 if let Some(n) = self.tn(to) {
                     let snap = n.snapshot_for_newcomer(SNAPSHOT_LEN);
-                    self.rx(to, SNAPSHOT_REQUEST_BYTES as f64);
+                    self.rx(to, 8, SNAPSHOT_REQUEST_BYTES as f64);
                     self.stats[to as usize].tx_bytes += snap.wire_len() as f64;
                     let t = self.now + self.latency(to, from);
                     self.push(t, Ev::SnapResp { to: from, snap });
@@ -612,7 +708,7 @@ impl<'a> Sim<'a> {
                 let len = snap.wire_len() as f64;
                 if let Some(n) = self.tn(to) {
                     n.handle_snapshot(snap, now);
-                    self.rx(to, len);
+                    self.rx(to, 9, len);
                     self.drain(to);
                 }
             }
@@ -672,9 +768,10 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn rx(&mut self, i: u32, bytes: f64) {
+    fn rx(&mut self, i: u32, kind: usize, bytes: f64) {
         let s = &mut self.stats[i as usize];
         s.rx_bytes += bytes;
+        s.rx_kind[kind] += bytes;
         s.rx_msgs += 1.0;
     }
 
@@ -737,10 +834,12 @@ impl<'a> Sim<'a> {
         self.set_conn(i, false);
         self.stats[i as usize].departed = Some(self.now);
         let kids = self.gt_children[i as usize].clone();
+        self.cutting_crash = !graceful;
         for c in kids {
             self.close_edge(c);
             self.set_subtree(c, false);
         }
+        self.cutting_crash = false;
         self.nodes[i as usize] = None;
         for nb in neighbours {
             let (lo, hi) = self.cfg.crash_detect_ms;
@@ -768,6 +867,7 @@ impl<'a> Sim<'a> {
         for (a, b) in [(c, p), (p, c)] {
             let s = &mut self.stats[a as usize];
             s.rx_bytes += bytes;
+            s.rx_kind[10] += bytes;
             s.rx_msgs += secs;
             self.stats[b as usize].tx_bytes += bytes;
         }
@@ -780,6 +880,9 @@ impl<'a> Sim<'a> {
             .and_then(|n| n.poll_output())
         {
             match o {
+                Output::Event(TreeEvent::Rejoined { outage_ms, .. }) => {
+                    self.repairs.push(outage_ms as f64);
+                }
                 Output::RefuseChild { reason, .. } => {
                     *self.refusals.entry(format!("{reason:?}")).or_default() += 1;
                 }
@@ -941,9 +1044,15 @@ impl<'a> Sim<'a> {
                 s.disconnected_ms += d;
                 s.flagged = false;
                 self.outages.push(d as f64);
+                if s.outage_crash {
+                    self.outages_crash.push(d as f64);
+                } else {
+                    self.outages_other.push(d as f64);
+                }
             }
         } else if s.joined_at.is_some() && self.alive[u as usize] {
             s.outage_since = Some(now);
+            s.outage_crash = self.cutting_crash;
         } else if let Some(since) = s.outage_since.take() {
             // Departed during an outage: counts against continuity, not as a repair.
             s.disconnected_ms += now - since;
@@ -1015,6 +1124,7 @@ impl<'a> Sim<'a> {
         let min_life = (self.cfg.min_lifetime_for_traffic_secs * 1000.0) as u64;
         let mut live_at_end = 0;
         let mut attached_at_end = 0;
+        let mut busiest: Option<(f64, usize, f64)> = None;
         for i in 1..self.nodes.len() {
             let s = &self.stats[i];
             let alive = self.alive[i];
@@ -1036,6 +1146,12 @@ impl<'a> Sim<'a> {
                 let life = stop.saturating_sub(s.arrived);
                 if life >= min_life && life > 0 {
                     let secs = life as f64 / 1000.0;
+                    if busiest
+                        .as_ref()
+                        .is_none_or(|(b, _, _)| s.rx_bytes / secs > *b)
+                    {
+                        busiest = Some((s.rx_bytes / secs, i, secs));
+                    }
                     rx.push(s.rx_bytes / secs);
                     rxm.push(s.rx_msgs / secs);
                     tx.push(s.tx_bytes / secs);
@@ -1075,6 +1191,16 @@ impl<'a> Sim<'a> {
             }
         };
         let root_life = (end as f64 / 1000.0).max(1e-9);
+        let busiest_rx = busiest
+            .map(|(_, i, secs)| {
+                RX_KINDS
+                    .iter()
+                    .zip(self.stats[i].rx_kind.iter())
+                    .filter(|(_, b)| **b > 0.0)
+                    .map(|(k, b)| (k.to_string(), b / secs))
+                    .collect()
+            })
+            .unwrap_or_default();
         SimReport {
             config: self.cfg.clone(),
             ideal_depth: ideal_depth(self.cfg.nodes, self.cfg.fanout),
@@ -1082,6 +1208,9 @@ impl<'a> Sim<'a> {
             final_max_depth: self.final_max_depth,
             join_ms: Dist::of(std::mem::take(&mut self.joins)),
             outage_ms: Dist::of(std::mem::take(&mut self.outages)),
+            outage_crash_ms: Dist::of(std::mem::take(&mut self.outages_crash)),
+            outage_other_ms: Dist::of(std::mem::take(&mut self.outages_other)),
+            repair_ms: Dist::of(std::mem::take(&mut self.repairs)),
             continuity: if viewer_ms == 0 {
                 1.0
             } else {
@@ -1091,6 +1220,7 @@ impl<'a> Sim<'a> {
             rx_msgs_per_sec: Dist::of(rxm),
             tx_bytes_per_sec: Dist::of(tx),
             root_rx_bytes_per_sec: self.stats[0].rx_bytes / root_life,
+            busiest_rx_bytes_per_sec: busiest_rx,
             arrivals: self.arrivals,
             leaves: self.leaves,
             crashes: self.crashes,

@@ -16,7 +16,9 @@
 //!   their ancestors to avoid cycles) and coalesced when only its children change.
 //! - [`TreeMsg::Summary`] goes up one edge, at most every `summary_interval`, only when it
 //!   changed: the best `summary_len` free slots of the sender's subtree. The root's summary is the
-//!   directory of the whole tree.
+//!   directory of the whole tree. A parent's children share a byte budget
+//!   (`summary_budget_bytes_per_sec`): the child of a parent with many slots sends fewer entries
+//!   and, if need be, less often, so a high-capacity relay is not flooded with summaries.
 //! - [`TreeMsg::Directory`] goes down every edge, at most every `directory_interval`, only when it
 //!   changed. Every member can thus answer a newcomer's snapshot request
 //!   ([`TreeNode::snapshot_for_newcomer`]) and every member has backup candidates.
@@ -44,12 +46,19 @@
 //!   takes over the freed slot.
 //! - **Repair**: on parent loss (graceful [`TreeMsg::Leave`] or link down) the node switches to its
 //!   backup at once; its subtree stays attached to it and is told it is detached until the repair
-//!   is done. A node detached upstream for longer than `upstream_grace` repairs itself.
+//!   is done. Without a usable backup or shallower slot it asks its lost parent's parent: alive
+//!   as of the last update, it holds the lost parent's slot (it evicts that child on the word of
+//!   a peer the child listed among its own children) and fresh summaries of the neighbouring
+//!   subtrees to forward to (never into the lost one). A repair request unanswered after
+//!   `repair_timeout_ms` (a stale directory names departed peers) moves on to the next
+//!   candidate. A node detached upstream for longer than `upstream_grace` repairs itself.
 //! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node with
 //!   children or with more capacity than its parent looks for a free slot at least two levels
 //!   shallower and moves there make-before-break: it attaches to the new parent before it leaves
 //!   the old one, so nobody's stream is cut. A full parent asked by a more capable node relocates one
-//!   of its leaf children with less capacity (again make-before-break) to open a slot.
+//!   of its leaf children with less capacity (again make-before-break) to open a slot. A refused
+//!   or unanswered move doubles the gap to the next check (up to 4 times): the whole room holds
+//!   the same directory, and its shallowest entries would otherwise draw everyone's moves.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -68,6 +77,8 @@ const MAX_SLOTS_IN: usize = 32;
 const MAX_HINTS: usize = 24;
 /// Minimum gap between two relocation orders from one parent.
 const RELOCATE_GAP_MS: u64 = 10_000;
+/// Failed moves in a row beyond which the rebalancing gap stops doubling (4 times).
+const MAX_MOVE_BACKOFF: u8 = 2;
 /// How many times a join request may be passed down by full candidates.
 const MAX_FORWARD: u8 = 3;
 
@@ -321,6 +332,24 @@ pub struct Config {
     pub rebalance_interval_ms: u64,
     /// A refusing candidate is not asked again for this long.
     pub refuse_memory_ms: u64,
+    /// A repair request (the stream is cut meanwhile) without answer after this (or 4 RTT of the
+    /// target when measured, whichever is longer) is considered refused; a late accept is still
+    /// taken or released.
+    #[serde(default = "default_repair_timeout_ms")]
+    pub repair_timeout_ms: u64,
+    /// Summary bytes per second a parent receives from all its children together (0: no budget):
+    /// a child of a parent with `c` slots sends at most `budget / c` bytes per second, and fewer
+    /// entries to a parent with many slots.
+    #[serde(default = "default_summary_budget")]
+    pub summary_budget_bytes_per_sec: u32,
+}
+
+fn default_summary_budget() -> u32 {
+    400
+}
+
+fn default_repair_timeout_ms() -> u64 {
+    400
 }
 
 impl Default for Config {
@@ -341,6 +370,8 @@ impl Default for Config {
             upstream_grace_ms: 6_000,
             rebalance_interval_ms: 5_000,
             refuse_memory_ms: 3_000,
+            repair_timeout_ms: default_repair_timeout_ms(),
+            summary_budget_bytes_per_sec: default_summary_budget(),
         }
     }
 }
@@ -362,6 +393,8 @@ impl Config {
 struct ChildInfo {
     capacity: u16,
     has_children: bool,
+    /// The child's own children, from its last signed update: only they may report it lost.
+    kids: Vec<NodeId>,
     summary: Vec<SlotAd>,
 }
 
@@ -433,6 +466,9 @@ pub struct TreeNode {
     last_dir_at: Option<Millis>,
     rebalance_at: Option<Millis>,
     last_relocate_at: Option<Millis>,
+    /// Failed moves in a row: each doubles the gap to the next rebalancing check, so nodes whose
+    /// directory is stale do not flood the few shallow slots it names.
+    move_failures: u8,
     last_timer: Option<Millis>,
     out: VecDeque<Output>,
 }
@@ -473,6 +509,7 @@ impl TreeNode {
             last_dir_at: None,
             rebalance_at: None,
             last_relocate_at: None,
+            move_failures: 0,
             last_timer: None,
             out: VecDeque::new(),
         }
@@ -568,7 +605,7 @@ impl TreeNode {
 
     /// When [`TreeNode::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let pending = self.pending.map(|p| p.sent.plus(self.cfg.join_timeout_ms));
+        let pending = self.pending.map(|p| p.sent.plus(self.timeout_for(&p)));
         let upstream = self
             .upstream_detached_since
             .map(|t| t.plus(self.cfg.upstream_grace_ms));
@@ -584,6 +621,21 @@ impl TreeNode {
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// How long to wait for an answer to a join request: repairs are urgent (the subtree has no
+    /// stream), and a target that does not answer quickly is most likely gone.
+    fn timeout_for(&self, p: &Pending) -> u64 {
+        match p.kind {
+            JoinKind::Repair | JoinKind::Handover => {
+                let rtt = self.rtt.get(&p.target).map_or(0, |r| 4 * *r as u64);
+                self.cfg
+                    .repair_timeout_ms
+                    .max(rtt)
+                    .min(self.cfg.join_timeout_ms)
+            }
+            JoinKind::New | JoinKind::Move => self.cfg.join_timeout_ms,
+        }
     }
 
     /// Record a measured RTT to a peer (tie-break between equal candidates).
@@ -687,6 +739,8 @@ impl TreeNode {
         } else if let Some(c) = self.children.get_mut(&from) {
             c.capacity = update.capacity;
             c.has_children = !update.children.is_empty();
+            c.kids = update.children;
+            c.kids.truncate(MAX_SLOTS_IN);
         }
         self.after(now);
     }
@@ -716,7 +770,7 @@ impl TreeNode {
         self.last_timer = None;
         if self
             .pending
-            .is_some_and(|p| now >= p.sent.plus(self.cfg.join_timeout_ms))
+            .is_some_and(|p| now >= p.sent.plus(self.timeout_for(&p)))
         {
             self.give_up_pending(now);
         }
@@ -893,6 +947,7 @@ impl TreeNode {
         self.directory_changed(now);
         self.choose_backup(now);
         if p.kind == JoinKind::Move {
+            self.move_failures = 0;
             // Stay put for a while after a move.
             self.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
         } else if self.rebalance_at.is_none() {
@@ -916,6 +971,8 @@ impl TreeNode {
         }
         if kind != Some(JoinKind::Move) {
             self.schedule_retry(now);
+        } else {
+            self.move_failed(now);
         }
     }
 
@@ -924,6 +981,8 @@ impl TreeNode {
             self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
             if p.kind != JoinKind::Move || self.orphan.is_some() {
                 self.retry_at = Some(now);
+            } else {
+                self.move_failed(now);
             }
         }
     }
@@ -1049,10 +1108,18 @@ impl TreeNode {
                 let backup = self
                     .backup
                     .and_then(|b| shallower.iter().find(|a| a.peer == b).copied());
+                // The lost parent's parent: alive as of our last update, it has the slot of the
+                // lost parent (it evicts it on our word), and fresh summaries of the neighbouring
+                // subtrees to forward us to; a directory entry may be long gone.
+                let grandparent = (o.lost_ancestors.len() >= 2)
+                    .then(|| o.lost_ancestors[o.lost_ancestors.len() - 2])
+                    .filter(|g| *g != self.id && self.refused.get(g).is_none_or(|t| *t <= now));
                 if let Some(b) = backup {
                     target = Some((b.peer, Some(o.old_depth.saturating_sub(1))));
                 } else if let Some(a) = self.pick(&shallower) {
                     target = Some((a.peer, Some(o.old_depth.saturating_sub(1))));
+                } else if let Some(g) = grandparent {
+                    target = Some((g, Some(o.old_depth.saturating_sub(1))));
                 } else if strict {
                     self.retry_at = Some(o.since.plus(self.cfg.repair_settle_ms));
                     return;
@@ -1125,7 +1192,15 @@ impl TreeNode {
 
     fn rebalance_gap(&mut self) -> u64 {
         let base = self.cfg.rebalance_interval_ms;
-        base / 2 + self.rng.below(base.max(1))
+        (base / 2 + self.rng.below(base.max(1))) << self.move_failures.min(MAX_MOVE_BACKOFF)
+    }
+
+    /// A move was refused or not answered: back off.
+    fn move_failed(&mut self, now: Millis) {
+        self.move_failures = self.move_failures.saturating_add(1).min(MAX_MOVE_BACKOFF);
+        if self.cfg.rebalance_interval_ms > 0 {
+            self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        }
     }
 
     fn rebalance(&mut self, now: Millis) {
@@ -1185,6 +1260,19 @@ impl TreeNode {
             return;
         }
         let handover = kind == JoinKind::Handover;
+        if kind == JoinKind::Repair
+            && let Some(l) = lost_parent
+            && self
+                .children
+                .get(&l)
+                .is_some_and(|c| c.kids.contains(&from))
+        {
+            // A child of our child `l` lost it: `l` crashed or left (its own word may still be on
+            // the way, and our transport notices later). Its slot is the orphan's best place.
+            self.send(l, TreeMsg::Leave { successor: None });
+            self.out.push_back(Output::Disconnect { peer: l });
+            self.remove_child(l, now);
+        }
         let reason = if self.children.contains_key(&from) {
             None // duplicate (our Accept was lost or is in flight): accept again
         } else if handover {
@@ -1238,6 +1326,7 @@ impl TreeNode {
         self.children.entry(from).or_insert(ChildInfo {
             capacity,
             has_children: false,
+            kids: Vec::new(),
             summary: Vec::new(),
         });
         let parent = self.current_update(now);
@@ -1256,8 +1345,9 @@ impl TreeNode {
         let _ = now;
         let cands: Vec<SlotAd> = self
             .children
-            .values()
-            .flat_map(|c| c.summary.iter())
+            .iter()
+            .filter(|(id, _)| Some(**id) != req.lost_parent)
+            .flat_map(|(_, c)| c.summary.iter())
             .filter(|a| {
                 a.free > 0
                     && a.peer != req.joiner
@@ -1437,11 +1527,36 @@ impl TreeNode {
     fn summary_dirty(&mut self, now: Millis) {
         if self.summary_due.is_none() {
             let at = match self.last_summary_at {
-                Some(t) => t.plus(self.cfg.summary_interval_ms).max(now),
+                Some(t) => t.plus(self.summary_gap()).max(now),
                 None => now,
             };
             self.summary_due = Some(at);
         }
+    }
+
+    /// Entries in our summary: the parent keeps only the best `summary_len` of all its children's,
+    /// so the more children it has, the fewer each needs to send (at least 2, for forwarding).
+    fn summary_entries(&self) -> usize {
+        let c = (self.parent_capacity as usize).max(1);
+        (self.cfg.summary_len * 4)
+            .div_ceil(c)
+            .clamp(2, self.cfg.summary_len.max(2))
+    }
+
+    /// Minimum gap between two summaries: the configured interval, stretched so that all the
+    /// children of our parent together stay within its byte budget.
+    fn summary_gap(&self) -> u64 {
+        let base = self.cfg.summary_interval_ms;
+        let budget = self.cfg.summary_budget_bytes_per_sec as u64;
+        if budget == 0 {
+            return base;
+        }
+        let len = TreeMsg::Summary {
+            slots: self.last_summary.clone(),
+        }
+        .wire_len() as u64;
+        let share = (self.parent_capacity as u64).max(1);
+        base.max(len * share * 1000 / budget)
     }
 
     fn flush_summary(&mut self, now: Millis) {
@@ -1455,7 +1570,7 @@ impl TreeNode {
             return;
         }
         let Some(p) = self.parent else { return };
-        let s = self.compute_summary(self.cfg.summary_len);
+        let s = self.compute_summary(self.summary_entries());
         if s != self.last_summary {
             self.last_summary = s.clone();
             self.last_summary_at = Some(now);
@@ -2104,5 +2219,170 @@ mod tests {
         let mut buf = Vec::new();
         ciborium::into_writer(&upd, &mut buf).expect("encodes");
         assert_eq!(upd.wire_len(), buf.len());
+    }
+    /// An orphan whose directory has nothing shallower than its old depth asks its lost parent's
+    /// parent, and gives a repair target only `repair_timeout_ms` (not `join_timeout_ms`).
+    #[test]
+    fn orphan_falls_back_on_the_grandparent_with_a_short_timeout() {
+        let mut n = attached(5, 2, &[0, 1], 4);
+        n.handle_message(id(7), join_msg(JoinKind::New), Millis(1));
+        n.handle_message(
+            id(2),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 6, 2)],
+            },
+            Millis(2),
+        );
+        drain(&mut n);
+        n.handle_link_down(id(2), Millis(100));
+        let s = sent(&drain(&mut n));
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].0, id(1), "the grandparent: {s:?}");
+        assert!(matches!(
+            s[0].1,
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                lost_parent: Some(l),
+                max_depth: Some(2),
+                ..
+            } if l == id(2)
+        ));
+        n.handle_timeout(Millis(499));
+        assert_eq!(n.pending.map(|p| p.target), Some(id(1)));
+        drain(&mut n);
+        n.handle_timeout(Millis(500));
+        assert_ne!(n.pending.map(|p| p.target), Some(id(1)));
+        assert!(!n.is_attached());
+        let s = sent(&drain(&mut n));
+        assert!(
+            s.iter().all(|(to, _)| *to != id(1)),
+            "the silent grandparent is not asked again at once: {s:?}"
+        );
+    }
+
+    fn update_of(peer: u8, parent: u8, children: &[u8]) -> TreeUpdate {
+        TreeUpdate {
+            peer: id(peer),
+            parent: Some(id(parent)),
+            depth: 1,
+            ancestors: vec![id(parent)],
+            children: children.iter().map(|c| id(*c)).collect(),
+            capacity: 4,
+            uplink_kbps: 0,
+            seq: 1,
+            ts_ms: 0,
+        }
+    }
+
+    /// A full parent gives the slot of a child to that child's orphan, on the orphan's word that
+    /// the child is gone, but only to a peer the child itself listed as its child.
+    #[test]
+    fn grandparent_evicts_a_lost_child_for_its_orphan() {
+        let mut g = TreeNode::new_root(id(0), cfg(1), 3);
+        g.handle_message(id(2), join_msg(JoinKind::New), Millis(0));
+        g.handle_update(id(2), update_of(2, 0, &[3]), Millis(1));
+        drain(&mut g);
+        let repair = |lost: u8| TreeMsg::Join {
+            kind: JoinKind::Repair,
+            capacity: 4,
+            max_depth: Some(1),
+            lost_parent: Some(id(lost)),
+            joiner: None,
+            hops: 0,
+        };
+        // A stranger's word is not enough.
+        g.handle_message(id(4), repair(2), Millis(2));
+        let s = sent(&drain(&mut g));
+        assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+        assert_eq!(g.children().collect::<Vec<_>>(), vec![id(2)]);
+        // The lost child's own child takes its slot.
+        g.handle_message(id(3), repair(2), Millis(3));
+        let s = sent(&drain(&mut g));
+        assert!(s.contains(&(id(2), TreeMsg::Leave { successor: None })));
+        assert!(
+            s.iter()
+                .any(|(to, m)| *to == id(3) && matches!(m, TreeMsg::Accept { .. }))
+        );
+        assert_eq!(g.children().collect::<Vec<_>>(), vec![id(3)]);
+    }
+
+    /// A full candidate does not pass an orphan's request into the subtree of the parent it lost.
+    #[test]
+    fn forwarding_skips_the_lost_subtree() {
+        let mut g = TreeNode::new_root(id(0), cfg(2), 3);
+        for c in [1u8, 2] {
+            g.handle_message(id(c), join_msg(JoinKind::New), Millis(0));
+            g.handle_message(
+                id(c),
+                TreeMsg::Summary {
+                    slots: vec![ad(c + 10, 2, 3)],
+                },
+                Millis(1),
+            );
+        }
+        drain(&mut g);
+        g.handle_message(
+            id(9),
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                capacity: 0,
+                max_depth: None,
+                lost_parent: Some(id(1)),
+                joiner: None,
+                hops: 0,
+            },
+            Millis(2),
+        );
+        let s = sent(&drain(&mut g));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, id(12), "{s:?}");
+    }
+
+    /// Children of a parent with many slots send shorter summaries, and less often than the
+    /// interval when the parent's byte budget requires it.
+    #[test]
+    fn summaries_respect_the_parents_byte_budget() {
+        let mut n = attached(5, 1, &[0], 4);
+        assert_eq!(n.summary_entries(), 6);
+        n.parent_capacity = 8;
+        assert_eq!(n.summary_entries(), 3);
+        n.last_summary = vec![ad(5, 2, 4), ad(7, 3, 4), ad(8, 3, 4)];
+        let len = TreeMsg::Summary {
+            slots: n.last_summary.clone(),
+        }
+        .wire_len() as u64;
+        assert_eq!(n.summary_gap(), len * 8 * 1000 / 400);
+        assert!(n.summary_gap() > n.cfg.summary_interval_ms);
+        n.parent_capacity = 1;
+        assert_eq!(n.summary_gap(), n.cfg.summary_interval_ms);
+    }
+
+    /// A refused move pushes the next rebalancing check further out.
+    #[test]
+    fn refused_move_backs_off() {
+        let mut n = attached(5, 1, &[0, 8, 9], 8);
+        n.handle_message(
+            id(1),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 1, 2)],
+            },
+            Millis(1),
+        );
+        drain(&mut n);
+        let t = Millis(1_000_000);
+        n.handle_timeout(t);
+        drain(&mut n);
+        n.handle_message(
+            id(60),
+            TreeMsg::Refuse {
+                reason: RefuseReason::Full,
+                hints: vec![],
+            },
+            t.plus(100),
+        );
+        assert_eq!(n.move_failures, 1);
+        let next = n.rebalance_at.expect("still rebalancing");
+        assert!(next >= t.plus(100 + 5_000), "{next:?}");
+        assert_eq!(n.parent(), Some(id(1)));
     }
 }
