@@ -1052,12 +1052,7 @@ impl RoomTask {
                     sdp: offer.sdp,
                     ts_ms: now_ms(),
                 };
-                let env = node.inner.identity.seal_envelope(
-                    Kind::Offer,
-                    1,
-                    now_ms() + SIGNAL_TTL.as_millis() as u64,
-                    keys.seal(Kind::Offer, &wire::encode(&signal)),
-                );
+                let env = signal_envelope(&node, &keys, Kind::Offer, &signal);
                 // Durable copy in the DHT (the parent can fetch it if the direct path fails).
                 let blob_key = signal_key(&keys, me, parent, &nonce, SdpKind::Offer);
                 let put = {
@@ -1175,12 +1170,7 @@ impl RoomTask {
                         kind: SdpKind::Answer,
                         blob_key: Id(akey),
                     };
-                    let env = node.inner.identity.seal_envelope(
-                        Kind::Notice,
-                        now_ms(),
-                        now_ms() + SIGNAL_TTL.as_millis() as u64,
-                        keys.seal(Kind::Notice, &wire::encode(&notice)),
-                    );
+                    let env = signal_envelope(&node, &keys, Kind::Notice, &notice);
                     let _ = net
                         .publish(keys.topic().to_owned(), wire::encode(&env))
                         .await;
@@ -1301,6 +1291,21 @@ fn ok_response(env: Option<Envelope>) -> Vec<u8> {
     })
 }
 
+/// Seal a signalling message for the room and sign it; it lives [`SIGNAL_TTL`].
+fn signal_envelope<T: wire::Message>(
+    node: &Node,
+    keys: &RoomKeys,
+    kind: Kind,
+    msg: &T,
+) -> Envelope {
+    node.inner.identity.seal_envelope(
+        kind,
+        now_ms(),
+        now_ms() + SIGNAL_TTL.as_millis() as u64,
+        keys.seal(kind, &wire::encode(msg)),
+    )
+}
+
 /// DHT key of a signalling blob: H(room, child, parent, nonce, kind).
 fn signal_key(
     keys: &RoomKeys,
@@ -1366,12 +1371,7 @@ async fn answer_offer(
         sdp: answer.sdp,
         ts_ms: now_ms(),
     };
-    let env = node.inner.identity.seal_envelope(
-        Kind::Answer,
-        1,
-        now_ms() + SIGNAL_TTL.as_millis() as u64,
-        keys.seal(Kind::Answer, &wire::encode(&signal)),
-    );
+    let env = signal_envelope(node, keys, Kind::Answer, &signal);
     Ok((id, env))
 }
 
@@ -1394,12 +1394,7 @@ async fn signal_via_dht(
         kind: SdpKind::Offer,
         blob_key: Id(blob_key),
     };
-    let env = node.inner.identity.seal_envelope(
-        Kind::Notice,
-        now_ms(),
-        now_ms() + SIGNAL_TTL.as_millis() as u64,
-        keys.seal(Kind::Notice, &wire::encode(&notice)),
-    );
+    let env = signal_envelope(node, keys, Kind::Notice, &notice);
     node.inner
         .net
         .publish(keys.topic().to_owned(), wire::encode(&env))
