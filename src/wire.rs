@@ -131,20 +131,23 @@ impl Serialize for Id {
 
 impl<'de> Deserialize<'de> for Id {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Id;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("32 bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Id, E> {
-                b.try_into()
-                    .map(Id)
-                    .map_err(|_| E::invalid_length(b.len(), &self))
-            }
-        }
-        d.deserialize_bytes(V)
+        fixed_bytes(d).map(Id)
     }
+}
+
+/// A CBOR byte string of exactly `N` bytes, read without an intermediate allocation.
+fn fixed_bytes<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
+    struct V<const N: usize>;
+    impl<const N: usize> serde::de::Visitor<'_> for V<N> {
+        type Value = [u8; N];
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{N} bytes")
+        }
+        fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<[u8; N], E> {
+            b.try_into().map_err(|_| E::invalid_length(b.len(), &self))
+        }
+    }
+    d.deserialize_bytes(V::<N>)
 }
 
 /// A 16-byte nonce naming one signalling exchange.
@@ -159,12 +162,7 @@ impl Serialize for Nonce16 {
 
 impl<'de> Deserialize<'de> for Nonce16 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v: serde_bytes::ByteBuf = Deserialize::deserialize(d)?;
-        let arr: [u8; 16] = v
-            .as_slice()
-            .try_into()
-            .map_err(|_| serde::de::Error::invalid_length(v.len(), &"16 bytes"))?;
-        Ok(Nonce16(arr))
+        fixed_bytes(d).map(Nonce16)
     }
 }
 
