@@ -167,13 +167,12 @@ proptest! {
     }
 }
 
-/// Known bug found by the property test above (random seed, 2026-11-25): after a 10% graceful
-/// mass departure at 40 s and the loss of all of the root's children at 50 s, three of nine
-/// viewers never reattach (`unrepaired` 3). Kept as a reproducer until the repair path is fixed;
-/// run with `cargo test --test proto_sim -- --ignored`.
+/// Found by the property test (2026-11-25): after a 10% graceful mass departure and the loss of
+/// all of the root's children, the only free slots were gone and the root's two slots were held
+/// by weak peers, so a capacity-4 relay carrying two children was refused everywhere. A full
+/// parent that knows no free slot now hands a leaf-only child over to such a relay.
 #[test]
-#[ignore = "known bug: unrepaired orphans after mass departure + root children loss (issue 3)"]
-fn known_bug_orphans_unrepaired_after_mass_departure_and_root_children_loss() {
+fn starved_relay_after_mass_departure_and_root_children_loss_is_repaired() {
     let cfg = SimConfig {
         nodes: 9,
         fanout: 2,
@@ -189,6 +188,72 @@ fn known_bug_orphans_unrepaired_after_mass_departure_and_root_children_loss() {
             fraction: 0.098_721_579_323_820_07,
             graceful: true,
         }),
+        kill_root_children_at_secs: Some(50.0),
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_eq!(r.violations.total(), 0, "{r}");
+}
+
+/// Found by the property test: a relay evicted by a live parent (the root) named it as its lost
+/// parent in every repair request, and every member -- all below the root -- refused it as a
+/// possible cycle. The guard now lapses after a short while.
+#[test]
+fn relay_evicted_by_a_live_parent_is_not_shut_out() {
+    let cfg = SimConfig {
+        nodes: 110,
+        fanout: 5,
+        churn_mean_secs: Some(42.450813477761585),
+        duration_secs: 120.0,
+        seed: 11113519952782568304,
+        link_latency_ms: 56.07849421261927,
+        capacity: CapacityDist::Heterogeneous,
+        join_rate_per_sec: 20.0,
+        crash_fraction: 0.7060946318779439,
+        mass_departure: None,
+        kill_root_children_at_secs: None,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_eq!(r.violations.total(), 0, "{r}");
+}
+
+/// Found by the property test: concurrent repairs after losing the root's children, 110 ms links.
+#[test]
+fn root_children_loss_with_slow_links_closes_no_cycle() {
+    let cfg = SimConfig {
+        nodes: 104,
+        fanout: 3,
+        churn_mean_secs: Some(38.28479098007528),
+        duration_secs: 120.0,
+        seed: 1638797593754739103,
+        link_latency_ms: 109.36862916241869,
+        capacity: CapacityDist::Heterogeneous,
+        join_rate_per_sec: 20.0,
+        crash_fraction: 0.6787617339670905,
+        mass_departure: None,
+        kill_root_children_at_secs: Some(50.0),
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_eq!(r.violations.total(), 0, "{r}");
+}
+
+/// Found by the property test: a directory that named slots of the recipient's own subtree let a
+/// relay move below its own descendants on stale paths (a cycle).
+#[test]
+fn directories_never_name_the_recipients_subtree() {
+    let cfg = SimConfig {
+        nodes: 54,
+        fanout: 2,
+        churn_mean_secs: Some(43.923201620264464),
+        duration_secs: 120.0,
+        seed: 13125061109457845193,
+        link_latency_ms: 114.79290738120788,
+        capacity: CapacityDist::Heterogeneous,
+        join_rate_per_sec: 20.0,
+        crash_fraction: 0.36570870722997867,
+        mass_departure: None,
         kill_root_children_at_secs: Some(50.0),
         ..SimConfig::default()
     };

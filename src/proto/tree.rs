@@ -79,6 +79,13 @@ const MAX_HINTS: usize = 24;
 const RELOCATE_GAP_MS: u64 = 10_000;
 /// Failed moves in a row beyond which the rebalancing gap stops doubling (4 times).
 const MAX_MOVE_BACKOFF: u8 = 2;
+/// Minimum gap between two preemptions by one parent: a last resort against starvation, each
+/// costs a leaf a short outage.
+const PREEMPT_GAP_MS: u64 = 10_000;
+/// How long an orphan with children keeps candidates below its lost parent from adopting it.
+const CYCLE_GUARD_MS: u64 = 2_000;
+/// First-join attempts that ask for a slot at most one level below the chosen candidate.
+const NEW_BOUNDED_ATTEMPTS: u8 = 4;
 /// How many times a join request may be passed down by full candidates.
 const MAX_FORWARD: u8 = 3;
 
@@ -423,6 +430,32 @@ struct Orphan {
     successor: Option<NodeId>,
     /// Our path before the loss (tells a successor grandparent from a handover target).
     lost_ancestors: Vec<NodeId>,
+    /// We were a leaf handed over elsewhere by a parent that may well stay (a preempting
+    /// parent, or a departing one): we cannot close a cycle, so candidates below that parent
+    /// need not refuse us.
+    leaf_handover: bool,
+}
+
+impl Orphan {
+    /// The lost parent to name in a join request to `target`. Candidates whose path contains it
+    /// refuse: a subtree must not land in a sibling subtree while both repair. A node without
+    /// children cannot close a cycle, and the lost parent may be alive (it handed us over), in
+    /// which case the guard would shut us out of its whole subtree: a leaf names it only to the
+    /// grandparent, which then evicts a dead parent at once.
+    ///
+    /// A live lost parent (it evicted us, or we left it after its own repair failed) would shut
+    /// our subtree out of its whole subtree -- the whole room, if it is the root -- so the guard
+    /// lapses after `CYCLE_GUARD_MS`: by then a dead parent's subtree knows it is detached (and
+    /// refuses joiners for that reason).
+    fn cycle_guard(&self, has_children: bool, target: NodeId, now: Millis) -> Option<NodeId> {
+        let grandparent = self.lost_ancestors.len() >= 2
+            && self.lost_ancestors[self.lost_ancestors.len() - 2] == target;
+        let guarded = has_children
+            && !self.leaf_handover
+            && self.lost_ancestors.len() >= 2
+            && now < self.since.plus(CYCLE_GUARD_MS);
+        self.lost.filter(|_| guarded || grandparent)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -466,9 +499,13 @@ pub struct TreeNode {
     last_dir_at: Option<Millis>,
     rebalance_at: Option<Millis>,
     last_relocate_at: Option<Millis>,
+    /// Last time a leaf-only child was handed over to make room for a repairing relay.
+    last_preempt_at: Option<Millis>,
     /// Failed moves in a row: each doubles the gap to the next rebalancing check, so nodes whose
     /// directory is stale do not flood the few shallow slots it names.
     move_failures: u8,
+    /// First-join attempts so far (the first few are bounded in depth).
+    new_attempts: u8,
     last_timer: Option<Millis>,
     out: VecDeque<Output>,
 }
@@ -509,7 +546,9 @@ impl TreeNode {
             last_dir_at: None,
             rebalance_at: None,
             last_relocate_at: None,
+            last_preempt_at: None,
             move_failures: 0,
+            new_attempts: 0,
             last_timer: None,
             out: VecDeque::new(),
         }
@@ -1058,10 +1097,11 @@ impl TreeNode {
         let min = cands.iter().map(|a| a.depth).min()?;
         let weights: Vec<(SlotAd, u64)> = cands
             .iter()
-            .filter(|a| a.depth == min)
+            .filter(|a| a.depth <= min.saturating_add(1))
             .map(|a| {
                 let rtt = self.rtt.get(&a.peer).copied().unwrap_or(100).max(1) as u64;
-                (*a, (a.free as u64 * 1_000_000) / rtt)
+                let near = if a.depth == min { 2 } else { 1 };
+                (*a, (a.free as u64 * near * 1_000_000) / rtt)
             })
             .collect();
         let total: u64 = weights.iter().map(|(_, w)| *w).sum();
@@ -1095,7 +1135,8 @@ impl TreeNode {
                     JoinKind::Handover
                 };
                 let md = (kind == JoinKind::Repair).then(|| o.old_depth.saturating_sub(1));
-                self.send_join(s, kind, md, o.lost, now);
+                let guard = o.cycle_guard(!self.children.is_empty(), s, now);
+                self.send_join(s, kind, md, guard, now);
                 return;
             }
             if target.is_none() {
@@ -1129,7 +1170,8 @@ impl TreeNode {
             }
             match target {
                 Some((t, md)) => {
-                    self.send_join(t, JoinKind::Repair, md, o.lost, now);
+                    let guard = o.cycle_guard(!self.children.is_empty(), t, now);
+                    self.send_join(t, JoinKind::Repair, md, guard, now);
                 }
                 None => self.need_snapshot(now),
             }
@@ -1141,7 +1183,15 @@ impl TreeNode {
         };
         let cands = self.candidates(now);
         match self.pick(&cands) {
-            Some(a) => self.send_join(a.peer, kind, max_depth, lost, now),
+            Some(a) => {
+                // A full target passes the request down its subtree, whose shallowest free slot
+                // may be far deeper than what we know elsewhere: allow one level of slack, and
+                // drop the bound after a few refusals (we must land somewhere).
+                self.new_attempts = self.new_attempts.saturating_add(1);
+                let bound =
+                    (self.new_attempts <= NEW_BOUNDED_ATTEMPTS).then(|| a.depth.saturating_add(1));
+                self.send_join(a.peer, kind, max_depth.or(bound), lost, now)
+            }
             None => self.need_snapshot(now),
         }
     }
@@ -1305,6 +1355,31 @@ impl TreeNode {
         {
             return;
         }
+        let mut reason = reason;
+        if reason == Some(RefuseReason::Full)
+            && kind == JoinKind::Repair
+            && self.knows_no_free_slot()
+            && self
+                .last_preempt_at
+                .is_none_or(|t| now.since(t) >= PREEMPT_GAP_MS)
+            && let Some(v) = self.preemptible_leaf(capacity)
+        {
+            // Nowhere below to send it: rather than leave a more capable peer (and the subtree
+            // it may carry) without a place, give it a weaker leaf child's slot and hand that
+            // leaf over to it (the newcomer has room: it is more capable than the leaf, and if
+            // it is full after all the leaf is refused with hints and goes elsewhere). Without
+            // this, a room whose top slots are all held by leaves starves its relays.
+            self.send(
+                v,
+                TreeMsg::Leave {
+                    successor: Some(from),
+                },
+            );
+            self.out.push_back(Output::Disconnect { peer: v });
+            self.remove_child(v, now);
+            self.last_preempt_at = Some(now);
+            reason = None;
+        }
         if let Some(reason) = reason {
             let hints: Vec<SlotAd> = if reason == RefuseReason::Full {
                 self.compute_summary(self.cfg.summary_len)
@@ -1330,7 +1405,7 @@ impl TreeNode {
             summary: Vec::new(),
         });
         let parent = self.current_update(now);
-        let directory = self.directory_to_send();
+        let directory = self.directory_for(from);
         self.send(from, TreeMsg::Accept { parent, directory });
         if fresh {
             self.out.push_back(Output::AcceptChild { peer: from });
@@ -1377,6 +1452,24 @@ impl TreeNode {
             },
         );
         true
+    }
+
+    /// Neither our subtree nor our directory shows a free slot: the room may be starved of
+    /// capacity at the top (its relays lost and its slots held by leaf-only peers).
+    fn knows_no_free_slot(&self) -> bool {
+        self.compute_summary(1).is_empty() && self.directory.iter().all(|a| a.free == 0)
+    }
+
+    /// A leaf-only child (capacity 0: it can have no children, whatever its last update says),
+    /// for a joiner that can relay.
+    fn preemptible_leaf(&self, capacity: u16) -> Option<NodeId> {
+        if capacity == 0 {
+            return None;
+        }
+        self.children
+            .iter()
+            .find(|(_, c)| c.capacity == 0)
+            .map(|(id, _)| *id)
     }
 
     fn maybe_relocate_for(&mut self, capacity: u16, now: Millis) {
@@ -1431,6 +1524,8 @@ impl TreeNode {
         let lost = self.parent.take();
         let old_depth = self.depth().unwrap_or(self.last_depth).max(1);
         let lost_ancestors = self.path.take().map(|p| p.ancestors).unwrap_or_default();
+        let leaf_handover =
+            self.children.is_empty() && successor.is_some_and(|s| !lost_ancestors.contains(&s));
         self.upstream_detached_since = None;
         self.orphan = Some(Orphan {
             since: now,
@@ -1438,6 +1533,7 @@ impl TreeNode {
             lost,
             successor,
             lost_ancestors,
+            leaf_handover,
         });
         if let Some(p) = self.pending.as_mut() {
             // A move in progress becomes the repair.
@@ -1578,8 +1674,55 @@ impl TreeNode {
         }
     }
 
-    fn directory_to_send(&self) -> Vec<SlotAd> {
-        self.directory.clone()
+    /// The directory for one child (or joiner): the shallowest band (two levels) of what we know
+    /// -- our own directory and our subtree's free slots -- shuffled per recipient, then the
+    /// rest by depth. Every member holding the same few shallowest entries would send the whole
+    /// room's joins and moves to them; different subsets per edge spread that load over the
+    /// many slots that are nearly as good, and mix in nearby slots the farther down the tree.
+    fn directory_for(&mut self, to: NodeId) -> Vec<SlotAd> {
+        // Never slots of the recipient's own subtree: it cannot tell them all from others (its
+        // view of its subtree is its children's short summaries) and joining one, on stale
+        // paths, would close a cycle. By induction the directory we received has none of our
+        // subtree's slots; the root's own directory is its summary of everything, so it uses
+        // only the other children's summaries.
+        let mut pool = if self.is_root {
+            Vec::new()
+        } else {
+            self.directory.clone()
+        };
+        if let Some(d) = self.depth() {
+            let free = self.free();
+            if free > 0 {
+                pool.push(SlotAd {
+                    peer: self.id,
+                    depth: d,
+                    free,
+                    capacity: self.capacity,
+                });
+            }
+            for (c, info) in &self.children {
+                if *c != to {
+                    pool.extend(info.summary.iter().filter(|a| a.depth > d).copied());
+                }
+            }
+        }
+        pool.retain(|a| a.peer != to && a.free > 0);
+        sort_ads(&mut pool);
+        dedup_ads(&mut pool);
+        let Some(min) = pool.first().map(|a| a.depth) else {
+            return pool;
+        };
+        let band = pool
+            .iter()
+            .position(|a| a.depth > min.saturating_add(1))
+            .unwrap_or(pool.len());
+        for i in 0..band.saturating_sub(1) {
+            let j = i + self.rng.below((band - i) as u64) as usize;
+            pool.swap(i, j);
+        }
+        pool.truncate(self.cfg.directory_len);
+        sort_ads(&mut pool);
+        pool
     }
 
     fn directory_changed(&mut self, now: Millis) {
@@ -1604,15 +1747,10 @@ impl TreeNode {
     fn flush_directory(&mut self, now: Millis) {
         self.dir_due = None;
         self.last_dir_at = Some(now);
-        let slots = self.directory_to_send();
         let kids: Vec<NodeId> = self.children.keys().copied().collect();
         for c in kids {
-            self.send(
-                c,
-                TreeMsg::Directory {
-                    slots: slots.clone(),
-                },
-            );
+            let slots = self.directory_for(c);
+            self.send(c, TreeMsg::Directory { slots });
         }
     }
 
@@ -1930,23 +2068,115 @@ mod tests {
     }
 
     #[test]
-    fn join_picks_the_shallowest_free_slot() {
-        let mut n = TreeNode::new(id(9), cfg(4), 1);
-        n.start(Millis(0));
-        assert!(drain(&mut n).contains(&Output::RequestSnapshot));
-        n.handle_snapshot(
-            Snapshot {
-                candidates: vec![ad(3, 3, 4), ad(1, 1, 1), ad(2, 2, 4), ad(4, 1, 0)],
-            },
-            Millis(10),
+    fn join_picks_among_the_two_shallowest_levels_and_bounds_the_depth() {
+        let mut seen = BTreeSet::new();
+        for seed in 0..200 {
+            let mut n = TreeNode::new(id(9), cfg(4), seed);
+            n.start(Millis(0));
+            assert!(drain(&mut n).contains(&Output::RequestSnapshot));
+            n.handle_snapshot(
+                Snapshot {
+                    candidates: vec![ad(3, 3, 4), ad(1, 1, 1), ad(2, 2, 4), ad(4, 1, 0)],
+                },
+                Millis(10),
+            );
+            let s = sent(&drain(&mut n));
+            assert_eq!(s.len(), 1);
+            let (to, msg) = &s[0];
+            assert!(
+                *to == id(1) || *to == id(2),
+                "never deeper than the shallowest level + 1, never a full one"
+            );
+            let depth = if *to == id(1) { 1 } else { 2 };
+            let TreeMsg::Join { max_depth, .. } = msg else {
+                panic!("{msg:?}")
+            };
+            assert_eq!(
+                *max_depth,
+                Some(depth + 1),
+                "a full target may pass it one level down, no more"
+            );
+            seen.insert(*to);
+        }
+        assert_eq!(seen.len(), 2, "spread over both levels");
+    }
+
+    #[test]
+    fn a_parent_that_knows_no_free_slot_hands_a_leaf_only_child_to_a_repairing_relay() {
+        let mut root = TreeNode::new_root(id(0), cfg(1), 5);
+        let leaf_join = TreeMsg::Join {
+            kind: JoinKind::New,
+            capacity: 0,
+            max_depth: None,
+            lost_parent: None,
+            joiner: None,
+            hops: 0,
+        };
+        root.handle_message(id(2), leaf_join, Millis(0));
+        drain(&mut root);
+        let repair = TreeMsg::Join {
+            kind: JoinKind::Repair,
+            capacity: 4,
+            max_depth: Some(1),
+            lost_parent: Some(id(7)),
+            joiner: None,
+            hops: 0,
+        };
+        // A newcomer is refused: only a repairing relay (a subtree without stream) preempts.
+        root.handle_message(id(6), join_msg(JoinKind::New), Millis(1));
+        let s = sent(&drain(&mut root));
+        assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+        root.handle_message(id(5), repair.clone(), Millis(2));
+        let s = sent(&drain(&mut root));
+        assert!(s.contains(&(
+            id(2),
+            TreeMsg::Leave {
+                successor: Some(id(5))
+            }
+        )));
+        assert!(
+            s.iter()
+                .any(|(to, m)| *to == id(5) && matches!(m, TreeMsg::Accept { .. }))
         );
-        let s = sent(&drain(&mut n));
-        assert_eq!(s.len(), 1);
+        assert_eq!(root.children().collect::<Vec<_>>(), vec![id(5)]);
+        assert!(root.child_count() <= root.capacity() as usize);
+        // A relay is never preempted, and preemption is rate limited.
+        let mut root = TreeNode::new_root(id(0), cfg(1), 5);
+        root.handle_message(id(3), join_msg(JoinKind::New), Millis(0));
+        drain(&mut root);
+        root.handle_message(id(5), repair, Millis(2));
+        let s = sent(&drain(&mut root));
+        assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+    }
+
+    #[test]
+    fn the_lost_parent_guard_is_for_relays_and_lapses() {
+        let o = Orphan {
+            since: Millis(1_000),
+            old_depth: 3,
+            lost: Some(id(2)),
+            successor: None,
+            lost_ancestors: vec![id(0), id(1), id(2)],
+            leaf_handover: false,
+        };
+        // A relay names its lost parent (candidates below it refuse: sibling subtrees repairing
+        // at once must not adopt each other)...
+        assert_eq!(o.cycle_guard(true, id(9), Millis(1_100)), Some(id(2)));
+        // ...for a while only: a live lost parent would shut it out of its whole subtree.
         assert_eq!(
-            s[0].0,
-            id(1),
-            "depth 1 with a free slot beats more spare capacity deeper"
+            o.cycle_guard(true, id(9), Millis(1_000 + CYCLE_GUARD_MS)),
+            None
         );
+        // A leaf cannot close a cycle: it names the lost parent only to the grandparent, which
+        // evicts a dead child on its word.
+        assert_eq!(o.cycle_guard(false, id(9), Millis(1_100)), None);
+        assert_eq!(o.cycle_guard(false, id(1), Millis(9_000)), Some(id(2)));
+        // Handed over by a parent that stays: no guard.
+        let h = Orphan {
+            leaf_handover: true,
+            ..o
+        };
+        assert_eq!(h.cycle_guard(true, id(9), Millis(1_100)), None);
     }
 
     #[test]
