@@ -32,11 +32,18 @@ fn thousand_nodes_under_churn_stay_shallow_and_connected() {
     assert!(r.join_ms.p50 <= 1000.0, "join p50 {}", r.join_ms.p50);
     assert!(r.leaves > 50 && r.crashes > 10, "churn happened");
     assert!(r.attached_at_end * 100 >= r.live_at_end * 99);
-    // Control traffic a viewer receives stays small.
+    // Control traffic a viewer receives stays small; once the initial join wave is over, even
+    // for the busiest viewer.
     assert!(
         r.rx_bytes_per_sec.mean < 1250.0,
         "{}",
         r.rx_bytes_per_sec.mean
+    );
+    assert!(r.steady_rx_bytes_per_sec.count > 100);
+    assert!(
+        r.steady_rx_bytes_per_sec.max < 1250.0,
+        "{}",
+        r.steady_rx_bytes_per_sec.max
     );
 }
 
@@ -255,6 +262,58 @@ fn directories_never_name_the_recipients_subtree() {
         crash_fraction: 0.36570870722997867,
         mass_departure: None,
         kill_root_children_at_secs: Some(50.0),
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_eq!(r.violations.total(), 0, "{r}");
+}
+
+/// Known bug, found by the property test with other seeds (`PROPTEST_RNG_SEED=22`,
+/// 150 cases): a cycle closes under churn with 30% crashes and 80 ms links. Kept as a
+/// reproducer; run with `cargo test --test proto_sim -- --ignored`.
+#[test]
+#[ignore = "known bug: a cycle under churn with slow links (issue 3)"]
+fn known_bug_cycle_under_churn_with_slow_links() {
+    let cfg = SimConfig {
+        nodes: 83,
+        fanout: 3,
+        churn_mean_secs: Some(24.881_664_553_340_276),
+        duration_secs: 120.0,
+        seed: 96_944_359_302_668_656,
+        link_latency_ms: 78.917_030_010_377_91,
+        capacity: CapacityDist::Heterogeneous,
+        join_rate_per_sec: 20.0,
+        crash_fraction: 0.309_927_756_847_180_55,
+        mass_departure: None,
+        kill_root_children_at_secs: None,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_eq!(r.violations.total(), 0, "{r}");
+}
+
+/// Known bug, found by the property test with other seeds (`PROPTEST_RNG_SEED=24`,
+/// 150 cases): after a 14% mass crash with 100 ms links one viewer stays detached beyond the
+/// repair bound. Kept as a reproducer; run with `cargo test --test proto_sim -- --ignored`.
+#[test]
+#[ignore = "known bug: one viewer unrepaired after a mass crash (issue 3)"]
+fn known_bug_unrepaired_after_mass_crash_with_slow_links() {
+    let cfg = SimConfig {
+        nodes: 79,
+        fanout: 2,
+        churn_mean_secs: None,
+        duration_secs: 120.0,
+        seed: 13_100_203_571_025_510_497,
+        link_latency_ms: 103.961_245_390_299_4,
+        capacity: CapacityDist::Heterogeneous,
+        join_rate_per_sec: 20.0,
+        crash_fraction: 0.0,
+        mass_departure: Some(MassDeparture {
+            at_secs: 40.0,
+            fraction: 0.137_988_935_806_469_23,
+            graceful: false,
+        }),
+        kill_root_children_at_secs: None,
         ..SimConfig::default()
     };
     let r = run(&cfg);

@@ -224,6 +224,13 @@ pub struct SimReport {
     pub depth: Dist,
     /// Deepest viewer at the end.
     pub final_max_depth: u32,
+    /// Depth of attached viewers over the samples of the steady state: from 60 s after the
+    /// initial join wave (`nodes / join_rate_per_sec`) on. The wave is a flash crowd of the whole
+    /// room; this is the room under churn alone.
+    pub steady_depth: Dist,
+    /// Control bytes received per viewer per second in the steady state (each viewer's time
+    /// after the steady state began, at least `min_lifetime_for_traffic_secs` of it).
+    pub steady_rx_bytes_per_sec: Dist,
     /// Time from arrival to a path to the root, ms.
     pub join_ms: Dist,
     /// Each outage (time without a path to the root) of a viewer that got repaired, ms.
@@ -289,6 +296,16 @@ impl fmt::Display for SimReport {
             self.final_max_depth,
             self.ideal_depth
         )?;
+        if self.steady_depth.count > 0 {
+            writeln!(
+                f,
+                "    steady state   mean {:.2}  p50 {:.0}  p99 {:.0}  max {:.0}  (from 60 s after the join wave on)",
+                self.steady_depth.mean,
+                self.steady_depth.p50,
+                self.steady_depth.p99,
+                self.steady_depth.max
+            )?;
+        }
         writeln!(
             f,
             "  join time        p50 {:.0} ms  p99 {:.0} ms  ({} joins)",
@@ -329,6 +346,15 @@ impl fmt::Display for SimReport {
             self.rx_bytes_per_sec.max,
             self.root_rx_bytes_per_sec
         )?;
+        if self.steady_rx_bytes_per_sec.count > 0 {
+            writeln!(
+                f,
+                "    steady state   {:.0} B/s mean  {:.0} B/s p99  {:.0} B/s max",
+                self.steady_rx_bytes_per_sec.mean,
+                self.steady_rx_bytes_per_sec.p99,
+                self.steady_rx_bytes_per_sec.max
+            )?;
+        }
         writeln!(
             f,
             "                   {:.2} msg/s mean  {:.2} msg/s p99  {:.2} msg/s max  (tx {:.0} B/s mean)",
@@ -359,6 +385,39 @@ impl fmt::Display for SimReport {
             "\n  join requests    {} sent; refused {:?}",
             self.join_requests, self.refusals
         )
+    }
+}
+
+/// Percentiles of a histogram of depths.
+fn hist_dist(hist: &[u64]) -> Dist {
+    let count: u64 = hist.iter().sum();
+    let q = |p: f64| {
+        let target = ((count.saturating_sub(1)) as f64 * p).round() as u64;
+        let mut acc = 0;
+        for (d, n) in hist.iter().enumerate() {
+            acc += n;
+            if acc > target {
+                return d as f64;
+            }
+        }
+        0.0
+    };
+    let mean = if count == 0 {
+        0.0
+    } else {
+        hist.iter()
+            .enumerate()
+            .map(|(d, n)| d as f64 * *n as f64)
+            .sum::<f64>()
+            / count as f64
+    };
+    Dist {
+        count: count as usize,
+        mean,
+        p50: q(0.5),
+        p95: q(0.95),
+        p99: q(0.99),
+        max: hist.iter().rposition(|n| *n > 0).unwrap_or(0) as f64,
     }
 }
 
@@ -417,6 +476,7 @@ enum Ev {
     Mass,
     KillRootChildren,
     Sample,
+    Steady,
 }
 
 struct QItem {
@@ -457,6 +517,8 @@ struct Stats {
     outage_crash: bool,
     disconnected_ms: u64,
     flagged: bool,
+    /// Bytes received before the steady state began (or 0) and when it began for this node.
+    steady_base: Option<(f64, u64)>,
 }
 
 struct Sim<'a> {
@@ -488,6 +550,8 @@ struct Sim<'a> {
     joins: Vec<f64>,
     depth_hist: Vec<u64>,
     final_max_depth: u32,
+    steady_hist: Vec<u64>,
+    steady: bool,
     violations: Violations,
     events: u64,
     refusals: std::collections::BTreeMap<String, u64>,
@@ -540,6 +604,8 @@ impl<'a> Sim<'a> {
             cutting_crash: false,
             joins: Vec::new(),
             depth_hist: Vec::new(),
+            steady_hist: Vec::new(),
+            steady: false,
             final_max_depth: 0,
             violations: Violations::default(),
             events: 0,
@@ -576,6 +642,12 @@ impl<'a> Sim<'a> {
         }
         let period = (cfg.sample_interval_secs * 1000.0).max(1.0) as u64;
         s.push(period, Ev::Sample);
+        let wave = if cfg.join_rate_per_sec > 0.0 {
+            cfg.nodes as f64 / cfg.join_rate_per_sec
+        } else {
+            0.0
+        };
+        s.push(((wave + 60.0) * 1000.0) as u64, Ev::Steady);
         s
     }
 
@@ -759,6 +831,22 @@ impl<'a> Sim<'a> {
                     self.depart(k, false, false);
                 }
             }
+            Ev::Steady => {
+                self.steady = true;
+                let live: Vec<u32> = self.alive_list.clone();
+                for &i in &live {
+                    // Keep-alives are booked when an edge closes: book what came before now.
+                    let open = self.edge_since[i as usize] != u64::MAX;
+                    self.close_edge(i);
+                    if open {
+                        self.edge_since[i as usize] = self.now;
+                    }
+                }
+                for &i in &live {
+                    let st = &mut self.stats[i as usize];
+                    st.steady_base = Some((st.rx_bytes, self.now));
+                }
+            }
             Ev::Sample => {
                 self.sample();
                 let period = (self.cfg.sample_interval_secs * 1000.0).max(1.0) as u64;
@@ -786,6 +874,9 @@ impl<'a> Sim<'a> {
         self.nodes[i as usize] = Some(n);
         self.alive[i as usize] = true;
         self.stats[i as usize].arrived = self.now;
+        if self.steady {
+            self.stats[i as usize].steady_base = Some((0.0, self.now));
+        }
         self.alive_add(i);
         self.arrivals += 1;
         if let Some(mean) = self.cfg.churn_mean_secs {
@@ -1075,6 +1166,12 @@ impl<'a> Sim<'a> {
                     self.depth_hist.resize(di + 1, 0);
                 }
                 self.depth_hist[di] += 1;
+                if self.steady {
+                    if self.steady_hist.len() <= di {
+                        self.steady_hist.resize(di + 1, 0);
+                    }
+                    self.steady_hist[di] += 1;
+                }
                 max = max.max(d);
             }
             for &c in &self.gt_children[u as usize] {
@@ -1119,6 +1216,7 @@ impl<'a> Sim<'a> {
         let mut viewer_ms = 0u64;
         let mut dark_ms = 0u64;
         let mut rx = Vec::new();
+        let mut steady_rx = Vec::new();
         let mut rxm = Vec::new();
         let mut tx = Vec::new();
         let min_life = (self.cfg.min_lifetime_for_traffic_secs * 1000.0) as u64;
@@ -1142,6 +1240,12 @@ impl<'a> Sim<'a> {
                     dark_ms += stop.saturating_sub(o);
                 }
             }
+            if let Some((base, since)) = s.steady_base {
+                let life = stop.saturating_sub(since);
+                if life >= min_life && life > 0 {
+                    steady_rx.push((s.rx_bytes - base) / (life as f64 / 1000.0));
+                }
+            }
             if s.departed.is_some() || alive {
                 let life = stop.saturating_sub(s.arrived);
                 if life >= min_life && life > 0 {
@@ -1158,38 +1262,8 @@ impl<'a> Sim<'a> {
                 }
             }
         }
-        let depth = {
-            let count: u64 = self.depth_hist.iter().sum();
-            let q = |p: f64| {
-                let target = ((count.saturating_sub(1)) as f64 * p).round() as u64;
-                let mut acc = 0;
-                for (d, n) in self.depth_hist.iter().enumerate() {
-                    acc += n;
-                    if acc > target {
-                        return d as f64;
-                    }
-                }
-                0.0
-            };
-            let mean = if count == 0 {
-                0.0
-            } else {
-                self.depth_hist
-                    .iter()
-                    .enumerate()
-                    .map(|(d, n)| d as f64 * *n as f64)
-                    .sum::<f64>()
-                    / count as f64
-            };
-            Dist {
-                count: count as usize,
-                mean,
-                p50: q(0.5),
-                p95: q(0.95),
-                p99: q(0.99),
-                max: self.depth_hist.iter().rposition(|n| *n > 0).unwrap_or(0) as f64,
-            }
-        };
+        let depth = hist_dist(&self.depth_hist);
+        let steady_depth = hist_dist(&self.steady_hist);
         let root_life = (end as f64 / 1000.0).max(1e-9);
         let busiest_rx = busiest
             .map(|(_, i, secs)| {
@@ -1206,6 +1280,8 @@ impl<'a> Sim<'a> {
             ideal_depth: ideal_depth(self.cfg.nodes, self.cfg.fanout),
             depth,
             final_max_depth: self.final_max_depth,
+            steady_depth,
+            steady_rx_bytes_per_sec: Dist::of(steady_rx),
             join_ms: Dist::of(std::mem::take(&mut self.joins)),
             outage_ms: Dist::of(std::mem::take(&mut self.outages)),
             outage_crash_ms: Dist::of(std::mem::take(&mut self.outages_crash)),

@@ -20,7 +20,10 @@
 //!   (`summary_budget_bytes_per_sec`): the child of a parent with many slots sends fewer entries
 //!   and, if need be, less often, so a high-capacity relay is not flooded with summaries.
 //! - [`TreeMsg::Directory`] goes down every edge, at most every `directory_interval`, only when it
-//!   changed. Every member can thus answer a newcomer's snapshot request
+//!   changed. Each child gets its own: the shallowest two levels of what the parent knows (its
+//!   directory, itself, the other children's summaries -- never the child's own subtree) shuffled
+//!   per child, so the room's joins spread over many nearly-as-good slots and each part of the
+//!   tree also learns nearby slots. Every member can thus answer a newcomer's snapshot request
 //!   ([`TreeNode::snapshot_for_newcomer`]) and every member has backup candidates.
 //! - Liveness is the transport's business (the WebRTC connection and its RTCP along tree edges):
 //!   the shell calls [`TreeNode::handle_link_down`]. There are no room-wide heartbeats.
@@ -30,10 +33,14 @@
 //!
 //! # Decisions
 //!
-//! - **Join**: among known candidates with a free slot, the smallest depth, then the most spare
-//!   slots, then the lowest RTT, then a random tie-break. The candidate accepts while it has room,
-//!   else refuses with a [`RefuseReason`] and hints (the best free slots of its own subtree, which are
-//!   fresher than the directory); the joiner retries after a random jitter.
+//! - **Join**: among known candidates with a free slot, the two shallowest levels, weighted by
+//!   spare slots (twice for the shallowest level) and by RTT: the design's order (depth, then
+//!   spare capacity, then RTT) as preferences, so that joiners holding similar directories do not
+//!   all race for the same few slots. The candidate accepts while it has room, else passes the
+//!   request to a free slot of its subtree (at most one level below the candidate the joiner
+//!   chose, for the first attempts) or refuses with a [`RefuseReason`] and hints (the best free
+//!   slots of its own subtree, fresher than the directory); the joiner retries after a random
+//!   jitter.
 //! - **No cycles**: a candidate refuses a joiner that appears in its own ancestor path, or whose lost
 //!   parent does (the joiner would land in a sibling's subtree while both are repairing), and a
 //!   detached candidate (no path to the root) refuses everyone. A repairing node first only accepts
@@ -52,6 +59,10 @@
 //!   subtrees to forward to (never into the lost one). A repair request unanswered after
 //!   `repair_timeout_ms` (a stale directory names departed peers) moves on to the next
 //!   candidate. A node detached upstream for longer than `upstream_grace` repairs itself.
+//! - **Starvation**: a full parent that knows no free slot anywhere (its subtree and its
+//!   directory show none) gives a repairing relay the slot of a leaf-only child (capacity 0) and
+//!   hands that leaf over to the relay (at most once per `PREEMPT_GAP_MS`). Without it, a room
+//!   whose top slots are held by leaves after its relays are lost never reattaches them.
 //! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node with
 //!   children or with more capacity than its parent looks for a free slot at least two levels
 //!   shallower and moves there make-before-break: it attaches to the new parent before it leaves
@@ -450,10 +461,13 @@ impl Orphan {
     fn cycle_guard(&self, has_children: bool, target: NodeId, now: Millis) -> Option<NodeId> {
         let grandparent = self.lost_ancestors.len() >= 2
             && self.lost_ancestors[self.lost_ancestors.len() - 2] == target;
-        let guarded = has_children
-            && !self.leaf_handover
-            && self.lost_ancestors.len() >= 2
-            && now < self.since.plus(CYCLE_GUARD_MS);
+        if self.leaf_handover && !has_children {
+            // The parent that handed us over may well be alive: naming it to the grandparent
+            // would have it evicted with its whole subtree.
+            return None;
+        }
+        let guarded =
+            has_children && self.lost_ancestors.len() >= 2 && now < self.since.plus(CYCLE_GUARD_MS);
         self.lost.filter(|_| guarded || grandparent)
     }
 }
@@ -1188,8 +1202,9 @@ impl TreeNode {
                 // may be far deeper than what we know elsewhere: allow one level of slack, and
                 // drop the bound after a few refusals (we must land somewhere).
                 self.new_attempts = self.new_attempts.saturating_add(1);
-                let bound =
-                    (self.new_attempts <= NEW_BOUNDED_ATTEMPTS).then(|| a.depth.saturating_add(1));
+                let slack = 1 + (self.new_attempts.saturating_sub(1) / NEW_BOUNDED_ATTEMPTS) as u16;
+                let bound = (self.new_attempts <= 3 * NEW_BOUNDED_ATTEMPTS)
+                    .then(|| a.depth.saturating_add(slack));
                 self.send_join(a.peer, kind, max_depth.or(bound), lost, now)
             }
             None => self.need_snapshot(now),
@@ -2171,12 +2186,16 @@ mod tests {
         // evicts a dead child on its word.
         assert_eq!(o.cycle_guard(false, id(9), Millis(1_100)), None);
         assert_eq!(o.cycle_guard(false, id(1), Millis(9_000)), Some(id(2)));
-        // Handed over by a parent that stays: no guard.
+        // Handed over as a leaf by a parent that may stay: never named, not even to the
+        // grandparent (which would evict it with its whole subtree)...
         let h = Orphan {
             leaf_handover: true,
             ..o
         };
-        assert_eq!(h.cycle_guard(true, id(9), Millis(1_100)), None);
+        assert_eq!(h.cycle_guard(false, id(9), Millis(1_100)), None);
+        assert_eq!(h.cycle_guard(false, id(1), Millis(1_100)), None);
+        // ...unless it took children since (a handover target accepts while repairing).
+        assert_eq!(h.cycle_guard(true, id(9), Millis(1_100)), Some(id(2)));
     }
 
     #[test]
