@@ -466,8 +466,11 @@ impl Orphan {
             // would have it evicted with its whole subtree.
             return None;
         }
-        let guarded =
-            has_children && self.lost_ancestors.len() >= 2 && now < self.since.plus(CYCLE_GUARD_MS);
+        // Without children now we may still take some before the answer comes (a handover
+        // target accepts while it repairs): only a leaf handed over by its parent goes unguarded.
+        let guarded = (has_children || !self.leaf_handover)
+            && self.lost_ancestors.len() >= 2
+            && now < self.since.plus(CYCLE_GUARD_MS);
         self.lost.filter(|_| guarded || grandparent)
     }
 }
@@ -1139,10 +1142,12 @@ impl TreeNode {
             let strict = !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
             // Successor named by the departed parent first, then the backup.
             let mut target = None;
-            if let Some(s) = o
-                .successor
-                .filter(|s| self.refused.get(s).is_none_or(|t| *t <= now))
-            {
+            // The departing parent's plan comes first, even from a candidate that refused us
+            // lately (its slot is the one the departure frees). Once tried, it is dropped.
+            if let Some(s) = o.successor {
+                if let Some(orphan) = self.orphan.as_mut() {
+                    orphan.successor = None;
+                }
                 let kind = if o.lost_ancestors.contains(&s) {
                     JoinKind::Repair
                 } else {
@@ -2182,9 +2187,11 @@ mod tests {
             o.cycle_guard(true, id(9), Millis(1_000 + CYCLE_GUARD_MS)),
             None
         );
-        // A leaf cannot close a cycle: it names the lost parent only to the grandparent, which
-        // evicts a dead child on its word.
-        assert_eq!(o.cycle_guard(false, id(9), Millis(1_100)), None);
+        // Without children yet too: a handover target accepts while it repairs, so it may have
+        // some by the time the answer comes. After the guard lapses it names the lost parent
+        // only to the grandparent, which evicts a dead child on its word.
+        assert_eq!(o.cycle_guard(false, id(9), Millis(1_100)), Some(id(2)));
+        assert_eq!(o.cycle_guard(false, id(9), Millis(9_000)), None);
         assert_eq!(o.cycle_guard(false, id(1), Millis(9_000)), Some(id(2)));
         // Handed over as a leaf by a parent that may stay: never named, not even to the
         // grandparent (which would evict it with its whole subtree)...
