@@ -81,9 +81,12 @@ pub fn sim(n: usize) -> serde_json::Value {
     let t0 = Instant::now();
     let report = run(&cfg);
     let wall = t0.elapsed().as_secs_f64();
+    let m = machine();
     serde_json::json!({
         "nodes": n,
         "wall_s": wall,
+        "git_commit": m.git_commit,
+        "date_utc": m.date_utc,
         "summary": report.to_string(),
         "report": report,
     })
@@ -493,9 +496,11 @@ pub fn write_all(all: &AllResults, dir: &Path) -> anyhow::Result<()> {
     for v in &all.sim {
         writeln!(
             w,
-            "N = {} (wall time {:.1} s):\n\n```text\n{}\n```\n",
+            "N = {} (wall time {:.1} s; commit `{}`, {}):\n\n```text\n{}\n```\n",
             v["nodes"],
             v["wall_s"].as_f64().unwrap_or(0.0),
+            v["git_commit"].as_str().unwrap_or(&all.machine.git_commit),
+            v["date_utc"].as_str().unwrap_or(&all.machine.date_utc),
             v["summary"].as_str().unwrap_or("").trim_end()
         )?;
     }
