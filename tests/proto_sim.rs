@@ -325,3 +325,28 @@ fn known_bug_unrepaired_after_mass_crash_with_slow_links() {
     let r = run(&cfg);
     assert_eq!(r.violations.total(), 0, "{r}");
 }
+
+/// Known bug (`PROPTEST_RNG_SEED=4`, 150 cases; not traced yet, probably the starvation above:
+/// fanout 2 gives the root two slots): 56 viewers, no churn; after the root's children are
+/// killed, 48 viewers stay detached beyond the repair bound. Kept as a reproducer; run with
+/// `cargo test --test proto_sim -- --ignored`.
+#[test]
+#[ignore = "known bug: a room starved after losing the root's children (issue 3)"]
+fn known_bug_starved_after_root_children_loss_fanout_2() {
+    let cfg = SimConfig {
+        nodes: 56,
+        fanout: 2,
+        churn_mean_secs: None,
+        duration_secs: 120.0,
+        seed: 10_851_841_148_705_529_423,
+        link_latency_ms: 13.968_917_525_153_627,
+        capacity: CapacityDist::Heterogeneous,
+        join_rate_per_sec: 20.0,
+        crash_fraction: 0.0,
+        mass_departure: None,
+        kill_root_children_at_secs: Some(50.0),
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    assert_eq!(r.violations.total(), 0, "{r}");
+}
