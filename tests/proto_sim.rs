@@ -294,16 +294,13 @@ fn departure_plan_with_slow_links_closes_no_cycle() {
     assert_eq!(r.violations.total(), 0, "{r}");
 }
 
-/// Known bug, found by the property test with other seeds (`PROPTEST_RNG_SEED=24`,
-/// 150 cases): a 14% mass crash in a room of 79 with fanout 2 leaves 4 viewers attached -- the
-/// root (2 slots), a capacity-1 relay and two leaf-only viewers -- and no free slot among them.
-/// The other 65 (detached, with 116 free slots between them) never find a place: snapshots
-/// come back empty, a detached peer accepts nobody, and the only preemption is for a relay that
-/// asks a full parent holding a leaf-only child. Kept as a reproducer; run with
-/// `cargo test --test proto_sim -- --ignored`.
+/// Found by the property test (`PROPTEST_RNG_SEED=24`): a 14% mass crash in a room of 79 with
+/// fanout 2 left 4 viewers attached -- the root (2 slots), a capacity-1 relay and two leaf-only
+/// viewers -- and no free slot among them; the other 65 never found a place (snapshots came back
+/// empty). A member that knows no free slot now names the root, and the root makes room for a
+/// newcomer or an orphan that can relay.
 #[test]
-#[ignore = "known bug: a room starved by a mass crash never regrows (issue 3)"]
-fn known_bug_unrepaired_after_mass_crash_with_slow_links() {
+fn a_room_starved_by_a_mass_crash_regrows() {
     let cfg = SimConfig {
         nodes: 79,
         fanout: 2,
@@ -326,13 +323,10 @@ fn known_bug_unrepaired_after_mass_crash_with_slow_links() {
     assert_eq!(r.violations.total(), 0, "{r}");
 }
 
-/// Known bug (`PROPTEST_RNG_SEED=4`, 150 cases; not traced yet, probably the starvation above:
-/// fanout 2 gives the root two slots): 56 viewers, no churn; after the root's children are
-/// killed, 48 viewers stay detached beyond the repair bound. Kept as a reproducer; run with
-/// `cargo test --test proto_sim -- --ignored`.
+/// Found by the property test (`PROPTEST_RNG_SEED=4`): 56 viewers, fanout 2, no churn; after
+/// the root's children were killed, 48 viewers stayed detached (fixed with the case above).
 #[test]
-#[ignore = "known bug: a room starved after losing the root's children (issue 3)"]
-fn known_bug_starved_after_root_children_loss_fanout_2() {
+fn a_room_starved_by_losing_the_roots_children_regrows() {
     let cfg = SimConfig {
         nodes: 56,
         fanout: 2,

@@ -60,9 +60,11 @@
 //!   `repair_timeout_ms` (a stale directory names departed peers) moves on to the next
 //!   candidate. A node detached upstream for longer than `upstream_grace` repairs itself.
 //! - **Starvation**: a full parent that knows no free slot anywhere (its subtree and its
-//!   directory show none) gives a repairing relay the slot of a leaf-only child (capacity 0) and
-//!   hands that leaf over to the relay (at most once per `PREEMPT_GAP_MS`). Without it, a room
-//!   whose top slots are held by leaves after its relays are lost never reattaches them.
+//!   directory show none) gives a repairing or new peer that can relay the slot of a leaf-only
+//!   child (capacity 0) and hands that leaf over to it (at most once per `PREEMPT_GAP_MS`). A
+//!   member that knows no free slot names the root in its snapshot (with no free slot), and a
+//!   newcomer that can relay and knows nothing better asks it. Without this, a room whose top
+//!   slots are held by leaves after its relays are lost never regrows.
 //! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node with
 //!   children or with more capacity than its parent looks for a free slot at least two levels
 //!   shallower and moves there make-before-break: it attaches to the new parent before it leaves
@@ -523,6 +525,8 @@ pub struct TreeNode {
     move_failures: u8,
     /// First-join attempts so far (the first few are bounded in depth).
     new_attempts: u8,
+    /// The root, named by a snapshot that knew no free slot.
+    root_hint: Option<NodeId>,
     last_timer: Option<Millis>,
     out: VecDeque<Output>,
 }
@@ -566,6 +570,7 @@ impl TreeNode {
             last_preempt_at: None,
             move_failures: 0,
             new_attempts: 0,
+            root_hint: None,
             last_timer: None,
             out: VecDeque::new(),
         }
@@ -706,7 +711,19 @@ impl TreeNode {
         all.extend(self.directory.iter().copied());
         sort_ads(&mut all);
         dedup_ads(&mut all);
+        all.retain(|a| a.free > 0);
         all.truncate(max);
+        if all.is_empty() && self.depth().is_some() {
+            // We know no free slot anywhere: name the root (free 0) so the newcomer has someone
+            // to ask; a starved root makes room for a peer that can relay.
+            let root = self.ancestors().first().copied().unwrap_or(self.id);
+            all.push(SlotAd {
+                peer: root,
+                depth: 0,
+                free: 0,
+                capacity: 0,
+            });
+        }
         Snapshot { candidates: all }
     }
 
@@ -728,6 +745,9 @@ impl TreeNode {
             return;
         }
         for ad in snapshot.candidates.into_iter().take(MAX_SLOTS_IN) {
+            if ad.free == 0 && ad.depth == 0 && ad.peer != self.id {
+                self.root_hint = Some(ad.peer);
+            }
             self.add_hint(ad);
         }
         if self.pending.is_none() && (self.orphan.is_some() || !self.joined_once) {
@@ -1202,6 +1222,15 @@ impl TreeNode {
         };
         let cands = self.candidates(now);
         match self.pick(&cands) {
+            None if self.capacity > 0
+                && let Some(r) = self
+                    .root_hint
+                    .filter(|r| self.refused.get(r).is_none_or(|t| *t <= now)) =>
+            {
+                // Nobody has a free slot (a starved room): ask the root, which makes room for a
+                // peer that can relay.
+                self.send_join(r, kind, None, None, now)
+            }
             Some(a) => {
                 // A full target passes the request down its subtree, whose shallowest free slot
                 // may be far deeper than what we know elsewhere: allow one level of slack, and
@@ -1377,7 +1406,7 @@ impl TreeNode {
         }
         let mut reason = reason;
         if reason == Some(RefuseReason::Full)
-            && kind == JoinKind::Repair
+            && matches!(kind, JoinKind::Repair | JoinKind::New)
             && self.knows_no_free_slot()
             && self
                 .last_preempt_at
@@ -2122,7 +2151,7 @@ mod tests {
     }
 
     #[test]
-    fn a_parent_that_knows_no_free_slot_hands_a_leaf_only_child_to_a_repairing_relay() {
+    fn a_parent_that_knows_no_free_slot_hands_a_leaf_only_child_to_a_peer_that_can_relay() {
         let mut root = TreeNode::new_root(id(0), cfg(1), 5);
         let leaf_join = TreeMsg::Join {
             kind: JoinKind::New,
@@ -2142,10 +2171,25 @@ mod tests {
             joiner: None,
             hops: 0,
         };
-        // A newcomer is refused: only a repairing relay (a subtree without stream) preempts.
-        root.handle_message(id(6), join_msg(JoinKind::New), Millis(1));
+        // A newcomer that cannot relay is refused: making room for it gains nothing.
+        let leaf_join2 = TreeMsg::Join {
+            kind: JoinKind::New,
+            capacity: 0,
+            max_depth: None,
+            lost_parent: None,
+            joiner: None,
+            hops: 0,
+        };
+        root.handle_message(id(6), leaf_join2, Millis(1));
         let s = sent(&drain(&mut root));
         assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+        // And a member that knows no free slot names the root to a newcomer.
+        let snap = root.snapshot_for_newcomer(8);
+        assert_eq!(snap.candidates.len(), 1);
+        assert_eq!(
+            (snap.candidates[0].peer, snap.candidates[0].free),
+            (id(0), 0)
+        );
         root.handle_message(id(5), repair.clone(), Millis(2));
         let s = sent(&drain(&mut root));
         assert!(s.contains(&(
@@ -2167,6 +2211,33 @@ mod tests {
         root.handle_message(id(5), repair, Millis(2));
         let s = sent(&drain(&mut root));
         assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+    }
+
+    #[test]
+    fn a_newcomer_told_only_of_the_root_asks_it_if_it_can_relay() {
+        let starved = Snapshot {
+            candidates: vec![SlotAd {
+                peer: id(0),
+                depth: 0,
+                free: 0,
+                capacity: 0,
+            }],
+        };
+        let mut relay = TreeNode::new(id(9), cfg(2), 1);
+        relay.start(Millis(0));
+        drain(&mut relay);
+        relay.handle_snapshot(starved.clone(), Millis(10));
+        let s = sent(&drain(&mut relay));
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].0, id(0));
+        // A leaf-only newcomer waits for a real slot (it would only be refused).
+        let mut leaf = TreeNode::new(id(8), cfg(0), 1);
+        leaf.start(Millis(0));
+        drain(&mut leaf);
+        leaf.handle_snapshot(starved, Millis(10));
+        let out = drain(&mut leaf);
+        assert!(sent(&out).is_empty(), "{out:?}");
+        assert!(out.contains(&Output::RequestSnapshot));
     }
 
     #[test]
