@@ -128,6 +128,54 @@ fn mass_departure_is_repaired() {
     }
 }
 
+/// One room of the property test below; the regression tests after it are its shrunk failures.
+struct Room {
+    seed: u64,
+    nodes: usize,
+    fanout: u16,
+    churn: Option<f64>,
+    crash: f64,
+    fixed: bool,
+    /// Fraction leaving at 40 s, and whether gracefully.
+    mass: Option<(f64, bool)>,
+    /// Kill all of the root's children at 50 s.
+    kill_root_children: bool,
+    latency: f64,
+}
+
+impl Room {
+    fn config(&self) -> SimConfig {
+        SimConfig {
+            nodes: self.nodes,
+            fanout: self.fanout,
+            churn_mean_secs: self.churn,
+            duration_secs: 120.0,
+            seed: self.seed,
+            link_latency_ms: self.latency,
+            capacity: if self.fixed {
+                CapacityDist::Fixed
+            } else {
+                CapacityDist::Heterogeneous
+            },
+            join_rate_per_sec: 20.0,
+            crash_fraction: self.crash,
+            mass_departure: self.mass.map(|(fraction, graceful)| MassDeparture {
+                at_secs: 40.0,
+                fraction,
+                graceful,
+            }),
+            kill_root_children_at_secs: self.kill_root_children.then_some(50.0),
+            ..SimConfig::default()
+        }
+    }
+
+    /// Runs the room and asserts no invariant was violated.
+    fn holds(&self) {
+        let r = run(&self.config());
+        assert_eq!(r.violations.total(), 0, "{r}");
+    }
+}
+
 proptest! {
     // A fixed seed keeps CI reproducible; explore new cases with PROPTEST_RNG_SEED=<n> (the
     // environment wins over this default only when set, see proptest's config docs) or by
@@ -152,20 +200,18 @@ proptest! {
         kill_root_children in any::<bool>(),
         latency in 5.0f64..150.0,
     ) {
-        let cfg = SimConfig {
+        let cfg = Room {
+            seed,
             nodes,
             fanout,
-            churn_mean_secs: churn,
-            duration_secs: 120.0,
-            seed,
-            link_latency_ms: latency,
-            capacity: if fixed { CapacityDist::Fixed } else { CapacityDist::Heterogeneous },
-            join_rate_per_sec: 20.0,
-            crash_fraction: crash,
-            mass_departure: mass.map(|(fraction, graceful)| MassDeparture { at_secs: 40.0, fraction, graceful }),
-            kill_root_children_at_secs: kill_root_children.then_some(50.0),
-            ..SimConfig::default()
-        };
+            churn,
+            crash,
+            fixed,
+            mass,
+            kill_root_children,
+            latency,
+        }
+        .config();
         let r = run(&cfg);
         prop_assert_eq!(r.violations.cycles, 0, "{}", r);
         prop_assert_eq!(r.violations.over_capacity, 0, "{}", r);
@@ -180,26 +226,18 @@ proptest! {
 /// parent that knows no free slot now hands a leaf-only child over to such a relay.
 #[test]
 fn starved_relay_after_mass_departure_and_root_children_loss_is_repaired() {
-    let cfg = SimConfig {
+    Room {
+        seed: 693_389_432_427_306_580,
         nodes: 9,
         fanout: 2,
-        churn_mean_secs: None,
-        duration_secs: 120.0,
-        seed: 693_389_432_427_306_580,
-        link_latency_ms: 5.0,
-        capacity: CapacityDist::Heterogeneous,
-        join_rate_per_sec: 20.0,
-        crash_fraction: 0.0,
-        mass_departure: Some(MassDeparture {
-            at_secs: 40.0,
-            fraction: 0.098_721_579_323_820_07,
-            graceful: true,
-        }),
-        kill_root_children_at_secs: Some(50.0),
-        ..SimConfig::default()
-    };
-    let r = run(&cfg);
-    assert_eq!(r.violations.total(), 0, "{r}");
+        churn: None,
+        crash: 0.0,
+        fixed: false,
+        mass: Some((0.098_721_579_323_820_07, true)),
+        kill_root_children: true,
+        latency: 5.0,
+    }
+    .holds();
 }
 
 /// Found by the property test: a relay evicted by a live parent (the root) named it as its lost
@@ -207,65 +245,53 @@ fn starved_relay_after_mass_departure_and_root_children_loss_is_repaired() {
 /// possible cycle. The guard now lapses after a short while.
 #[test]
 fn relay_evicted_by_a_live_parent_is_not_shut_out() {
-    let cfg = SimConfig {
+    Room {
+        seed: 11113519952782568304,
         nodes: 110,
         fanout: 5,
-        churn_mean_secs: Some(42.450813477761585),
-        duration_secs: 120.0,
-        seed: 11113519952782568304,
-        link_latency_ms: 56.07849421261927,
-        capacity: CapacityDist::Heterogeneous,
-        join_rate_per_sec: 20.0,
-        crash_fraction: 0.7060946318779439,
-        mass_departure: None,
-        kill_root_children_at_secs: None,
-        ..SimConfig::default()
-    };
-    let r = run(&cfg);
-    assert_eq!(r.violations.total(), 0, "{r}");
+        churn: Some(42.450813477761585),
+        crash: 0.7060946318779439,
+        fixed: false,
+        mass: None,
+        kill_root_children: false,
+        latency: 56.07849421261927,
+    }
+    .holds();
 }
 
 /// Found by the property test: concurrent repairs after losing the root's children, 110 ms links.
 #[test]
 fn root_children_loss_with_slow_links_closes_no_cycle() {
-    let cfg = SimConfig {
+    Room {
+        seed: 1638797593754739103,
         nodes: 104,
         fanout: 3,
-        churn_mean_secs: Some(38.28479098007528),
-        duration_secs: 120.0,
-        seed: 1638797593754739103,
-        link_latency_ms: 109.36862916241869,
-        capacity: CapacityDist::Heterogeneous,
-        join_rate_per_sec: 20.0,
-        crash_fraction: 0.6787617339670905,
-        mass_departure: None,
-        kill_root_children_at_secs: Some(50.0),
-        ..SimConfig::default()
-    };
-    let r = run(&cfg);
-    assert_eq!(r.violations.total(), 0, "{r}");
+        churn: Some(38.28479098007528),
+        crash: 0.6787617339670905,
+        fixed: false,
+        mass: None,
+        kill_root_children: true,
+        latency: 109.36862916241869,
+    }
+    .holds();
 }
 
 /// Found by the property test: a directory that named slots of the recipient's own subtree let a
 /// relay move below its own descendants on stale paths (a cycle).
 #[test]
 fn directories_never_name_the_recipients_subtree() {
-    let cfg = SimConfig {
+    Room {
+        seed: 13125061109457845193,
         nodes: 54,
         fanout: 2,
-        churn_mean_secs: Some(43.923201620264464),
-        duration_secs: 120.0,
-        seed: 13125061109457845193,
-        link_latency_ms: 114.79290738120788,
-        capacity: CapacityDist::Heterogeneous,
-        join_rate_per_sec: 20.0,
-        crash_fraction: 0.36570870722997867,
-        mass_departure: None,
-        kill_root_children_at_secs: Some(50.0),
-        ..SimConfig::default()
-    };
-    let r = run(&cfg);
-    assert_eq!(r.violations.total(), 0, "{r}");
+        churn: Some(43.923201620264464),
+        crash: 0.36570870722997867,
+        fixed: false,
+        mass: None,
+        kill_root_children: true,
+        latency: 114.79290738120788,
+    }
+    .holds();
 }
 
 /// Found by the property test (`PROPTEST_RNG_SEED=22`): a departing relay named its parent as
@@ -276,22 +302,18 @@ fn directories_never_name_the_recipients_subtree() {
 /// orphan but a leaf handed over elsewhere.
 #[test]
 fn departure_plan_with_slow_links_closes_no_cycle() {
-    let cfg = SimConfig {
+    Room {
+        seed: 96_944_359_302_668_656,
         nodes: 83,
         fanout: 3,
-        churn_mean_secs: Some(24.881_664_553_340_276),
-        duration_secs: 120.0,
-        seed: 96_944_359_302_668_656,
-        link_latency_ms: 78.917_030_010_377_91,
-        capacity: CapacityDist::Heterogeneous,
-        join_rate_per_sec: 20.0,
-        crash_fraction: 0.309_927_756_847_180_55,
-        mass_departure: None,
-        kill_root_children_at_secs: None,
-        ..SimConfig::default()
-    };
-    let r = run(&cfg);
-    assert_eq!(r.violations.total(), 0, "{r}");
+        churn: Some(24.881_664_553_340_276),
+        crash: 0.309_927_756_847_180_55,
+        fixed: false,
+        mass: None,
+        kill_root_children: false,
+        latency: 78.917_030_010_377_91,
+    }
+    .holds();
 }
 
 /// Found by the property test (`PROPTEST_RNG_SEED=24`): a 14% mass crash in a room of 79 with
@@ -301,46 +323,34 @@ fn departure_plan_with_slow_links_closes_no_cycle() {
 /// newcomer or an orphan that can relay.
 #[test]
 fn a_room_starved_by_a_mass_crash_regrows() {
-    let cfg = SimConfig {
+    Room {
+        seed: 13_100_203_571_025_510_497,
         nodes: 79,
         fanout: 2,
-        churn_mean_secs: None,
-        duration_secs: 120.0,
-        seed: 13_100_203_571_025_510_497,
-        link_latency_ms: 103.961_245_390_299_4,
-        capacity: CapacityDist::Heterogeneous,
-        join_rate_per_sec: 20.0,
-        crash_fraction: 0.0,
-        mass_departure: Some(MassDeparture {
-            at_secs: 40.0,
-            fraction: 0.137_988_935_806_469_23,
-            graceful: false,
-        }),
-        kill_root_children_at_secs: None,
-        ..SimConfig::default()
-    };
-    let r = run(&cfg);
-    assert_eq!(r.violations.total(), 0, "{r}");
+        churn: None,
+        crash: 0.0,
+        fixed: false,
+        mass: Some((0.137_988_935_806_469_23, false)),
+        kill_root_children: false,
+        latency: 103.961_245_390_299_4,
+    }
+    .holds();
 }
 
 /// Found by the property test (`PROPTEST_RNG_SEED=4`): 56 viewers, fanout 2, no churn; after
 /// the root's children were killed, 48 viewers stayed detached (fixed with the case above).
 #[test]
 fn a_room_starved_by_losing_the_roots_children_regrows() {
-    let cfg = SimConfig {
+    Room {
+        seed: 10_851_841_148_705_529_423,
         nodes: 56,
         fanout: 2,
-        churn_mean_secs: None,
-        duration_secs: 120.0,
-        seed: 10_851_841_148_705_529_423,
-        link_latency_ms: 13.968_917_525_153_627,
-        capacity: CapacityDist::Heterogeneous,
-        join_rate_per_sec: 20.0,
-        crash_fraction: 0.0,
-        mass_departure: None,
-        kill_root_children_at_secs: Some(50.0),
-        ..SimConfig::default()
-    };
-    let r = run(&cfg);
-    assert_eq!(r.violations.total(), 0, "{r}");
+        churn: None,
+        crash: 0.0,
+        fixed: false,
+        mass: None,
+        kill_root_children: true,
+        latency: 13.968_917_525_153_627,
+    }
+    .holds();
 }
