@@ -2049,11 +2049,20 @@ mod tests {
     }
 
     fn join_msg(kind: JoinKind) -> TreeMsg {
+        join_req(kind, 4, None, None)
+    }
+    /// A join request as the joiner sends it (not forwarded).
+    fn join_req(
+        kind: JoinKind,
+        capacity: u16,
+        max_depth: Option<u16>,
+        lost_parent: Option<NodeId>,
+    ) -> TreeMsg {
         TreeMsg::Join {
             kind,
-            capacity: 4,
-            max_depth: None,
-            lost_parent: None,
+            capacity,
+            max_depth,
+            lost_parent,
             joiner: None,
             hops: 0,
         }
@@ -2153,33 +2162,12 @@ mod tests {
     #[test]
     fn a_parent_that_knows_no_free_slot_hands_a_leaf_only_child_to_a_peer_that_can_relay() {
         let mut root = TreeNode::new_root(id(0), cfg(1), 5);
-        let leaf_join = TreeMsg::Join {
-            kind: JoinKind::New,
-            capacity: 0,
-            max_depth: None,
-            lost_parent: None,
-            joiner: None,
-            hops: 0,
-        };
+        let leaf_join = join_req(JoinKind::New, 0, None, None);
         root.handle_message(id(2), leaf_join, Millis(0));
         drain(&mut root);
-        let repair = TreeMsg::Join {
-            kind: JoinKind::Repair,
-            capacity: 4,
-            max_depth: Some(1),
-            lost_parent: Some(id(7)),
-            joiner: None,
-            hops: 0,
-        };
+        let repair = join_req(JoinKind::Repair, 4, Some(1), Some(id(7)));
         // A newcomer that cannot relay is refused: making room for it gains nothing.
-        let leaf_join2 = TreeMsg::Join {
-            kind: JoinKind::New,
-            capacity: 0,
-            max_depth: None,
-            lost_parent: None,
-            joiner: None,
-            hops: 0,
-        };
+        let leaf_join2 = join_req(JoinKind::New, 0, None, None);
         root.handle_message(id(6), leaf_join2, Millis(1));
         let s = sent(&drain(&mut root));
         assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
@@ -2333,14 +2321,7 @@ mod tests {
         // Nor the sibling subtree of a joiner whose lost parent is our ancestor.
         n.handle_message(
             id(7),
-            TreeMsg::Join {
-                kind: JoinKind::Repair,
-                capacity: 1,
-                max_depth: None,
-                lost_parent: Some(id(2)),
-                joiner: None,
-                hops: 0,
-            },
+            join_req(JoinKind::Repair, 1, None, Some(id(2))),
             Millis(6),
         );
         let s = sent(&drain(&mut n));
@@ -2378,18 +2359,7 @@ mod tests {
     fn graceful_leave_tells_children_and_parent() {
         let mut n = attached(5, 1, &[0], 4);
         n.handle_message(id(20), join_msg(JoinKind::New), Millis(1));
-        n.handle_message(
-            id(21),
-            TreeMsg::Join {
-                kind: JoinKind::New,
-                capacity: 8,
-                max_depth: None,
-                lost_parent: None,
-                joiner: None,
-                hops: 0,
-            },
-            Millis(1),
-        );
+        n.handle_message(id(21), join_req(JoinKind::New, 8, None, None), Millis(1));
         drain(&mut n);
         n.leave(Millis(2));
         let s = sent(&drain(&mut n));
@@ -2609,14 +2579,7 @@ mod tests {
         g.handle_message(id(2), join_msg(JoinKind::New), Millis(0));
         g.handle_update(id(2), update_of(2, 0, &[3]), Millis(1));
         drain(&mut g);
-        let repair = |lost: u8| TreeMsg::Join {
-            kind: JoinKind::Repair,
-            capacity: 4,
-            max_depth: Some(1),
-            lost_parent: Some(id(lost)),
-            joiner: None,
-            hops: 0,
-        };
+        let repair = |lost: u8| join_req(JoinKind::Repair, 4, Some(1), Some(id(lost)));
         // A stranger's word is not enough.
         g.handle_message(id(4), repair(2), Millis(2));
         let s = sent(&drain(&mut g));
@@ -2650,14 +2613,7 @@ mod tests {
         drain(&mut g);
         g.handle_message(
             id(9),
-            TreeMsg::Join {
-                kind: JoinKind::Repair,
-                capacity: 0,
-                max_depth: None,
-                lost_parent: Some(id(1)),
-                joiner: None,
-                hops: 0,
-            },
+            join_req(JoinKind::Repair, 0, None, Some(id(1))),
             Millis(2),
         );
         let s = sent(&drain(&mut g));
