@@ -37,7 +37,7 @@ const SNAPSHOT_REQUEST_BYTES: usize = 48;
 const SNAPSHOT_LEN: usize = 8;
 
 /// Kinds of received control traffic, for the breakdown of the busiest viewer.
-const RX_KINDS: [&str; 14] = [
+const RX_KINDS: [&str; 16] = [
     "Join(New)",
     "Accept",
     "Refuse",
@@ -52,6 +52,8 @@ const RX_KINDS: [&str; 14] = [
     "Join(Repair)",
     "Join(Move)",
     "Join(Handover)",
+    "Join(Promote)",
+    "MoveUnder",
 ];
 
 fn msg_kind(m: &TreeMsg) -> usize {
@@ -61,7 +63,9 @@ fn msg_kind(m: &TreeMsg) -> usize {
             JoinKind::Repair => 11,
             JoinKind::Move => 12,
             JoinKind::Handover => 13,
+            JoinKind::Promote => 14,
         },
+        TreeMsg::MoveUnder { .. } => 15,
         TreeMsg::Accept { .. } => 1,
         TreeMsg::Refuse { .. } => 2,
         TreeMsg::Leave { .. } => 3,
@@ -1039,7 +1043,8 @@ impl<'a> Sim<'a> {
         let Some(n) = self.nodes[i as usize].as_ref() else {
             return;
         };
-        if n.child_count() > n.capacity() as usize {
+        // A promotion holds one extra child for a bounded time (make-before-break).
+        if n.child_count() > n.capacity() as usize + n.over_capacity_allowance() as usize {
             self.violations.over_capacity += 1;
         }
         let new_claim = n.parent().map(idx);
@@ -1191,8 +1196,20 @@ impl<'a> Sim<'a> {
             self.violations.bookkeeping += 1;
         }
         let bound = (self.cfg.repair_bound_secs * 1000.0) as u64;
+        // A room whose attached members have no free slot at all (say, leaf-only viewers filling
+        // the root's slots) cannot take a detached viewer in: a capacity shortage, not a failed
+        // repair. A viewer that can relay is never in this case (the root hands it a weaker
+        // child's slot).
+        let no_room = std::iter::once(0u32)
+            .chain(self.alive_list.iter().copied())
+            .filter(|&i| i == 0 || self.connected[i as usize])
+            .filter_map(|i| self.nodes[i as usize].as_ref())
+            .all(|n| n.child_count() >= n.capacity() as usize);
         for k in 0..self.alive_list.len() {
             let i = self.alive_list[k] as usize;
+            if no_room && self.nodes[i].as_ref().is_some_and(|n| n.capacity() == 0) {
+                continue;
+            }
             let s = &mut self.stats[i];
             if let Some(since) = s.outage_since
                 && !s.flagged

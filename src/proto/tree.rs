@@ -60,16 +60,25 @@
 //!   `repair_timeout_ms` (a stale directory names departed peers) moves on to the next
 //!   candidate. A node detached upstream for longer than `upstream_grace` repairs itself.
 //! - **Starvation**: a full parent that knows no free slot anywhere (its subtree and its
-//!   directory show none) gives a repairing or new peer that can relay the slot of a leaf-only
-//!   child (capacity 0) and hands that leaf over to it (at most once per `PREEMPT_GAP_MS`). A
-//!   member that knows no free slot names the root in its snapshot (with no free slot), and a
-//!   newcomer that can relay and knows nothing better asks it. Without this, a room whose top
-//!   slots are held by leaves after its relays are lost never regrows.
+//!   directory show none) gives a repairing or new peer that can relay the slot of a less
+//!   capable child (a leaf-only one first) and hands that child over to it (at most once per
+//!   `PREEMPT_GAP_MS`); with no weaker child it passes the request to one of its relay
+//!   children. A member that knows no free slot names the root in its snapshot (with no free
+//!   slot), and a newcomer that can relay and knows nothing better asks it. Without this, a
+//!   room whose top slots are held by weak peers after its relays are lost never regrows.
 //! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node with
 //!   children or with more capacity than its parent looks for a free slot at least two levels
 //!   shallower and moves there make-before-break: it attaches to the new parent before it leaves
-//!   the old one, so nobody's stream is cut. A full parent asked by a more capable node relocates one
-//!   of its leaf children with less capacity (again make-before-break) to open a slot. A refused
+//!   the old one, so nobody's stream is cut. With no such slot, a relay more capable than its
+//!   parent asks its grandparent for a **promotion**: the grandparent takes it in beside the
+//!   parent (one child over its capacity, for at most `PROMOTION_DEADLINE_MS`), the promoted
+//!   peer calls the former parent under it ([`TreeMsg::MoveUnder`]; if full, it first sends its
+//!   least capable child to the slot it left there, at that child's old depth) and the former
+//!   parent moves make-before-break; once it has left the grandparent is back within capacity.
+//!   Strong relays thus rise to the top and weak ones sink, one level at a time, without a cut;
+//!   a grandparent grants one promotion at a time and at most one per `PROMOTION_GAP_MS`. A
+//!   promotion it cannot grant is an ordinary move: a full parent asked by a more capable node
+//!   relocates one of its leaf children with less capacity (make-before-break) to open a slot. A refused
 //!   or unanswered move doubles the gap to the next check (up to 4 times): the whole room holds
 //!   the same directory, and its shallowest entries would otherwise draw everyone's moves.
 
@@ -101,6 +110,11 @@ const CYCLE_GUARD_MS: u64 = 2_000;
 const NEW_BOUNDED_ATTEMPTS: u8 = 4;
 /// How many times a join request may be passed down by full candidates.
 const MAX_FORWARD: u8 = 3;
+/// A promotion holds one child over the grandparent's capacity for at most this long; then the
+/// former parent is handed to the promoted child the hard way.
+const PROMOTION_DEADLINE_MS: u64 = 2_000;
+/// Gap between two promotions granted by one parent.
+const PROMOTION_GAP_MS: u64 = 10_000;
 
 /// The signed state a peer announces to its tree neighbours.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,6 +171,17 @@ pub enum JoinKind {
     /// Directed by the departing parent to a slot in the successor's subtree; accepted even while
     /// the target is itself repairing (the departing parent made the plan acyclic).
     Handover,
+    /// To the grandparent: take my parent's place (`lost_parent` names it), which is less
+    /// capable than me; my parent then moves under me. Make-before-break: the grandparent holds
+    /// one child over its capacity until the parent has moved.
+    Promote,
+}
+
+impl JoinKind {
+    /// A make-before-break move of an attached node (a refusal only delays the next check).
+    pub fn is_move(self) -> bool {
+        matches!(self, JoinKind::Move | JoinKind::Promote)
+    }
 }
 
 /// Why a join was refused.
@@ -227,6 +252,12 @@ pub enum TreeMsg {
     /// Parent to leaf child: please move elsewhere (make-before-break), a more capable peer needs
     /// the slot.
     Relocate,
+    /// From a promoted child to its former parent, or from a promoted peer to one of its
+    /// children: move (make-before-break, with your subtree) under `target`.
+    MoveUnder {
+        /// The new parent.
+        target: NodeId,
+    },
 }
 
 /// What happened, for the application.
@@ -428,6 +459,14 @@ struct JoinReq {
     hops: u8,
 }
 
+/// A promotion granted by this node: `new` took the place of `old`, which is to move under it.
+#[derive(Clone, Copy, Debug)]
+struct Promotion {
+    old: NodeId,
+    new: NodeId,
+    deadline: Millis,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Pending {
     target: NodeId,
@@ -527,6 +566,14 @@ pub struct TreeNode {
     new_attempts: u8,
     /// The root, named by a snapshot that knew no free slot.
     root_hint: Option<NodeId>,
+    /// As grandparent: a promotion in flight (one child over capacity until it ends).
+    promotion: Option<Promotion>,
+    last_promotion_at: Option<Millis>,
+    /// As promoted peer: the former parent, which is to move under us (and until when).
+    promoted_from: Option<(NodeId, Millis)>,
+    /// As promoted peer with no free slot: the former parent's move, answered once the child
+    /// we sent to it has left.
+    held: Option<JoinReq>,
     last_timer: Option<Millis>,
     out: VecDeque<Output>,
 }
@@ -571,6 +618,10 @@ impl TreeNode {
             move_failures: 0,
             new_attempts: 0,
             root_hint: None,
+            promotion: None,
+            last_promotion_at: None,
+            promoted_from: None,
+            held: None,
             last_timer: None,
             out: VecDeque::new(),
         }
@@ -598,6 +649,12 @@ impl TreeNode {
     /// Whether we are the root.
     pub fn is_root(&self) -> bool {
         self.is_root
+    }
+
+    /// Children allowed beyond the capacity right now: 1 while a promotion is in flight (the
+    /// make-before-break overlap, at most `PROMOTION_DEADLINE_MS`), else 0.
+    pub fn over_capacity_allowance(&self) -> u16 {
+        u16::from(self.promotion.is_some())
     }
     /// Current parent.
     pub fn parent(&self) -> Option<NodeId> {
@@ -678,6 +735,8 @@ impl TreeNode {
             self.summary_due,
             self.dir_due,
             self.rebalance_at,
+            self.promotion.map(|p| p.deadline),
+            self.promoted_from.map(|(_, t)| t),
         ]
         .into_iter()
         .flatten()
@@ -695,7 +754,7 @@ impl TreeNode {
                     .max(rtt)
                     .min(self.cfg.join_timeout_ms)
             }
-            JoinKind::New | JoinKind::Move => self.cfg.join_timeout_ms,
+            JoinKind::New | JoinKind::Move | JoinKind::Promote => self.cfg.join_timeout_ms,
         }
     }
 
@@ -801,6 +860,7 @@ impl TreeNode {
                 }
             }
             TreeMsg::Relocate => self.on_relocate(from, now),
+            TreeMsg::MoveUnder { target } => self.on_move_under(from, target, now),
         }
         self.after(now);
     }
@@ -877,6 +937,41 @@ impl TreeNode {
         if self.rebalance_at.is_some_and(|t| now >= t) {
             self.rebalance_at = None;
             self.rebalance(now);
+        }
+        if let Some(pr) = self.promotion
+            && now >= pr.deadline
+        {
+            self.promotion = None;
+            // The former parent did not move under the promoted peer in time: hand it over the
+            // hard way (its subtree has a short cut) rather than stay over capacity.
+            while self.children.len() > self.capacity as usize {
+                let (victim, successor) = if self.children.contains_key(&pr.old) {
+                    (
+                        pr.old,
+                        self.children.contains_key(&pr.new).then_some(pr.new),
+                    )
+                } else {
+                    (pr.new, None)
+                };
+                if !self.children.contains_key(&victim) {
+                    break;
+                }
+                self.send(victim, TreeMsg::Leave { successor });
+                self.out.push_back(Output::Disconnect { peer: victim });
+                self.remove_child(victim, now);
+            }
+        }
+        if self.promoted_from.is_some_and(|(_, t)| now >= t) {
+            self.promoted_from = None;
+            if let Some(h) = self.held.take() {
+                self.send(
+                    h.joiner,
+                    TreeMsg::Refuse {
+                        reason: RefuseReason::Full,
+                        hints: Vec::new(),
+                    },
+                );
+            }
         }
         self.after(now);
     }
@@ -965,8 +1060,25 @@ impl TreeNode {
         }
         let old = self.parent;
         if let Some(o) = old.filter(|o| *o != from) {
-            // Make-before-break: the new parent is in place, now leave the old one.
-            self.send(o, TreeMsg::Leave { successor: None });
+            if p.kind == JoinKind::Promote {
+                // We hold our former parent's place: it comes under us. If we have no free slot
+                // our least capable child takes the one we leave at the former parent (at its
+                // old depth), and the former parent's move waits for it.
+                self.send(o, TreeMsg::MoveUnder { target: self.id });
+                self.promoted_from = Some((o, now.plus(PROMOTION_DEADLINE_MS)));
+                if self.free() == 0
+                    && let Some(k) = self
+                        .children
+                        .iter()
+                        .min_by_key(|(id, c)| (c.has_children, c.capacity, **id))
+                        .map(|(id, _)| *id)
+                {
+                    self.send(k, TreeMsg::MoveUnder { target: o });
+                }
+            } else {
+                // Make-before-break: the new parent is in place, now leave the old one.
+                self.send(o, TreeMsg::Leave { successor: None });
+            }
             self.out.push_back(Output::Disconnect { peer: o });
         }
         self.parent = Some(from);
@@ -1022,7 +1134,7 @@ impl TreeNode {
         self.summary_dirty(now);
         self.directory_changed(now);
         self.choose_backup(now);
-        if p.kind == JoinKind::Move {
+        if p.kind.is_move() {
             self.move_failures = 0;
             // Stay put for a while after a move.
             self.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
@@ -1045,7 +1157,7 @@ impl TreeNode {
         for h in hints.into_iter().take(MAX_SLOTS_IN) {
             self.add_hint(h);
         }
-        if kind != Some(JoinKind::Move) {
+        if !kind.is_some_and(JoinKind::is_move) {
             self.schedule_retry(now);
         } else {
             self.move_failed(now);
@@ -1055,7 +1167,7 @@ impl TreeNode {
     fn give_up_pending(&mut self, now: Millis) {
         if let Some(p) = self.pending.take() {
             self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
-            if p.kind != JoinKind::Move || self.orphan.is_some() {
+            if !p.kind.is_move() || self.orphan.is_some() {
                 self.retry_at = Some(now);
             } else {
                 self.move_failed(now);
@@ -1327,13 +1439,19 @@ impl TreeNode {
                 return;
             }
         }
-        if more_capable && self.capacity > 1 {
-            // No free slot above: ask the grandparent, which may relocate a weaker leaf for us.
+        if more_capable
+            && self.capacity > 1
+            && !self.children.is_empty()
+            && self.promotion.is_none()
+            && self.promoted_from.is_none()
+        {
+            // No free slot above: ask the grandparent to put us in our parent's place (the
+            // parent then moves under us); failing that it may relocate a weaker leaf for us.
             let anc = self.ancestors();
             if anc.len() >= 2 {
                 let g = anc[anc.len() - 2];
                 if self.refused.get(&g).is_none_or(|t| *t <= now) {
-                    self.send_join(g, JoinKind::Move, Some(d - 2), None, now);
+                    self.send_join(g, JoinKind::Promote, Some(d - 2), self.parent, now);
                 }
             }
         }
@@ -1357,6 +1475,31 @@ impl TreeNode {
         } = req;
         if from == self.id {
             return;
+        }
+        if kind == JoinKind::Promote && self.try_promote(&req, now) {
+            return;
+        }
+        // A promotion we cannot grant is an ordinary move.
+        let req = JoinReq {
+            kind: if kind == JoinKind::Promote {
+                JoinKind::Move
+            } else {
+                kind
+            },
+            ..req
+        };
+        let kind = req.kind;
+        if kind == JoinKind::Move
+            && self
+                .promoted_from
+                .is_some_and(|(o, t)| o == from && now < t)
+        {
+            if self.free() == 0 && !self.children.contains_key(&from) {
+                // Our former parent, while the child we sent to it has not left yet.
+                self.held = Some(req);
+                return;
+            }
+            self.promoted_from = None;
         }
         let handover = kind == JoinKind::Handover;
         if kind == JoinKind::Repair
@@ -1411,13 +1554,13 @@ impl TreeNode {
             && self
                 .last_preempt_at
                 .is_none_or(|t| now.since(t) >= PREEMPT_GAP_MS)
-            && let Some(v) = self.preemptible_leaf(capacity)
+            && let Some(v) = self.preemptible_child(capacity)
         {
             // Nowhere below to send it: rather than leave a more capable peer (and the subtree
-            // it may carry) without a place, give it a weaker leaf child's slot and hand that
-            // leaf over to it (the newcomer has room: it is more capable than the leaf, and if
-            // it is full after all the leaf is refused with hints and goes elsewhere). Without
-            // this, a room whose top slots are all held by leaves starves its relays.
+            // it may carry) without a place, give it a weaker child's slot and hand that child
+            // over to it (the newcomer has room: it is more capable than the child, and if it
+            // is full after all the child is refused with hints and goes elsewhere). Without
+            // this, a room whose top slots are all held by weak peers starves its relays.
             self.send(
                 v,
                 TreeMsg::Leave {
@@ -1428,6 +1571,35 @@ impl TreeNode {
             self.remove_child(v, now);
             self.last_preempt_at = Some(now);
             reason = None;
+        }
+        if reason == Some(RefuseReason::Full)
+            && matches!(kind, JoinKind::Repair | JoinKind::New)
+            && capacity > 0
+            && hops < MAX_FORWARD
+            && self.knows_no_free_slot()
+        {
+            // Starved, and no weaker child here: one of our relay children may have one.
+            let relays: Vec<NodeId> = self
+                .children
+                .iter()
+                .filter(|(id, c)| c.has_children && Some(**id) != lost_parent && **id != from)
+                .map(|(id, _)| *id)
+                .collect();
+            if !relays.is_empty() {
+                let t = relays[self.rng.below(relays.len() as u64) as usize];
+                self.send(
+                    t,
+                    TreeMsg::Join {
+                        kind,
+                        capacity,
+                        max_depth,
+                        lost_parent,
+                        joiner: Some(from),
+                        hops: hops + 1,
+                    },
+                );
+                return;
+            }
         }
         if let Some(reason) = reason {
             let hints: Vec<SlotAd> = if reason == RefuseReason::Full {
@@ -1509,15 +1681,18 @@ impl TreeNode {
         self.compute_summary(1).is_empty() && self.directory.iter().all(|a| a.free == 0)
     }
 
-    /// A leaf-only child (capacity 0: it can have no children, whatever its last update says),
-    /// for a joiner that can relay.
-    fn preemptible_leaf(&self, capacity: u16) -> Option<NodeId> {
+    /// The child to give up for a joiner that can relay: a leaf-only child (capacity 0: it can
+    /// have no children, whatever its last update says), else the least capable child if it is
+    /// less capable than the joiner (it is handed to the joiner with its subtree, which has a
+    /// short cut: rare, the room is starved).
+    fn preemptible_child(&self, capacity: u16) -> Option<NodeId> {
         if capacity == 0 {
             return None;
         }
         self.children
             .iter()
-            .find(|(_, c)| c.capacity == 0)
+            .filter(|(_, c)| c.capacity < capacity)
+            .min_by_key(|(id, c)| (c.capacity, c.has_children, **id))
             .map(|(id, _)| *id)
     }
 
@@ -1556,7 +1731,93 @@ impl TreeNode {
         if self.children.remove(&c).is_some() {
             self.emit(TreeEvent::ChildRemoved(c));
             self.children_changed(now);
+            if self.promotion.is_some_and(|p| p.old == c || p.new == c) {
+                self.promotion = None;
+            }
+            if self.free() > 0
+                && let Some(h) = self.held.take()
+            {
+                self.on_join(h, now);
+            }
         }
+    }
+
+    /// Grant a promotion: the joiner, a child of our child `old` more capable than it, takes a
+    /// slot beside `old` now (one over our capacity) and `old` moves under it make-before-break.
+    fn try_promote(&mut self, req: &JoinReq, now: Millis) -> bool {
+        let Some(old) = req.lost_parent else {
+            return false;
+        };
+        let c = req.joiner;
+        let ok = req.hops == 0
+            && self.path.is_some()
+            && self.pending.is_none()
+            && self.orphan.is_none()
+            && self.promotion.is_none()
+            && self.held.is_none()
+            && self
+                .last_promotion_at
+                .is_none_or(|t| now.since(t) >= PROMOTION_GAP_MS)
+            && self.children.len() <= self.capacity as usize
+            && !self.children.contains_key(&c)
+            && self.parent != Some(c)
+            && !self.ancestors().contains(&c)
+            && self
+                .children
+                .get(&old)
+                .is_some_and(|o| o.kids.contains(&c) && o.capacity < req.capacity);
+        if !ok {
+            return false;
+        }
+        self.children.insert(
+            c,
+            ChildInfo {
+                capacity: req.capacity,
+                has_children: false,
+                kids: Vec::new(),
+                summary: Vec::new(),
+            },
+        );
+        self.promotion = Some(Promotion {
+            old,
+            new: c,
+            deadline: now.plus(PROMOTION_DEADLINE_MS),
+        });
+        self.last_promotion_at = Some(now);
+        let parent = self.current_update(now);
+        let directory = self.directory_for(c);
+        self.send(c, TreeMsg::Accept { parent, directory });
+        self.out.push_back(Output::AcceptChild { peer: c });
+        self.emit(TreeEvent::ChildAdded(c));
+        self.children_changed(now);
+        true
+    }
+
+    /// `MoveUnder` from a child we lost to a promotion (target: that child) or from our parent
+    /// (target: our new parent after its promotion).
+    fn on_move_under(&mut self, from: NodeId, target: NodeId, now: Millis) {
+        let from_child = target == from && self.children.contains_key(&from);
+        if !from_child && self.parent != Some(from) {
+            return;
+        }
+        if from_child {
+            self.out.push_back(Output::Disconnect { peer: from });
+            self.remove_child(from, now);
+        }
+        if target == self.id
+            || self.is_root
+            || self.pending.is_some()
+            || self.orphan.is_some()
+            || self.path.is_none()
+            || self.parent == Some(target)
+            || self.in_own_subtree(target)
+        {
+            return;
+        }
+        // The new parent is at our level (our former child, promoted) or above: bounded so that
+        // stale paths cannot close a cycle (it refuses if it has meanwhile sunk below us).
+        let depth = self.depth();
+        self.send_join(target, JoinKind::Move, depth, None, now);
     }
 
     fn children_changed(&mut self, now: Millis) {
@@ -1968,6 +2229,7 @@ impl TreeMsg {
                         JoinKind::Repair => "Repair",
                         JoinKind::Move => "Move",
                         JoinKind::Handover => "Handover",
+                        JoinKind::Promote => "Promote",
                     })
                     + cbor_text("capacity")
                     + cbor_uint(*capacity as u64)
@@ -2006,6 +2268,7 @@ impl TreeMsg {
             TreeMsg::Summary { slots } => ("Summary", 1 + cbor_text("slots") + cbor_ads(slots)),
             TreeMsg::Directory { slots } => ("Directory", 1 + cbor_text("slots") + cbor_ads(slots)),
             TreeMsg::Relocate => return cbor_text("Relocate"),
+            TreeMsg::MoveUnder { .. } => ("MoveUnder", 1 + cbor_text("target") + CBOR_ID),
         };
         1 + cbor_text(name) + body
     }
@@ -2192,13 +2455,210 @@ mod tests {
         );
         assert_eq!(root.children().collect::<Vec<_>>(), vec![id(5)]);
         assert!(root.child_count() <= root.capacity() as usize);
-        // A relay is never preempted, and preemption is rate limited.
+        // An equally capable child is never preempted.
         let mut root = TreeNode::new_root(id(0), cfg(1), 5);
         root.handle_message(id(3), join_msg(JoinKind::New), Millis(0));
         drain(&mut root);
         root.handle_message(id(5), repair, Millis(2));
         let s = sent(&drain(&mut root));
         assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+    }
+
+    /// Starved: a less capable relay child is handed over too (with its subtree); with no weaker
+    /// child, the request goes down to a relay child, which may have one.
+    #[test]
+    fn a_starved_parent_hands_over_a_weaker_relay_or_passes_the_request_down() {
+        let relay_update = |cap: u16| TreeUpdate {
+            capacity: cap,
+            ..update_of(3, 0, &[4])
+        };
+        let repair = join_req(JoinKind::Repair, 4, None, Some(id(7)));
+        let mut root = TreeNode::new_root(id(0), cfg(1), 5);
+        root.handle_message(id(3), join_req(JoinKind::New, 1, None, None), Millis(0));
+        root.handle_update(id(3), relay_update(1), Millis(0));
+        drain(&mut root);
+        root.handle_message(id(5), repair.clone(), Millis(1));
+        let s = sent(&drain(&mut root));
+        assert!(s.contains(&(
+            id(3),
+            TreeMsg::Leave {
+                successor: Some(id(5))
+            }
+        )));
+        assert_eq!(root.children().collect::<Vec<_>>(), vec![id(5)]);
+
+        let mut root = TreeNode::new_root(id(0), cfg(1), 5);
+        root.handle_message(id(3), join_req(JoinKind::New, 4, None, None), Millis(0));
+        root.handle_update(id(3), relay_update(4), Millis(0));
+        drain(&mut root);
+        root.handle_message(id(5), repair, Millis(1));
+        let s = sent(&drain(&mut root));
+        assert_eq!(
+            s,
+            vec![(
+                id(3),
+                TreeMsg::Join {
+                    kind: JoinKind::Repair,
+                    capacity: 4,
+                    max_depth: None,
+                    lost_parent: Some(id(7)),
+                    joiner: Some(id(5)),
+                    hops: 1,
+                }
+            )]
+        );
+        assert_eq!(root.children().collect::<Vec<_>>(), vec![id(3)]);
+    }
+
+    /// A grandparent puts a child's more capable child in the child's place: one over capacity
+    /// until the former parent has moved under it, or the deadline hands it over.
+    #[test]
+    fn a_grandparent_grants_a_promotion_for_a_bounded_overlap() {
+        let setup = || {
+            let mut g = TreeNode::new_root(id(0), cfg(2), 9);
+            g.handle_message(id(1), join_req(JoinKind::New, 2, None, None), Millis(0));
+            g.handle_message(id(3), join_req(JoinKind::New, 4, None, None), Millis(0));
+            g.handle_update(
+                id(1),
+                TreeUpdate {
+                    capacity: 2,
+                    ..update_of(1, 0, &[2])
+                },
+                Millis(0),
+            );
+            drain(&mut g);
+            g
+        };
+        let promote = join_req(JoinKind::Promote, 8, Some(0), Some(id(1)));
+
+        let mut g = setup();
+        g.handle_message(id(2), promote.clone(), Millis(10));
+        let s = sent(&drain(&mut g));
+        assert!(
+            s.iter()
+                .any(|(to, m)| *to == id(2) && matches!(m, TreeMsg::Accept { .. })),
+            "{s:?}"
+        );
+        assert_eq!(g.child_count(), 3);
+        assert_eq!(g.over_capacity_allowance(), 1);
+        // The former parent moved under the promoted peer and leaves: back within capacity.
+        g.handle_message(id(1), TreeMsg::Leave { successor: None }, Millis(300));
+        assert_eq!(g.child_count(), 2);
+        assert_eq!(g.over_capacity_allowance(), 0);
+
+        // It did not move in time: handed over the hard way.
+        let mut g = setup();
+        g.handle_message(id(2), promote.clone(), Millis(10));
+        drain(&mut g);
+        assert!(
+            g.poll_timeout()
+                .is_some_and(|t| t.0 <= 10 + PROMOTION_DEADLINE_MS)
+        );
+        g.handle_timeout(Millis(10 + PROMOTION_DEADLINE_MS));
+        let s = sent(&drain(&mut g));
+        assert!(s.contains(&(
+            id(1),
+            TreeMsg::Leave {
+                successor: Some(id(2))
+            }
+        )));
+        assert_eq!(g.child_count(), 2);
+        assert_eq!(g.over_capacity_allowance(), 0);
+
+        // Not for a peer that is not more capable than its parent: an ordinary (refused) move.
+        let mut g = setup();
+        g.handle_message(
+            id(2),
+            join_req(JoinKind::Promote, 2, Some(0), Some(id(1))),
+            Millis(10),
+        );
+        let s = sent(&drain(&mut g));
+        assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+        assert_eq!(g.child_count(), 2);
+        // Nor for a peer its child did not list.
+        let mut g = setup();
+        g.handle_message(id(6), promote, Millis(10));
+        let s = sent(&drain(&mut g));
+        assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+        assert_eq!(g.over_capacity_allowance(), 0);
+    }
+
+    /// The promoted peer calls its former parent under it; full, it first sends its least
+    /// capable child to the slot it left there, and answers the former parent once that child
+    /// has gone.
+    #[test]
+    fn a_promoted_peer_takes_its_former_parent_under_it() {
+        let mut c = attached(2, 1, &[0], 2);
+        c.handle_message(id(5), join_req(JoinKind::New, 0, None, None), Millis(1));
+        c.handle_message(id(6), join_req(JoinKind::New, 4, None, None), Millis(1));
+        drain(&mut c);
+        c.send_join(id(0), JoinKind::Promote, Some(0), Some(id(1)), Millis(10));
+        drain(&mut c);
+        let root = TreeUpdate {
+            peer: id(0),
+            parent: None,
+            depth: 0,
+            ancestors: vec![],
+            children: vec![id(1), id(2)],
+            capacity: 2,
+            uplink_kbps: 0,
+            seq: 3,
+            ts_ms: 0,
+        };
+        c.handle_message(
+            id(0),
+            TreeMsg::Accept {
+                parent: root,
+                directory: vec![],
+            },
+            Millis(60),
+        );
+        let s = sent(&drain(&mut c));
+        assert!(
+            s.contains(&(id(1), TreeMsg::MoveUnder { target: id(2) })),
+            "{s:?}"
+        );
+        assert!(
+            s.contains(&(id(5), TreeMsg::MoveUnder { target: id(1) })),
+            "{s:?}"
+        );
+        assert!(
+            !s.iter()
+                .any(|(to, m)| *to == id(1) && matches!(m, TreeMsg::Leave { .. })),
+            "make-before-break: the former parent is not cut"
+        );
+        assert_eq!((c.parent(), c.depth()), (Some(id(0)), Some(1)));
+        // The former parent's move waits for a free slot.
+        c.handle_message(
+            id(1),
+            join_req(JoinKind::Move, 2, Some(1), None),
+            Millis(120),
+        );
+        assert!(sent(&drain(&mut c)).is_empty());
+        c.handle_message(id(5), TreeMsg::Leave { successor: None }, Millis(150));
+        let s = sent(&drain(&mut c));
+        assert!(
+            s.iter()
+                .any(|(to, m)| *to == id(1) && matches!(m, TreeMsg::Accept { .. })),
+            "{s:?}"
+        );
+        assert_eq!(c.child_count(), 2);
+    }
+
+    /// The former parent moves under its promoted child (bounded in depth, make-before-break);
+    /// the word of a stranger moves nobody.
+    #[test]
+    fn a_parent_told_by_its_promoted_child_moves_under_it() {
+        let mut p = attached(1, 0, &[], 2);
+        p.handle_message(id(2), join_req(JoinKind::New, 8, None, None), Millis(1));
+        drain(&mut p);
+        p.handle_message(id(9), TreeMsg::MoveUnder { target: id(9) }, Millis(5));
+        assert!(sent(&drain(&mut p)).is_empty());
+        p.handle_message(id(2), TreeMsg::MoveUnder { target: id(2) }, Millis(10));
+        let s = sent(&drain(&mut p));
+        assert_eq!(s, vec![(id(2), join_req(JoinKind::Move, 2, Some(1), None))]);
+        assert_eq!(p.child_count(), 0);
+        assert_eq!(p.parent(), Some(id(0)), "still attached until accepted");
     }
 
     #[test]
@@ -2505,6 +2965,8 @@ mod tests {
                 slots: vec![ad(5, 5, 5)],
             },
             TreeMsg::Relocate,
+            join_req(JoinKind::Promote, 8, Some(2), Some(id(4))),
+            TreeMsg::MoveUnder { target: id(6) },
         ];
         for m in msgs {
             let mut buf = Vec::new();
