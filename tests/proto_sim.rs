@@ -414,3 +414,43 @@ fn leaf_only_viewers_beyond_the_rooms_capacity_are_not_a_failed_repair() {
     assert_eq!(r.violations.total(), 0, "{r}");
     assert!(r.attached_at_end < r.live_at_end, "{r}");
 }
+
+/// Found by the property test (2026-11-25): 7 s sessions, 63 % crashes, 136 ms links. A
+/// capacity-8 orphan whose snapshots named only the root (nobody knew a free slot) kept asking
+/// for snapshots for 30 s; like a newcomer, it now asks the root, which makes room for it.
+#[test]
+fn a_starved_orphan_that_can_relay_asks_the_root() {
+    Room {
+        seed: 1_592_576_269_865_460_194,
+        nodes: 43,
+        fanout: 4,
+        churn: Some(7.122_970_677_234_368),
+        crash: 0.631_045_858_540_455_8,
+        fixed: false,
+        mass: None,
+        kill_root_children: false,
+        latency: 135.780_243_950_269_75,
+    }
+    .holds();
+}
+
+/// Found by the property test (2026-11-25, no churn, 136 ms links): a promoted peer's least
+/// capable child, sent to the former parent, was forwarded into a sibling's subtree while that
+/// sibling, sent to the promoted peer, was forwarded into the child's: a cycle. The moves of a
+/// promotion are now bounded strictly above the mover (but for the former parent's own, which
+/// cannot be forwarded).
+#[test]
+fn a_promotion_with_slow_links_closes_no_cycle() {
+    Room {
+        seed: 11_672_371_703_294_552_302,
+        nodes: 95,
+        fanout: 4,
+        churn: None,
+        crash: 0.0,
+        fixed: false,
+        mass: None,
+        kill_root_children: false,
+        latency: 135.628_759_861_572_06,
+    }
+    .holds();
+}

@@ -66,17 +66,21 @@
 //!   children. A member that knows no free slot names the root in its snapshot (with no free
 //!   slot), and a newcomer that can relay and knows nothing better asks it. Without this, a
 //!   room whose top slots are held by weak peers after its relays are lost never regrows.
-//! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node with
-//!   children or with more capacity than its parent looks for a free slot at least two levels
-//!   shallower and moves there make-before-break: it attaches to the new parent before it leaves
-//!   the old one, so nobody's stream is cut. With no such slot, a relay more capable than its
-//!   parent asks its grandparent for a **promotion**: the grandparent takes it in beside the
-//!   parent (one child over its capacity, for at most `PROMOTION_DEADLINE_MS`), the promoted
-//!   peer calls the former parent under it ([`TreeMsg::MoveUnder`]; if full, it first sends its
-//!   least capable child to the slot it left there, at that child's old depth) and the former
-//!   parent moves make-before-break; once it has left the grandparent is back within capacity.
-//!   Strong relays thus rise to the top and weak ones sink, one level at a time, without a cut;
-//!   a grandparent grants one promotion at a time and at most one per `PROMOTION_GAP_MS`. A
+//! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node
+//!   looks for a free slot shallower than its own: one level up if it is more capable than its
+//!   parent, two levels up otherwise, and moves there make-before-break: it attaches to the new
+//!   parent before it leaves the old one, so nobody's stream is cut. With no such slot, a peer
+//!   more capable than its parent (a relay, or one with room for all its parent's children)
+//!   asks its grandparent for a **promotion**: the grandparent takes it in beside the parent
+//!   (one child over its capacity, for at most `PROMOTION_DEADLINE_MS`), the promoted peer
+//!   calls the former parent under it ([`TreeMsg::MoveUnder`]; if full, it first sends its
+//!   least capable child to the slot it left there, at that child's old depth), the former
+//!   parent sends its other children to the promoted peer too (they keep their depth as far as
+//!   it has room) and moves make-before-break; once it has left the grandparent is back within
+//!   capacity. These moves are bounded in depth (strictly above the mover, but for the former
+//!   parent, which goes to its promoted child's level). Strong peers
+//!   thus rise to the top and weak ones sink, one level at a time, without a cut; a
+//!   grandparent grants one promotion at a time and at most one per `PROMOTION_GAP_MS`. A
 //!   promotion it cannot grant is an ordinary move: a full parent asked by a more capable node
 //!   relocates one of its leaf children with less capacity (make-before-break) to open a slot. A refused
 //!   or unanswered move doubles the gap to the next check (up to 4 times): the whole room holds
@@ -414,7 +418,7 @@ impl Default for Config {
             directory_len: 8,
             summary_interval_ms: 2_000,
             directory_interval_ms: 4_000,
-            publish_coalesce_ms: 500,
+            publish_coalesce_ms: 1_000,
             join_timeout_ms: 1_000,
             retry_jitter_ms: 150,
             repair_settle_ms: 250,
@@ -536,6 +540,8 @@ pub struct TreeNode {
     left: bool,
     parent: Option<NodeId>,
     parent_capacity: u16,
+    /// Children of our parent (us included), from its last update.
+    parent_children: u16,
     path: Option<Path>,
     last_depth: u16,
     children: BTreeMap<NodeId, ChildInfo>,
@@ -593,6 +599,7 @@ impl TreeNode {
             left: false,
             parent: None,
             parent_capacity: 0,
+            parent_children: 0,
             path: None,
             last_depth: 0,
             children: BTreeMap::new(),
@@ -1083,6 +1090,7 @@ impl TreeNode {
         }
         self.parent = Some(from);
         self.parent_capacity = upd.capacity;
+        self.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
         if upd.depth == DEPTH_DETACHED {
             // Handover to a sibling that is itself repairing: we follow it once it is attached.
             self.path = None;
@@ -1319,6 +1327,16 @@ impl TreeNode {
                     target = Some((a.peer, None));
                 }
             }
+            if target.is_none()
+                && self.capacity > 0
+                && let Some(r) = self
+                    .root_hint
+                    .filter(|r| self.refused.get(r).is_none_or(|t| *t <= now))
+            {
+                // Nobody we know has a free slot (a starved room): ask the root, which makes
+                // room for a peer that can relay, as for a newcomer.
+                target = Some((r, None));
+            }
             match target {
                 Some((t, md)) => {
                     let guard = o.cycle_guard(!self.children.is_empty(), t, now);
@@ -1419,7 +1437,12 @@ impl TreeNode {
             return;
         }
         self.rebalance_at = Some(now.plus(self.rebalance_gap()));
-        if self.is_root || self.pending.is_some() || self.orphan.is_some() {
+        if self.is_root
+            || self.pending.is_some()
+            || self.orphan.is_some()
+            || self.promotion.is_some()
+            || self.promoted_from.is_some()
+        {
             return;
         }
         let Some(d) = self.depth() else { return };
@@ -1433,7 +1456,7 @@ impl TreeNode {
             .filter(|a| a.depth + 2 <= d)
             .collect();
         if let Some(a) = self.pick(&cands) {
-            let worthwhile = more_capable || !self.children.is_empty() || a.depth + 3 <= d;
+            let worthwhile = more_capable || a.depth + 3 <= d;
             if worthwhile {
                 self.send_join(a.peer, JoinKind::Move, Some(d - 2), None, now);
                 return;
@@ -1441,7 +1464,7 @@ impl TreeNode {
         }
         if more_capable
             && self.capacity > 1
-            && !self.children.is_empty()
+            && (self.free() >= self.parent_children || !self.children.is_empty())
             && self.promotion.is_none()
             && self.promoted_from.is_none()
         {
@@ -1803,6 +1826,12 @@ impl TreeNode {
         if from_child {
             self.out.push_back(Output::Disconnect { peer: from });
             self.remove_child(from, now);
+            // Our other children go under the promoted peer too (it took our place and had room
+            // for them when it asked): they keep their depth, we alone go one level down.
+            let kids: Vec<NodeId> = self.children.keys().copied().collect();
+            for k in kids {
+                self.send(k, TreeMsg::MoveUnder { target });
+            }
         }
         if target == self.id
             || self.is_root
@@ -1814,10 +1843,17 @@ impl TreeNode {
         {
             return;
         }
-        // The new parent is at our level (our former child, promoted) or above: bounded so that
-        // stale paths cannot close a cycle (it refuses if it has meanwhile sunk below us).
-        let depth = self.depth();
-        self.send_join(target, JoinKind::Move, depth, None, now);
+        // Bounded in depth so that stale paths cannot close a cycle: our promoted former child
+        // is at our level (its subtree is deeper than the bound: never forwarded), any other
+        // target must be strictly above us, and so must whatever slot it forwards us to (two
+        // peers forwarded into each other's moving subtrees would close a loop otherwise).
+        let Some(depth) = self.depth() else { return };
+        let max_depth = if from_child {
+            depth
+        } else {
+            depth.saturating_sub(1)
+        };
+        self.send_join(target, JoinKind::Move, Some(max_depth), None, now);
     }
 
     fn children_changed(&mut self, now: Millis) {
@@ -1862,6 +1898,7 @@ impl TreeNode {
 
     fn on_parent_update(&mut self, upd: TreeUpdate, now: Millis) {
         self.parent_capacity = upd.capacity;
+        self.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
         if !upd.children.contains(&self.id) {
             // The parent dropped us.
             self.parent_lost(None, now);
@@ -2645,20 +2682,35 @@ mod tests {
         assert_eq!(c.child_count(), 2);
     }
 
-    /// The former parent moves under its promoted child (bounded in depth, make-before-break);
-    /// the word of a stranger moves nobody.
+    /// The former parent moves under its promoted child and sends its other children there too
+    /// (make-before-break, bounded in depth); the word of a stranger moves
+    /// nobody.
     #[test]
     fn a_parent_told_by_its_promoted_child_moves_under_it() {
+        let directed = |capacity: u16, max_depth: u16| {
+            join_req(JoinKind::Move, capacity, Some(max_depth), None)
+        };
         let mut p = attached(1, 0, &[], 2);
         p.handle_message(id(2), join_req(JoinKind::New, 8, None, None), Millis(1));
+        p.handle_message(id(3), join_req(JoinKind::New, 0, None, None), Millis(1));
         drain(&mut p);
         p.handle_message(id(9), TreeMsg::MoveUnder { target: id(9) }, Millis(5));
         assert!(sent(&drain(&mut p)).is_empty());
         p.handle_message(id(2), TreeMsg::MoveUnder { target: id(2) }, Millis(10));
         let s = sent(&drain(&mut p));
-        assert_eq!(s, vec![(id(2), join_req(JoinKind::Move, 2, Some(1), None))]);
-        assert_eq!(p.child_count(), 0);
+        assert_eq!(
+            s,
+            vec![
+                (id(3), TreeMsg::MoveUnder { target: id(2) }),
+                (id(2), directed(2, 1)),
+            ]
+        );
+        assert_eq!(p.children().collect::<Vec<_>>(), vec![id(3)]);
         assert_eq!(p.parent(), Some(id(0)), "still attached until accepted");
+        // The other child, at depth 2, goes to the promoted peer one level above it.
+        let mut c = attached(3, 1, &[0], 0);
+        c.handle_message(id(1), TreeMsg::MoveUnder { target: id(2) }, Millis(20));
+        assert_eq!(sent(&drain(&mut c)), vec![(id(2), directed(0, 1))]);
     }
 
     #[test]
