@@ -78,13 +78,13 @@
 //!   parent sends its other children to the promoted peer too (they keep their depth as far as
 //!   it has room) and moves make-before-break; once it has left the grandparent is back within
 //!   capacity. These moves are bounded in depth (strictly above the mover, but for the former
-//!   parent, which goes to its promoted child's level). Strong peers
-//!   thus rise to the top and weak ones sink, one level at a time, without a cut; a
-//!   grandparent grants one promotion at a time and at most one per `PROMOTION_GAP_MS`. A
-//!   promotion it cannot grant is an ordinary move: a full parent asked by a more capable node
-//!   relocates one of its leaf children with less capacity (make-before-break) to open a slot. A refused
-//!   or unanswered move doubles the gap to the next check (up to 4 times): the whole room holds
-//!   the same directory, and its shallowest entries would otherwise draw everyone's moves.
+//!   parent, which goes to its promoted child's level). Strong peers thus rise to the top and
+//!   weak ones sink, one level at a time, without a cut; a grandparent grants one promotion at
+//!   a time and at most one per `PROMOTION_GAP_MS`. A promotion it cannot grant is an ordinary
+//!   move: a full parent asked by a more capable node relocates one of its leaf children with
+//!   less capacity (make-before-break) to open a slot. A refused or unanswered move doubles the
+//!   gap to the next check (up to 4 times): the whole room holds the same directory, and its
+//!   shallowest entries would otherwise draw everyone's moves.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -256,8 +256,10 @@ pub enum TreeMsg {
     /// Parent to leaf child: please move elsewhere (make-before-break), a more capable peer needs
     /// the slot.
     Relocate,
-    /// From a promoted child to its former parent, or from a promoted peer to one of its
-    /// children: move (make-before-break, with your subtree) under `target`.
+    /// Move (make-before-break, with your subtree) under `target`: from a promoted child to its
+    /// former parent (`target` is the sender), or from a parent to a child (the promoted peer's
+    /// least capable child goes to the former parent, the former parent's other children to
+    /// the promoted peer).
     MoveUnder {
         /// The new parent.
         target: NodeId,
