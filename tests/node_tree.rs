@@ -9,7 +9,7 @@ use tokio::time::{Instant, timeout};
 use waterfall::crypto::{Identity, KdfParams, Kind, now_ms};
 use waterfall::media::{FileSource, MediaSource, SourceOptions};
 use waterfall::node::room::{RoomStatus, WatchOptions, WatchTarget};
-use waterfall::node::{Node, NodeError, RoomConfig, RoomHandle};
+use waterfall::node::{Node, NodeError, RoomConfig, RoomEvent, RoomHandle};
 use waterfall::wire::{self, Id, RoomRequest, RoomResponse};
 
 fn init_tracing() {
@@ -203,6 +203,104 @@ async fn twenty_nodes_form_a_tree_and_repair_leave_and_crash() {
             m.room.leave().await;
             m.node.shutdown().await;
         }
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Polls `room` until `ok` holds for its status, for at most `within`.
+async fn wait_status(room: &RoomHandle, within: Duration, ok: impl Fn(&RoomStatus) -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        if room.status().await.is_ok_and(|s| ok(&s)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "status not reached in time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every event of `room` from now on, kept (bounded) for inspection.
+fn record_events(room: &mut RoomHandle) -> std::sync::Arc<std::sync::Mutex<Vec<RoomEvent>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    if let Some(mut rx) = room.events() {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                let mut v = seen.lock().unwrap();
+                if v.len() < 10_000 {
+                    v.push(e);
+                }
+            }
+        });
+    }
+    seen
+}
+
+/// Real nodes: a viewer with more slots than its parent is promoted over it (the broadcaster
+/// holds one extra child for a moment) and the former parent moves under it. Make-before-break:
+/// neither is ever orphaned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_more_capable_viewer_is_promoted_over_its_parent() {
+    timeout(Duration::from_secs(120), async {
+        let b = node(vec![], 1).await;
+        let room = broadcast(&b, "promote", "pw").await;
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        let watch = || WatchTarget::Ticket(ticket.clone());
+        let weak = node(boot.clone(), 1).await;
+        let mut weak_room = weak
+            .watch(watch(), Some("pw"), WatchOptions::default())
+            .await
+            .expect("joins");
+        let weak_events = record_events(&mut weak_room);
+        wait_status(&weak_room, Duration::from_secs(30), |s| s.depth == Some(1)).await;
+        // The broadcaster's only slot is taken: the capable viewer starts under the weak one.
+        let strong = node(boot, 3).await;
+        let mut strong_room = strong
+            .watch(watch(), Some("pw"), WatchOptions::default())
+            .await
+            .expect("joins");
+        let strong_events = record_events(&mut strong_room);
+        wait_status(&strong_room, Duration::from_secs(30), |s| s.depth.is_some()).await;
+        let first = strong_room.status().await.unwrap();
+        assert_eq!(first.parent, Some(weak.peer_id()), "{first:?}");
+        // Rebalancing checks every 2.5-7.5 s: the promotion follows within a few checks.
+        let strong_id = strong.peer_id();
+        wait_status(&weak_room, Duration::from_secs(60), |s| {
+            s.parent == Some(strong_id) && s.depth == Some(2)
+        })
+        .await;
+        let st = strong_room.status().await.unwrap();
+        assert_eq!(
+            (st.parent, st.depth),
+            (Some(b.peer_id()), Some(1)),
+            "{st:?}"
+        );
+        let root = room.status().await.unwrap();
+        assert_eq!(
+            root.children,
+            vec![strong_id],
+            "back within capacity: {root:?}"
+        );
+        for (who, events) in [("weak", &weak_events), ("strong", &strong_events)] {
+            let v = events.lock().unwrap();
+            assert!(
+                !v.iter().any(|e| matches!(e, RoomEvent::Orphaned { .. })),
+                "{who} was orphaned: {v:?}"
+            );
+            assert!(
+                v.iter()
+                    .any(|e| matches!(e, RoomEvent::ParentChanged { .. })),
+                "{who} never changed parent: {v:?}"
+            );
+        }
+        for (n, r) in [(weak, weak_room), (strong, strong_room)] {
+            r.leave().await;
+            n.shutdown().await;
+        }
+        room.leave().await;
+        b.shutdown().await;
     })
     .await
     .expect("bounded");
