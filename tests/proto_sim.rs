@@ -355,15 +355,11 @@ fn a_room_starved_by_losing_the_roots_children_regrows() {
     .holds();
 }
 
-/// Found by the property test (2026-11-25, fanout 2): after the loss of the root's children the
-/// root's two slots were held by capacity-1 relays and four capacity-2 orphans were refused
-/// everywhere (their only leaf-only competitors sat one level down). A starved parent now
-/// gives a less capable child's slot, relay or not, to a joiner that can relay.
-#[test]
-fn a_relay_starved_behind_weaker_relays_is_repaired() {
+/// The fanout-2 room of the next three tests: no churn, the root's children lost, 67 ms links.
+fn fanout_two_root_children_lost(seed: u64, nodes: usize) -> Room {
     Room {
-        seed: 14_216_910_030_848_085_968,
-        nodes: 11,
+        seed,
+        nodes,
         fanout: 2,
         churn: None,
         crash: 0.0,
@@ -372,7 +368,15 @@ fn a_relay_starved_behind_weaker_relays_is_repaired() {
         kill_root_children: true,
         latency: 66.620_969_565_114_66,
     }
-    .holds();
+}
+
+/// Found by the property test (2026-11-25, fanout 2): after the loss of the root's children the
+/// root's two slots were held by capacity-1 relays and four capacity-2 orphans were refused
+/// everywhere (their only leaf-only competitors sat one level down). A starved parent now
+/// gives a less capable child's slot, relay or not, to a joiner that can relay.
+#[test]
+fn a_relay_starved_behind_weaker_relays_is_repaired() {
+    fanout_two_root_children_lost(14_216_910_030_848_085_968, 11).holds();
 }
 
 /// Found by the property test (2026-11-25, fanout 2): as above, but the root's children were as
@@ -380,36 +384,14 @@ fn a_relay_starved_behind_weaker_relays_is_repaired() {
 /// starved parent with no weaker child passes the request to one of its relay children.
 #[test]
 fn a_relay_starved_behind_equal_relays_is_repaired() {
-    Room {
-        seed: 14_216_910_030_848_085_980,
-        nodes: 11,
-        fanout: 2,
-        churn: None,
-        crash: 0.0,
-        fixed: false,
-        mass: None,
-        kill_root_children: true,
-        latency: 66.620_969_565_114_66,
-    }
-    .holds();
+    fanout_two_root_children_lost(14_216_910_030_848_085_980, 11).holds();
 }
 
 /// Shrunk from the case above: three leaf-only viewers and a root with two slots. One viewer
 /// cannot be attached by any tree; the simulator does not count that as a failed repair.
 #[test]
 fn leaf_only_viewers_beyond_the_rooms_capacity_are_not_a_failed_repair() {
-    let cfg = Room {
-        seed: 14_216_910_030_848_085_980,
-        nodes: 5,
-        fanout: 2,
-        churn: None,
-        crash: 0.0,
-        fixed: false,
-        mass: None,
-        kill_root_children: true,
-        latency: 66.620_969_565_114_66,
-    }
-    .config();
+    let cfg = fanout_two_root_children_lost(14_216_910_030_848_085_980, 5).config();
     let r = run(&cfg);
     assert_eq!(r.violations.total(), 0, "{r}");
     assert!(r.attached_at_end < r.live_at_end, "{r}");
