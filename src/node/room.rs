@@ -63,6 +63,10 @@ const CONTROL_TTL: Duration = Duration::from_secs(30);
 const SEEN_CAPACITY: usize = 4096;
 /// A tree neighbour whose libp2p connection closed must answer a probe within this.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A child we accepted that has not connected its media after this is dropped: it went
+/// elsewhere and its word (a Leave) was lost, or it vanished before it offered. Without this
+/// its slot stays taken and the tree lists a child that is not there.
+const CHILD_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Candidates in a snapshot.
 const SNAPSHOT_MAX: usize = 16;
 
@@ -592,6 +596,7 @@ impl Node {
             events: ev_tx,
             senders: HashMap::new(),
             children: BTreeMap::new(),
+            connecting: BTreeMap::new(),
             seen: Seen::default(),
             seq: 0,
             snapshot_inflight: false,
@@ -656,6 +661,9 @@ struct RoomTask {
     events: mpsc::Sender<RoomEvent>,
     senders: HashMap<NodeId, mpsc::Sender<Vec<u8>>>,
     children: BTreeMap<NodeId, ChildId>,
+    /// Children the tree accepted whose media connection is not up yet, with their deadline
+    /// (at most the tree's capacity plus one: the tree bounds it).
+    connecting: BTreeMap<NodeId, tokio::time::Instant>,
     seen: Seen,
     seq: u64,
     snapshot_inflight: bool,
@@ -690,6 +698,7 @@ impl RoomTask {
                 .tree
                 .poll_timeout()
                 .map(|t| tokio::time::Instant::from_std(self.epoch + Duration::from_millis(t.0)));
+            let connect_due = self.connecting.values().min().copied();
             tokio::select! {
                 input = inputs.recv() => match input {
                     Some(Input::Leave(done)) => break Some(done),
@@ -705,6 +714,9 @@ impl RoomTask {
                     self.tree.handle_timeout(now);
                 }
                 _ = refresh.tick(), if self.record.is_some() => self.refresh_record().await,
+                _ = async { tokio::time::sleep_until(connect_due.expect("guarded")).await }, if connect_due.is_some() => {
+                    self.drop_unconnected_children();
+                }
             }
             self.drain().await;
         };
@@ -770,6 +782,26 @@ impl RoomTask {
 
     fn peer_of(id: NodeId) -> Option<PeerId> {
         peer_id_of(&id.0).ok()
+    }
+
+    /// Children accepted long ago that never connected: lost to the tree (see
+    /// `CHILD_CONNECT_TIMEOUT`).
+    fn drop_unconnected_children(&mut self) {
+        let now_i = tokio::time::Instant::now();
+        let expired: Vec<NodeId> = self
+            .connecting
+            .iter()
+            .filter(|(_, t)| **t <= now_i)
+            .map(|(id, _)| *id)
+            .collect();
+        let now = self.now();
+        for id in expired {
+            self.connecting.remove(&id);
+            if !self.children.contains_key(&id) && self.tree.children().any(|c| c == id) {
+                tracing::debug!(child = ?id, "accepted child never connected; dropped");
+                self.tree.handle_link_down(id, now);
+            }
+        }
     }
 
     fn on_media(&mut self, ev: MediaEvent) {
@@ -841,6 +873,7 @@ impl RoomTask {
                 }
             }
             Input::ChildAttached { child, id } => {
+                self.connecting.remove(&child);
                 if self.tree.children().any(|c| c == child) {
                     if let Some(old) = self.children.insert(child, id)
                         && old != id
@@ -900,11 +933,16 @@ impl RoomTask {
                 Output::ConnectParent { peer } => self.connect_parent(peer),
                 Output::AcceptChild { peer } => {
                     tracing::debug!(child = ?peer, "accepted child; waiting for its offer");
+                    if !self.children.contains_key(&peer) {
+                        self.connecting
+                            .insert(peer, tokio::time::Instant::now() + CHILD_CONNECT_TIMEOUT);
+                    }
                 }
                 Output::RefuseChild { peer, reason } => {
                     tracing::debug!(joiner = ?peer, ?reason, "refused");
                 }
                 Output::Disconnect { peer } => {
+                    self.connecting.remove(&peer);
                     if let Some(id) = self.children.remove(&peer) {
                         self.detach(id);
                     }
