@@ -337,26 +337,8 @@ fn a_room_starved_by_a_mass_crash_regrows() {
     .holds();
 }
 
-/// Found by the property test (`PROPTEST_RNG_SEED=4`): 56 viewers, fanout 2, no churn; after
-/// the root's children were killed, 48 viewers stayed detached (fixed with the case above).
-#[test]
-fn a_room_starved_by_losing_the_roots_children_regrows() {
-    Room {
-        seed: 10_851_841_148_705_529_423,
-        nodes: 56,
-        fanout: 2,
-        churn: None,
-        crash: 0.0,
-        fixed: false,
-        mass: None,
-        kill_root_children: true,
-        latency: 13.968_917_525_153_627,
-    }
-    .holds();
-}
-
-/// The fanout-2 room of the next three tests: no churn, the root's children lost, 67 ms links.
-fn fanout_two_root_children_lost(seed: u64, nodes: usize) -> Room {
+/// A fanout-2 room with no churn that loses the root's children (several property-test finds).
+fn fanout_two_root_children_lost(seed: u64, nodes: usize, latency: f64) -> Room {
     Room {
         seed,
         nodes,
@@ -366,9 +348,19 @@ fn fanout_two_root_children_lost(seed: u64, nodes: usize) -> Room {
         fixed: false,
         mass: None,
         kill_root_children: true,
-        latency: 66.620_969_565_114_66,
+        latency,
     }
 }
+
+/// Found by the property test (`PROPTEST_RNG_SEED=4`): 56 viewers, fanout 2, no churn; after
+/// the root's children were killed, 48 viewers stayed detached (fixed with the case above).
+#[test]
+fn a_room_starved_by_losing_the_roots_children_regrows() {
+    fanout_two_root_children_lost(10_851_841_148_705_529_423, 56, 13.968_917_525_153_627).holds();
+}
+
+/// Link latency of the next three property-test finds.
+const LINKS_67_MS: f64 = 66.620_969_565_114_66;
 
 /// Found by the property test (2026-11-25, fanout 2): after the loss of the root's children the
 /// root's two slots were held by capacity-1 relays and four capacity-2 orphans were refused
@@ -376,7 +368,7 @@ fn fanout_two_root_children_lost(seed: u64, nodes: usize) -> Room {
 /// gives a less capable child's slot, relay or not, to a joiner that can relay.
 #[test]
 fn a_relay_starved_behind_weaker_relays_is_repaired() {
-    fanout_two_root_children_lost(14_216_910_030_848_085_968, 11).holds();
+    fanout_two_root_children_lost(14_216_910_030_848_085_968, 11, LINKS_67_MS).holds();
 }
 
 /// Found by the property test (2026-11-25, fanout 2): as above, but the root's children were as
@@ -384,14 +376,14 @@ fn a_relay_starved_behind_weaker_relays_is_repaired() {
 /// starved parent with no weaker child passes the request to one of its relay children.
 #[test]
 fn a_relay_starved_behind_equal_relays_is_repaired() {
-    fanout_two_root_children_lost(14_216_910_030_848_085_980, 11).holds();
+    fanout_two_root_children_lost(14_216_910_030_848_085_980, 11, LINKS_67_MS).holds();
 }
 
 /// Shrunk from the case above: three leaf-only viewers and a root with two slots. One viewer
 /// cannot be attached by any tree; the simulator does not count that as a failed repair.
 #[test]
 fn leaf_only_viewers_beyond_the_rooms_capacity_are_not_a_failed_repair() {
-    let cfg = fanout_two_root_children_lost(14_216_910_030_848_085_980, 5).config();
+    let cfg = fanout_two_root_children_lost(14_216_910_030_848_085_980, 5, LINKS_67_MS).config();
     let r = run(&cfg);
     assert_eq!(r.violations.total(), 0, "{r}");
     assert!(r.attached_at_end < r.live_at_end, "{r}");
