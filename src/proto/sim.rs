@@ -232,6 +232,14 @@ pub struct SimReport {
     /// initial join wave (`nodes / join_rate_per_sec`) on. The wave is a flash crowd of the whole
     /// room; this is the room under churn alone.
     pub steady_depth: Dist,
+    /// The deepest viewer of each steady-state sample: under churn the tree's maximum is a
+    /// moving figure (a subtree sinks when its relay leaves, and rebalancing lifts it back within
+    /// seconds), so its distribution says more than its single worst value.
+    #[serde(default)]
+    pub steady_sample_max: Dist,
+    /// Fraction of the steady-state samples whose deepest viewer is within ideal + 1.
+    #[serde(default)]
+    pub steady_samples_within_ideal_plus_one: f64,
     /// Control bytes received per viewer per second in the steady state (each viewer's time
     /// after the steady state began, at least `min_lifetime_for_traffic_secs` of it).
     pub steady_rx_bytes_per_sec: Dist,
@@ -308,6 +316,14 @@ impl fmt::Display for SimReport {
                 self.steady_depth.p50,
                 self.steady_depth.p99,
                 self.steady_depth.max
+            )?;
+            writeln!(
+                f,
+                "    per sample     deepest viewer p50 {:.0}  p95 {:.0}  max {:.0}; {:.1}% of samples within ideal + 1",
+                self.steady_sample_max.p50,
+                self.steady_sample_max.p95,
+                self.steady_sample_max.max,
+                self.steady_samples_within_ideal_plus_one * 100.0
             )?;
         }
         writeln!(
@@ -555,6 +571,8 @@ struct Sim<'a> {
     depth_hist: Vec<u64>,
     final_max_depth: u32,
     steady_hist: Vec<u64>,
+    /// Histogram of the deepest viewer per steady-state sample.
+    steady_max_hist: Vec<u64>,
     steady: bool,
     violations: Violations,
     events: u64,
@@ -609,6 +627,7 @@ impl<'a> Sim<'a> {
             joins: Vec::new(),
             depth_hist: Vec::new(),
             steady_hist: Vec::new(),
+            steady_max_hist: Vec::new(),
             steady: false,
             final_max_depth: 0,
             violations: Violations::default(),
@@ -1187,6 +1206,13 @@ impl<'a> Sim<'a> {
             }
         }
         self.final_max_depth = max;
+        if self.steady {
+            let m = max as usize;
+            if self.steady_max_hist.len() <= m {
+                self.steady_max_hist.resize(m + 1, 0);
+            }
+            self.steady_max_hist[m] += 1;
+        }
         let flagged_conn = self
             .alive_list
             .iter()
@@ -1281,6 +1307,14 @@ impl<'a> Sim<'a> {
         }
         let depth = hist_dist(&self.depth_hist);
         let steady_depth = hist_dist(&self.steady_hist);
+        let steady_sample_max = hist_dist(&self.steady_max_hist);
+        let ideal = ideal_depth(self.cfg.nodes, self.cfg.fanout) as usize;
+        let within: u64 = self.steady_max_hist.iter().take(ideal + 2).sum();
+        let steady_samples_within_ideal_plus_one = if steady_sample_max.count == 0 {
+            0.0
+        } else {
+            within as f64 / steady_sample_max.count as f64
+        };
         let root_life = (end as f64 / 1000.0).max(1e-9);
         let busiest_rx = busiest
             .map(|(_, i, secs)| {
@@ -1298,6 +1332,8 @@ impl<'a> Sim<'a> {
             depth,
             final_max_depth: self.final_max_depth,
             steady_depth,
+            steady_sample_max,
+            steady_samples_within_ideal_plus_one,
             steady_rx_bytes_per_sec: Dist::of(steady_rx),
             join_ms: Dist::of(std::mem::take(&mut self.joins)),
             outage_ms: Dist::of(std::mem::take(&mut self.outages)),

@@ -223,6 +223,12 @@ pub enum TreeMsg {
         joiner: Option<NodeId>,
         /// Times forwarded so far.
         hops: u8,
+        /// The joiner's link to `lost_parent` went down (it crashed or vanished): the lost
+        /// parent's parent may evict it at once to give the joiner its slot. Not set when the
+        /// lost parent told us to go (it evicted us, or it left and told its parent itself): a
+        /// live parent must not be evicted on our word, with its whole subtree.
+        #[serde(default, skip_serializing_if = "is_false")]
+        parent_gone: bool,
     },
     /// Adopted: the parent's update and its directory.
     Accept {
@@ -455,6 +461,10 @@ struct ChildInfo {
     summary: Vec<SlotAd>,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 #[derive(Clone, Copy, Debug)]
 struct JoinReq {
     joiner: NodeId,
@@ -463,6 +473,7 @@ struct JoinReq {
     max_depth: Option<u16>,
     lost_parent: Option<NodeId>,
     hops: u8,
+    parent_gone: bool,
 }
 
 /// A promotion granted by this node: `new` took the place of `old`, which is to move under it.
@@ -492,6 +503,9 @@ struct Orphan {
     /// parent, or a departing one): we cannot close a cycle, so candidates below that parent
     /// need not refuse us.
     leaf_handover: bool,
+    /// The link to the lost parent went down (it crashed or vanished), rather than a word from
+    /// it: only then may its own parent evict it on our word.
+    link_down: bool,
 }
 
 impl Orphan {
@@ -838,6 +852,7 @@ impl TreeNode {
                 lost_parent,
                 joiner,
                 hops,
+                parent_gone,
             } => {
                 let req = JoinReq {
                     joiner: joiner.unwrap_or(from),
@@ -846,6 +861,7 @@ impl TreeNode {
                     max_depth,
                     lost_parent,
                     hops,
+                    parent_gone,
                 };
                 self.on_join(req, now)
             }
@@ -896,7 +912,7 @@ impl TreeNode {
             return;
         }
         if self.parent == Some(peer) {
-            self.parent_lost(None, now);
+            self.parent_lost(None, true, now);
         }
         if self.children.contains_key(&peer) {
             self.remove_child(peer, now);
@@ -937,7 +953,7 @@ impl TreeNode {
             if let Some(p) = self.parent {
                 self.send(p, TreeMsg::Leave { successor: None });
             }
-            self.parent_lost(None, now);
+            self.parent_lost(None, false, now);
         }
         if self.retry_at.is_some_and(|t| now >= t) {
             self.retry_at = None;
@@ -1130,6 +1146,13 @@ impl TreeNode {
         } else {
             self.emit(TreeEvent::ParentChanged { old, new: from });
         }
+        // A relay repaired far below its old place (its own region was repairing too, or no
+        // shallower slot answered in time) drags its subtree down: look for better soon.
+        let sank = !self.children.is_empty()
+            && self
+                .orphan
+                .as_ref()
+                .is_some_and(|o| depth > o.old_depth.saturating_add(1));
         if let Some(o) = self.orphan.take() {
             self.emit(TreeEvent::Rejoined {
                 parent: from,
@@ -1148,6 +1171,10 @@ impl TreeNode {
             self.move_failures = 0;
             // Stay put for a while after a move.
             self.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
+        } else if sank {
+            self.move_failures = 0;
+            let base = self.cfg.rebalance_interval_ms / 4;
+            self.rebalance_at = Some(now.plus(base + self.rng.below(base.max(1))));
         } else if self.rebalance_at.is_none() {
             self.rebalance_at = Some(now.plus(self.rebalance_gap()));
         }
@@ -1244,6 +1271,22 @@ impl TreeNode {
                 .copied()
                 .collect();
         }
+        dedup_ads(&mut v);
+        v
+    }
+
+    /// Candidates for a move: the directory and the hints together. Hints outlive the join or
+    /// refused move that brought them (they are cleared only by an accept), and a refused move
+    /// leaves those of a deep subtree: taken alone they would hide the directory's shallow slots
+    /// from every later move, and pin a sunk subtree where it is.
+    fn move_candidates(&self, now: Millis) -> Vec<SlotAd> {
+        let mut v: Vec<SlotAd> = self
+            .hints
+            .iter()
+            .chain(self.directory.iter())
+            .filter(|a| self.usable(a, now))
+            .copied()
+            .collect();
         dedup_ads(&mut v);
         v
     }
@@ -1395,6 +1438,12 @@ impl TreeNode {
             kind,
             sent: now,
         });
+        let parent_gone = kind == JoinKind::Repair
+            && lost_parent.is_some()
+            && self
+                .orphan
+                .as_ref()
+                .is_some_and(|o| o.link_down && o.lost == lost_parent);
         self.send(
             target,
             TreeMsg::Join {
@@ -1404,6 +1453,7 @@ impl TreeNode {
                 lost_parent,
                 joiner: None,
                 hops: 0,
+                parent_gone,
             },
         );
     }
@@ -1453,7 +1503,7 @@ impl TreeNode {
         }
         let more_capable = self.capacity > self.parent_capacity;
         let cands: Vec<SlotAd> = self
-            .candidates(now)
+            .move_candidates(now)
             .into_iter()
             .filter(|a| a.depth + 2 <= d)
             .collect();
@@ -1497,6 +1547,7 @@ impl TreeNode {
             max_depth,
             lost_parent,
             hops,
+            parent_gone,
         } = req;
         if from == self.id {
             return;
@@ -1528,6 +1579,7 @@ impl TreeNode {
         }
         let handover = kind == JoinKind::Handover;
         if kind == JoinKind::Repair
+            && parent_gone
             && let Some(l) = lost_parent
             && self
                 .children
@@ -1621,6 +1673,7 @@ impl TreeNode {
                         lost_parent,
                         joiner: Some(from),
                         hops: hops + 1,
+                        parent_gone: false,
                     },
                 );
                 return;
@@ -1695,6 +1748,7 @@ impl TreeNode {
                 lost_parent: req.lost_parent,
                 joiner: Some(req.joiner),
                 hops: req.hops + 1,
+                parent_gone: false,
             },
         );
         true
@@ -1743,7 +1797,7 @@ impl TreeNode {
     fn on_leave(&mut self, from: NodeId, successor: Option<NodeId>, now: Millis) {
         if self.parent == Some(from) {
             self.out.push_back(Output::Disconnect { peer: from });
-            self.parent_lost(successor.filter(|s| *s != self.id), now);
+            self.parent_lost(successor.filter(|s| *s != self.id), false, now);
         } else if self.children.contains_key(&from) {
             self.out.push_back(Output::Disconnect { peer: from });
             self.remove_child(from, now);
@@ -1865,7 +1919,7 @@ impl TreeNode {
         self.summary_dirty(now);
     }
 
-    fn parent_lost(&mut self, successor: Option<NodeId>, now: Millis) {
+    fn parent_lost(&mut self, successor: Option<NodeId>, link_down: bool, now: Millis) {
         if self.is_root {
             return;
         }
@@ -1882,6 +1936,7 @@ impl TreeNode {
             successor,
             lost_ancestors,
             leaf_handover,
+            link_down,
         });
         if let Some(p) = self.pending.as_mut() {
             // A move in progress becomes the repair.
@@ -1903,7 +1958,7 @@ impl TreeNode {
         self.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
         if !upd.children.contains(&self.id) {
             // The parent dropped us.
-            self.parent_lost(None, now);
+            self.parent_lost(None, false, now);
             return;
         }
         if upd.depth == DEPTH_DETACHED {
@@ -1921,7 +1976,7 @@ impl TreeNode {
                 self.send(p, TreeMsg::Leave { successor: None });
                 self.out.push_back(Output::Disconnect { peer: p });
             }
-            self.parent_lost(None, now);
+            self.parent_lost(None, false, now);
             return;
         }
         let mut ancestors = upd.ancestors;
@@ -2260,6 +2315,7 @@ impl TreeMsg {
                 lost_parent,
                 joiner,
                 hops,
+                parent_gone,
             } => (
                 "Join",
                 1 + cbor_text("kind")
@@ -2279,7 +2335,12 @@ impl TreeMsg {
                     + cbor_text("joiner")
                     + cbor_opt_id(joiner)
                     + cbor_text("hops")
-                    + cbor_uint(*hops as u64),
+                    + cbor_uint(*hops as u64)
+                    + if *parent_gone {
+                        cbor_text("parent_gone") + 1
+                    } else {
+                        0
+                    },
             ),
             TreeMsg::Accept { parent, directory } => (
                 "Accept",
@@ -2367,6 +2428,7 @@ mod tests {
             lost_parent,
             joiner: None,
             hops: 0,
+            parent_gone: false,
         }
     }
 
@@ -2543,6 +2605,7 @@ mod tests {
                     lost_parent: Some(id(7)),
                     joiner: Some(id(5)),
                     hops: 1,
+                    parent_gone: false,
                 }
             )]
         );
@@ -2751,6 +2814,7 @@ mod tests {
             successor: None,
             lost_ancestors: vec![id(0), id(1), id(2)],
             leaf_handover: false,
+            link_down: true,
         };
         // A relay names its lost parent (candidates below it refuse: sibling subtrees repairing
         // at once must not adopt each other)...
@@ -3057,6 +3121,7 @@ mod tests {
                 kind: JoinKind::Repair,
                 lost_parent: Some(l),
                 max_depth: Some(2),
+                parent_gone: true,
                 ..
             } if l == id(2)
         ));
@@ -3070,6 +3135,38 @@ mod tests {
         assert!(
             s.iter().all(|(to, _)| *to != id(1)),
             "the silent grandparent is not asked again at once: {s:?}"
+        );
+    }
+
+    /// A relay its live parent dropped (it names no successor) asks the grandparent, but does not
+    /// claim the parent is gone: the grandparent must not evict a live relay and its subtree.
+    #[test]
+    fn an_evicted_relay_does_not_claim_its_parent_is_gone() {
+        let mut n = attached(5, 2, &[0, 1], 4);
+        n.handle_message(id(7), join_msg(JoinKind::New), Millis(1));
+        // No shallower slot known: the grandparent is the one to ask.
+        n.handle_message(
+            id(2),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 6, 2)],
+            },
+            Millis(2),
+        );
+        drain(&mut n);
+        n.handle_message(id(2), TreeMsg::Leave { successor: None }, Millis(100));
+        let s = sent(&drain(&mut n));
+        let to_grandparent: Vec<_> = s.iter().filter(|(to, _)| *to == id(1)).collect();
+        assert_eq!(to_grandparent.len(), 1, "{s:?}");
+        assert!(
+            matches!(
+                to_grandparent[0].1,
+                TreeMsg::Join {
+                    kind: JoinKind::Repair,
+                    parent_gone: false,
+                    ..
+                }
+            ),
+            "{s:?}"
         );
     }
 
@@ -3095,14 +3192,44 @@ mod tests {
         g.handle_message(id(2), join_msg(JoinKind::New), Millis(0));
         g.handle_update(id(2), update_of(2, 0, &[3]), Millis(1));
         drain(&mut g);
-        let repair = |lost: u8| join_req(JoinKind::Repair, 4, Some(1), Some(id(lost)));
+        let repair = |lost: u8, parent_gone: bool| match join_req(
+            JoinKind::Repair,
+            4,
+            Some(1),
+            Some(id(lost)),
+        ) {
+            TreeMsg::Join {
+                kind,
+                capacity,
+                max_depth,
+                lost_parent,
+                joiner,
+                hops,
+                ..
+            } => TreeMsg::Join {
+                kind,
+                capacity,
+                max_depth,
+                lost_parent,
+                joiner,
+                hops,
+                parent_gone,
+            },
+            m => m,
+        };
         // A stranger's word is not enough.
-        g.handle_message(id(4), repair(2), Millis(2));
+        g.handle_message(id(4), repair(2, true), Millis(2));
         let s = sent(&drain(&mut g));
         assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
         assert_eq!(g.children().collect::<Vec<_>>(), vec![id(2)]);
-        // The lost child's own child takes its slot.
-        g.handle_message(id(3), repair(2), Millis(3));
+        // Nor a child's that was told to go by a live parent (evicted, or handed elsewhere):
+        // evicting that parent would cut its whole subtree.
+        g.handle_message(id(3), repair(2, false), Millis(3));
+        let s = sent(&drain(&mut g));
+        assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
+        assert_eq!(g.children().collect::<Vec<_>>(), vec![id(2)]);
+        // The lost child's own child, whose link to it went down, takes its slot.
+        g.handle_message(id(3), repair(2, true), Millis(3));
         let s = sent(&drain(&mut g));
         assert!(s.contains(&(id(2), TreeMsg::Leave { successor: None })));
         assert!(
@@ -3183,5 +3310,123 @@ mod tests {
         let next = n.rebalance_at.expect("still rebalancing");
         assert!(next >= t.plus(100 + 5_000), "{next:?}");
         assert_eq!(n.parent(), Some(id(1)));
+    }
+
+    /// The deep slots a full target hinted at when it refused a move do not hide the shallow
+    /// slots of the directory from the next move (they used to, for good: hints are cleared only
+    /// by an accept, and a sunk subtree stayed where it was).
+    #[test]
+    fn a_refused_moves_hints_do_not_hide_the_directory() {
+        // Depth 6, with a child: a relay that rebalances.
+        let mut n = attached(5, 1, &[0, 8, 9, 10, 11], 4);
+        n.handle_message(id(7), join_msg(JoinKind::New), Millis(1));
+        n.handle_message(
+            id(1),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 3, 2)],
+            },
+            Millis(2),
+        );
+        drain(&mut n);
+        let t = Millis(1_000_000);
+        n.handle_timeout(t);
+        let s = sent(&drain(&mut n));
+        assert!(
+            s.iter().any(|(to, m)| *to == id(60)
+                && matches!(
+                    m,
+                    TreeMsg::Join {
+                        kind: JoinKind::Move,
+                        ..
+                    }
+                )),
+            "{s:?}"
+        );
+        // Refused, with hints of slots only one level up: not worth a move.
+        n.handle_message(
+            id(60),
+            TreeMsg::Refuse {
+                reason: RefuseReason::Full,
+                hints: vec![ad(61, 4, 2)],
+            },
+            t.plus(100),
+        );
+        drain(&mut n);
+        // The directory learns of another shallow slot; the next check finds it.
+        n.handle_message(
+            id(1),
+            TreeMsg::Directory {
+                slots: vec![ad(62, 2, 3)],
+            },
+            t.plus(200),
+        );
+        drain(&mut n);
+        let next = n.rebalance_at.expect("still rebalancing");
+        n.handle_timeout(next);
+        let s = sent(&drain(&mut n));
+        assert!(
+            s.iter().any(|(to, m)| *to == id(62)
+                && matches!(
+                    m,
+                    TreeMsg::Join {
+                        kind: JoinKind::Move,
+                        ..
+                    }
+                )),
+            "{s:?}"
+        );
+    }
+
+    /// A relay that a repair sank more than one level below its old depth looks for a better
+    /// place soon, not after a whole rebalancing interval.
+    #[test]
+    fn a_relay_repaired_far_below_its_old_depth_checks_again_soon() {
+        let sink = |child: bool| {
+            // Depth 3, as a relay (or not).
+            let mut n = attached(5, 2, &[0, 1], 4);
+            if child {
+                n.handle_message(id(7), join_msg(JoinKind::New), Millis(1));
+            }
+            n.handle_message(
+                id(2),
+                TreeMsg::Directory {
+                    slots: vec![ad(60, 5, 2)],
+                },
+                Millis(2),
+            );
+            drain(&mut n);
+            let t = Millis(100_000);
+            let before = n.rebalance_at;
+            n.handle_link_down(id(2), t);
+            let target = n.pending.map(|p| p.target).expect("repairing");
+            let upd = TreeUpdate {
+                peer: target,
+                parent: Some(id(30)),
+                depth: 5,
+                ancestors: vec![id(0), id(30), id(31), id(32), id(33)],
+                children: vec![id(5)],
+                capacity: 4,
+                uplink_kbps: 0,
+                seq: 1,
+                ts_ms: 0,
+            };
+            n.handle_message(
+                target,
+                TreeMsg::Accept {
+                    parent: upd,
+                    directory: vec![],
+                },
+                t.plus(300),
+            );
+            assert_eq!(n.depth(), Some(6));
+            (before, n.rebalance_at, t.plus(300))
+        };
+        let interval = cfg(4).rebalance_interval_ms;
+        let (_, next, t) = sink(true);
+        let next = next.expect("rebalancing");
+        assert!(next > t && next.since(t) < interval / 2, "{next:?}");
+        // A leaf's depth hardly matters: its schedule is unchanged.
+        let (before, next, _) = sink(false);
+        assert_eq!(before, next);
     }
 }
