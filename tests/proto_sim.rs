@@ -86,6 +86,34 @@ fn no_churn_tree_is_near_ideal() {
     assert_eq!(r.outage_ms.count, 0);
 }
 
+/// Heterogeneous capacities (a sixth of the room leaf-only), no churn: once the flash crowd has
+/// settled, no sample sees a viewer deeper than ideal + 1 (the first-come placement of the wave
+/// is repaired by promotion and rebalancing, make-before-break).
+#[test]
+fn a_heterogeneous_room_settles_within_ideal_plus_one() {
+    let cfg = SimConfig {
+        nodes: 2000,
+        duration_secs: 240.0,
+        churn_mean_secs: None,
+        seed: 5,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    eprintln!("{r}");
+    assert_eq!(r.violations.total(), 0, "{:?}", r.violations);
+    assert_eq!(r.attached_at_end, 2000);
+    let wave = cfg.nodes as f64 / cfg.join_rate_per_sec;
+    // Settled within two minutes of the wave's end (virtual time), and stays so.
+    assert!(
+        r.last_sample_over_ideal_plus_one_secs
+            .is_none_or(|t| t <= wave + 120.0),
+        "{:?}",
+        r.last_sample_over_ideal_plus_one_secs
+    );
+    assert!(r.final_max_depth <= r.ideal_depth + 1);
+    assert!(r.steady_sample_max.count > 10);
+}
+
 #[test]
 fn losing_all_of_the_roots_children_at_once_is_repaired() {
     let cfg = SimConfig {

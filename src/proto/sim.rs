@@ -240,6 +240,11 @@ pub struct SimReport {
     /// Fraction of the steady-state samples whose deepest viewer is within ideal + 1.
     #[serde(default)]
     pub steady_samples_within_ideal_plus_one: f64,
+    /// Time of the last sample (of all, join wave included) whose deepest viewer was deeper
+    /// than ideal + 1, in seconds; `None` if there was none. Without churn: how long the tree
+    /// took to settle after the flash crowd.
+    #[serde(default)]
+    pub last_sample_over_ideal_plus_one_secs: Option<f64>,
     /// Control bytes received per viewer per second in the steady state (each viewer's time
     /// after the steady state began, at least `min_lifetime_for_traffic_secs` of it).
     pub steady_rx_bytes_per_sec: Dist,
@@ -325,6 +330,14 @@ impl fmt::Display for SimReport {
                 self.steady_sample_max.max,
                 self.steady_samples_within_ideal_plus_one * 100.0
             )?;
+        }
+        match self.last_sample_over_ideal_plus_one_secs {
+            Some(t) => writeln!(
+                f,
+                "    last sample deeper than ideal + 1 at {t:.0} s (of {:.0} s)",
+                self.config.duration_secs
+            )?,
+            None => writeln!(f, "    no sample deeper than ideal + 1")?,
         }
         writeln!(
             f,
@@ -570,6 +583,7 @@ struct Sim<'a> {
     joins: Vec<f64>,
     depth_hist: Vec<u64>,
     final_max_depth: u32,
+    last_over_ideal_plus_one: Option<u64>,
     steady_hist: Vec<u64>,
     /// Histogram of the deepest viewer per steady-state sample.
     steady_max_hist: Vec<u64>,
@@ -630,6 +644,7 @@ impl<'a> Sim<'a> {
             steady_max_hist: Vec::new(),
             steady: false,
             final_max_depth: 0,
+            last_over_ideal_plus_one: None,
             violations: Violations::default(),
             events: 0,
             refusals: Default::default(),
@@ -1206,6 +1221,9 @@ impl<'a> Sim<'a> {
             }
         }
         self.final_max_depth = max;
+        if max > ideal_depth(self.cfg.nodes, self.cfg.fanout) + 1 {
+            self.last_over_ideal_plus_one = Some(self.now);
+        }
         if self.steady {
             let m = max as usize;
             if self.steady_max_hist.len() <= m {
@@ -1331,6 +1349,9 @@ impl<'a> Sim<'a> {
             ideal_depth: ideal_depth(self.cfg.nodes, self.cfg.fanout),
             depth,
             final_max_depth: self.final_max_depth,
+            last_sample_over_ideal_plus_one_secs: self
+                .last_over_ideal_plus_one
+                .map(|t| t as f64 / 1000.0),
             steady_depth,
             steady_sample_max,
             steady_samples_within_ideal_plus_one,
