@@ -55,8 +55,12 @@
 //!   backup at once; its subtree stays attached to it and is told it is detached until the repair
 //!   is done. Without a usable backup or shallower slot it asks its lost parent's parent: alive
 //!   as of the last update, it holds the lost parent's slot (it evicts that child on the word of
-//!   a peer the child listed among its own children) and fresh summaries of the neighbouring
-//!   subtrees to forward to (never into the lost one). A repair request unanswered after
+//!   a peer the child listed among its own children, if that peer's link to it went down --
+//!   never when the child itself told the peer to go: a live relay and its whole subtree would
+//!   be cut, and its own orphaned state would evict the next relay up) and fresh summaries of
+//!   the neighbouring subtrees to forward to (never into the lost one). After a repair that
+//!   sank it more than one level, a relay checks for a better place within a quarter to half
+//!   of `rebalance_interval`. A repair request unanswered after
 //!   `repair_timeout_ms` (a stale directory names departed peers) moves on to the next
 //!   candidate. A node detached upstream for longer than `upstream_grace` repairs itself.
 //! - **Starvation**: a full parent that knows no free slot anywhere (its subtree and its
