@@ -3089,7 +3089,20 @@ mod tests {
             TreeMsg::Relocate,
             join_req(JoinKind::Promote, 8, Some(2), Some(id(4))),
             TreeMsg::MoveUnder { target: id(6) },
+            TreeMsg::Join {
+                kind: JoinKind::Repair,
+                capacity: 2,
+                max_depth: Some(1),
+                lost_parent: Some(id(7)),
+                joiner: None,
+                hops: 0,
+                parent_gone: true,
+            },
         ];
+        // `parent_gone` is left out when false: a Join encodes as it did before the field.
+        let mut plain = Vec::new();
+        ciborium::into_writer(&join_msg(JoinKind::Repair), &mut plain).expect("encodes");
+        assert!(!plain.windows(11).any(|w| w == b"parent_gone"));
         for m in msgs {
             let mut buf = Vec::new();
             ciborium::into_writer(&m, &mut buf).expect("encodes");
