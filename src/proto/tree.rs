@@ -2436,6 +2436,30 @@ mod tests {
         }
     }
 
+    /// The same request, claiming the link to the lost parent went down.
+    fn gone(mut m: TreeMsg) -> TreeMsg {
+        if let TreeMsg::Join { parent_gone, .. } = &mut m {
+            *parent_gone = true;
+        }
+        m
+    }
+
+    /// A relay at depth 3 (one child) under 2, whose directory knows nothing shallower than
+    /// depth 6: on losing its parent, the grandparent is the one to ask.
+    fn relay_with_a_deep_directory() -> TreeNode {
+        let mut n = attached(5, 2, &[0, 1], 4);
+        n.handle_message(id(7), join_msg(JoinKind::New), Millis(1));
+        n.handle_message(
+            id(2),
+            TreeMsg::Directory {
+                slots: vec![ad(60, 6, 2)],
+            },
+            Millis(2),
+        );
+        drain(&mut n);
+        n
+    }
+
     /// A viewer attached under `parent` (whose path is `ancestors` + parent at `depth - 1`).
     fn attached(me: u8, parent: u8, ancestors: &[u8], cap: u16) -> TreeNode {
         let mut n = TreeNode::new(id(me), cfg(cap), me as u64);
@@ -3089,15 +3113,7 @@ mod tests {
             TreeMsg::Relocate,
             join_req(JoinKind::Promote, 8, Some(2), Some(id(4))),
             TreeMsg::MoveUnder { target: id(6) },
-            TreeMsg::Join {
-                kind: JoinKind::Repair,
-                capacity: 2,
-                max_depth: Some(1),
-                lost_parent: Some(id(7)),
-                joiner: None,
-                hops: 0,
-                parent_gone: true,
-            },
+            gone(join_req(JoinKind::Repair, 2, Some(1), Some(id(7)))),
         ];
         // `parent_gone` is left out when false: a Join encodes as it did before the field.
         let mut plain = Vec::new();
@@ -3118,16 +3134,7 @@ mod tests {
     /// parent, and gives a repair target only `repair_timeout_ms` (not `join_timeout_ms`).
     #[test]
     fn orphan_falls_back_on_the_grandparent_with_a_short_timeout() {
-        let mut n = attached(5, 2, &[0, 1], 4);
-        n.handle_message(id(7), join_msg(JoinKind::New), Millis(1));
-        n.handle_message(
-            id(2),
-            TreeMsg::Directory {
-                slots: vec![ad(60, 6, 2)],
-            },
-            Millis(2),
-        );
-        drain(&mut n);
+        let mut n = relay_with_a_deep_directory();
         n.handle_link_down(id(2), Millis(100));
         let s = sent(&drain(&mut n));
         assert_eq!(s.len(), 1, "{s:?}");
@@ -3159,17 +3166,7 @@ mod tests {
     /// claim the parent is gone: the grandparent must not evict a live relay and its subtree.
     #[test]
     fn an_evicted_relay_does_not_claim_its_parent_is_gone() {
-        let mut n = attached(5, 2, &[0, 1], 4);
-        n.handle_message(id(7), join_msg(JoinKind::New), Millis(1));
-        // No shallower slot known: the grandparent is the one to ask.
-        n.handle_message(
-            id(2),
-            TreeMsg::Directory {
-                slots: vec![ad(60, 6, 2)],
-            },
-            Millis(2),
-        );
-        drain(&mut n);
+        let mut n = relay_with_a_deep_directory();
         n.handle_message(id(2), TreeMsg::Leave { successor: None }, Millis(100));
         let s = sent(&drain(&mut n));
         let to_grandparent: Vec<_> = s.iter().filter(|(to, _)| *to == id(1)).collect();
@@ -3209,44 +3206,20 @@ mod tests {
         g.handle_message(id(2), join_msg(JoinKind::New), Millis(0));
         g.handle_update(id(2), update_of(2, 0, &[3]), Millis(1));
         drain(&mut g);
-        let repair = |lost: u8, parent_gone: bool| match join_req(
-            JoinKind::Repair,
-            4,
-            Some(1),
-            Some(id(lost)),
-        ) {
-            TreeMsg::Join {
-                kind,
-                capacity,
-                max_depth,
-                lost_parent,
-                joiner,
-                hops,
-                ..
-            } => TreeMsg::Join {
-                kind,
-                capacity,
-                max_depth,
-                lost_parent,
-                joiner,
-                hops,
-                parent_gone,
-            },
-            m => m,
-        };
+        let repair = |lost: u8| join_req(JoinKind::Repair, 4, Some(1), Some(id(lost)));
         // A stranger's word is not enough.
-        g.handle_message(id(4), repair(2, true), Millis(2));
+        g.handle_message(id(4), gone(repair(2)), Millis(2));
         let s = sent(&drain(&mut g));
         assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
         assert_eq!(g.children().collect::<Vec<_>>(), vec![id(2)]);
         // Nor a child's that was told to go by a live parent (evicted, or handed elsewhere):
         // evicting that parent would cut its whole subtree.
-        g.handle_message(id(3), repair(2, false), Millis(3));
+        g.handle_message(id(3), repair(2), Millis(3));
         let s = sent(&drain(&mut g));
         assert!(matches!(s[0].1, TreeMsg::Refuse { .. }), "{s:?}");
         assert_eq!(g.children().collect::<Vec<_>>(), vec![id(2)]);
         // The lost child's own child, whose link to it went down, takes its slot.
-        g.handle_message(id(3), repair(2, true), Millis(3));
+        g.handle_message(id(3), gone(repair(2)), Millis(3));
         let s = sent(&drain(&mut g));
         assert!(s.contains(&(id(2), TreeMsg::Leave { successor: None })));
         assert!(
