@@ -3320,18 +3320,20 @@ mod tests {
         drain(&mut n);
         let t = Millis(1_000_000);
         n.handle_timeout(t);
+        let moves_to = |s: &[(NodeId, TreeMsg)], peer: u8| {
+            s.iter().any(|(to, m)| {
+                *to == id(peer)
+                    && matches!(
+                        m,
+                        TreeMsg::Join {
+                            kind: JoinKind::Move,
+                            ..
+                        }
+                    )
+            })
+        };
         let s = sent(&drain(&mut n));
-        assert!(
-            s.iter().any(|(to, m)| *to == id(60)
-                && matches!(
-                    m,
-                    TreeMsg::Join {
-                        kind: JoinKind::Move,
-                        ..
-                    }
-                )),
-            "{s:?}"
-        );
+        assert!(moves_to(&s, 60), "{s:?}");
         // Refused, with hints of slots only one level up: not worth a move.
         n.handle_message(
             id(60),
@@ -3354,17 +3356,7 @@ mod tests {
         let next = n.rebalance_at.expect("still rebalancing");
         n.handle_timeout(next);
         let s = sent(&drain(&mut n));
-        assert!(
-            s.iter().any(|(to, m)| *to == id(62)
-                && matches!(
-                    m,
-                    TreeMsg::Join {
-                        kind: JoinKind::Move,
-                        ..
-                    }
-                )),
-            "{s:?}"
-        );
+        assert!(moves_to(&s, 62), "{s:?}");
     }
 
     /// A relay that a repair sank more than one level below its old depth looks for a better
