@@ -17,6 +17,7 @@
 //! [`TreeUpdate`]s are delivered to tree neighbours only (parent and children), never to the whole
 //! room, so what a node receives per second does not grow with the room's size.
 
+pub mod room;
 pub mod sim;
 pub mod tree;
 
@@ -24,6 +25,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use room::{RoomNode, RoomOutput, RoomTimings};
 pub use tree::{
     Config, DEPTH_DETACHED, JoinKind, Output, RefuseReason, SlotAd, Snapshot, TreeEvent, TreeMsg,
     TreeNode, TreeUpdate,
