@@ -1,7 +1,10 @@
 //! Simulator tests: the tree under churn, crashes and mass departures keeps its invariants.
 
 use proptest::prelude::*;
-use waterfall::proto::sim::{CapacityDist, MassDeparture, SimConfig, ideal_depth, run};
+use waterfall::proto::RoomTimings;
+use waterfall::proto::sim::{
+    CapacityDist, CrashDetection, MassDeparture, SimConfig, ideal_depth, run,
+};
 
 /// 1,000 viewers, fanout 4, heterogeneous capacity, 10-minute mean sessions, 50 ms links, every
 /// invariant checked on every step.
@@ -455,4 +458,111 @@ fn a_promotion_with_slow_links_closes_no_cycle() {
         latency: 135.628_759_861_572_06,
     }
     .holds();
+}
+
+// ----- the room layer's rules, run by the simulator -----
+
+/// A fifth of the arrivals vanish right after their first join request: their candidates accept
+/// them and never hear from them again. The child-connect deadline drops each of them and frees
+/// its slot; without it (a deadline too long to matter) the slots stay taken by ghosts.
+#[test]
+fn accepted_children_that_never_connect_are_dropped_and_their_slots_freed() {
+    let cfg = SimConfig {
+        nodes: 300,
+        duration_secs: 120.0,
+        churn_mean_secs: None,
+        // Slowly enough that most ghosts find a free slot at their first request.
+        join_rate_per_sec: 10.0,
+        ghost_joiner_fraction: 0.2,
+        seed: 21,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    eprintln!("{r}");
+    assert_eq!(r.violations.total(), 0, "{:?}", r.violations);
+    assert!(r.crashes >= 30, "ghosts vanished: {}", r.crashes);
+    let dropped = r.links_down.get("NeverConnected").copied().unwrap_or(0);
+    assert!(dropped >= 20, "ghost children dropped: {:?}", r.links_down);
+    assert_eq!(r.stale_children_at_end, 0);
+    assert_eq!(r.attached_at_end, r.live_at_end);
+
+    let without = run(&SimConfig {
+        room: RoomTimings {
+            child_connect_ms: 1_000_000_000,
+            ..RoomTimings::default()
+        },
+        ..cfg
+    });
+    eprintln!("{without}");
+    assert_eq!(without.links_down.get("NeverConnected"), None);
+    assert!(
+        without.stale_children_at_end >= 20,
+        "without the deadline the ghosts keep their slots: {}",
+        without.stale_children_at_end
+    );
+}
+
+/// Tree edges' control connections close and reopen (both peers alive) about once a minute per
+/// edge: every close is probed, every probe answered, and no edge is torn down.
+#[test]
+fn a_neighbour_that_answers_the_probe_is_kept() {
+    let cfg = SimConfig {
+        nodes: 300,
+        duration_secs: 180.0,
+        churn_mean_secs: None,
+        connection_drops_per_edge_per_hour: 60.0,
+        seed: 22,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    eprintln!("{r}");
+    assert_eq!(r.violations.total(), 0, "{:?}", r.violations);
+    assert!(r.probes > 500, "probes: {}", r.probes);
+    assert_eq!(r.probes_answered, r.probes);
+    assert!(r.links_down.is_empty(), "{:?}", r.links_down);
+    assert_eq!(r.attached_at_end, 300);
+}
+
+/// Crashes that only close the control connection: the neighbours probe, get no answer, and
+/// declare the link down after the probe deadline; the tree repairs as usual, the outage longer
+/// by the probe.
+#[test]
+fn a_neighbour_that_does_not_answer_the_probe_is_declared_down() {
+    let base = SimConfig {
+        nodes: 300,
+        duration_secs: 300.0,
+        churn_mean_secs: Some(200.0),
+        crash_fraction: 0.5,
+        seed: 23,
+        ..SimConfig::default()
+    };
+    let probed = run(&SimConfig {
+        crash_detection: CrashDetection::ConnectionClosed,
+        ..base.clone()
+    });
+    eprintln!("{probed}");
+    assert_eq!(probed.violations.total(), 0, "{:?}", probed.violations);
+    let timeouts = probed.links_down.get("ProbeTimeout").copied().unwrap_or(0);
+    assert!(timeouts >= 50, "{:?}", probed.links_down);
+    assert_eq!(probed.links_down.get("Transport"), None);
+    assert!(probed.probes >= timeouts);
+    assert!(probed.attached_at_end * 100 >= probed.live_at_end * 99);
+    let direct = run(&base);
+    eprintln!("{direct}");
+    assert!(direct.links_down.get("Transport").copied().unwrap_or(0) >= 50);
+    // Half the departures are crashes, each costing its subtree the probe deadline more.
+    assert!(
+        probed.continuity >= 0.97 && probed.continuity >= direct.continuity - 0.02,
+        "continuity: probed {}, direct {}",
+        probed.continuity,
+        direct.continuity
+    );
+    // The probe deadline (1.5 s) comes on top of the detection delay (0.5 to 1 s).
+    assert!(
+        probed.outage_crash_ms.p50 >= 2_000.0
+            && probed.outage_crash_ms.p50 >= direct.outage_crash_ms.p50 + 1_000.0,
+        "after a crash: probed p50 {} ms, direct p50 {} ms",
+        probed.outage_crash_ms.p50,
+        direct.outage_crash_ms.p50
+    );
 }

@@ -59,6 +59,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 use super::tree::{Output, RefuseReason, Snapshot, TreeEvent, TreeMsg, TreeNode, TreeUpdate};
 use super::{Millis, NodeId};
 
@@ -66,7 +68,7 @@ use super::{Millis, NodeId};
 pub const REPLAY_WINDOW_CAPACITY: usize = 4096;
 
 /// The room's deadlines. The defaults are those of the node; tests may shorten them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomTimings {
     /// An accepted child that has not connected its media after this is dropped.
     pub child_connect_ms: u64,

@@ -1,10 +1,19 @@
-//! Deterministic simulator of the relay tree: thousands of [`TreeNode`]s in virtual time.
+//! Deterministic simulator of the relay tree: thousands of rooms ([`RoomNode`], each over its
+//! [`TreeNode`]) in virtual time.
 //!
-//! The simulator runs the very state machine the node runs. It plays the shell: it delivers
-//! [`Output::Send`] and [`Output::Publish`] after a per-link latency, answers
-//! [`Output::RequestSnapshot`] by asking a random attached member for
-//! [`TreeNode::snapshot_for_newcomer`], fires timers, and plays the transport's liveness detection
-//! (a crashed peer's neighbours get [`TreeNode::handle_link_down`] after a detection delay).
+//! The simulator runs the very state machines the node runs, the room layer included (the
+//! child-connect deadline, the probe before a link is declared down, one snapshot request in
+//! flight). It plays the shell: it delivers [`RoomOutput::SendControl`] and
+//! [`RoomOutput::Publish`] after a per-link latency, answers [`RoomOutput::RequestSnapshot`] by
+//! asking a random attached member for [`TreeNode::snapshot_for_newcomer`] (every member can
+//! answer; the node asks the broadcaster, which would put every newcomer's request on the root's
+//! books here), reports a child's media connection to its parent
+//! ([`RoomNode::handle_child_connected`]) three link latencies after the child was told to
+//! connect (offer, answer, DTLS), answers probes of live peers after a round trip, answers record
+//! checks with "live" (the broadcaster never leaves a simulated room), fires timers, and plays the
+//! transport's liveness detection: a crashed peer's neighbours notice after a detection delay,
+//! either as a failed media link ([`RoomNode::handle_link_down`], the default) or as a closed
+//! connection they must probe ([`CrashDetection::ConnectionClosed`]).
 //!
 //! Everything is driven by one seeded generator and one event queue ordered by (time, sequence
 //! number), so the same [`SimConfig`] always yields the same trace and the same [`SimReport`].
@@ -26,7 +35,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::tree::{Config, JoinKind, Output, Snapshot, TreeEvent, TreeMsg, TreeNode, TreeUpdate};
+use super::room::{RoomEvent, RoomNode, RoomOutput, RoomTimings};
+use super::tree::{Config, JoinKind, Snapshot, TreeEvent, TreeMsg, TreeNode, TreeUpdate};
 use super::{Millis, NodeId, SplitMix64};
 
 /// Bytes a signature and envelope add to a published update.
@@ -97,6 +107,17 @@ pub struct MassDeparture {
     pub graceful: bool,
 }
 
+/// How the neighbours of a crashed peer learn of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CrashDetection {
+    /// The media transport fails (connection state, RTCP): the link is down at once.
+    #[default]
+    Transport,
+    /// Only the control connection closes: the neighbour probes, and declares the link down when
+    /// the probe goes unanswered.
+    ConnectionClosed,
+}
+
 /// Parameters of one simulated run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SimConfig {
@@ -136,6 +157,21 @@ pub struct SimConfig {
     pub min_lifetime_for_traffic_secs: f64,
     /// The tree's tunables (capacity is overridden per viewer).
     pub tree: Config,
+    /// The room layer's deadlines.
+    #[serde(default)]
+    pub room: RoomTimings,
+    /// How a crash is noticed by the crashed peer's neighbours.
+    #[serde(default)]
+    pub crash_detection: CrashDetection,
+    /// Share of arrivals that vanish right after sending their first join request, before any
+    /// answer: the candidate that accepts them never hears from them again (their media never
+    /// connects, nobody's transport notices).
+    #[serde(default)]
+    pub ghost_joiner_fraction: f64,
+    /// Closes of the control connection of each tree edge per hour, both peers alive (idle
+    /// timeouts, NAT rebinding): both ends probe each other, and the edge must survive.
+    #[serde(default)]
+    pub connection_drops_per_edge_per_hour: f64,
 }
 
 impl Default for SimConfig {
@@ -158,6 +194,10 @@ impl Default for SimConfig {
             keepalive_bytes_per_sec: 20.0,
             min_lifetime_for_traffic_secs: 60.0,
             tree: Config::default(),
+            room: RoomTimings::default(),
+            crash_detection: CrashDetection::Transport,
+            ghost_joiner_fraction: 0.0,
+            connection_drops_per_edge_per_hour: 0.0,
         }
     }
 }
@@ -288,6 +328,19 @@ pub struct SimReport {
     pub refusals: std::collections::BTreeMap<String, u64>,
     /// Join requests sent.
     pub join_requests: u64,
+    /// Links the room layer declared down, by cause.
+    #[serde(default)]
+    pub links_down: std::collections::BTreeMap<String, u64>,
+    /// Probes sent after a closed connection, and of them answered.
+    #[serde(default)]
+    pub probes: u64,
+    /// Probes answered (the edge was kept).
+    #[serde(default)]
+    pub probes_answered: u64,
+    /// Children that live peers listed at the end although they had departed for longer than
+    /// the repair bound: slots lost to ghosts.
+    #[serde(default)]
+    pub stale_children_at_end: u64,
 }
 
 impl fmt::Display for SimReport {
@@ -417,6 +470,11 @@ impl fmt::Display for SimReport {
             f,
             "\n  join requests    {} sent; refused {:?}",
             self.join_requests, self.refusals
+        )?;
+        write!(
+            f,
+            "\n  room rules       links down {:?}; {} probes, {} answered; {} stale children at end",
+            self.links_down, self.probes, self.probes_answered, self.stale_children_at_end
         )
     }
 }
@@ -497,6 +555,20 @@ enum Ev {
         snap: Snapshot,
     },
     Timer(u32),
+    /// A child's media connection to its parent is up.
+    MediaUp {
+        parent: u32,
+        child: u32,
+    },
+    /// A probed peer's answer arrives.
+    ProbeReply {
+        to: u32,
+        peer: u32,
+    },
+    /// A record check's answer arrives.
+    RecordChecked(u32),
+    /// The control connections of tree edges close (both peers alive).
+    ConnectionDrops,
     Depart {
         node: u32,
         graceful: bool,
@@ -561,7 +633,12 @@ struct Sim<'a> {
     seq: u64,
     end: u64,
     queue: BinaryHeap<QItem>,
-    nodes: Vec<Option<TreeNode>>,
+    nodes: Vec<Option<RoomNode>>,
+    /// Arrivals that vanish after their first join request.
+    ghost: Vec<bool>,
+    /// Draws of the connection drops, apart from the main generator so that enabling them
+    /// leaves the rest of the trace as it was.
+    drops_rng: SplitMix64,
     ids: Vec<NodeId>,
     alive: Vec<bool>,
     stats: Vec<Stats>,
@@ -595,6 +672,9 @@ struct Sim<'a> {
     leaves: u64,
     crashes: u64,
     arrivals: u64,
+    links_down: std::collections::BTreeMap<String, u64>,
+    probes: u64,
+    probes_answered: u64,
 }
 
 fn node_id(seed: u64, i: u32) -> NodeId {
@@ -621,6 +701,8 @@ impl<'a> Sim<'a> {
             end: (cfg.duration_secs * 1000.0) as u64,
             queue: BinaryHeap::new(),
             nodes: Vec::new(),
+            ghost: Vec::new(),
+            drops_rng: SplitMix64::new(cfg.seed ^ 0xD0D0_D0D0),
             ids: Vec::new(),
             alive: Vec::new(),
             stats: Vec::new(),
@@ -652,13 +734,20 @@ impl<'a> Sim<'a> {
             leaves: 0,
             crashes: 0,
             arrivals: 0,
+            links_down: Default::default(),
+            probes: 0,
+            probes_answered: 0,
         };
         // The broadcaster.
         let root = s.alloc();
         let mut rcfg = cfg.tree.clone();
         rcfg.max_children = Some(cfg.fanout);
         let id = s.ids[root as usize];
-        s.nodes[root as usize] = Some(TreeNode::new_root(id, rcfg, cfg.seed ^ 0xB0B));
+        s.nodes[root as usize] = Some(RoomNode::new(
+            TreeNode::new_root(id, rcfg, cfg.seed ^ 0xB0B),
+            id,
+            cfg.room,
+        ));
         s.alive[root as usize] = true;
         s.connected[root as usize] = true;
         s.stats[root as usize].joined_at = Some(0);
@@ -686,12 +775,16 @@ impl<'a> Sim<'a> {
             0.0
         };
         s.push(((wave + 60.0) * 1000.0) as u64, Ev::Steady);
+        if cfg.connection_drops_per_edge_per_hour > 0.0 {
+            s.push(1000, Ev::ConnectionDrops);
+        }
         s
     }
 
     fn alloc(&mut self) -> u32 {
         let i = self.nodes.len() as u32;
         self.nodes.push(None);
+        self.ghost.push(false);
         self.ids.push(node_id(self.cfg.seed, i));
         self.alive.push(false);
         self.stats.push(Stats::default());
@@ -774,7 +867,7 @@ impl<'a> Sim<'a> {
         self.now = self.end;
     }
 
-    fn tn(&mut self, i: u32) -> Option<&mut TreeNode> {
+    fn tn(&mut self, i: u32) -> Option<&mut RoomNode> {
         if self.alive[i as usize] {
             self.nodes[i as usize].as_mut()
         } else {
@@ -807,7 +900,7 @@ impl<'a> Sim<'a> {
             }
             Ev::SnapReq { to, from } => {
                 if let Some(n) = self.tn(to) {
-                    let snap = n.snapshot_for_newcomer(SNAPSHOT_LEN);
+                    let snap = n.tree().snapshot_for_newcomer(SNAPSHOT_LEN);
                     self.rx(to, 8, SNAPSHOT_REQUEST_BYTES as f64);
                     self.stats[to as usize].tx_bytes += snap.wire_len() as f64;
                     let t = self.now + self.latency(to, from);
@@ -838,9 +931,62 @@ impl<'a> Sim<'a> {
             } => self.depart(node, graceful, replace),
             Ev::LinkDown { to, peer } => {
                 let fid = self.ids[peer as usize];
+                let detection = self.cfg.crash_detection;
                 if let Some(n) = self.tn(to) {
-                    n.handle_link_down(fid, now);
+                    match detection {
+                        CrashDetection::Transport => n.handle_link_down(fid, now),
+                        CrashDetection::ConnectionClosed => n.handle_peer_disconnected(fid, now),
+                    }
                     self.drain(to);
+                }
+            }
+            Ev::MediaUp { parent, child } => {
+                let cid = self.ids[child as usize];
+                if self.alive[child as usize]
+                    && let Some(n) = self.tn(parent)
+                {
+                    n.handle_child_connected(cid, now);
+                    self.drain(parent);
+                }
+            }
+            Ev::ProbeReply { to, peer } => {
+                let pid = self.ids[peer as usize];
+                if let Some(n) = self.tn(to) {
+                    n.handle_probe_answered(pid, now);
+                    self.drain(to);
+                }
+            }
+            Ev::RecordChecked(i) => {
+                if let Some(n) = self.tn(i) {
+                    n.handle_record_checked(true, now);
+                    self.drain(i);
+                }
+            }
+            Ev::ConnectionDrops => {
+                // Each tree edge (child -> parent) drops with the configured rate, checked once
+                // a second; both ends see the close.
+                let p = self.cfg.connection_drops_per_edge_per_hour / 3600.0;
+                let live: Vec<u32> = self.alive_list.clone();
+                for c in live {
+                    let Some(par) = self.claim[c as usize] else {
+                        continue;
+                    };
+                    if !self.alive[par as usize] || self.drops_rng.unit() >= p {
+                        continue;
+                    }
+                    let (cid, pid) = (self.ids[c as usize], self.ids[par as usize]);
+                    if let Some(n) = self.tn(c) {
+                        n.handle_peer_disconnected(pid, now);
+                        self.drain(c);
+                    }
+                    if let Some(n) = self.tn(par) {
+                        n.handle_peer_disconnected(cid, now);
+                        self.drain(par);
+                    }
+                }
+                // None in the last seconds: every probe is settled within the run.
+                if self.now + 1000 + self.cfg.room.probe_ms < self.end {
+                    self.push(self.now + 1000, Ev::ConnectionDrops);
                 }
             }
             Ev::Mass => {
@@ -907,9 +1053,13 @@ impl<'a> Sim<'a> {
         tcfg.max_children = Some(cap);
         let id = self.ids[i as usize];
         let seed = self.rng.next_u64();
-        let mut n = TreeNode::new(id, tcfg, seed);
+        let root = self.ids[0];
+        let mut n = RoomNode::new(TreeNode::new(id, tcfg, seed), root, self.cfg.room);
         n.start(Millis(self.now));
         self.nodes[i as usize] = Some(n);
+        if self.cfg.ghost_joiner_fraction > 0.0 {
+            self.ghost[i as usize] = self.rng.unit() < self.cfg.ghost_joiner_fraction;
+        }
         self.alive[i as usize] = true;
         self.stats[i as usize].arrived = self.now;
         if self.steady {
@@ -943,8 +1093,8 @@ impl<'a> Sim<'a> {
             if graceful {
                 n.leave(now);
             } else {
-                neighbours.extend(n.parent().map(idx));
-                neighbours.extend(n.children().map(idx));
+                neighbours.extend(n.tree().parent().map(idx));
+                neighbours.extend(n.tree().children().map(idx));
             }
         }
         if graceful {
@@ -1009,15 +1159,30 @@ impl<'a> Sim<'a> {
             .and_then(|n| n.poll_output())
         {
             match o {
-                Output::Event(TreeEvent::Rejoined { outage_ms, .. }) => {
+                RoomOutput::Emit(RoomEvent::Tree(TreeEvent::Rejoined { outage_ms, .. })) => {
                     self.repairs.push(outage_ms as f64);
                 }
-                Output::RefuseChild { reason, .. } => {
+                RoomOutput::Emit(RoomEvent::LinkDown { cause, .. }) => {
+                    *self.links_down.entry(format!("{cause:?}")).or_default() += 1;
+                }
+                RoomOutput::Emit(RoomEvent::ProbeAnswered(_)) => self.probes_answered += 1,
+                RoomOutput::RefuseChild { reason, .. } => {
                     *self.refusals.entry(format!("{reason:?}")).or_default() += 1;
                 }
-                Output::Send { to, msg } => {
+                RoomOutput::SendControl { to, msg } => {
                     if matches!(msg, TreeMsg::Join { .. }) {
                         self.join_requests += 1;
+                        if self.ghost[i as usize] && self.alive[i as usize] {
+                            // Gone before any answer: nobody's transport will notice.
+                            self.push(
+                                self.now + 1,
+                                Ev::Depart {
+                                    node: i,
+                                    graceful: false,
+                                    replace: false,
+                                },
+                            );
+                        }
                     }
                     let j = idx(to);
                     if j as usize >= self.nodes.len() {
@@ -1034,7 +1199,7 @@ impl<'a> Sim<'a> {
                         },
                     );
                 }
-                Output::Publish { update, to } => {
+                RoomOutput::Publish { update, to } => {
                     let len = (update.wire_len() + SIGNATURE_OVERHEAD) as f64;
                     for r in to {
                         let j = idx(r);
@@ -1053,7 +1218,7 @@ impl<'a> Sim<'a> {
                         );
                     }
                 }
-                Output::RequestSnapshot => {
+                RoomOutput::RequestSnapshot { .. } => {
                     // Any attached member will do; a few random draws, the broadcaster otherwise.
                     let mut m = 0;
                     for _ in 0..8 {
@@ -1068,21 +1233,47 @@ impl<'a> Sim<'a> {
                     let t = self.now + self.latency(i, m);
                     self.push(t, Ev::SnapReq { to: m, from: i });
                 }
+                RoomOutput::ConnectParent { peer } => {
+                    let j = idx(peer);
+                    if (j as usize) < self.nodes.len() {
+                        let t = self.now + 3 * self.latency(i, j);
+                        self.push(
+                            t,
+                            Ev::MediaUp {
+                                parent: j,
+                                child: i,
+                            },
+                        );
+                    }
+                }
+                RoomOutput::Probe { peer } => {
+                    self.probes += 1;
+                    let j = idx(peer);
+                    if (j as usize) < self.nodes.len() && self.alive[j as usize] {
+                        let t = self.now + 2 * self.latency(i, j);
+                        self.push(t, Ev::ProbeReply { to: i, peer: j });
+                    }
+                }
+                RoomOutput::CheckRecord => {
+                    let t = self.now + 2 * self.latency(i, 0);
+                    self.push(t, Ev::RecordChecked(i));
+                }
                 _ => {}
             }
         }
         if !self.alive[i as usize] {
             return;
         }
-        let Some(n) = self.nodes[i as usize].as_ref() else {
+        let Some(room) = self.nodes[i as usize].as_ref() else {
             return;
         };
+        let n = room.tree();
         // A promotion holds one extra child for a bounded time (make-before-break).
         if n.child_count() > n.capacity() as usize + n.over_capacity_allowance() as usize {
             self.violations.over_capacity += 1;
         }
         let new_claim = n.parent().map(idx);
-        let next = n.poll_timeout();
+        let next = room.poll_timeout();
         if new_claim != self.claim[i as usize] {
             self.reclaim(i, new_claim);
         }
@@ -1247,11 +1438,15 @@ impl<'a> Sim<'a> {
         let no_room = std::iter::once(0u32)
             .chain(self.alive_list.iter().copied())
             .filter(|&i| i == 0 || self.connected[i as usize])
-            .filter_map(|i| self.nodes[i as usize].as_ref())
+            .filter_map(|i| self.nodes[i as usize].as_ref().map(RoomNode::tree))
             .all(|n| n.child_count() >= n.capacity() as usize);
         for k in 0..self.alive_list.len() {
             let i = self.alive_list[k] as usize;
-            if no_room && self.nodes[i].as_ref().is_some_and(|n| n.capacity() == 0) {
+            if no_room
+                && self.nodes[i]
+                    .as_ref()
+                    .is_some_and(|n| n.tree().capacity() == 0)
+            {
                 continue;
             }
             let s = &mut self.stats[i];
@@ -1334,6 +1529,24 @@ impl<'a> Sim<'a> {
             within as f64 / steady_sample_max.count as f64
         };
         let root_life = (end as f64 / 1000.0).max(1e-9);
+        // Children departed longer than the repair bound ago: every rule had time to notice.
+        let grace = (self.cfg.repair_bound_secs * 1000.0) as u64;
+        let mut stale_children_at_end = 0;
+        for &i in &live {
+            let Some(n) = self.nodes[i as usize].as_ref() else {
+                continue;
+            };
+            for c in n.tree().children() {
+                let c = idx(c) as usize;
+                if !self.alive[c]
+                    && self.stats[c]
+                        .departed
+                        .is_some_and(|d| end.saturating_sub(d) > grace)
+                {
+                    stale_children_at_end += 1;
+                }
+            }
+        }
         let busiest_rx = busiest
             .map(|(_, i, secs)| {
                 RX_KINDS
@@ -1380,6 +1593,10 @@ impl<'a> Sim<'a> {
             events: self.events,
             refusals: std::mem::take(&mut self.refusals),
             join_requests: self.join_requests,
+            links_down: std::mem::take(&mut self.links_down),
+            probes: self.probes,
+            probes_answered: self.probes_answered,
+            stale_children_at_end,
         }
     }
 }
