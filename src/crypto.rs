@@ -26,9 +26,16 @@
 //!
 //! # Envelopes
 //! An [`Envelope`] carries (signer public key, kind, sequence, expiry, payload) and an ed25519
-//! signature over a domain-separated CBOR encoding of those fields. Verification checks the
-//! signature with `verify_strict` (rejects small-order keys and malleable signatures) and the
-//! expiry against a caller-supplied clock.
+//! signature over a domain-separated encoding of those fields and of the protocol [`VERSION`].
+//! Verification checks the signature with `verify_strict` (rejects small-order keys and
+//! malleable signatures) and the expiry against a caller-supplied clock.
+//!
+//! # Dependencies
+//! This module sits below [`crate::wire`]: the envelope is the outermost layer of every message,
+//! so it owns the version byte it signs, and `wire` re-exports [`Envelope`], [`Kind`] and
+//! [`VERSION`] with the messages it encodes. Node identities are [`NodeId`]s (the 32 bytes of
+//! the ed25519 public key); their libp2p form is made only at the network boundary
+//! ([`crate::net::peer_of`], [`crate::net::node_of`]), apart from the node's own keypair.
 
 use std::fmt;
 use std::path::Path;
@@ -41,6 +48,12 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::proto::NodeId;
+
+/// The protocol version this build speaks: the `v` field of every message and signed into every
+/// envelope (a peer of another version fails to verify rather than misreading).
+pub const VERSION: u8 = 1;
 
 /// Errors of the crypto layer.
 #[derive(Debug, thiserror::Error)]
@@ -161,9 +174,9 @@ impl Identity {
         }
     }
 
-    /// The ed25519 public key bytes.
-    pub fn public(&self) -> [u8; 32] {
-        self.key.verifying_key().to_bytes()
+    /// The node id: the ed25519 public key.
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.key.verifying_key().to_bytes())
     }
 
     /// The same key as a libp2p keypair.
@@ -175,7 +188,7 @@ impl Identity {
 
     /// The libp2p peer id of this identity.
     pub fn peer_id(&self) -> libp2p::PeerId {
-        peer_id_of(&self.public()).expect("our own public key is a valid ed25519 point")
+        self.to_libp2p().public().to_peer_id()
     }
 
     /// Sign a payload into an envelope.
@@ -186,11 +199,11 @@ impl Identity {
         expires_ms: u64,
         payload: Vec<u8>,
     ) -> Envelope {
-        let signer = self.public();
+        let signer = self.node_id();
         let msg = signed_bytes(kind, &signer, seq, expires_ms, &payload);
         let sig = self.key.sign(&msg);
         Envelope {
-            v: crate::wire::VERSION,
+            v: VERSION,
             signer,
             kind,
             seq,
@@ -199,24 +212,6 @@ impl Identity {
             sig: sig.to_bytes(),
         }
     }
-}
-
-/// The libp2p peer id of an ed25519 public key.
-pub fn peer_id_of(public: &[u8; 32]) -> Result<libp2p::PeerId, CryptoError> {
-    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(public)
-        .map_err(|_| CryptoError::BadSigner)?;
-    Ok(libp2p::identity::PublicKey::from(pk).to_peer_id())
-}
-
-/// The ed25519 public key inside a peer id, if the peer id is an inline ed25519 key.
-pub fn public_of_peer(peer: &libp2p::PeerId) -> Option<[u8; 32]> {
-    // Ed25519 peer ids are identity multihashes of the protobuf-encoded public key.
-    let mh = libp2p::multihash::Multihash::<64>::from_bytes(&peer.to_bytes()).ok()?;
-    if mh.code() != 0 {
-        return None;
-    }
-    let pk = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
-    Some(pk.try_into_ed25519().ok()?.to_bytes())
 }
 
 #[cfg(unix)]
@@ -514,8 +509,7 @@ pub struct Envelope {
     /// Wire version.
     pub v: u8,
     /// The signer's ed25519 public key.
-    #[serde(with = "serde_bytes")]
-    pub signer: [u8; 32],
+    pub signer: NodeId,
     /// What the payload is.
     pub kind: Kind,
     /// Monotonic per (signer, kind, key): a higher sequence replaces a lower one.
@@ -531,18 +525,12 @@ pub struct Envelope {
 }
 
 /// The exact bytes an envelope signature covers: a domain tag and every field but the signature.
-fn signed_bytes(
-    kind: Kind,
-    signer: &[u8; 32],
-    seq: u64,
-    expires_ms: u64,
-    payload: &[u8],
-) -> Vec<u8> {
+fn signed_bytes(kind: Kind, signer: &NodeId, seq: u64, expires_ms: u64, payload: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(64 + payload.len());
     m.extend_from_slice(b"waterfall/v1/envelope\0");
-    m.push(crate::wire::VERSION);
+    m.push(VERSION);
     m.push(kind as u8);
-    m.extend_from_slice(signer);
+    m.extend_from_slice(&signer.0);
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(&expires_ms.to_be_bytes());
     m.extend_from_slice(&(payload.len() as u64).to_be_bytes());
@@ -553,7 +541,7 @@ fn signed_bytes(
 impl Envelope {
     /// Check the signature and the expiry (at `now_ms`). Does not look inside the payload.
     pub fn verify(&self, now_ms: u64) -> Result<(), CryptoError> {
-        let vk = VerifyingKey::from_bytes(&self.signer).map_err(|_| CryptoError::BadSigner)?;
+        let vk = VerifyingKey::from_bytes(&self.signer.0).map_err(|_| CryptoError::BadSigner)?;
         let msg = signed_bytes(
             self.kind,
             &self.signer,
@@ -581,11 +569,6 @@ impl Envelope {
             });
         }
         self.verify(now_ms)
-    }
-
-    /// The signer as a libp2p peer id.
-    pub fn signer_peer(&self) -> Result<libp2p::PeerId, CryptoError> {
-        peer_id_of(&self.signer)
     }
 }
 
@@ -668,7 +651,7 @@ mod tests {
         t.expires_ms += 1;
         assert!(matches!(t.verify(now), Err(CryptoError::BadSignature)));
         let mut t = env.clone();
-        t.signer = Identity::generate().public();
+        t.signer = Identity::generate().node_id();
         assert!(t.verify(now).is_err());
         assert!(matches!(
             env.verify(now + 60_000),
@@ -681,9 +664,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Identity::load_or_create(dir.path()).unwrap();
         let b = Identity::load_or_create(dir.path()).unwrap();
-        assert_eq!(a.public(), b.public());
+        assert_eq!(a.node_id(), b.node_id());
         assert_eq!(a.peer_id(), a.to_libp2p().public().to_peer_id());
-        assert_eq!(public_of_peer(&a.peer_id()), Some(a.public()));
+        assert_eq!(crate::net::node_of(&a.peer_id()), Some(a.node_id()));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -716,7 +699,7 @@ mod tests {
         // One key serves both: a signature made through libp2p verifies with ed25519-dalek.
         let id = Identity::generate();
         let sig = id.to_libp2p().sign(b"msg").unwrap();
-        let vk = VerifyingKey::from_bytes(&id.public()).unwrap();
+        let vk = VerifyingKey::from_bytes(&id.node_id().0).unwrap();
         let sig: [u8; 64] = sig.as_slice().try_into().unwrap();
         vk.verify_strict(b"msg", &Signature::from_bytes(&sig))
             .unwrap();

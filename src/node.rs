@@ -24,7 +24,8 @@ use tokio::sync::mpsc;
 use crate::crypto::{CryptoError, Identity, KdfParams, Kind, RoomKeys, now_ms};
 use crate::media::MediaConfig;
 use crate::net::{Net, NetConfig, NetError, NetEvent};
-use crate::wire::{self, Envelope, Id, RoomRecord, Ticket, WireError};
+use crate::proto::NodeId;
+use crate::wire::{self, Envelope, RoomId, RoomRecord, Ticket, WireError};
 
 pub use room::{RoomConfig, RoomEvent, RoomHandle, RoomRole};
 
@@ -385,7 +386,7 @@ impl Node {
     /// Ask the broadcaster a ticket pins for its room record directly (the request proves we
     /// hold the room key; the answer is the same signed, sealed envelope the DHT stores).
     async fn fetch_record_direct(&self, keys: &RoomKeys, ticket: &Ticket) -> Option<Vec<u8>> {
-        let peer = crate::crypto::peer_id_of(&ticket.broadcaster.0).ok()?;
+        let peer = crate::net::peer_of(ticket.broadcaster)?;
         let env = self.inner.identity.seal_envelope(
             Kind::RoomRecord,
             now_ms(),
@@ -394,7 +395,7 @@ impl Node {
         );
         let req = wire::encode(&wire::RoomRequest {
             v: wire::VERSION,
-            room: Id(*keys.locator()),
+            room: RoomId(*keys.locator()),
             env,
         });
         let resp = self
@@ -502,10 +503,10 @@ impl Node {
     }
 }
 
-fn short(id: &Id) -> String {
-    crate::crypto::peer_id_of(&id.0)
+fn short(id: &NodeId) -> String {
+    crate::net::peer_of(*id)
         .map(|p| p.to_string())
-        .unwrap_or_else(|_| hex::encode(id.0))
+        .unwrap_or_else(|| hex::encode(id.0))
 }
 
 /// Verify and open one room-record envelope.
@@ -517,7 +518,7 @@ fn open_record(keys: &RoomKeys, bytes: &[u8], now: u64) -> Result<(Envelope, Roo
         .open(Kind::RoomRecord, &env.payload)
         .map_err(|e| e.to_string())?;
     let rec: RoomRecord = wire::decode(&plain).map_err(|e| e.to_string())?;
-    if rec.broadcaster.0 != env.signer {
+    if rec.broadcaster != env.signer {
         return Err("record signed by someone other than its broadcaster".into());
     }
     Ok((env, rec))

@@ -3,7 +3,14 @@
 //! Encoding is CBOR (RFC 8949) through serde + ciborium; `proto/waterfall.cddl` is the schema and
 //! `proto/vectors/*.hex` hold golden encodings that the tests decode and re-encode byte for byte.
 //! Structs encode as CBOR maps with text keys in declaration order, identifiers (32-byte ed25519
-//! public keys) as byte strings of exactly 32 bytes.
+//! public keys, room locators, DHT keys) as byte strings of exactly 32 bytes.
+//!
+//! # One schema
+//! The messages the tree state machine reasons about *are* the messages on the wire: a
+//! [`TreeMsg`](crate::proto::TreeMsg) travels inside a [`Control`], a [`TreeUpdate`] is the payload
+//! of a tree-update envelope ([`Versioned`] puts the version field in front of it), the
+//! candidates of a [`SnapshotResponse`] are the tree's [`SlotAd`]s, and every peer is a
+//! [`NodeId`]. There is no second copy of these types and nothing to convert.
 //!
 //! Decoding is defensive, since every byte here may come from a hostile peer:
 //! 1. the input length is checked against the message type's limit *before* parsing;
@@ -22,10 +29,8 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub use crate::crypto::{Envelope, Kind};
-
-/// The wire version this build speaks.
-pub const VERSION: u8 = 1;
+pub use crate::crypto::{Envelope, Kind, VERSION};
+pub use crate::proto::{NodeId, SlotAd, TreeUpdate};
 
 /// Errors of decoding (and, rarely, encoding).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -113,25 +118,25 @@ pub fn decode<T: Message>(bytes: &[u8]) -> Result<T, WireError> {
     Ok(msg)
 }
 
-/// A 32-byte identifier (an ed25519 public key, a room id, a DHT key): CBOR bytes of exactly 32.
+/// A room's public id: its locator (the DHT key of its record), CBOR bytes of exactly 32.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Id(pub [u8; 32]);
+pub struct RoomId(pub [u8; 32]);
 
-impl fmt::Debug for Id {
+impl fmt::Debug for RoomId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", hex::encode(&self.0[..6]))
     }
 }
 
-impl Serialize for Id {
+impl Serialize for RoomId {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(&self.0)
     }
 }
 
-impl<'de> Deserialize<'de> for Id {
+impl<'de> Deserialize<'de> for RoomId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        fixed_bytes(d).map(Id)
+        fixed_bytes(d).map(RoomId)
     }
 }
 
@@ -202,8 +207,8 @@ pub struct TrackInfo {
 pub struct RoomRecord {
     /// Wire version.
     pub v: u8,
-    /// The broadcaster's ed25519 public key (its peer id derives from it).
-    pub broadcaster: Id,
+    /// The broadcaster (its peer id derives from it).
+    pub broadcaster: NodeId,
     /// Multiaddrs where the broadcaster listens.
     pub addrs: Vec<String>,
     /// Media tracks.
@@ -227,33 +232,55 @@ impl Message for RoomRecord {
     const MAX_LEN: usize = 8 * 1024;
 }
 
-/// A member's announcement of its place in the tree (the signed payload of a
-/// [`Kind::TreeUpdate`] envelope).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TreeUpdate {
-    /// Wire version.
-    pub v: u8,
-    /// The announcing peer.
-    pub peer: Id,
-    /// Its parent, none for the root.
-    pub parent: Option<Id>,
-    /// Hops from the root (root = 0).
-    pub depth: u16,
-    /// Path from the root to the parent, root first.
-    pub ancestors: Vec<Id>,
-    /// Current children.
-    pub children: Vec<Id>,
-    /// Children it accepts at most.
-    pub capacity: u16,
-    /// Measured or configured uplink, kbit/s.
-    pub uplink_kbps: u32,
-    /// Sequence of this peer's updates.
-    pub seq: u64,
-    /// When it was made, ms since the Unix epoch.
-    pub ts_ms: u64,
+/// A message of the core ([`crate::proto`]) as a top-level message: its own CBOR map with the
+/// version field `v` in front, the way every top-level message begins. Nested in another message
+/// (a [`TreeUpdate`] inside an Accept) the same type goes without it.
+///
+/// Encoding goes through a [`ciborium::Value`] map, so the bytes are those of a struct whose first
+/// field is `v` (definite-length map, text keys in declaration order); decoding takes `v` out
+/// (exactly once; [`decode`] has checked its value) and reads the rest as `T`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Versioned<T>(pub T);
+
+impl<T: Serialize> Serialize for Versioned<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap};
+        let ciborium::Value::Map(fields) =
+            ciborium::Value::serialized(&self.0).map_err(S::Error::custom)?
+        else {
+            return Err(S::Error::custom("a versioned message must be a struct"));
+        };
+        let mut m = s.serialize_map(Some(fields.len() + 1))?;
+        m.serialize_entry("v", &VERSION)?;
+        for (k, v) in &fields {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
 }
 
-impl Message for TreeUpdate {
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Versioned<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let ciborium::Value::Map(mut fields) = ciborium::Value::deserialize(d)? else {
+            return Err(D::Error::custom("expected a map"));
+        };
+        let is_v = |k: &ciborium::Value| k.as_text() == Some("v");
+        if fields.iter().filter(|(k, _)| is_v(k)).count() != 1 {
+            return Err(D::Error::custom("expected exactly one version field `v`"));
+        }
+        fields.retain(|(k, _)| !is_v(k));
+        ciborium::Value::Map(fields)
+            .deserialized()
+            .map(Versioned)
+            .map_err(D::Error::custom)
+    }
+}
+
+/// A member's announcement of its place in the tree: the signed payload of a
+/// [`Kind::TreeUpdate`] envelope is the tree's own [`TreeUpdate`] (with `ts_ms` in wall-clock
+/// milliseconds since the Unix epoch, set by the node when it signs).
+impl Message for Versioned<TreeUpdate> {
     const NAME: &'static str = "tree update";
     const MAX_LEN: usize = 8 * 1024;
 }
@@ -264,7 +291,7 @@ pub struct SnapshotRequest {
     /// Wire version.
     pub v: u8,
     /// The room (its locator).
-    pub room: Id,
+    pub room: RoomId,
     /// Entries wanted at most.
     pub max: u16,
 }
@@ -272,19 +299,6 @@ pub struct SnapshotRequest {
 impl Message for SnapshotRequest {
     const NAME: &'static str = "snapshot request";
     const MAX_LEN: usize = 256;
-}
-
-/// A free slot a member knows of: `peer` at `depth` takes `free` more children.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Candidate {
-    /// The candidate parent.
-    pub peer: Id,
-    /// Its depth.
-    pub depth: u16,
-    /// Free slots.
-    pub free: u16,
-    /// Its capacity.
-    pub capacity: u16,
 }
 
 /// Join candidates near the top with free slots, shallowest first. The responder is a room
@@ -295,9 +309,9 @@ pub struct SnapshotResponse {
     /// Wire version.
     pub v: u8,
     /// The room.
-    pub room: Id,
-    /// Candidate parents.
-    pub candidates: Vec<Candidate>,
+    pub room: RoomId,
+    /// Candidate parents: free slots, `peer` at `depth` takes `free` more children.
+    pub candidates: Vec<SlotAd>,
 }
 
 impl Message for SnapshotResponse {
@@ -312,11 +326,11 @@ pub struct Control {
     /// Wire version.
     pub v: u8,
     /// The room.
-    pub room: Id,
+    pub room: RoomId,
     /// Sender.
-    pub from: Id,
+    pub from: NodeId,
     /// Recipient.
-    pub to: Id,
+    pub to: NodeId,
     /// The state machine's message.
     pub msg: crate::proto::TreeMsg,
 }
@@ -334,7 +348,7 @@ pub struct RoomRequest {
     /// Wire version.
     pub v: u8,
     /// The room (its locator).
-    pub room: Id,
+    pub room: RoomId,
     /// What is asked.
     pub env: Envelope,
 }
@@ -376,11 +390,11 @@ pub struct Signal {
     /// Wire version.
     pub v: u8,
     /// The room.
-    pub room: Id,
+    pub room: RoomId,
     /// Sender.
-    pub from: Id,
+    pub from: NodeId,
     /// Recipient.
-    pub to: Id,
+    pub to: NodeId,
     /// Names the exchange; replays of a used nonce are rejected.
     pub nonce: Nonce16,
     /// Offer or answer.
@@ -402,17 +416,18 @@ pub struct Notice {
     /// Wire version.
     pub v: u8,
     /// The room.
-    pub room: Id,
+    pub room: RoomId,
     /// Sender.
-    pub from: Id,
+    pub from: NodeId,
     /// Recipient.
-    pub to: Id,
+    pub to: NodeId,
     /// The exchange.
     pub nonce: Nonce16,
     /// Offer or answer.
     pub kind: SdpKind,
     /// DHT key of the sealed, signed [`Signal`].
-    pub blob_key: Id,
+    #[serde(with = "serde_bytes")]
+    pub blob_key: [u8; 32],
 }
 
 impl Message for Notice {
@@ -428,8 +443,8 @@ pub struct Ticket {
     pub v: u8,
     /// The room name (the password is never in a ticket).
     pub room: String,
-    /// The broadcaster's ed25519 public key.
-    pub broadcaster: Id,
+    /// The broadcaster.
+    pub broadcaster: NodeId,
     /// Multiaddrs to dial first (the broadcaster's, or any member's).
     pub addrs: Vec<String>,
     /// First 8 bytes of SHA-256(locator): tells a wrong password from an unknown room at once.
@@ -555,7 +570,7 @@ mod tests {
     fn version_and_limits() {
         let req = SnapshotRequest {
             v: VERSION,
-            room: Id([7; 32]),
+            room: RoomId([7; 32]),
             max: 16,
         };
         let bytes = encode(&req);

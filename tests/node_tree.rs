@@ -10,7 +10,8 @@ use waterfall::crypto::{Identity, KdfParams, Kind, now_ms};
 use waterfall::media::{FileSource, MediaSource, SourceOptions};
 use waterfall::node::room::{RoomStatus, WatchOptions, WatchTarget};
 use waterfall::node::{Node, NodeError, RoomConfig, RoomEvent, RoomHandle};
-use waterfall::wire::{self, Id, RoomRequest, RoomResponse};
+use waterfall::proto::{NodeId, TreeUpdate};
+use waterfall::wire::{self, RoomId, RoomRequest, RoomResponse, Versioned};
 
 fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -376,7 +377,7 @@ async fn forged_records_and_updates_are_rejected() {
         assert!(t.elapsed() < Duration::from_secs(20));
 
         // 3. Forged tree updates sent straight to the broadcaster are refused with a reason.
-        let room_id = Id(*keys.locator());
+        let room_id = RoomId(*keys.locator());
         let ask = |env: wire::Envelope| {
             let net = attacker.net().clone();
             let to = b.peer_id();
@@ -390,17 +391,18 @@ async fn forged_records_and_updates_are_rejected() {
                 wire::decode::<RoomResponse>(&resp).unwrap().error
             }
         };
-        let update_about = |peer: [u8; 32]| wire::TreeUpdate {
-            v: wire::VERSION,
-            peer: Id(peer),
-            parent: None,
-            depth: 0,
-            ancestors: vec![],
-            children: vec![],
-            capacity: 100,
-            uplink_kbps: 1,
-            seq: 1,
-            ts_ms: now_ms(),
+        let update_about = |peer: NodeId| {
+            Versioned(TreeUpdate {
+                peer,
+                parent: None,
+                depth: 0,
+                ancestors: vec![],
+                children: vec![],
+                capacity: 100,
+                uplink_kbps: 1,
+                seq: 1,
+                ts_ms: now_ms(),
+            })
         };
         // (a) an update about someone else (the broadcaster itself), signed by the attacker
         let env = attacker.identity().seal_envelope(
@@ -409,7 +411,7 @@ async fn forged_records_and_updates_are_rejected() {
             now_ms() + 30_000,
             keys.seal(
                 Kind::TreeUpdate,
-                &wire::encode(&update_about(b.identity().public())),
+                &wire::encode(&update_about(b.identity().node_id())),
             ),
         );
         assert!(
@@ -423,7 +425,7 @@ async fn forged_records_and_updates_are_rejected() {
             now_ms() + 30_000,
             keys.seal(
                 Kind::TreeUpdate,
-                &wire::encode(&update_about(attacker.identity().public())),
+                &wire::encode(&update_about(attacker.identity().node_id())),
             ),
         );
         env.sig[0] ^= 1;
@@ -436,7 +438,7 @@ async fn forged_records_and_updates_are_rejected() {
             now_ms() + 30_000,
             keys.seal(
                 Kind::TreeUpdate,
-                &wire::encode(&update_about(stranger.public())),
+                &wire::encode(&update_about(stranger.node_id())),
             ),
         );
         assert!(
@@ -451,7 +453,7 @@ async fn forged_records_and_updates_are_rejected() {
             now_ms() + 30_000,
             wrong.seal(
                 Kind::TreeUpdate,
-                &wire::encode(&update_about(attacker.identity().public())),
+                &wire::encode(&update_about(attacker.identity().node_id())),
             ),
         );
         assert!(ask(env).await.is_some(), "non-member update accepted");

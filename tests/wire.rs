@@ -7,9 +7,16 @@ use proptest::prelude::*;
 use waterfall::crypto::{Identity, Kind};
 use waterfall::wire::*;
 
-fn id(b: u8) -> Id {
-    Id([b; 32])
+fn id(b: u8) -> NodeId {
+    NodeId([b; 32])
 }
+
+fn room(b: u8) -> RoomId {
+    RoomId([b; 32])
+}
+
+/// A tree update as the payload of its envelope: the tree's own type, version in front.
+type Update = Versioned<TreeUpdate>;
 
 fn signer() -> Identity {
     Identity::from_secret(&[42u8; 32])
@@ -18,7 +25,7 @@ fn signer() -> Identity {
 fn samples() -> Vec<(&'static str, Vec<u8>)> {
     let record = RoomRecord {
         v: VERSION,
-        broadcaster: Id(signer().public()),
+        broadcaster: signer().node_id(),
         addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
         tracks: vec![
             TrackInfo {
@@ -39,8 +46,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         expires_ms: 1_764_000_600_000,
         seq: 3,
     };
-    let update = TreeUpdate {
-        v: VERSION,
+    let update = Versioned(TreeUpdate {
         peer: id(2),
         parent: Some(id(1)),
         depth: 1,
@@ -50,18 +56,18 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         uplink_kbps: 10_000,
         seq: 9,
         ts_ms: 1_764_000_000_500,
-    };
-    let root_update = TreeUpdate {
+    });
+    let root_update = Versioned(TreeUpdate {
         parent: None,
         depth: 0,
         ancestors: vec![],
         peer: id(1),
-        ..update.clone()
-    };
+        ..update.0.clone()
+    });
     let env = signer().seal_envelope(Kind::TreeUpdate, 9, 1_764_000_060_000, encode(&update));
     let signal = Signal {
         v: VERSION,
-        room: id(9),
+        room: room(9),
         from: id(3),
         to: id(2),
         nonce: Nonce16([5; 16]),
@@ -71,32 +77,32 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
     };
     let notice = Notice {
         v: VERSION,
-        room: id(9),
+        room: room(9),
         from: id(2),
         to: id(3),
         nonce: Nonce16([5; 16]),
         kind: SdpKind::Answer,
-        blob_key: id(0xAB),
+        blob_key: [0xAB; 32],
     };
     let ticket = Ticket {
         v: VERSION,
         room: "standup".into(),
-        broadcaster: Id(signer().public()),
+        broadcaster: signer().node_id(),
         addrs: vec!["/ip4/127.0.0.1/udp/4001/quic-v1".into()],
         check: vec![1, 2, 3, 4, 5, 6, 7, 8],
     };
     let control = Control {
         v: VERSION,
-        room: id(9),
+        room: room(9),
         from: id(3),
         to: id(2),
         msg: waterfall::proto::TreeMsg::Leave {
-            successor: Some(waterfall::proto::NodeId([1; 32])),
+            successor: Some(id(1)),
         },
     };
     let request = RoomRequest {
         v: VERSION,
-        room: id(9),
+        room: room(9),
         env: env.clone(),
     };
     let response = RoomResponse {
@@ -117,7 +123,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             "snapshot_request",
             encode(&SnapshotRequest {
                 v: VERSION,
-                room: id(9),
+                room: room(9),
                 max: 16,
             }),
         ),
@@ -125,8 +131,8 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
             "snapshot_response",
             encode(&SnapshotResponse {
                 v: VERSION,
-                room: id(9),
-                candidates: vec![Candidate {
+                room: room(9),
+                candidates: vec![SlotAd {
                     peer: id(2),
                     depth: 1,
                     free: 2,
@@ -158,7 +164,7 @@ fn reencode(name: &str, bytes: &[u8]) -> Result<Vec<u8>, WireError> {
         "control" => encode(&decode::<Control>(bytes)?),
         "room_request" => encode(&decode::<RoomRequest>(bytes)?),
         "room_response" => encode(&decode::<RoomResponse>(bytes)?),
-        "tree_update" | "tree_update_root" => encode(&decode::<TreeUpdate>(bytes)?),
+        "tree_update" | "tree_update_root" => encode(&decode::<Update>(bytes)?),
         "envelope" => encode(&decode::<Envelope>(bytes)?),
         "snapshot_request" => encode(&decode::<SnapshotRequest>(bytes)?),
         "snapshot_response" => encode(&decode::<SnapshotResponse>(bytes)?),
@@ -216,8 +222,9 @@ fn every_message_round_trips() {
     .unwrap();
     env.verify_kind(Kind::TreeUpdate, 1_764_000_000_000)
         .unwrap();
-    let upd: TreeUpdate = decode(&env.payload).unwrap();
-    assert_eq!(upd.depth, 1);
+    let upd: Update = decode(&env.payload).unwrap();
+    assert_eq!(upd.0.depth, 1);
+    assert_eq!(env.signer, signer().node_id());
 }
 
 #[test]
@@ -238,12 +245,11 @@ fn truncations_and_wrong_types_are_typed_errors() {
     ));
     // Not a map at all.
     assert!(matches!(
-        decode::<TreeUpdate>(&[0x01]),
+        decode::<Update>(&[0x01]),
         Err(WireError::Malformed { .. })
     ));
     // An id of the wrong length.
     let mut bad = TreeUpdate {
-        v: VERSION,
         peer: id(1),
         parent: None,
         depth: 0,
@@ -255,11 +261,19 @@ fn truncations_and_wrong_types_are_typed_errors() {
         ts_ms: 0,
     };
     bad.capacity = 1;
-    let mut bytes = encode(&bad);
+    let mut bytes = encode(&Versioned(bad.clone()));
     // "peer" key is followed by 0x58 0x20 (bytes, 32): shorten the declared length to 31.
     let pos = bytes.windows(2).position(|w| w == [0x58, 0x20]).unwrap();
     bytes[pos + 1] = 31;
-    assert!(decode::<TreeUpdate>(&bytes).is_err());
+    assert!(decode::<Update>(&bytes).is_err());
+    // The version field exactly once, wherever it is.
+    let mut twice = encode(&Versioned(bad));
+    twice[0] += 1; // one more map entry
+    twice.extend_from_slice(&[0x61, b'v', 0x01]);
+    assert!(matches!(
+        decode::<Update>(&twice),
+        Err(WireError::Malformed { .. })
+    ));
 }
 
 #[test]
@@ -280,12 +294,12 @@ fn huge_declared_lengths_do_not_allocate() {
     let mut m = vec![0xA2, 0x61, b'v', 0x01, 0x64];
     m.extend_from_slice(b"peer");
     m.extend_from_slice(&[0x5B, 0x40, 0, 0, 0, 0, 0, 0, 0]);
-    assert!(decode::<TreeUpdate>(&m).is_err());
+    assert!(decode::<Update>(&m).is_err());
     // an array of declared length 2^62
     let mut m = vec![0xA2, 0x61, b'v', 0x01, 0x69];
     m.extend_from_slice(b"ancestors");
     m.extend_from_slice(&[0x9B, 0x40, 0, 0, 0, 0, 0, 0, 0]);
-    assert!(decode::<TreeUpdate>(&m).is_err());
+    assert!(decode::<Update>(&m).is_err());
     // deep nesting
     let deep = vec![0x81u8; 4000];
     assert!(decode::<SnapshotResponse>(&deep).is_err());
@@ -300,7 +314,7 @@ fn decode_all(bytes: &[u8]) {
     if let Ok(s) = std::str::from_utf8(bytes) {
         let _ = s.parse::<Ticket>();
     }
-    let _ = decode::<TreeUpdate>(bytes);
+    let _ = decode::<Update>(bytes);
     let _ = decode::<Envelope>(bytes);
     let _ = decode::<SnapshotRequest>(bytes);
     let _ = decode::<SnapshotResponse>(bytes);
@@ -328,9 +342,8 @@ proptest! {
 
     #[test]
     fn tree_updates_round_trip(peer in any::<[u8; 32]>(), depth in any::<u16>(), kids in 0usize..8, seq in any::<u64>(), ts in any::<u64>(), cap in any::<u16>()) {
-        let u = TreeUpdate {
-            v: VERSION,
-            peer: Id(peer),
+        let u = Versioned(TreeUpdate {
+            peer: NodeId(peer),
             parent: if depth == 0 { None } else { Some(id(1)) },
             depth,
             ancestors: (0..depth.min(8)).map(|i| id(i as u8)).collect(),
@@ -339,7 +352,7 @@ proptest! {
             uplink_kbps: 1,
             seq,
             ts_ms: ts,
-        };
-        prop_assert_eq!(decode::<TreeUpdate>(&encode(&u)).unwrap(), u);
+        });
+        prop_assert_eq!(decode::<Update>(&encode(&u)).unwrap(), u);
     }
 }

@@ -34,6 +34,8 @@ use std::{fmt, sync::Arc, time::Duration};
 use libp2p::{Multiaddr, PeerId, identity::Keypair};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::proto::NodeId;
+
 pub use records::{CLOCK_SKEW, MAX_RECORD_BYTES, MAX_RECORD_LIFETIME};
 
 /// Protocol of the waterfall DHT.
@@ -60,6 +62,26 @@ pub const MAX_PENDING_INBOUND: usize = 256;
 pub const MAX_PENDING_QUERIES: usize = 1024;
 /// Largest gossip message (the room's tree updates and notices are small).
 pub const MAX_GOSSIP_BYTES: usize = 64 * 1024;
+
+/// The libp2p peer id of a node: inside waterfall a peer is its [`NodeId`] (the ed25519 public
+/// key); this and [`node_of`] are the only conversions, made where libp2p is called. `None` if the
+/// bytes are not a valid ed25519 point.
+pub fn peer_of(node: NodeId) -> Option<PeerId> {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(&node.0).ok()?;
+    Some(libp2p::identity::PublicKey::from(pk).to_peer_id())
+}
+
+/// The node inside a libp2p peer id: `None` unless the peer id inlines an ed25519 key (waterfall
+/// nodes always do).
+pub fn node_of(peer: &PeerId) -> Option<NodeId> {
+    // Ed25519 peer ids are identity multihashes of the protobuf-encoded public key.
+    let mh = libp2p::multihash::Multihash::<64>::from_bytes(&peer.to_bytes()).ok()?;
+    if mh.code() != 0 {
+        return None;
+    }
+    let pk = libp2p::identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    Some(NodeId(pk.try_into_ed25519().ok()?.to_bytes()))
+}
 
 /// What the caller's record validator extracts from a valid record.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,9 +12,9 @@ use std::sync::{Arc, RwLock};
 
 use libp2p::PeerId;
 
-use crate::crypto::{Kind, RoomKeys, now_ms, public_of_peer};
-use crate::net::RecordMeta;
-use crate::wire::{self, Envelope};
+use crate::crypto::{Kind, RoomKeys, now_ms};
+use crate::net::{RecordMeta, node_of};
+use crate::wire::{self, Envelope, TreeUpdate, Versioned};
 
 /// Kinds that may be stored in the waterfall DHT.
 const DHT_KINDS: [Kind; 3] = [Kind::RoomRecord, Kind::Offer, Kind::Answer];
@@ -27,7 +27,7 @@ pub fn validate_record(_key: &[u8], value: &[u8]) -> Result<RecordMeta, String> 
     }
     env.verify(now_ms()).map_err(|e| e.to_string())?;
     Ok(RecordMeta {
-        signer: env.signer.to_vec(),
+        signer: env.signer.0.to_vec(),
         expires_unix_ms: env.expires_ms,
         seq: env.seq,
     })
@@ -78,16 +78,16 @@ impl TopicKeys {
         }
         env.verify(now_ms()).ok()?;
         // The signer must be the author: nobody announces tree positions for someone else.
-        if public_of_peer(author)? != env.signer {
+        if node_of(author)? != env.signer {
             return None;
         }
         let plain = keys.open(env.kind, &env.payload).ok()?;
         let ok = match env.kind {
-            Kind::TreeUpdate => wire::decode::<wire::TreeUpdate>(&plain)
-                .map(|u| u.peer.0 == env.signer)
+            Kind::TreeUpdate => wire::decode::<Versioned<TreeUpdate>>(&plain)
+                .map(|u| u.0.peer == env.signer)
                 .unwrap_or(false),
             Kind::Notice => wire::decode::<wire::Notice>(&plain)
-                .map(|n| n.from.0 == env.signer)
+                .map(|n| n.from == env.signer)
                 .unwrap_or(false),
             _ => false,
         };
@@ -107,17 +107,18 @@ impl TopicKeys {
 mod tests {
     use super::*;
     use crate::crypto::{Identity, KdfParams};
-    use crate::wire::{Id, Nonce16, Notice, SdpKind};
+    use crate::proto::NodeId;
+    use crate::wire::{Nonce16, Notice, RoomId, SdpKind};
 
     fn notice(from: &Identity, keys: &RoomKeys) -> Vec<u8> {
         let n = Notice {
             v: wire::VERSION,
-            room: Id(*keys.locator()),
-            from: Id(from.public()),
-            to: Id([2; 32]),
+            room: RoomId(*keys.locator()),
+            from: from.node_id(),
+            to: NodeId([2; 32]),
             nonce: Nonce16([3; 16]),
             kind: SdpKind::Offer,
-            blob_key: Id([4; 32]),
+            blob_key: [4; 32],
         };
         let env = from.seal_envelope(
             Kind::Notice,
@@ -180,7 +181,7 @@ mod tests {
         let id = Identity::generate();
         let env = id.seal_envelope(Kind::RoomRecord, 3, now_ms() + 60_000, b"sealed".to_vec());
         let meta = validate_record(b"k", &wire::encode(&env)).unwrap();
-        assert_eq!(meta.signer, id.public().to_vec());
+        assert_eq!(meta.signer, id.node_id().0.to_vec());
         assert_eq!(meta.seq, 3);
         let mut bad = env.clone();
         bad.payload[0] ^= 1;

@@ -31,16 +31,16 @@ use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Node, NodeError, ROOM_LIVENESS, ROOM_REFRESH, ticket_check};
-use crate::crypto::{Kind, RoomKeys, now_ms, peer_id_of, public_of_peer, random_bytes};
+use crate::crypto::{Kind, RoomKeys, now_ms, random_bytes};
 use crate::media::{
     Broadcaster, ChildId, MediaEvent, MediaKey, MediaSource, SdpKind as MediaSdpKind, SignalBlob,
     Sinks, Viewer,
 };
-use crate::net::{Net, ResponseHandle};
+use crate::net::{Net, ResponseHandle, node_of, peer_of};
 use crate::proto::{self, Millis, NodeId, Output, TreeEvent, TreeNode};
 use crate::wire::{
-    self, Candidate, Control, Envelope, Id, Nonce16, Notice, RoomRecord, RoomRequest, RoomResponse,
-    SdpKind, Signal, SnapshotRequest, SnapshotResponse, Ticket, TrackInfo, TrackKind,
+    self, Control, Envelope, Nonce16, Notice, RoomId, RoomRecord, RoomRequest, RoomResponse,
+    SdpKind, Signal, SnapshotRequest, SnapshotResponse, Ticket, TrackInfo, TrackKind, Versioned,
 };
 
 /// Inputs queued per room.
@@ -229,9 +229,9 @@ pub(crate) struct Rooms {
 
 #[derive(Default)]
 struct RoomsInner {
-    by_id: HashMap<Id, mpsc::Sender<Input>>,
-    by_topic: HashMap<String, Id>,
-    tasks: HashMap<Id, tokio::task::AbortHandle>,
+    by_id: HashMap<RoomId, mpsc::Sender<Input>>,
+    by_topic: HashMap<String, RoomId>,
+    tasks: HashMap<RoomId, tokio::task::AbortHandle>,
 }
 
 impl Rooms {
@@ -239,7 +239,7 @@ impl Rooms {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(&self, id: Id, topic: String, tx: mpsc::Sender<Input>) -> bool {
+    fn insert(&self, id: RoomId, topic: String, tx: mpsc::Sender<Input>) -> bool {
         let mut g = self.lock();
         if g.by_id.contains_key(&id) {
             return false;
@@ -249,7 +249,7 @@ impl Rooms {
         true
     }
 
-    fn remove(&self, id: &Id) {
+    fn remove(&self, id: &RoomId) {
         let mut g = self.lock();
         g.by_id.remove(id);
         g.tasks.remove(id);
@@ -453,7 +453,7 @@ impl Node {
         .map_err(|e| NodeError::Media(e.to_string()))?;
         let bc = Arc::new(bc);
         let addrs: Vec<String> = self.addrs().await?.iter().map(|a| a.to_string()).collect();
-        let me = Id(self.inner.identity.public());
+        let me = self.inner.identity.node_id();
         let record = RoomRecord {
             v: wire::VERSION,
             broadcaster: me,
@@ -469,7 +469,7 @@ impl Node {
         let mut tree_cfg = cfg.tree.clone();
         tree_cfg.max_children = Some(self.inner.max_children.unwrap_or(cfg.fanout));
         tree_cfg.stream_kbps = cfg.bitrate_kbps;
-        let tree = TreeNode::new_root(NodeId(me.0), tree_cfg, u64::from_le_bytes(random_bytes()));
+        let tree = TreeNode::new_root(me, tree_cfg, u64::from_le_bytes(random_bytes()));
         let ticket = Ticket {
             v: wire::VERSION,
             room: cfg.name.clone(),
@@ -522,7 +522,7 @@ impl Node {
         let mut tree_cfg = opts.tree.unwrap_or_default();
         tree_cfg.max_children = Some(self.inner.max_children.unwrap_or(record.fanout));
         tree_cfg.stream_kbps = record.bitrate_kbps;
-        let me = NodeId(self.inner.identity.public());
+        let me = self.inner.identity.node_id();
         let tree = TreeNode::new(me, tree_cfg, u64::from_le_bytes(random_bytes()));
         self.start_room(
             keys,
@@ -543,7 +543,7 @@ impl Node {
         media: Media,
         media_events: mpsc::Receiver<MediaEvent>,
         record: Option<RoomRecord>,
-        broadcaster_id: Id,
+        broadcaster_id: NodeId,
         ticket: Option<Ticket>,
     ) -> Result<RoomHandle, NodeError> {
         let role = if record.is_some() {
@@ -551,7 +551,7 @@ impl Node {
         } else {
             RoomRole::Viewer
         };
-        let room = Id(*keys.locator());
+        let room = RoomId(*keys.locator());
         let (tx, rx) = mpsc::channel(ROOM_INPUT_QUEUE);
         if !self
             .inner
@@ -585,7 +585,7 @@ impl Node {
             net: self.inner.net.clone(),
             keys: keys.clone(),
             room,
-            me: NodeId(self.inner.identity.public()),
+            me: self.inner.identity.node_id(),
             tree,
             media,
             record,
@@ -647,7 +647,7 @@ struct RoomTask {
     node: Node,
     net: Net,
     keys: RoomKeys,
-    room: Id,
+    room: RoomId,
     me: NodeId,
     tree: TreeNode,
     media: Media,
@@ -655,7 +655,7 @@ struct RoomTask {
     /// The signed, sealed record as last published (served to ticket holders directly).
     record_env: Option<Envelope>,
     /// The broadcaster's key (viewers learn it from the record).
-    broadcaster: Option<Id>,
+    broadcaster: Option<NodeId>,
     epoch: Instant,
     inputs_tx: mpsc::Sender<Input>,
     events: mpsc::Sender<RoomEvent>,
@@ -781,7 +781,7 @@ impl RoomTask {
     }
 
     fn peer_of(id: NodeId) -> Option<PeerId> {
-        peer_id_of(&id.0).ok()
+        peer_of(id)
     }
 
     /// Children accepted long ago that never connected: lost to the tree (see
@@ -829,10 +829,9 @@ impl RoomTask {
             Input::Gossip { from, data } => self.on_gossip(from, data).await,
             Input::Request { from, req, reply } => self.on_request(from, *req, reply).await,
             Input::PeerGone(peer) => {
-                let Some(pk) = public_of_peer(&peer) else {
+                let Some(id) = node_of(&peer) else {
                     return;
                 };
-                let id = NodeId(pk);
                 self.senders.remove(&id);
                 let neighbour =
                     self.tree.parent() == Some(id) || self.tree.children().any(|c| c == id);
@@ -916,15 +915,19 @@ impl RoomTask {
                     let ctl = Control {
                         v: wire::VERSION,
                         room: self.room,
-                        from: Id(self.me.0),
-                        to: Id(to.0),
+                        from: self.me,
+                        to,
                         msg,
                     };
                     let env = self.envelope(Kind::TreeControl, &wire::encode(&ctl), CONTROL_TTL);
                     self.send_to(to, env);
                 }
                 Output::Publish { update, to } => {
-                    let upd = to_wire_update(&update);
+                    // The state machine's clock is node-local; the wire carries wall-clock time.
+                    let upd = Versioned(proto::TreeUpdate {
+                        ts_ms: now_ms(),
+                        ..update
+                    });
                     let env = self.envelope(Kind::TreeUpdate, &wire::encode(&upd), CONTROL_TTL);
                     for peer in to {
                         self.send_to(peer, env.clone());
@@ -1028,7 +1031,6 @@ impl RoomTask {
         // Ask the broadcaster, else our parent or backup: every member can answer.
         let target = self
             .broadcaster
-            .map(|b| NodeId(b.0))
             .into_iter()
             .chain(self.tree.backup())
             .chain(self.tree.parent())
@@ -1083,8 +1085,8 @@ impl RoomTask {
                 let signal = Signal {
                     v: wire::VERSION,
                     room,
-                    from: Id(me.0),
-                    to: Id(parent.0),
+                    from: me,
+                    to: parent,
                     nonce,
                     kind: SdpKind::Offer,
                     sdp: offer.sdp,
@@ -1161,11 +1163,11 @@ impl RoomTask {
         let Ok(notice) = wire::decode::<Notice>(&plain) else {
             return;
         };
-        if notice.to.0 != self.me.0 || notice.kind != SdpKind::Offer {
+        if notice.to != self.me || notice.kind != SdpKind::Offer {
             return;
         }
         // A child could not reach us directly: fetch its offer from the DHT and answer there.
-        let child = NodeId(notice.from.0);
+        let child = notice.from;
         if !self.tree.children().any(|c| c == child) {
             return;
         }
@@ -1184,7 +1186,7 @@ impl RoomTask {
         };
         let node = self.node.clone();
         tokio::spawn(async move {
-            let Ok(values) = net.get_record(key.0.to_vec(), SIGNAL_TIMEOUT).await else {
+            let Ok(values) = net.get_record(key.to_vec(), SIGNAL_TIMEOUT).await else {
                 return;
             };
             for v in values {
@@ -1202,11 +1204,11 @@ impl RoomTask {
                     let notice = Notice {
                         v: wire::VERSION,
                         room: offer.room,
-                        from: Id(me.0),
-                        to: Id(child.0),
+                        from: me,
+                        to: child,
                         nonce: offer.nonce,
                         kind: SdpKind::Answer,
-                        blob_key: Id(akey),
+                        blob_key: akey,
                     };
                     let env = signal_envelope(&node, &keys, Kind::Notice, &notice);
                     let _ = net
@@ -1226,7 +1228,7 @@ impl RoomTask {
             let _ = reply.respond(bytes).await;
         };
         // The envelope must be signed by the peer that sent it, valid, and not a replay.
-        let signer_ok = public_of_peer(&from) == Some(env.signer);
+        let signer_ok = node_of(&from) == Some(env.signer);
         if !signer_ok || env.verify(now_ms()).is_err() {
             return respond(refusal("invalid envelope")).await;
         }
@@ -1236,27 +1238,28 @@ impl RoomTask {
         let Ok(plain) = self.keys.open(env.kind, &env.payload) else {
             return respond(refusal("cannot open: not a member of this room")).await;
         };
-        let sender = NodeId(env.signer);
+        let sender = env.signer;
         match env.kind {
             Kind::TreeControl => {
                 let Ok(ctl) = wire::decode::<Control>(&plain) else {
                     return respond(refusal("malformed control")).await;
                 };
-                if ctl.from.0 != sender.0 || ctl.to.0 != self.me.0 || ctl.room != self.room {
+                if ctl.from != sender || ctl.to != self.me || ctl.room != self.room {
                     return respond(refusal("misaddressed control")).await;
                 }
                 respond(ok_response(None)).await;
                 self.tree.handle_message(sender, ctl.msg, now);
             }
             Kind::TreeUpdate => {
-                let Ok(upd) = wire::decode::<wire::TreeUpdate>(&plain) else {
+                let Ok(Versioned(upd)) = wire::decode::<Versioned<proto::TreeUpdate>>(&plain)
+                else {
                     return respond(refusal("malformed update")).await;
                 };
-                if upd.peer.0 != sender.0 {
+                if upd.peer != sender {
                     return respond(refusal("update about someone else")).await;
                 }
                 respond(ok_response(None)).await;
-                self.tree.handle_update(sender, from_wire_update(&upd), now);
+                self.tree.handle_update(sender, upd, now);
             }
             Kind::RoomRecord => match &self.record_env {
                 // A member (it sealed the request with the room key) asks the broadcaster.
@@ -1268,16 +1271,7 @@ impl RoomTask {
                 let resp = SnapshotResponse {
                     v: wire::VERSION,
                     room: self.room,
-                    candidates: snap
-                        .candidates
-                        .iter()
-                        .map(|c| Candidate {
-                            peer: Id(c.peer.0),
-                            depth: c.depth,
-                            free: c.free,
-                            capacity: c.capacity,
-                        })
-                        .collect(),
+                    candidates: snap.candidates,
                 };
                 let env = self.envelope(Kind::Snapshot, &wire::encode(&resp), CONTROL_TTL);
                 respond(ok_response(Some(env))).await;
@@ -1368,12 +1362,12 @@ fn open_signal(
     to: NodeId,
 ) -> Result<Signal, String> {
     env.verify_kind(kind, now_ms()).map_err(|e| e.to_string())?;
-    if env.signer != from.0 {
+    if env.signer != from {
         return Err("signal signed by someone else".into());
     }
     let plain = keys.open(kind, &env.payload).map_err(|e| e.to_string())?;
     let s: Signal = wire::decode(&plain).map_err(|e| e.to_string())?;
-    if s.from.0 != from.0 || s.to.0 != to.0 {
+    if s.from != from || s.to != to {
         return Err("misaddressed signal".into());
     }
     let age = now_ms().saturating_sub(s.ts_ms);
@@ -1417,7 +1411,7 @@ async fn answer_offer(
 async fn signal_via_dht(
     node: &Node,
     keys: &RoomKeys,
-    room: Id,
+    room: RoomId,
     me: NodeId,
     parent: NodeId,
     nonce: Nonce16,
@@ -1426,11 +1420,11 @@ async fn signal_via_dht(
     let notice = Notice {
         v: wire::VERSION,
         room,
-        from: Id(me.0),
-        to: Id(parent.0),
+        from: me,
+        to: parent,
         nonce,
         kind: SdpKind::Offer,
-        blob_key: Id(blob_key),
+        blob_key,
     };
     let env = signal_envelope(node, keys, Kind::Notice, &notice);
     node.inner
@@ -1463,7 +1457,7 @@ async fn signal_via_dht(
 
 fn open_snapshot(
     keys: &RoomKeys,
-    room: Id,
+    room: RoomId,
     from: NodeId,
     resp: &[u8],
 ) -> Result<proto::Snapshot, String> {
@@ -1474,7 +1468,7 @@ fn open_snapshot(
     let env = resp.env.ok_or("empty snapshot")?;
     env.verify_kind(Kind::Snapshot, now_ms())
         .map_err(|e| e.to_string())?;
-    if env.signer != from.0 {
+    if env.signer != from {
         return Err("snapshot signed by someone else".into());
     }
     let plain = keys
@@ -1485,47 +1479,8 @@ fn open_snapshot(
         return Err("snapshot of another room".into());
     }
     Ok(proto::Snapshot {
-        candidates: s
-            .candidates
-            .iter()
-            .map(|c| proto::SlotAd {
-                peer: NodeId(c.peer.0),
-                depth: c.depth,
-                free: c.free,
-                capacity: c.capacity,
-            })
-            .collect(),
+        candidates: s.candidates,
     })
-}
-
-fn to_wire_update(u: &proto::TreeUpdate) -> wire::TreeUpdate {
-    wire::TreeUpdate {
-        v: wire::VERSION,
-        peer: Id(u.peer.0),
-        parent: u.parent.map(|p| Id(p.0)),
-        depth: u.depth,
-        ancestors: u.ancestors.iter().map(|a| Id(a.0)).collect(),
-        children: u.children.iter().map(|a| Id(a.0)).collect(),
-        capacity: u.capacity,
-        uplink_kbps: u.uplink_kbps,
-        seq: u.seq,
-        // The state machine's clock is node-local; the wire carries wall-clock time.
-        ts_ms: now_ms(),
-    }
-}
-
-fn from_wire_update(u: &wire::TreeUpdate) -> proto::TreeUpdate {
-    proto::TreeUpdate {
-        peer: NodeId(u.peer.0),
-        parent: u.parent.map(|p| NodeId(p.0)),
-        depth: u.depth,
-        ancestors: u.ancestors.iter().map(|a| NodeId(a.0)).collect(),
-        children: u.children.iter().map(|a| NodeId(a.0)).collect(),
-        capacity: u.capacity,
-        uplink_kbps: u.uplink_kbps,
-        seq: u.seq,
-        ts_ms: u.ts_ms,
-    }
 }
 
 #[cfg(test)]
@@ -1542,9 +1497,9 @@ mod tests {
     ) -> Envelope {
         let s = Signal {
             v: wire::VERSION,
-            room: Id(*keys.locator()),
-            from: Id(from.public()),
-            to: Id(to.0),
+            room: RoomId(*keys.locator()),
+            from: from.node_id(),
+            to,
             nonce: Nonce16([7; 16]),
             kind: SdpKind::Offer,
             sdp: "v=0".into(),
@@ -1563,7 +1518,7 @@ mod tests {
         let keys = RoomKeys::derive("r", Some("pw"), KdfParams::TEST_ONLY).unwrap();
         let child = Identity::generate();
         let parent = NodeId([9; 32]);
-        let me = NodeId(child.public());
+        let me = child.node_id();
         let fresh = signal_env(&child, parent, &keys, now_ms(), Kind::Offer);
         assert!(open_signal(&keys, &fresh, Kind::Offer, me, parent).is_ok());
         // Stale.
