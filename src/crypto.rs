@@ -478,6 +478,8 @@ pub enum Kind {
     Snapshot = 7,
     /// An application data message.
     Data = 8,
+    /// The broadcaster's notice that its broadcast is over (down the tree and on gossip).
+    BroadcastEnd = 9,
 }
 
 impl TryFrom<u8> for Kind {
@@ -492,6 +494,7 @@ impl TryFrom<u8> for Kind {
             6 => Kind::TreeControl,
             7 => Kind::Snapshot,
             8 => Kind::Data,
+            9 => Kind::BroadcastEnd,
             other => return Err(format!("unknown kind {other}")),
         })
     }
@@ -519,7 +522,7 @@ pub struct Envelope {
     /// The payload (usually sealed with the room's seal key).
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
-    /// ed25519 signature over [`signed_bytes`].
+    /// ed25519 signature over the domain tag, the version and every field above.
     #[serde(with = "serde_bytes")]
     pub sig: [u8; 64],
 }

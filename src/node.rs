@@ -77,6 +77,9 @@ pub enum NodeError {
     /// A media error.
     #[error("media: {0}")]
     Media(String),
+    /// The media session failed (creating a broadcast, sending data).
+    #[error("media: {0}")]
+    Session(#[from] crate::media::SessionError),
     /// A crypto error.
     #[error("crypto: {0}")]
     Crypto(#[from] CryptoError),

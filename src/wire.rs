@@ -342,7 +342,7 @@ impl Message for Control {
 
 /// A direct request between members: the room in clear (to route it), the rest in a signed
 /// envelope whose kind says what it carries: a sealed [`SnapshotRequest`], [`Control`],
-/// [`TreeUpdate`] or [`Signal`].
+/// [`TreeUpdate`], [`Signal`] or [`BroadcastEnd`], or a room record request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomRequest {
     /// Wire version.
@@ -433,6 +433,26 @@ pub struct Notice {
 impl Message for Notice {
     const NAME: &'static str = "notice";
     const MAX_LEN: usize = 1024;
+}
+
+/// The broadcaster's notice that its broadcast is over: the sealed payload of a
+/// [`Kind::BroadcastEnd`] envelope signed by the broadcaster. It goes down the tree edges (each
+/// viewer forwards the envelope unchanged to its children) and on the room topic; a viewer takes
+/// it only if the broadcaster signed it and it names this room and this broadcast.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BroadcastEnd {
+    /// Wire version.
+    pub v: u8,
+    /// The room.
+    pub room: RoomId,
+    /// The ended broadcast: its room record's `created_ms` (an older broadcast's notice, replayed,
+    /// does not end a newer one).
+    pub created_ms: u64,
+}
+
+impl Message for BroadcastEnd {
+    const NAME: &'static str = "broadcast end";
+    const MAX_LEN: usize = 256;
 }
 
 /// What `broadcast` prints and `watch` takes: names the room, pins the broadcaster, and says where

@@ -498,3 +498,74 @@ async fn data_only_room_delivers_binary_messages_in_order() {
     .await
     .expect("bounded");
 }
+
+/// The broadcaster leaves once its sources have ended: its signed end notice goes down the tree
+/// (the relay forwards it to its child), each viewer reports the end of the broadcast within a
+/// few seconds and then closes its room, its files finalized and complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_end_of_the_broadcast_reaches_every_viewer() {
+    timeout(Duration::from_secs(120), async {
+        let dir = tempfile::tempdir().unwrap();
+        // Fanout 1: a chain, the second viewer learns of the end through the first.
+        let (b, room, mut bev) = broadcaster(1, 1, "pw").await;
+        let ticket = room.ticket().unwrap().clone();
+        let boot = b.addrs().await.unwrap();
+        let mut ws = Vec::new();
+        for i in 0..2 {
+            let mut w = watcher(dir.path(), i, &boot, &ticket, "pw").await;
+            wait_connected(&mut w, i).await;
+            ws.push(w);
+        }
+        assert_eq!(ws[1].room.status().await.unwrap().depth, Some(2));
+        room.start();
+        let mut ended = 0;
+        while ended < 2 {
+            match timeout(Duration::from_secs(30), bev.recv()).await {
+                Ok(Some(RoomEvent::Media(MediaEvent::SourceEnded { error: None, .. }))) => {
+                    ended += 1
+                }
+                Ok(Some(_)) => {}
+                other => panic!("broadcaster events: {other:?}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let left_at = Instant::now();
+        let leaving = tokio::spawn(room.leave());
+        // Each viewer's events read on their own, so that the time is when it was told.
+        let mut readers = Vec::new();
+        for (i, w) in ws.iter_mut().enumerate() {
+            let mut events = std::mem::replace(&mut w.events, mpsc::channel(1).1);
+            readers.push(tokio::spawn(async move {
+                let mut told = None;
+                loop {
+                    match timeout(Duration::from_secs(15), events.recv()).await {
+                        Ok(Some(RoomEvent::BroadcastEnded)) => told = Some(Instant::now()),
+                        Ok(Some(RoomEvent::Ended)) => break,
+                        Ok(Some(_)) => {}
+                        other => panic!("viewer {i}: {other:?} (told of the end: {told:?})"),
+                    }
+                }
+                told.unwrap_or_else(|| panic!("viewer {i}: ended without being told"))
+            }));
+        }
+        for (i, r) in readers.into_iter().enumerate() {
+            let told = r.await.unwrap() - left_at;
+            eprintln!("viewer {i}: the end of the broadcast after {told:?}");
+            assert!(told < Duration::from_secs(5), "viewer {i}: {told:?}");
+        }
+        leaving.await.unwrap();
+        let src_v = read_all_frames(fixture("f.ivf")).unwrap();
+        for (i, w) in ws.into_iter().enumerate() {
+            // The room is over: files are final without a leave from the application.
+            let got_v = read_all_frames(&w.video).unwrap();
+            assert_eq!(got_v.len(), src_v.len(), "viewer {i}: video frames");
+            ffmpeg_ok(&w.video);
+            ffmpeg_ok(&w.audio);
+            assert!(matches!(w.room.status().await, Err(NodeError::Closed)));
+            w.node.shutdown().await;
+        }
+        b.shutdown().await;
+    })
+    .await
+    .expect("bounded");
+}

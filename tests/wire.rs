@@ -143,6 +143,14 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         ("signal", encode(&signal)),
         ("notice", encode(&notice)),
         (
+            "broadcast_end",
+            encode(&BroadcastEnd {
+                v: VERSION,
+                room: room(9),
+                created_ms: 1_764_000_000_000,
+            }),
+        ),
+        (
             "frame_header",
             FrameHeader {
                 track: 0,
@@ -170,6 +178,7 @@ fn reencode(name: &str, bytes: &[u8]) -> Result<Vec<u8>, WireError> {
         "snapshot_response" => encode(&decode::<SnapshotResponse>(bytes)?),
         "signal" => encode(&decode::<Signal>(bytes)?),
         "notice" => encode(&decode::<Notice>(bytes)?),
+        "broadcast_end" => encode(&decode::<BroadcastEnd>(bytes)?),
         "frame_header" => FrameHeader::decode(bytes)?.encode().to_vec(),
         other => panic!("unknown vector {other}"),
     })
@@ -320,6 +329,7 @@ fn decode_all(bytes: &[u8]) {
     let _ = decode::<SnapshotResponse>(bytes);
     let _ = decode::<Signal>(bytes);
     let _ = decode::<Notice>(bytes);
+    let _ = decode::<BroadcastEnd>(bytes);
     let _ = FrameHeader::decode(bytes);
 }
 
@@ -332,7 +342,7 @@ proptest! {
     }
 
     #[test]
-    fn mutated_messages_never_panic(which in 0usize..13, pos in any::<usize>(), val in any::<u8>(), cut in any::<usize>()) {
+    fn mutated_messages_never_panic(which in 0usize..14, pos in any::<usize>(), val in any::<u8>(), cut in any::<usize>()) {
         let (_, mut bytes) = samples().swap_remove(which);
         let p = pos % bytes.len();
         bytes[p] = val;

@@ -73,7 +73,10 @@ impl TopicKeys {
     ) -> Option<(Envelope, Vec<u8>)> {
         let keys = self.get(topic)?;
         let env: Envelope = wire::decode(data).ok()?;
-        if !matches!(env.kind, Kind::TreeUpdate | Kind::Notice) {
+        if !matches!(
+            env.kind,
+            Kind::TreeUpdate | Kind::Notice | Kind::BroadcastEnd
+        ) {
             return None;
         }
         env.verify(now_ms()).ok()?;
@@ -89,6 +92,8 @@ impl TopicKeys {
             Kind::Notice => wire::decode::<wire::Notice>(&plain)
                 .map(|n| n.from == env.signer)
                 .unwrap_or(false),
+            // Whether the signer is the broadcaster is the room's check (it knows who that is).
+            Kind::BroadcastEnd => wire::decode::<wire::BroadcastEnd>(&plain).is_ok(),
             _ => false,
         };
         ok.then_some((env, plain))

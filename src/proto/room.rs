@@ -351,6 +351,11 @@ impl RoomNode {
         self.tree.id()
     }
 
+    /// The deadlines in force.
+    pub fn timings(&self) -> &RoomTimings {
+        &self.timings
+    }
+
     /// The broadcaster's id.
     pub fn broadcaster(&self) -> NodeId {
         self.broadcaster
