@@ -2,9 +2,11 @@
 //!
 //! A [`Node`] is a cheap `Clone` handle over one network actor ([`crate::net`]) and a dispatcher
 //! task that routes what the swarm delivers (gossip, requests, peer events) to the rooms this node
-//! is in. Each room runs as its own task ([`room`]) that owns the room's tree state machine
-//! ([`crate::proto`]) and its media session ([`crate::media`]) and talks to the network only
-//! through the node. Dropping the last `Node` (and every room handle) stops everything.
+//! is in. Each room runs as its own task ([`room`]) that owns the room's state machines (the room
+//! layer over the tree, [`crate::proto::room`]) and its media session ([`crate::media`]) and talks
+//! to the network only through the node. Inside, a peer is a [`NodeId`]; libp2p's `PeerId` appears
+//! only where libp2p is called and in the application's events. Dropping the last `Node` (and
+//! every room handle) stops everything.
 //!
 //! Finding a room: the room record is sealed with the room's seal key, signed by the broadcaster
 //! and stored in the waterfall DHT under the room's *locator*, which only someone with the
@@ -27,7 +29,9 @@ use crate::net::{Net, NetConfig, NetError, NetEvent};
 use crate::proto::NodeId;
 use crate::wire::{self, Envelope, RoomId, RoomRecord, Ticket, WireError};
 
-pub use room::{RoomConfig, RoomEvent, RoomHandle, RoomRole};
+pub use room::{
+    RoomConfig, RoomEvent, RoomHandle, RoomRole, RoomStatus, WatchOptions, WatchTarget,
+};
 
 /// How long a room record says the broadcast is live; the broadcaster refreshes it well before.
 pub const ROOM_LIVENESS: Duration = Duration::from_secs(120);
@@ -386,10 +390,10 @@ impl Node {
         }
     }
 
-    /// Ask the broadcaster a ticket pins for its room record directly (the request proves we
-    /// hold the room key; the answer is the same signed, sealed envelope the DHT stores).
-    async fn fetch_record_direct(&self, keys: &RoomKeys, ticket: &Ticket) -> Option<Vec<u8>> {
-        let peer = crate::net::peer_of(ticket.broadcaster)?;
+    /// Ask a broadcaster for its room record directly (the request proves we hold the room key;
+    /// the answer is the same signed, sealed envelope the DHT stores).
+    async fn fetch_record_direct(&self, keys: &RoomKeys, broadcaster: NodeId) -> Option<Vec<u8>> {
+        let peer = crate::net::peer_of(broadcaster)?;
         let env = self.inner.identity.seal_envelope(
             Kind::RoomRecord,
             now_ms(),
@@ -432,7 +436,7 @@ impl Node {
         }
         // A ticket holder asks the pinned broadcaster first; the DHT is the general path.
         let direct = match ticket {
-            Some(t) => self.fetch_record_direct(keys, t).await,
+            Some(t) => self.fetch_record_direct(keys, t.broadcaster).await,
             None => None,
         };
         let looked_up = match direct {
@@ -489,6 +493,34 @@ impl Node {
             });
         }
         Ok(rec)
+    }
+
+    /// Whether the broadcast `session` (its record's creation time) of `broadcaster` is still
+    /// live, as far as its record tells: a reachable broadcaster answers with its current record;
+    /// only when it does not, the DHT's copy counts. Ended means the record says so (it expired:
+    /// a leaving broadcaster republishes it expired) or a newer broadcast replaced it; a record
+    /// nobody can find counts as live (the tree's repair goes on).
+    pub(crate) async fn broadcast_live(
+        &self,
+        keys: &RoomKeys,
+        broadcaster: NodeId,
+        session: u64,
+    ) -> bool {
+        let now = now_ms();
+        if let Some(bytes) = self.fetch_record_direct(keys, broadcaster).await
+            && let Ok((_, rec)) = open_record(keys, &bytes, now)
+            && rec.broadcaster == broadcaster
+        {
+            return rec.created_ms == session && rec.expires_ms > now;
+        }
+        match self.lookup_room(keys, None).await {
+            Ok(rec) => rec.broadcaster != broadcaster || rec.created_ms <= session,
+            Err(NodeError::RoomExpired { .. }) => false,
+            Err(e) => {
+                tracing::debug!("room record check: {e}");
+                true
+            }
+        }
     }
 
     /// Stop abruptly, telling no peer: for tests of crash repair. Room tasks are aborted (their

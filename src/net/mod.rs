@@ -10,6 +10,9 @@
 //! the bounded receiver returned by [`Net::spawn`]; when the application lags, events are dropped
 //! (and logged) rather than stalling the swarm.
 //!
+//! Peers are libp2p `PeerId`s here and [`NodeId`]s everywhere above: [`peer_of`] and [`node_of`]
+//! are the one pair of conversions between them.
+//!
 //! The actor never interprets payloads: records, gossip and requests are bytes, and the caller
 //! injects a [`RecordValidator`] and a [`GossipValidator`] (in waterfall: envelope signature and
 //! seal checks from `crypto`/`wire`).

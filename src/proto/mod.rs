@@ -1,4 +1,6 @@
-//! Sans-IO core: the relay-tree state machine ([`tree`]) and its deterministic simulator ([`sim`]).
+//! Sans-IO core: the relay-tree state machine ([`tree`]), the room layer around it ([`room`]:
+//! deadlines, probes, the replay window, the end of a broadcast) and their deterministic simulator
+//! ([`sim`]).
 //!
 //! Nothing here touches a socket, a clock or a runtime. Time is a [`Millis`] passed in by the caller,
 //! randomness comes from a seeded [`SplitMix64`] owned by each state machine, collections are BTree

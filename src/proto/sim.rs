@@ -24,6 +24,10 @@
 //! added, so every new edge walks up to the root; capacity is checked after every call into a node;
 //! every live node without a path is checked against the repair bound once per simulated second.
 //!
+//! One file, about 1.6k lines: the event loop, the ground truth and the report share the
+//! simulator's state and are read together when a figure looks wrong; the rules themselves are
+//! all in [`super::tree`] and [`super::room`].
+//!
 //! Traffic accounting counts the CBOR size of every message a node sends or receives (see
 //! [`TreeMsg::wire_len`]), plus an edge keep-alive (by default 1 message of 20 bytes per second
 //! each way per tree edge, standing for what the transport's liveness costs), plus snapshot

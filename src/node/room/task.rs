@@ -29,7 +29,7 @@ use super::{Media, digest, peer};
 use crate::crypto::{Kind, RoomKeys, now_ms};
 use crate::media::{ChildId, MediaEvent};
 use crate::net::{Net, ResponseHandle, node_of, peer_of};
-use crate::node::{Node, NodeError, ROOM_LIVENESS, ROOM_REFRESH};
+use crate::node::{Node, ROOM_LIVENESS, ROOM_REFRESH};
 use crate::proto::room::RoomEvent as CoreEvent;
 use crate::proto::{Millis, NodeId, RoomNode, RoomOutput, Snapshot, TreeEvent, TreeUpdate};
 use crate::wire::{
@@ -571,24 +571,12 @@ impl RoomTask {
         });
     }
 
-    /// Is the broadcast still live? The record says: ended, or replaced by a newer broadcast.
-    /// An unreachable record counts as live (the repair goes on).
+    /// Is the broadcast still live? Its record tells ([`Node::broadcast_live`]).
     fn check_record(&mut self) {
-        let (node, keys, tx, session) = (
-            self.node.clone(),
-            self.keys.clone(),
-            self.inputs_tx.clone(),
-            self.session,
-        );
+        let (node, keys, tx) = (self.node.clone(), self.keys.clone(), self.inputs_tx.clone());
+        let (broadcaster, session) = (self.room.broadcaster(), self.session);
         self.spawn(async move {
-            let live = match node.lookup_room(&keys, None).await {
-                Ok(rec) => rec.created_ms <= session,
-                Err(NodeError::RoomExpired { .. }) => false,
-                Err(e) => {
-                    tracing::debug!("room record check: {e}");
-                    true
-                }
-            };
+            let live = node.broadcast_live(&keys, broadcaster, session).await;
             let _ = tx.send(Input::RecordChecked { live }).await;
         });
     }
