@@ -131,6 +131,9 @@ impl TimerTable {
     }
     /// Removes and returns the timers due at `now`, earliest first (ties in timer order).
     fn take_due(&mut self, now: Millis) -> Vec<RoomTimer> {
+        if self.next().is_none_or(|t| t > now) {
+            return Vec::new();
+        }
         let mut due: Vec<(Millis, RoomTimer)> = self
             .at
             .iter()
@@ -637,17 +640,21 @@ impl RoomNode {
                 // The room's own poll_timeout covers the tree's.
                 Output::Timer(_) => {}
                 Output::Event(ev) => {
-                    if matches!(ev, TreeEvent::Orphaned { .. }) && !self.tree.is_root() {
-                        self.check_record(now);
+                    match ev {
+                        TreeEvent::Orphaned { .. } if !self.tree.is_root() => {
+                            self.check_record(now)
+                        }
+                        // However it went (a Leave, a link down, an eviction), it is no longer
+                        // our connected child.
+                        TreeEvent::ChildRemoved(c) => {
+                            self.media_up.remove(&c);
+                            self.timers.cancel(RoomTimer::ChildConnect(c));
+                        }
+                        _ => {}
                     }
                     self.emit(RoomEvent::Tree(ev));
                 }
             }
-        }
-        // Children the tree dropped without a Disconnect (a link down) are no longer connected.
-        if !self.media_up.is_empty() {
-            let tree = &self.tree;
-            self.media_up.retain(|c| tree.children().any(|x| x == *c));
         }
     }
 
