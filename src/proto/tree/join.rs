@@ -1,0 +1,436 @@
+//! The joiner's side: from a [`Snapshot`] to an accepted place, for a newcomer and for every
+//! later move or repair that sends a join request.
+//!
+//! What it decides: which candidate to ask ([`TreeNode::pick`]: the two shallowest levels,
+//! weighted by spare slots and RTT, so joiners holding the same directory spread out), how deep
+//! a newcomer lets a full candidate pass it down (one level of slack for the first attempts),
+//! how long to wait for an answer (short for a repair: the subtree has no stream meanwhile),
+//! and what to do with an answer. A refusal or a silent target is forgotten for
+//! `refuse_memory_ms` and removed from our copies of the hints and the directory (a stale
+//! directory full of departed peers would loop forever); the retry waits a random jitter so
+//! joiners refused together do not come back together. An accept is checked (no cycle, sane
+//! path) before it becomes our parent; a late accept is released.
+
+use super::super::{Millis, NodeId};
+use super::rebalance::PROMOTION_DEADLINE_MS;
+use super::slots::dedup_ads;
+use super::{
+    DEPTH_DETACHED, JoinKind, MAX_ANCESTORS, MAX_SLOTS_IN, Output, Path, SlotAd, TreeEvent,
+    TreeMsg, TreeNode, TreeUpdate,
+};
+
+/// Remembered refusal hints.
+pub(super) const MAX_HINTS: usize = 24;
+
+/// First-join attempts that ask for a slot at most one level below the chosen candidate.
+pub(super) const NEW_BOUNDED_ATTEMPTS: u8 = 4;
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Pending {
+    pub(super) target: NodeId,
+    pub(super) kind: JoinKind,
+    pub(super) sent: Millis,
+}
+
+impl TreeNode {
+    /// How long to wait for an answer to a join request: repairs are urgent (the subtree has no
+    /// stream), and a target that does not answer quickly is most likely gone.
+    pub(super) fn timeout_for(&self, p: &Pending) -> u64 {
+        match p.kind {
+            JoinKind::Repair | JoinKind::Handover => {
+                let rtt = self.rtt.get(&p.target).map_or(0, |r| 4 * *r as u64);
+                self.cfg
+                    .repair_timeout_ms
+                    .max(rtt)
+                    .min(self.cfg.join_timeout_ms)
+            }
+            JoinKind::New | JoinKind::Move | JoinKind::Promote => self.cfg.join_timeout_ms,
+        }
+    }
+
+    pub(super) fn on_accept(
+        &mut self,
+        from: NodeId,
+        upd: TreeUpdate,
+        directory: Vec<SlotAd>,
+        now: Millis,
+    ) {
+        // The answer may come from where a full target forwarded our request.
+        let Some(p) = self.pending else {
+            // Stale (we timed out and went elsewhere): free the slot we were given.
+            if self.parent != Some(from) {
+                self.send(from, TreeMsg::Leave { successor: None });
+            }
+            return;
+        };
+        self.pending = None;
+        let bad = (upd.depth == DEPTH_DETACHED && p.kind != JoinKind::Handover)
+            || upd.ancestors.len() >= MAX_ANCESTORS
+            || upd.ancestors.contains(&self.id)
+            || upd.peer != from;
+        if bad {
+            self.send(from, TreeMsg::Leave { successor: None });
+            self.refused
+                .insert(from, now.plus(self.cfg.refuse_memory_ms));
+            self.schedule_retry(now);
+            return;
+        }
+        let old = self.parent;
+        if let Some(o) = old.filter(|o| *o != from) {
+            if p.kind == JoinKind::Promote {
+                // We hold our former parent's place: it comes under us. If we have no free slot
+                // our least capable child takes the one we leave at the former parent (at its
+                // old depth), and the former parent's move waits for it.
+                self.send(o, TreeMsg::MoveUnder { target: self.id });
+                self.promoted_from = Some((o, now.plus(PROMOTION_DEADLINE_MS)));
+                if self.free() == 0
+                    && let Some(k) = self
+                        .children
+                        .iter()
+                        .min_by_key(|(id, c)| (c.has_children, c.capacity, **id))
+                        .map(|(id, _)| *id)
+                {
+                    self.send(k, TreeMsg::MoveUnder { target: o });
+                }
+            } else {
+                // Make-before-break: the new parent is in place, now leave the old one.
+                self.send(o, TreeMsg::Leave { successor: None });
+            }
+            self.out.push_back(Output::Disconnect { peer: o });
+        }
+        self.parent = Some(from);
+        self.parent_capacity = upd.capacity;
+        self.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
+        if upd.depth == DEPTH_DETACHED {
+            // Handover to a sibling that is itself repairing: we follow it once it is attached.
+            self.path = None;
+            self.upstream_detached_since = Some(now);
+            self.hints.clear();
+            self.out.push_back(Output::ConnectParent { peer: from });
+            self.emit(TreeEvent::ParentChanged { old, new: from });
+            self.orphan = None;
+            self.publish_now(now);
+            return;
+        }
+        let mut ancestors = upd.ancestors;
+        ancestors.push(from);
+        let new_path = Path {
+            depth: upd.depth.saturating_add(1),
+            ancestors,
+        };
+        self.last_depth = new_path.depth;
+        let depth = new_path.depth;
+        self.path = Some(new_path);
+        self.upstream_detached_since = None;
+        self.hints.clear();
+        let mut directory = directory;
+        directory.truncate(MAX_SLOTS_IN);
+        if !self.is_root {
+            self.directory = directory;
+        }
+        self.out.push_back(Output::ConnectParent { peer: from });
+        if !self.joined_once {
+            self.joined_once = true;
+            self.emit(TreeEvent::Joined {
+                parent: from,
+                depth,
+            });
+        } else {
+            self.emit(TreeEvent::ParentChanged { old, new: from });
+        }
+        // A relay repaired far below its old place (its own region was repairing too, or no
+        // shallower slot answered in time) drags its subtree down: look for better soon.
+        let sank = !self.children.is_empty()
+            && self
+                .orphan
+                .as_ref()
+                .is_some_and(|o| depth > o.old_depth.saturating_add(1));
+        if let Some(o) = self.orphan.take() {
+            self.emit(TreeEvent::Rejoined {
+                parent: from,
+                outage_ms: now.since(o.since),
+            });
+        }
+        self.emit(TreeEvent::DepthChanged { depth: Some(depth) });
+        // Children need the new path at once (cycle safety), the new parent our summary.
+        self.publish_now(now);
+        self.last_summary_at = None;
+        self.last_summary.clear();
+        self.summary_dirty(now);
+        self.directory_changed(now);
+        self.choose_backup(now);
+        if p.kind.is_move() {
+            self.move_failures = 0;
+            // Stay put for a while after a move.
+            self.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
+        } else if sank {
+            self.move_failures = 0;
+            let base = self.cfg.rebalance_interval_ms / 4;
+            self.rebalance_at = Some(now.plus(base + self.rng.below(base.max(1))));
+        } else if self.rebalance_at.is_none() {
+            self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        }
+    }
+
+    pub(super) fn on_refuse(&mut self, from: NodeId, hints: Vec<SlotAd>, now: Millis) {
+        if self.pending.is_none() {
+            return;
+        }
+        let kind = self.pending.map(|p| p.kind);
+        let until = now.plus(self.cfg.refuse_memory_ms);
+        if let Some(p) = self.pending.take() {
+            // Full, or it would not have forwarded.
+            self.forget(p.target, until);
+        }
+        self.forget(from, until);
+        for h in hints.into_iter().take(MAX_SLOTS_IN) {
+            self.add_hint(h);
+        }
+        if !kind.is_some_and(JoinKind::is_move) {
+            self.schedule_retry(now);
+        } else {
+            self.move_failed(now);
+        }
+    }
+
+    pub(super) fn give_up_pending(&mut self, now: Millis) {
+        if let Some(p) = self.pending.take() {
+            self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
+            if !p.kind.is_move() || self.orphan.is_some() {
+                self.retry_at = Some(now);
+            } else {
+                self.move_failed(now);
+            }
+        }
+    }
+
+    /// A candidate refused or did not answer: not again for a while, and out of our copies of
+    /// the directory and hints (else a stale directory full of departed peers loops forever;
+    /// once empty we ask for a fresh snapshot).
+    pub(super) fn forget(&mut self, peer: NodeId, until: Millis) {
+        self.refused.insert(peer, until);
+        self.hints.retain(|h| h.peer != peer);
+        self.directory.retain(|h| h.peer != peer);
+    }
+
+    pub(super) fn schedule_retry(&mut self, now: Millis) {
+        let jitter = self.rng.below(self.cfg.retry_jitter_ms.max(1));
+        self.retry_at = Some(now.plus(jitter));
+    }
+
+    pub(super) fn add_hint(&mut self, ad: SlotAd) {
+        if ad.peer == self.id || ad.free == 0 || ad.depth == DEPTH_DETACHED {
+            return;
+        }
+        self.hints.retain(|h| h.peer != ad.peer);
+        self.hints.insert(0, ad);
+        self.hints.truncate(MAX_HINTS);
+    }
+
+    /// Peers known to be in our own subtree (children and what their summaries name).
+    pub(super) fn in_own_subtree(&self, peer: NodeId) -> bool {
+        self.children.contains_key(&peer)
+            || self
+                .children
+                .values()
+                .any(|c| c.summary.iter().any(|a| a.peer == peer))
+    }
+
+    pub(super) fn usable(&self, ad: &SlotAd, now: Millis) -> bool {
+        ad.peer != self.id
+            && ad.free > 0
+            && ad.depth != DEPTH_DETACHED
+            && Some(ad.peer) != self.parent
+            && self.orphan.as_ref().is_none_or(|o| o.lost != Some(ad.peer))
+            && self.refused.get(&ad.peer).is_none_or(|t| *t <= now)
+            && !self.in_own_subtree(ad.peer)
+    }
+
+    /// Usable candidates: the hints (fresh: from a snapshot or a refusal) if any, else the
+    /// directory (older, often stale at the top).
+    pub(super) fn candidates(&self, now: Millis) -> Vec<SlotAd> {
+        let mut v: Vec<SlotAd> = self
+            .hints
+            .iter()
+            .filter(|a| self.usable(a, now))
+            .copied()
+            .collect();
+        if v.is_empty() {
+            v = self
+                .directory
+                .iter()
+                .filter(|a| self.usable(a, now))
+                .copied()
+                .collect();
+        }
+        dedup_ads(&mut v);
+        v
+    }
+
+    /// Join rule: smallest depth first. Among the candidates of that depth the choice is random,
+    /// weighted by spare slots and by RTT: the tie-breaks of the design (spare capacity, then
+    /// RTT) as preferences rather than absolutes, so that joiners holding the same directory
+    /// do not all race for one slot.
+    pub(super) fn pick(&mut self, cands: &[SlotAd]) -> Option<SlotAd> {
+        let min = cands.iter().map(|a| a.depth).min()?;
+        let weights: Vec<(SlotAd, u64)> = cands
+            .iter()
+            .filter(|a| a.depth <= min.saturating_add(1))
+            .map(|a| {
+                let rtt = self.rtt.get(&a.peer).copied().unwrap_or(100).max(1) as u64;
+                let near = if a.depth == min { 2 } else { 1 };
+                (*a, (a.free as u64 * near * 1_000_000) / rtt)
+            })
+            .collect();
+        let total: u64 = weights.iter().map(|(_, w)| *w).sum();
+        let mut r = self.rng.below(total.max(1));
+        for (a, w) in &weights {
+            if r < *w {
+                return Some(*a);
+            }
+            r -= w;
+        }
+        weights.first().map(|(a, _)| *a)
+    }
+
+    pub(super) fn attempt_join(&mut self, now: Millis) {
+        if self.left || self.pending.is_some() || self.is_root {
+            return;
+        }
+        self.refused.retain(|_, t| *t > now);
+        let (kind, max_depth, lost) = if let Some(o) = self.orphan.clone() {
+            // Without children we cannot close a cycle: no need to wait for shallower parents.
+            let strict = !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
+            // Successor named by the departed parent first, then the backup.
+            let mut target = None;
+            // The departing parent's plan comes first, even from a candidate that refused us
+            // lately (its slot is the one the departure frees). Once tried, it is dropped.
+            if let Some(s) = o.successor {
+                if let Some(orphan) = self.orphan.as_mut() {
+                    orphan.successor = None;
+                }
+                let kind = if o.lost_ancestors.contains(&s) {
+                    JoinKind::Repair
+                } else {
+                    JoinKind::Handover
+                };
+                let md = (kind == JoinKind::Repair).then(|| o.old_depth.saturating_sub(1));
+                let guard = o.cycle_guard(!self.children.is_empty(), s, now);
+                self.send_join(s, kind, md, guard, now);
+                return;
+            }
+            if target.is_none() {
+                let cands = self.candidates(now);
+                let shallower: Vec<SlotAd> = cands
+                    .iter()
+                    .filter(|a| a.depth < o.old_depth)
+                    .copied()
+                    .collect();
+                let backup = self
+                    .backup
+                    .and_then(|b| shallower.iter().find(|a| a.peer == b).copied());
+                // The lost parent's parent: alive as of our last update, it has the slot of the
+                // lost parent (it evicts it on our word), and fresh summaries of the neighbouring
+                // subtrees to forward us to; a directory entry may be long gone.
+                let grandparent = (o.lost_ancestors.len() >= 2)
+                    .then(|| o.lost_ancestors[o.lost_ancestors.len() - 2])
+                    .filter(|g| *g != self.id && self.refused.get(g).is_none_or(|t| *t <= now));
+                if let Some(b) = backup {
+                    target = Some((b.peer, Some(o.old_depth.saturating_sub(1))));
+                } else if let Some(a) = self.pick(&shallower) {
+                    target = Some((a.peer, Some(o.old_depth.saturating_sub(1))));
+                } else if let Some(g) = grandparent {
+                    target = Some((g, Some(o.old_depth.saturating_sub(1))));
+                } else if strict {
+                    self.retry_at = Some(o.since.plus(self.cfg.repair_settle_ms));
+                    return;
+                } else if let Some(a) = self.pick(&cands) {
+                    target = Some((a.peer, None));
+                }
+            }
+            if target.is_none()
+                && self.capacity > 0
+                && let Some(r) = self
+                    .root_hint
+                    .filter(|r| self.refused.get(r).is_none_or(|t| *t <= now))
+            {
+                // Nobody we know has a free slot (a starved room): ask the root, which makes
+                // room for a peer that can relay, as for a newcomer.
+                target = Some((r, None));
+            }
+            match target {
+                Some((t, md)) => {
+                    let guard = o.cycle_guard(!self.children.is_empty(), t, now);
+                    self.send_join(t, JoinKind::Repair, md, guard, now);
+                }
+                None => self.need_snapshot(now),
+            }
+            return;
+        } else if !self.joined_once {
+            (JoinKind::New, None, None)
+        } else {
+            return;
+        };
+        let cands = self.candidates(now);
+        match self.pick(&cands) {
+            None if self.capacity > 0
+                && let Some(r) = self
+                    .root_hint
+                    .filter(|r| self.refused.get(r).is_none_or(|t| *t <= now)) =>
+            {
+                // Nobody has a free slot (a starved room): ask the root, which makes room for a
+                // peer that can relay.
+                self.send_join(r, kind, None, None, now)
+            }
+            Some(a) => {
+                // A full target passes the request down its subtree, whose shallowest free slot
+                // may be far deeper than what we know elsewhere: allow one level of slack, and
+                // drop the bound after a few refusals (we must land somewhere).
+                self.new_attempts = self.new_attempts.saturating_add(1);
+                let slack = 1 + (self.new_attempts.saturating_sub(1) / NEW_BOUNDED_ATTEMPTS) as u16;
+                let bound = (self.new_attempts <= 3 * NEW_BOUNDED_ATTEMPTS)
+                    .then(|| a.depth.saturating_add(slack));
+                self.send_join(a.peer, kind, max_depth.or(bound), lost, now)
+            }
+            None => self.need_snapshot(now),
+        }
+    }
+
+    pub(super) fn need_snapshot(&mut self, now: Millis) {
+        self.out.push_back(Output::RequestSnapshot);
+        self.retry_at = Some(now.plus(self.cfg.join_timeout_ms));
+    }
+
+    pub(super) fn send_join(
+        &mut self,
+        target: NodeId,
+        kind: JoinKind,
+        max_depth: Option<u16>,
+        lost_parent: Option<NodeId>,
+        now: Millis,
+    ) {
+        self.pending = Some(Pending {
+            target,
+            kind,
+            sent: now,
+        });
+        let parent_gone = kind == JoinKind::Repair
+            && lost_parent.is_some()
+            && self
+                .orphan
+                .as_ref()
+                .is_some_and(|o| o.link_down && o.lost == lost_parent);
+        self.send(
+            target,
+            TreeMsg::Join {
+                kind,
+                capacity: self.capacity,
+                max_depth,
+                lost_parent,
+                joiner: None,
+                hops: 0,
+                parent_gone,
+            },
+        );
+    }
+}

@@ -1,0 +1,694 @@
+//! The relay-tree state machine of one peer ([`TreeNode`]).
+//!
+//! # Model
+//!
+//! The broadcaster is the root (depth 0); every viewer has one parent and at most `capacity`
+//! children (configured, or measured uplink ÷ stream bitrate; 0 = leaf only). Each peer knows:
+//! its parent and the path from the root to it (the `ancestors` of its parent's [`TreeUpdate`]),
+//! its children and their updates, a *summary* of the best free slots below each child, and a
+//! *directory* of the best free slots of the whole tree, received from its parent.
+//!
+//! # What travels where (control traffic stays flat as the room grows)
+//!
+//! - [`TreeMsg`]s go point to point between tree neighbours, or between a joiner and a candidate.
+//! - A node's signed [`TreeUpdate`] is handed out with [`Output::Publish`] to its *tree
+//!   neighbours only* (parent and children), immediately when its path changes (children must know
+//!   their ancestors to avoid cycles) and coalesced when only its children change.
+//! - [`TreeMsg::Summary`] goes up one edge, at most every `summary_interval`, only when it
+//!   changed: the best `summary_len` free slots of the sender's subtree. The root's summary is the
+//!   directory of the whole tree. A parent's children share a byte budget
+//!   (`summary_budget_bytes_per_sec`): the child of a parent with many slots sends fewer entries
+//!   and, if need be, less often, so a high-capacity relay is not flooded with summaries.
+//! - [`TreeMsg::Directory`] goes down every edge, at most every `directory_interval`, only when it
+//!   changed. Each child gets its own: the shallowest two levels of what the parent knows (its
+//!   directory, itself, the other children's summaries -- never the child's own subtree) shuffled
+//!   per child, so the room's joins spread over many nearly-as-good slots and each part of the
+//!   tree also learns nearby slots. Every member can thus answer a newcomer's snapshot request
+//!   ([`TreeNode::snapshot_for_newcomer`]) and every member has backup candidates.
+//! - Liveness is the transport's business (the WebRTC connection and its RTCP along tree edges):
+//!   the shell calls [`TreeNode::handle_link_down`]. There are no room-wide heartbeats.
+//!
+//! A node therefore receives O(capacity) messages per interval whatever the room size; nothing is
+//! gossiped to the whole room.
+//!
+//! # Decisions
+//!
+//! - **Join**: among known candidates with a free slot, the two shallowest levels, weighted by
+//!   spare slots (twice for the shallowest level) and by RTT: the design's order (depth, then
+//!   spare capacity, then RTT) as preferences, so that joiners holding similar directories do not
+//!   all race for the same few slots. The candidate accepts while it has room, else passes the
+//!   request to a free slot of its subtree (at most one level below the candidate the joiner
+//!   chose, for the first attempts) or refuses with a [`RefuseReason`] and hints (the best free
+//!   slots of its own subtree, fresher than the directory); the joiner retries after a random
+//!   jitter.
+//! - **No cycles**: a candidate refuses a joiner that appears in its own ancestor path, or whose lost
+//!   parent does (the joiner would land in a sibling's subtree while both are repairing), and a
+//!   detached candidate (no path to the root) refuses everyone. A repairing node first only accepts
+//!   parents strictly shallower than its old depth: depth then decreases along every new edge and no
+//!   cycle can close even on stale information. After `repair_settle` it takes any candidate.
+//!   Finally, a node that finds itself among its own ancestors leaves its parent (defence in depth).
+//! - **Backup**: every attached node keeps a backup parent chosen at random among the shallowest
+//!   directory entries outside its own subtree, so the orphans of one relay scatter over several
+//!   parents. A departing relay names its grandparent as successor to its most capable child, which
+//!   takes over the freed slot.
+//! - **Repair**: on parent loss (graceful [`TreeMsg::Leave`] or link down) the node switches to its
+//!   backup at once; its subtree stays attached to it and is told it is detached until the repair
+//!   is done. Without a usable backup or shallower slot it asks its lost parent's parent: alive
+//!   as of the last update, it holds the lost parent's slot (it evicts that child on the word of
+//!   a peer the child listed among its own children, if that peer's link to it went down --
+//!   never when the child itself told the peer to go: a live relay and its whole subtree would
+//!   be cut, and its own orphaned state would evict the next relay up) and fresh summaries of
+//!   the neighbouring subtrees to forward to (never into the lost one). After a repair that
+//!   sank it more than one level, a relay checks for a better place within a quarter to half
+//!   of `rebalance_interval`. A repair request unanswered after
+//!   `repair_timeout_ms` (a stale directory names departed peers) moves on to the next
+//!   candidate. A node detached upstream for longer than `upstream_grace` repairs itself.
+//! - **Starvation**: a full parent that knows no free slot anywhere (its subtree and its
+//!   directory show none) gives a repairing or new peer that can relay the slot of a less
+//!   capable child (a leaf-only one first) and hands that child over to it (at most once per
+//!   `PREEMPT_GAP_MS`); with no weaker child it passes the request to one of its relay
+//!   children. A member that knows no free slot names the root in its snapshot (with no free
+//!   slot), and a newcomer that can relay and knows nothing better asks it. Without this, a
+//!   room whose top slots are held by weak peers after its relays are lost never regrows.
+//! - **Rebalancing** (bandwidth-aware placement): every `rebalance_interval` (jittered) a node
+//!   looks for a free slot shallower than its own: one level up if it is more capable than its
+//!   parent, two levels up otherwise, and moves there make-before-break: it attaches to the new
+//!   parent before it leaves the old one, so nobody's stream is cut. With no such slot, a peer
+//!   more capable than its parent (a relay, or one with room for all its parent's children)
+//!   asks its grandparent for a **promotion**: the grandparent takes it in beside the parent
+//!   (one child over its capacity, for at most `PROMOTION_DEADLINE_MS`), the promoted peer
+//!   calls the former parent under it ([`TreeMsg::MoveUnder`]; if full, it first sends its
+//!   least capable child to the slot it left there, at that child's old depth), the former
+//!   parent sends its other children to the promoted peer too (they keep their depth as far as
+//!   it has room) and moves make-before-break; once it has left the grandparent is back within
+//!   capacity. These moves are bounded in depth (strictly above the mover, but for the former
+//!   parent, which goes to its promoted child's level). Strong peers thus rise to the top and
+//!   weak ones sink, one level at a time, without a cut; a grandparent grants one promotion at
+//!   a time and at most one per `PROMOTION_GAP_MS`. A promotion it cannot grant is an ordinary
+//!   move: a full parent asked by a more capable node relocates one of its leaf children with
+//!   less capacity (make-before-break) to open a slot. A refused or unanswered move doubles the
+//!   gap to the next check (up to 4 times): the whole room holds the same directory, and its
+//!   shallowest entries would otherwise draw everyone's moves.
+//!
+//! # Driving it
+//!
+//! [`TreeNode`] is sans-IO: the shell owns the sockets and the clock and feeds it inputs, each
+//! with the current time. After every input, in this order:
+//!
+//! 1. drain [`TreeNode::poll_output`] until it returns `None`, executing each [`Output`] in
+//!    order (sends, publishes, media sessions to open or close, events);
+//! 2. ask [`TreeNode::poll_timeout`] for the earliest deadline and call
+//!    [`TreeNode::handle_timeout`] when it has passed.
+//!
+//! Inputs are [`TreeNode::start`] (or [`TreeNode::new_root`] for the broadcaster),
+//! [`TreeNode::handle_snapshot`], [`TreeNode::handle_message`], [`TreeNode::handle_update`],
+//! [`TreeNode::handle_link_down`], [`TreeNode::handle_timeout`] and [`TreeNode::leave`].
+//!
+//! ```
+//! use waterfall::proto::{Config, Millis, NodeId, Output, Snapshot, SlotAd, TreeMsg, TreeNode};
+//!
+//! let mut viewer = TreeNode::new(NodeId([7; 32]), Config::default(), 42);
+//! viewer.start(Millis(0));
+//! // The viewer asks for a snapshot; a member answers with its best free slots.
+//! let root = NodeId([0; 32]);
+//! let slot = SlotAd { peer: root, depth: 0, free: 4, capacity: 4 };
+//! let snapshot = Snapshot { candidates: vec![slot] };
+//! let mut outputs = Vec::new();
+//! while let Some(o) = viewer.poll_output() {
+//!     if o == Output::RequestSnapshot {
+//!         viewer.handle_snapshot(snapshot.clone(), Millis(20));
+//!     }
+//!     outputs.push(o);
+//! }
+//! // It asks the root to adopt it; the shell delivers that message and wakes the viewer at
+//! // `poll_timeout()` (here: the join request's own timeout) if no answer came.
+//! let asks_root = |o: &Output| matches!(o, Output::Send { to, msg: TreeMsg::Join { .. } } if *to == root);
+//! assert!(outputs.iter().any(asks_root));
+//! assert!(viewer.poll_timeout().is_some());
+//! ```
+//!
+//! # Where each rule lives
+//!
+//! | file | decides |
+//! |------|---------|
+//! | `msg.rs` | the messages and their exact sizes on the wire |
+//! | `config.rs` | tunables, and how many children a peer takes |
+//! | `join.rs` | the joiner's side: which candidate to ask, retries, timeouts, answers |
+//! | `admit.rs` | the parent's side: accept, pass down, preempt or refuse a join |
+//! | `repair.rs` | parent loss: orphans, successors, backups, the grandparent's slot |
+//! | `rebalance.rs` | make-before-break moves, promotions, relocations |
+//! | `slots.rs` | summaries up, directories down, snapshots for newcomers |
+//! | `output.rs` | what the shell is asked to do |
+
+mod admit;
+mod config;
+mod join;
+mod msg;
+mod output;
+mod rebalance;
+mod repair;
+mod slots;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, VecDeque};
+
+use super::{Millis, NodeId, SplitMix64};
+use admit::{ChildInfo, JoinReq};
+use join::Pending;
+use msg::MAX_SLOTS_IN;
+use rebalance::Promotion;
+use repair::Orphan;
+
+pub use config::Config;
+pub use msg::{
+    DEPTH_DETACHED, JoinKind, MAX_ANCESTORS, RefuseReason, SlotAd, Snapshot, TreeMsg, TreeUpdate,
+};
+pub use output::{Output, TreeEvent};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Path {
+    depth: u16,
+    /// Root first, parent last.
+    ancestors: Vec<NodeId>,
+}
+
+/// One peer's view of the relay tree and its decisions. See the module docs.
+#[derive(Debug)]
+pub struct TreeNode {
+    id: NodeId,
+    cfg: Config,
+    capacity: u16,
+    rng: SplitMix64,
+    is_root: bool,
+    started: bool,
+    joined_once: bool,
+    left: bool,
+    parent: Option<NodeId>,
+    parent_capacity: u16,
+    /// Children of our parent (us included), from its last update.
+    parent_children: u16,
+    path: Option<Path>,
+    last_depth: u16,
+    children: BTreeMap<NodeId, ChildInfo>,
+    backup: Option<NodeId>,
+    directory: Vec<SlotAd>,
+    hints: Vec<SlotAd>,
+    refused: BTreeMap<NodeId, Millis>,
+    rtt: BTreeMap<NodeId, u32>,
+    pending: Option<Pending>,
+    orphan: Option<Orphan>,
+    upstream_detached_since: Option<Millis>,
+    seq: u64,
+    retry_at: Option<Millis>,
+    publish_due: Option<Millis>,
+    summary_due: Option<Millis>,
+    last_summary_at: Option<Millis>,
+    last_summary: Vec<SlotAd>,
+    dir_due: Option<Millis>,
+    last_dir_at: Option<Millis>,
+    rebalance_at: Option<Millis>,
+    last_relocate_at: Option<Millis>,
+    /// Last time a leaf-only child was handed over to make room for a repairing relay.
+    last_preempt_at: Option<Millis>,
+    /// Failed moves in a row: each doubles the gap to the next rebalancing check, so nodes whose
+    /// directory is stale do not flood the few shallow slots it names.
+    move_failures: u8,
+    /// First-join attempts so far (the first few are bounded in depth).
+    new_attempts: u8,
+    /// The root, named by a snapshot that knew no free slot.
+    root_hint: Option<NodeId>,
+    /// As grandparent: a promotion in flight (one child over capacity until it ends).
+    promotion: Option<Promotion>,
+    last_promotion_at: Option<Millis>,
+    /// As promoted peer: the former parent, which is to move under us (and until when).
+    promoted_from: Option<(NodeId, Millis)>,
+    /// As promoted peer with no free slot: the former parent's move, answered once the child
+    /// we sent to it has left.
+    held: Option<JoinReq>,
+    last_timer: Option<Millis>,
+    out: VecDeque<Output>,
+}
+
+impl TreeNode {
+    /// A viewer that has not joined yet; call [`TreeNode::start`].
+    pub fn new(id: NodeId, cfg: Config, seed: u64) -> Self {
+        let capacity = cfg.capacity();
+        TreeNode {
+            id,
+            cfg,
+            capacity,
+            rng: SplitMix64::new(seed),
+            is_root: false,
+            started: false,
+            joined_once: false,
+            left: false,
+            parent: None,
+            parent_capacity: 0,
+            parent_children: 0,
+            path: None,
+            last_depth: 0,
+            children: BTreeMap::new(),
+            backup: None,
+            directory: Vec::new(),
+            hints: Vec::new(),
+            refused: BTreeMap::new(),
+            rtt: BTreeMap::new(),
+            pending: None,
+            orphan: None,
+            upstream_detached_since: None,
+            seq: 0,
+            retry_at: None,
+            publish_due: None,
+            summary_due: None,
+            last_summary_at: None,
+            last_summary: Vec::new(),
+            dir_due: None,
+            last_dir_at: None,
+            rebalance_at: None,
+            last_relocate_at: None,
+            last_preempt_at: None,
+            move_failures: 0,
+            new_attempts: 0,
+            root_hint: None,
+            promotion: None,
+            last_promotion_at: None,
+            promoted_from: None,
+            held: None,
+            last_timer: None,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The broadcaster: attached at depth 0 from the start.
+    pub fn new_root(id: NodeId, cfg: Config, seed: u64) -> Self {
+        let mut n = TreeNode::new(id, cfg, seed);
+        n.is_root = true;
+        n.started = true;
+        n.joined_once = true;
+        n.path = Some(Path {
+            depth: 0,
+            ancestors: Vec::new(),
+        });
+        n
+    }
+
+    /// Our identity.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Whether we are the root.
+    pub fn is_root(&self) -> bool {
+        self.is_root
+    }
+
+    /// Children allowed beyond the capacity right now: 1 while a promotion is in flight (the
+    /// make-before-break overlap, at most `PROMOTION_DEADLINE_MS`), else 0.
+    pub fn over_capacity_allowance(&self) -> u16 {
+        u16::from(self.promotion.is_some())
+    }
+
+    /// Current parent.
+    pub fn parent(&self) -> Option<NodeId> {
+        self.parent
+    }
+
+    /// Current backup parent.
+    pub fn backup(&self) -> Option<NodeId> {
+        self.backup
+    }
+
+    /// Depth, if we have a path to the root.
+    pub fn depth(&self) -> Option<u16> {
+        self.path.as_ref().map(|p| p.depth)
+    }
+
+    /// Root-first path to our parent (empty when detached).
+    pub fn ancestors(&self) -> &[NodeId] {
+        self.path.as_ref().map_or(&[], |p| &p.ancestors)
+    }
+
+    /// Current children.
+    pub fn children(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.children.keys().copied()
+    }
+
+    /// Number of children.
+    pub fn child_count(&self) -> usize {
+        self.children.len()
+    }
+
+    /// Maximum children.
+    pub fn capacity(&self) -> u16 {
+        self.capacity
+    }
+
+    /// Whether we have a path to the root (as far as we know).
+    pub fn is_attached(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// Whether we lost our parent and are repairing.
+    pub fn is_orphan(&self) -> bool {
+        self.orphan.is_some()
+    }
+
+    /// Whether [`TreeNode::leave`] was called.
+    pub fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// The directory (best free slots of the tree) as last received.
+    pub fn directory(&self) -> &[SlotAd] {
+        &self.directory
+    }
+
+    /// Our current state as an update (the shell signs it).
+    pub fn current_update(&self, now: Millis) -> TreeUpdate {
+        TreeUpdate {
+            peer: self.id,
+            parent: self.parent,
+            depth: self.depth().unwrap_or(DEPTH_DETACHED),
+            ancestors: self.ancestors().to_vec(),
+            children: self.children.keys().copied().collect(),
+            capacity: self.capacity,
+            uplink_kbps: self.cfg.uplink_kbps,
+            seq: self.seq,
+            ts_ms: now.0,
+        }
+    }
+
+    /// Next output for the shell.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`TreeNode::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let pending = self.pending.map(|p| p.sent.plus(self.timeout_for(&p)));
+        let upstream = self
+            .upstream_detached_since
+            .map(|t| t.plus(self.cfg.upstream_grace_ms));
+        [
+            pending,
+            upstream,
+            self.retry_at,
+            self.publish_due,
+            self.summary_due,
+            self.dir_due,
+            self.rebalance_at,
+            self.promotion.map(|p| p.deadline),
+            self.promoted_from.map(|(_, t)| t),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Record a measured RTT to a peer (tie-break between equal candidates).
+    pub fn set_rtt(&mut self, peer: NodeId, rtt_ms: u32) {
+        self.rtt.insert(peer, rtt_ms);
+    }
+
+    /// Begin joining: asks the shell for a snapshot.
+    pub fn start(&mut self, now: Millis) {
+        if self.started || self.left {
+            return;
+        }
+        self.started = true;
+        self.attempt_join(now);
+        self.after(now);
+    }
+
+    /// A snapshot arrived (answer to [`Output::RequestSnapshot`]).
+    pub fn handle_snapshot(&mut self, snapshot: Snapshot, now: Millis) {
+        if self.left {
+            return;
+        }
+        for ad in snapshot.candidates.into_iter().take(MAX_SLOTS_IN) {
+            if ad.free == 0 && ad.depth == 0 && ad.peer != self.id {
+                self.root_hint = Some(ad.peer);
+            }
+            self.add_hint(ad);
+        }
+        if self.pending.is_none() && (self.orphan.is_some() || !self.joined_once) {
+            self.retry_at = None;
+            self.attempt_join(now);
+        }
+        self.after(now);
+    }
+
+    /// A message from a peer.
+    pub fn handle_message(&mut self, from: NodeId, msg: TreeMsg, now: Millis) {
+        if self.left || from == self.id {
+            return;
+        }
+        match msg {
+            TreeMsg::Join {
+                kind,
+                capacity,
+                max_depth,
+                lost_parent,
+                joiner,
+                hops,
+                parent_gone,
+            } => {
+                let req = JoinReq {
+                    joiner: joiner.unwrap_or(from),
+                    kind,
+                    capacity,
+                    max_depth,
+                    lost_parent,
+                    hops,
+                    parent_gone,
+                };
+                self.on_join(req, now)
+            }
+            TreeMsg::Accept { parent, directory } => self.on_accept(from, parent, directory, now),
+            TreeMsg::Refuse { reason: _, hints } => self.on_refuse(from, hints, now),
+            TreeMsg::Leave { successor } => self.on_leave(from, successor, now),
+            TreeMsg::Summary { mut slots } => {
+                if let Some(c) = self.children.get_mut(&from) {
+                    slots.truncate(MAX_SLOTS_IN);
+                    c.summary = slots;
+                    self.summary_dirty(now);
+                }
+            }
+            TreeMsg::Directory { mut slots } => {
+                if self.parent == Some(from) && !self.is_root {
+                    slots.truncate(MAX_SLOTS_IN);
+                    if slots != self.directory {
+                        self.directory = slots;
+                        self.directory_changed(now);
+                    }
+                }
+            }
+            TreeMsg::Relocate => self.on_relocate(from, now),
+            TreeMsg::MoveUnder { target } => self.on_move_under(from, target, now),
+        }
+        self.after(now);
+    }
+
+    /// A signed update from a tree neighbour (delivered by the shell after [`Output::Publish`]).
+    pub fn handle_update(&mut self, from: NodeId, update: TreeUpdate, now: Millis) {
+        if self.left || update.peer != from {
+            return;
+        }
+        if self.parent == Some(from) {
+            self.on_parent_update(update, now);
+        } else if let Some(c) = self.children.get_mut(&from) {
+            c.capacity = update.capacity;
+            c.has_children = !update.children.is_empty();
+            c.kids = update.children;
+            c.kids.truncate(MAX_SLOTS_IN);
+        }
+        self.after(now);
+    }
+
+    /// The transport lost the connection to `peer` (WebRTC failed/closed, or no RTCP for too long).
+    pub fn handle_link_down(&mut self, peer: NodeId, now: Millis) {
+        if self.left {
+            return;
+        }
+        if self.parent == Some(peer) {
+            self.parent_lost(None, true, now);
+        }
+        if self.children.contains_key(&peer) {
+            self.remove_child(peer, now);
+        }
+        if self.pending.is_some_and(|p| p.target == peer) {
+            self.give_up_pending(now);
+        }
+        self.after(now);
+    }
+
+    /// Timers.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        if self.left {
+            return;
+        }
+        self.last_timer = None;
+        if self
+            .pending
+            .is_some_and(|p| now >= p.sent.plus(self.timeout_for(&p)))
+        {
+            self.give_up_pending(now);
+        }
+        if self.publish_due.is_some_and(|t| now >= t) {
+            self.publish_now(now);
+        }
+        if self.summary_due.is_some_and(|t| now >= t) {
+            self.flush_summary(now);
+        }
+        if self.dir_due.is_some_and(|t| now >= t) {
+            self.flush_directory(now);
+        }
+        if self
+            .upstream_detached_since
+            .is_some_and(|t| now >= t.plus(self.cfg.upstream_grace_ms))
+        {
+            // Our ancestors could not repair in time: repair ourselves.
+            self.upstream_detached_since = None;
+            if let Some(p) = self.parent {
+                self.send(p, TreeMsg::Leave { successor: None });
+            }
+            self.parent_lost(None, false, now);
+        }
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.attempt_join(now);
+        }
+        if self.rebalance_at.is_some_and(|t| now >= t) {
+            self.rebalance_at = None;
+            self.rebalance(now);
+        }
+        if let Some(pr) = self.promotion
+            && now >= pr.deadline
+        {
+            self.promotion = None;
+            // The former parent did not move under the promoted peer in time: hand it over the
+            // hard way (its subtree has a short cut) rather than stay over capacity.
+            while self.children.len() > self.capacity as usize {
+                let (victim, successor) = if self.children.contains_key(&pr.old) {
+                    (
+                        pr.old,
+                        self.children.contains_key(&pr.new).then_some(pr.new),
+                    )
+                } else {
+                    (pr.new, None)
+                };
+                if !self.children.contains_key(&victim) {
+                    break;
+                }
+                self.send(victim, TreeMsg::Leave { successor });
+                self.out.push_back(Output::Disconnect { peer: victim });
+                self.remove_child(victim, now);
+            }
+        }
+        if self.promoted_from.is_some_and(|(_, t)| now >= t) {
+            self.promoted_from = None;
+            if let Some(h) = self.held.take() {
+                self.send(
+                    h.joiner,
+                    TreeMsg::Refuse {
+                        reason: RefuseReason::Full,
+                        hints: Vec::new(),
+                    },
+                );
+            }
+        }
+        self.after(now);
+    }
+
+    /// Leave gracefully: children and parent are told; the most capable child is pointed at our
+    /// parent, whose slot we free.
+    pub fn leave(&mut self, now: Millis) {
+        if self.left {
+            return;
+        }
+        // The most capable child takes our slot at our parent; its siblings are directed to the
+        // free slots of its subtree (disjoint from theirs, so the plan has no cycle), where they
+        // keep their depth. Those without a slot fall back on their backups.
+        let successor_child = self
+            .children
+            .iter()
+            .max_by_key(|(id, c)| (c.capacity, c.has_children, Reverse(**id)))
+            .map(|(id, _)| *id);
+        let mut slots: Vec<SlotAd> = successor_child
+            .and_then(|s| self.children.get(&s))
+            .map(|c| c.summary.clone())
+            .unwrap_or_default();
+        let kids: Vec<NodeId> = self.children.keys().copied().collect();
+        for c in kids {
+            let successor = if Some(c) == successor_child {
+                self.parent.filter(|_| self.path.is_some())
+            } else if let (Some(_), Some(d)) = (successor_child, self.depth()) {
+                // Only the successor and its children: the orphan ends at most one level deeper.
+                slots
+                    .iter_mut()
+                    .find(|a| a.free > 0 && a.depth <= d + 2)
+                    .map(|a| {
+                        a.free -= 1;
+                        a.peer
+                    })
+            } else {
+                None
+            };
+            self.send(c, TreeMsg::Leave { successor });
+            self.out.push_back(Output::Disconnect { peer: c });
+        }
+        if let Some(p) = self.parent {
+            self.send(p, TreeMsg::Leave { successor: None });
+            self.out.push_back(Output::Disconnect { peer: p });
+        }
+        if let Some(p) = self.pending.take() {
+            // If it accepts after all, our absence will time out there; tell it now.
+            self.send(p.target, TreeMsg::Leave { successor: None });
+        }
+        self.left = true;
+        self.children.clear();
+        self.parent = None;
+        self.path = None;
+        self.orphan = None;
+        self.retry_at = None;
+        self.publish_due = None;
+        self.summary_due = None;
+        self.dir_due = None;
+        self.rebalance_at = None;
+        self.upstream_detached_since = None;
+        let _ = now;
+    }
+
+    fn publish_now(&mut self, now: Millis) {
+        self.publish_due = None;
+        self.seq += 1;
+        let update = self.current_update(now);
+        let mut to: Vec<NodeId> = self.children.keys().copied().collect();
+        if let Some(p) = self.parent {
+            to.push(p);
+        }
+        if !to.is_empty() {
+            self.out.push_back(Output::Publish { update, to });
+        }
+    }
+
+    fn send(&mut self, to: NodeId, msg: TreeMsg) {
+        self.out.push_back(Output::Send { to, msg });
+    }
+
+    fn emit(&mut self, e: TreeEvent) {
+        self.out.push_back(Output::Event(e));
+    }
+
+    fn after(&mut self, _now: Millis) {
+        let t = self.poll_timeout();
+        if t != self.last_timer {
+            self.last_timer = t;
+            if let Some(t) = t {
+                self.out.push_back(Output::Timer(t));
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Rebalancing: make-before-break moves that bring capable peers up and weak ones down.
+//!
+//! What it decides: every `rebalance_interval` (jittered) a node looks for a free slot two
+//! levels above it (one, if it is more capable than its parent) and moves there, attaching to
+//! the new parent before leaving the old one so nobody's stream is cut. With no such slot, a peer
+//! more capable than its parent asks its grandparent for a **promotion**: the grandparent takes
+//! it in beside the parent, one child over its capacity for at most `PROMOTION_DEADLINE_MS`,
+//! and the former parent moves under the promoted peer ([`TreeMsg::MoveUnder`]). A full parent
+//! asked by a more capable node relocates one of its weaker leaf children instead. Moves are
+//! bounded in depth (strictly above the mover, but for the former parent, which goes to its
+//! promoted child's level), so stale paths cannot close a cycle. A refused or unanswered move
+//! doubles the gap to the next check, up to 4 times: the whole room holds the same directory
+//! and its shallowest entries would otherwise draw everyone's moves.
+
+use super::super::{Millis, NodeId};
+use super::admit::{ChildInfo, JoinReq};
+use super::slots::dedup_ads;
+use super::{JoinKind, Output, SlotAd, TreeEvent, TreeMsg, TreeNode};
+
+/// Minimum gap between two relocation orders from one parent.
+pub(super) const RELOCATE_GAP_MS: u64 = 10_000;
+
+/// Failed moves in a row beyond which the rebalancing gap stops doubling (4 times).
+pub(super) const MAX_MOVE_BACKOFF: u8 = 2;
+
+/// A promotion holds one child over the grandparent's capacity for at most this long; then the
+/// former parent is handed to the promoted child the hard way.
+pub(super) const PROMOTION_DEADLINE_MS: u64 = 2_000;
+
+/// Gap between two promotions granted by one parent.
+pub(super) const PROMOTION_GAP_MS: u64 = 10_000;
+
+/// A promotion granted by this node: `new` took the place of `old`, which is to move under it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Promotion {
+    pub(super) old: NodeId,
+    pub(super) new: NodeId,
+    pub(super) deadline: Millis,
+}
+
+impl TreeNode {
+    /// Candidates for a move: the directory and the hints together. Hints outlive the join or
+    /// refused move that brought them (they are cleared only by an accept), and a refused move
+    /// leaves those of a deep subtree: taken alone they would hide the directory's shallow slots
+    /// from every later move, and pin a sunk subtree where it is.
+    pub(super) fn move_candidates(&self, now: Millis) -> Vec<SlotAd> {
+        let mut v: Vec<SlotAd> = self
+            .hints
+            .iter()
+            .chain(self.directory.iter())
+            .filter(|a| self.usable(a, now))
+            .copied()
+            .collect();
+        dedup_ads(&mut v);
+        v
+    }
+
+    pub(super) fn on_relocate(&mut self, from: NodeId, now: Millis) {
+        if self.parent != Some(from) || !self.children.is_empty() || self.pending.is_some() {
+            return;
+        }
+        let Some(depth) = self.depth() else { return };
+        let cands = self.candidates(now);
+        if let Some(a) = self.pick(&cands) {
+            // Any depth will do: we are a leaf, the slot is wanted by a more capable peer.
+            let _ = depth;
+            self.send_join(a.peer, JoinKind::Move, None, None, now);
+        }
+    }
+
+    pub(super) fn rebalance_gap(&mut self) -> u64 {
+        let base = self.cfg.rebalance_interval_ms;
+        (base / 2 + self.rng.below(base.max(1))) << self.move_failures.min(MAX_MOVE_BACKOFF)
+    }
+
+    /// A move was refused or not answered: back off.
+    pub(super) fn move_failed(&mut self, now: Millis) {
+        self.move_failures = self.move_failures.saturating_add(1).min(MAX_MOVE_BACKOFF);
+        if self.cfg.rebalance_interval_ms > 0 {
+            self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        }
+    }
+
+    pub(super) fn rebalance(&mut self, now: Millis) {
+        if self.cfg.rebalance_interval_ms == 0 {
+            return;
+        }
+        self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        if self.is_root
+            || self.pending.is_some()
+            || self.orphan.is_some()
+            || self.promotion.is_some()
+            || self.promoted_from.is_some()
+        {
+            return;
+        }
+        let Some(d) = self.depth() else { return };
+        if d < 2 || (self.capacity == 0 && self.children.is_empty()) {
+            return;
+        }
+        let more_capable = self.capacity > self.parent_capacity;
+        let cands: Vec<SlotAd> = self
+            .move_candidates(now)
+            .into_iter()
+            .filter(|a| a.depth + 2 <= d)
+            .collect();
+        if let Some(a) = self.pick(&cands) {
+            let worthwhile = more_capable || a.depth + 3 <= d;
+            if worthwhile {
+                self.send_join(a.peer, JoinKind::Move, Some(d - 2), None, now);
+                return;
+            }
+        }
+        if more_capable
+            && self.capacity > 1
+            && (self.free() >= self.parent_children || !self.children.is_empty())
+            && self.promotion.is_none()
+            && self.promoted_from.is_none()
+        {
+            // No free slot above: ask the grandparent to put us in our parent's place (the
+            // parent then moves under us); failing that it may relocate a weaker leaf for us.
+            let anc = self.ancestors();
+            if anc.len() >= 2 {
+                let g = anc[anc.len() - 2];
+                if self.refused.get(&g).is_none_or(|t| *t <= now) {
+                    self.send_join(g, JoinKind::Promote, Some(d - 2), self.parent, now);
+                }
+            }
+        }
+    }
+
+    pub(super) fn maybe_relocate_for(&mut self, capacity: u16, now: Millis) {
+        if self
+            .last_relocate_at
+            .is_some_and(|t| now.since(t) < RELOCATE_GAP_MS)
+        {
+            return;
+        }
+        let victim = self
+            .children
+            .iter()
+            .filter(|(_, c)| !c.has_children && c.capacity < capacity)
+            .min_by_key(|(id, c)| (c.capacity, **id))
+            .map(|(id, _)| *id);
+        if let Some(v) = victim {
+            self.last_relocate_at = Some(now);
+            self.send(v, TreeMsg::Relocate);
+        }
+    }
+
+    /// Grant a promotion: the joiner, a child of our child `old` more capable than it, takes a
+    /// slot beside `old` now (one over our capacity) and `old` moves under it make-before-break.
+    pub(super) fn try_promote(&mut self, req: &JoinReq, now: Millis) -> bool {
+        let Some(old) = req.lost_parent else {
+            return false;
+        };
+        let c = req.joiner;
+        let ok = req.hops == 0
+            && self.path.is_some()
+            && self.pending.is_none()
+            && self.orphan.is_none()
+            && self.promotion.is_none()
+            && self.held.is_none()
+            && self
+                .last_promotion_at
+                .is_none_or(|t| now.since(t) >= PROMOTION_GAP_MS)
+            && self.children.len() <= self.capacity as usize
+            && !self.children.contains_key(&c)
+            && self.parent != Some(c)
+            && !self.ancestors().contains(&c)
+            && self
+                .children
+                .get(&old)
+                .is_some_and(|o| o.kids.contains(&c) && o.capacity < req.capacity);
+        if !ok {
+            return false;
+        }
+        self.children.insert(
+            c,
+            ChildInfo {
+                capacity: req.capacity,
+                has_children: false,
+                kids: Vec::new(),
+                summary: Vec::new(),
+            },
+        );
+        self.promotion = Some(Promotion {
+            old,
+            new: c,
+            deadline: now.plus(PROMOTION_DEADLINE_MS),
+        });
+        self.last_promotion_at = Some(now);
+        let parent = self.current_update(now);
+        let directory = self.directory_for(c);
+        self.send(c, TreeMsg::Accept { parent, directory });
+        self.out.push_back(Output::AcceptChild { peer: c });
+        self.emit(TreeEvent::ChildAdded(c));
+        self.children_changed(now);
+        true
+    }
+
+    /// `MoveUnder` from a child we lost to a promotion (target: that child) or from our parent
+    /// (target: our new parent after its promotion).
+    pub(super) fn on_move_under(&mut self, from: NodeId, target: NodeId, now: Millis) {
+        let from_child = target == from && self.children.contains_key(&from);
+        if !from_child && self.parent != Some(from) {
+            return;
+        }
+        if from_child {
+            self.out.push_back(Output::Disconnect { peer: from });
+            self.remove_child(from, now);
+            // Our other children go under the promoted peer too (it took our place and had room
+            // for them when it asked): they keep their depth, we alone go one level down.
+            let kids: Vec<NodeId> = self.children.keys().copied().collect();
+            for k in kids {
+                self.send(k, TreeMsg::MoveUnder { target });
+            }
+        }
+        if target == self.id
+            || self.is_root
+            || self.pending.is_some()
+            || self.orphan.is_some()
+            || self.path.is_none()
+            || self.parent == Some(target)
+            || self.in_own_subtree(target)
+        {
+            return;
+        }
+        // Bounded in depth so that stale paths cannot close a cycle: our promoted former child
+        // is at our level (its subtree is deeper than the bound: never forwarded), any other
+        // target must be strictly above us, and so must whatever slot it forwards us to (two
+        // peers forwarded into each other's moving subtrees would close a loop otherwise).
+        let Some(depth) = self.depth() else { return };
+        let max_depth = if from_child {
+            depth
+        } else {
+            depth.saturating_sub(1)
+        };
+        self.send_join(target, JoinKind::Move, Some(max_depth), None, now);
+    }
+}

@@ -1,0 +1,192 @@
+//! Repair: what a node does when it loses its parent, and what a grandparent does for the
+//! orphans of a lost child.
+//!
+//! What it decides: when a parent counts as lost (its `Leave`, a link down, an update that
+//! drops us or closes a cycle through us, or too long detached upstream), which parent an
+//! orphan asks first (the departing parent's named successor, then the backup, then a
+//! shallower slot, then the lost parent's parent, which holds the lost parent's slot), and which
+//! lost parent an orphan names in its requests so that candidates below it refuse (the cycle
+//! guard of [`Orphan::cycle_guard`]). During `repair_settle_ms` a relay only takes parents
+//! strictly shallower than its old depth: depth then decreases along every new edge and no
+//! cycle can close even on stale information. The backup parent is a random pick among the
+//! shallowest directory entries outside our subtree, so the orphans of one relay scatter.
+
+use super::super::{Millis, NodeId};
+use super::{
+    DEPTH_DETACHED, JoinKind, MAX_ANCESTORS, Output, Path, SlotAd, TreeEvent, TreeMsg, TreeNode,
+    TreeUpdate,
+};
+
+/// How long an orphan with children keeps candidates below its lost parent from adopting it.
+pub(super) const CYCLE_GUARD_MS: u64 = 2_000;
+
+#[derive(Clone, Debug)]
+pub(super) struct Orphan {
+    pub(super) since: Millis,
+    pub(super) old_depth: u16,
+    pub(super) lost: Option<NodeId>,
+    pub(super) successor: Option<NodeId>,
+    /// Our path before the loss (tells a successor grandparent from a handover target).
+    pub(super) lost_ancestors: Vec<NodeId>,
+    /// We were a leaf handed over elsewhere by a parent that may well stay (a preempting
+    /// parent, or a departing one): we cannot close a cycle, so candidates below that parent
+    /// need not refuse us.
+    pub(super) leaf_handover: bool,
+    /// The link to the lost parent went down (it crashed or vanished), rather than a word from
+    /// it: only then may its own parent evict it on our word.
+    pub(super) link_down: bool,
+}
+
+impl Orphan {
+    /// The lost parent to name in a join request to `target`. Candidates whose path contains it
+    /// refuse: a subtree must not land in a sibling subtree while both repair. A node without
+    /// children cannot close a cycle, and the lost parent may be alive (it handed us over), in
+    /// which case the guard would shut us out of its whole subtree: a leaf names it only to the
+    /// grandparent, which then evicts a dead parent at once.
+    ///
+    /// A live lost parent (it evicted us, or we left it after its own repair failed) would shut
+    /// our subtree out of its whole subtree -- the whole room, if it is the root -- so the guard
+    /// lapses after `CYCLE_GUARD_MS`: by then a dead parent's subtree knows it is detached (and
+    /// refuses joiners for that reason).
+    pub(super) fn cycle_guard(
+        &self,
+        has_children: bool,
+        target: NodeId,
+        now: Millis,
+    ) -> Option<NodeId> {
+        let grandparent = self.lost_ancestors.len() >= 2
+            && self.lost_ancestors[self.lost_ancestors.len() - 2] == target;
+        if self.leaf_handover && !has_children {
+            // The parent that handed us over may well be alive: naming it to the grandparent
+            // would have it evicted with its whole subtree.
+            return None;
+        }
+        // Without children now we may still take some before the answer comes (a handover
+        // target accepts while it repairs): only a leaf handed over by its parent goes unguarded.
+        let guarded = (has_children || !self.leaf_handover)
+            && self.lost_ancestors.len() >= 2
+            && now < self.since.plus(CYCLE_GUARD_MS);
+        self.lost.filter(|_| guarded || grandparent)
+    }
+}
+
+impl TreeNode {
+    pub(super) fn on_leave(&mut self, from: NodeId, successor: Option<NodeId>, now: Millis) {
+        if self.parent == Some(from) {
+            self.out.push_back(Output::Disconnect { peer: from });
+            self.parent_lost(successor.filter(|s| *s != self.id), false, now);
+        } else if self.children.contains_key(&from) {
+            self.out.push_back(Output::Disconnect { peer: from });
+            self.remove_child(from, now);
+        } else if self.pending.is_some_and(|p| p.target == from) {
+            self.give_up_pending(now);
+        }
+    }
+
+    pub(super) fn parent_lost(&mut self, successor: Option<NodeId>, link_down: bool, now: Millis) {
+        if self.is_root {
+            return;
+        }
+        let lost = self.parent.take();
+        let old_depth = self.depth().unwrap_or(self.last_depth).max(1);
+        let lost_ancestors = self.path.take().map(|p| p.ancestors).unwrap_or_default();
+        let leaf_handover =
+            self.children.is_empty() && successor.is_some_and(|s| !lost_ancestors.contains(&s));
+        self.upstream_detached_since = None;
+        self.orphan = Some(Orphan {
+            since: now,
+            old_depth,
+            lost,
+            successor,
+            lost_ancestors,
+            leaf_handover,
+            link_down,
+        });
+        if let Some(p) = self.pending.as_mut() {
+            // A move in progress becomes the repair.
+            p.kind = JoinKind::Repair;
+        }
+        if let Some(l) = lost {
+            self.emit(TreeEvent::Orphaned { lost: l });
+        }
+        self.emit(TreeEvent::DepthChanged { depth: None });
+        // Our subtree learns it is detached (it refuses joiners meanwhile).
+        self.publish_now(now);
+        self.summary_dirty(now);
+        self.retry_at = None;
+        self.attempt_join(now);
+    }
+
+    pub(super) fn on_parent_update(&mut self, upd: TreeUpdate, now: Millis) {
+        self.parent_capacity = upd.capacity;
+        self.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
+        if !upd.children.contains(&self.id) {
+            // The parent dropped us.
+            self.parent_lost(None, false, now);
+            return;
+        }
+        if upd.depth == DEPTH_DETACHED {
+            if self.path.take().is_some() {
+                self.upstream_detached_since = Some(now);
+                self.emit(TreeEvent::DepthChanged { depth: None });
+                self.publish_now(now);
+                self.summary_dirty(now);
+            }
+            return;
+        }
+        if upd.ancestors.len() >= MAX_ANCESTORS || upd.ancestors.contains(&self.id) {
+            // A cycle closed through us: get out of it.
+            if let Some(p) = self.parent {
+                self.send(p, TreeMsg::Leave { successor: None });
+                self.out.push_back(Output::Disconnect { peer: p });
+            }
+            self.parent_lost(None, false, now);
+            return;
+        }
+        let mut ancestors = upd.ancestors;
+        ancestors.push(upd.peer);
+        let new_path = Path {
+            depth: upd.depth.saturating_add(1),
+            ancestors,
+        };
+        if self.path.as_ref() != Some(&new_path) {
+            let depth_changed = self.depth() != Some(new_path.depth);
+            self.last_depth = new_path.depth;
+            let d = new_path.depth;
+            self.path = Some(new_path);
+            self.upstream_detached_since = None;
+            if depth_changed {
+                self.emit(TreeEvent::DepthChanged { depth: Some(d) });
+                self.summary_dirty(now);
+            }
+            self.publish_now(now);
+        }
+    }
+
+    /// A random pick among the shallowest usable candidates (shallower than us when possible), so
+    /// siblings scatter.
+    pub(super) fn choose_backup(&mut self, now: Millis) {
+        if self.is_root {
+            return;
+        }
+        let cands = self.candidates(now);
+        let my = self.depth().unwrap_or(self.last_depth);
+        let shallower: Vec<SlotAd> = cands.iter().filter(|a| a.depth < my).copied().collect();
+        let pool = if shallower.is_empty() {
+            &cands
+        } else {
+            &shallower
+        };
+        let Some(min) = pool.iter().map(|a| a.depth).min() else {
+            self.backup = None;
+            return;
+        };
+        let top: Vec<NodeId> = pool
+            .iter()
+            .filter(|a| a.depth == min)
+            .map(|a| a.peer)
+            .collect();
+        let i = self.rng.below(top.len() as u64) as usize;
+        self.backup = top.get(i).copied();
+    }
+}
