@@ -29,15 +29,21 @@ pub(super) const PREEMPT_GAP_MS: u64 = 10_000;
 /// How many times a join request may be passed down by full candidates.
 pub(super) const MAX_FORWARD: u8 = 3;
 
+/// What a parent knows of one child.
 #[derive(Clone, Debug)]
 pub(super) struct ChildInfo {
+    /// Its capacity, as it claimed on joining, then from its updates.
     pub(super) capacity: u16,
+    /// Whether it relays (from its last update).
     pub(super) has_children: bool,
     /// The child's own children, from its last signed update: only they may report it lost.
     pub(super) kids: Vec<NodeId>,
+    /// The best free slots of its subtree, from its last summary.
     pub(super) summary: Vec<SlotAd>,
 }
 
+/// A join request as a candidate sees it: [`TreeMsg::Join`] with the joiner resolved (the
+/// sender, or the peer a full candidate forwarded it for).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct JoinReq {
     pub(super) joiner: NodeId,
@@ -49,68 +55,96 @@ pub(super) struct JoinReq {
     pub(super) parent_gone: bool,
 }
 
+impl JoinReq {
+    /// A promotion we cannot grant is an ordinary move.
+    fn as_move_if_promotion(self) -> JoinReq {
+        let kind = if self.kind == JoinKind::Promote {
+            JoinKind::Move
+        } else {
+            self.kind
+        };
+        JoinReq { kind, ..self }
+    }
+
+    /// The request passed one level down, on the joiner's behalf (the answer goes to the
+    /// joiner). Never claims the joiner's parent is gone: only the joiner's own word, to the
+    /// lost parent's parent, may evict.
+    fn forwarded(&self) -> TreeMsg {
+        TreeMsg::Join {
+            kind: self.kind,
+            capacity: self.capacity,
+            max_depth: self.max_depth,
+            lost_parent: self.lost_parent,
+            joiner: Some(self.joiner),
+            hops: self.hops + 1,
+            parent_gone: false,
+        }
+    }
+}
+
 impl TreeNode {
     pub(super) fn free(&self) -> u16 {
         self.capacity
             .saturating_sub(self.children.len().min(u16::MAX as usize) as u16)
     }
 
+    /// Decide on a join request: the rules of the module docs, in order.
     pub(super) fn on_join(&mut self, req: JoinReq, now: Millis) {
-        let JoinReq {
-            joiner: from,
-            kind,
-            capacity,
-            max_depth,
-            lost_parent,
-            hops,
-            parent_gone,
-        } = req;
-        if from == self.id {
+        if req.joiner == self.id {
             return;
         }
-        if kind == JoinKind::Promote && self.try_promote(&req, now) {
+        if req.kind == JoinKind::Promote && self.try_promote(&req, now) {
             return;
         }
         // A promotion we cannot grant is an ordinary move.
-        let req = JoinReq {
-            kind: if kind == JoinKind::Promote {
-                JoinKind::Move
-            } else {
-                kind
-            },
-            ..req
-        };
-        let kind = req.kind;
-        if kind == JoinKind::Move
+        let req = req.as_move_if_promotion();
+        if self.hold_former_parent(&req, now) {
+            return;
+        }
+        self.evict_lost_child(&req, now);
+        let mut reason = self.refusal(&req);
+        if reason == Some(RefuseReason::Full) {
+            if self.forward_join(&req, now) {
+                return;
+            }
+            if self.preempt_for(&req, now) {
+                reason = None;
+            } else if self.pass_to_relay_child(&req) {
+                return;
+            }
+        }
+        match reason {
+            Some(reason) => self.refuse(&req, reason, now),
+            None => self.admit(&req, now),
+        }
+    }
+
+    /// Our former parent, moving under us after our promotion while the child we sent to it has
+    /// not left yet: its request waits for that slot (answered from `remove_child`).
+    fn hold_former_parent(&mut self, req: &JoinReq, now: Millis) -> bool {
+        if req.kind == JoinKind::Move
             && self
                 .promoted_from
-                .is_some_and(|(o, t)| o == from && now < t)
+                .is_some_and(|(o, t)| o == req.joiner && now < t)
         {
-            if self.free() == 0 && !self.children.contains_key(&from) {
-                // Our former parent, while the child we sent to it has not left yet.
-                self.held = Some(req);
-                return;
+            if self.free() == 0 && !self.children.contains_key(&req.joiner) {
+                self.held = Some(*req);
+                return true;
             }
             self.promoted_from = None;
         }
-        let handover = kind == JoinKind::Handover;
-        if kind == JoinKind::Repair
-            && parent_gone
-            && let Some(l) = lost_parent
-            && self
-                .children
-                .get(&l)
-                .is_some_and(|c| c.kids.contains(&from))
-        {
-            // A child of our child `l` lost it: `l` crashed or left (its own word may still be on
-            // the way, and our transport notices later). Its slot is the orphan's best place.
-            self.send(l, TreeMsg::Leave { successor: None });
-            self.out.push_back(Output::Disconnect { peer: l });
-            self.remove_child(l, now);
-        }
-        let reason = if self.children.contains_key(&from) {
-            None // duplicate (our Accept was lost or is in flight): accept again
-        } else if handover {
+        false
+    }
+
+    /// Why we cannot take the joiner, before any attempt to find it room elsewhere (`None`:
+    /// we can). A duplicate request (our Accept was lost or is in flight) is accepted again.
+    fn refusal(&self, req: &JoinReq) -> Option<RefuseReason> {
+        let from = req.joiner;
+        if self.children.contains_key(&from) {
+            None
+        } else if req.kind == JoinKind::Handover {
+            // The departing parent made the plan acyclic: only our own path and room matter,
+            // even while we repair.
             if self.ancestors().contains(&from) || self.parent == Some(from) {
                 Some(RefuseReason::Cycle)
             } else if self.free() == 0 {
@@ -121,100 +155,106 @@ impl TreeNode {
         } else if self.path.is_none() {
             Some(RefuseReason::NotAttached)
         } else if self.ancestors().contains(&from)
-            || lost_parent.is_some_and(|l| l == self.id || self.ancestors().contains(&l))
+            || req
+                .lost_parent
+                .is_some_and(|l| l == self.id || self.ancestors().contains(&l))
             || self.parent == Some(from)
             || self.pending.is_some_and(|p| p.target == from)
         {
             Some(RefuseReason::Cycle)
-        } else if max_depth.is_some_and(|m| self.depth().is_some_and(|d| d > m)) {
+        } else if req
+            .max_depth
+            .is_some_and(|m| self.depth().is_some_and(|d| d > m))
+        {
             Some(RefuseReason::TooDeep)
         } else if self.free() == 0 {
             Some(RefuseReason::Full)
         } else {
             None
-        };
-        if reason == Some(RefuseReason::Full)
-            && !handover
-            && hops < MAX_FORWARD
-            && self.forward_join(&req, now)
-        {
-            return;
         }
-        let mut reason = reason;
-        if reason == Some(RefuseReason::Full)
-            && matches!(kind, JoinKind::Repair | JoinKind::New)
+    }
+
+    /// Starved (full, and no free slot known anywhere): give a joiner that can relay the slot
+    /// of a weaker child, and hand that child over to it.
+    fn preempt_for(&mut self, req: &JoinReq, now: Millis) -> bool {
+        if !(matches!(req.kind, JoinKind::Repair | JoinKind::New)
             && self.knows_no_free_slot()
             && self
                 .last_preempt_at
-                .is_none_or(|t| now.since(t) >= PREEMPT_GAP_MS)
-            && let Some(v) = self.preemptible_child(capacity)
+                .is_none_or(|t| now.since(t) >= PREEMPT_GAP_MS))
         {
-            // Nowhere below to send it: rather than leave a more capable peer (and the subtree
-            // it may carry) without a place, give it a weaker child's slot and hand that child
-            // over to it (the newcomer has room: it is more capable than the child, and if it
-            // is full after all the child is refused with hints and goes elsewhere). Without
-            // this, a room whose top slots are all held by weak peers starves its relays.
-            self.send(
-                v,
-                TreeMsg::Leave {
-                    successor: Some(from),
-                },
-            );
-            self.out.push_back(Output::Disconnect { peer: v });
-            self.remove_child(v, now);
-            self.last_preempt_at = Some(now);
-            reason = None;
+            return false;
         }
-        if reason == Some(RefuseReason::Full)
-            && matches!(kind, JoinKind::Repair | JoinKind::New)
-            && capacity > 0
-            && hops < MAX_FORWARD
-            && self.knows_no_free_slot()
+        let Some(v) = self.preemptible_child(req.capacity) else {
+            return false;
+        };
+        // Nowhere below to send it: rather than leave a more capable peer (and the subtree
+        // it may carry) without a place, give it a weaker child's slot and hand that child
+        // over to it (the newcomer has room: it is more capable than the child, and if it
+        // is full after all the child is refused with hints and goes elsewhere). Without
+        // this, a room whose top slots are all held by weak peers starves its relays.
+        self.send(
+            v,
+            TreeMsg::Leave {
+                successor: Some(req.joiner),
+            },
+        );
+        self.out.push_back(Output::Disconnect { peer: v });
+        self.remove_child(v, now);
+        self.last_preempt_at = Some(now);
+        true
+    }
+
+    /// Starved, and no weaker child here: one of our relay children may have a slot.
+    fn pass_to_relay_child(&mut self, req: &JoinReq) -> bool {
+        if !(matches!(req.kind, JoinKind::Repair | JoinKind::New)
+            && req.capacity > 0
+            && req.hops < MAX_FORWARD
+            && self.knows_no_free_slot())
         {
-            // Starved, and no weaker child here: one of our relay children may have one.
-            let relays: Vec<NodeId> = self
-                .children
-                .iter()
-                .filter(|(id, c)| c.has_children && Some(**id) != lost_parent && **id != from)
-                .map(|(id, _)| *id)
-                .collect();
-            if !relays.is_empty() {
-                let t = relays[self.rng.below(relays.len() as u64) as usize];
-                self.send(
-                    t,
-                    TreeMsg::Join {
-                        kind,
-                        capacity,
-                        max_depth,
-                        lost_parent,
-                        joiner: Some(from),
-                        hops: hops + 1,
-                        parent_gone: false,
-                    },
-                );
-                return;
-            }
+            return false;
         }
-        if let Some(reason) = reason {
-            let hints: Vec<SlotAd> = if reason == RefuseReason::Full {
-                self.compute_summary(self.cfg.summary_len)
-                    .into_iter()
-                    .filter(|a| a.peer != self.id && a.peer != from)
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            self.send(from, TreeMsg::Refuse { reason, hints });
-            self.out
-                .push_back(Output::RefuseChild { peer: from, reason });
-            if reason == RefuseReason::Full && kind == JoinKind::Move {
-                self.maybe_relocate_for(capacity, now);
-            }
-            return;
+        let relays: Vec<NodeId> = self
+            .children
+            .iter()
+            .filter(|(id, c)| c.has_children && Some(**id) != req.lost_parent && **id != req.joiner)
+            .map(|(id, _)| *id)
+            .collect();
+        if relays.is_empty() {
+            return false;
         }
+        let t = relays[self.rng.below(relays.len() as u64) as usize];
+        self.send(t, req.forwarded());
+        true
+    }
+
+    /// Refuse, with hints when full: the best free slots of our subtree, fresher than the
+    /// joiner's directory. A full parent asked for a move by a more capable peer also makes
+    /// room for the next one.
+    fn refuse(&mut self, req: &JoinReq, reason: RefuseReason, now: Millis) {
+        let from = req.joiner;
+        let hints: Vec<SlotAd> = if reason == RefuseReason::Full {
+            self.compute_summary(self.cfg.summary_len)
+                .into_iter()
+                .filter(|a| a.peer != self.id && a.peer != from)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.send(from, TreeMsg::Refuse { reason, hints });
+        self.out
+            .push_back(Output::RefuseChild { peer: from, reason });
+        if reason == RefuseReason::Full && req.kind == JoinKind::Move {
+            self.maybe_relocate_for(req.capacity, now);
+        }
+    }
+
+    /// Take the joiner as a child (again, for a duplicate request: the answer only).
+    fn admit(&mut self, req: &JoinReq, now: Millis) {
+        let from = req.joiner;
         let fresh = !self.children.contains_key(&from);
         self.children.entry(from).or_insert(ChildInfo {
-            capacity,
+            capacity: req.capacity,
             has_children: false,
             kids: Vec::new(),
             summary: Vec::new(),
@@ -231,8 +271,13 @@ impl TreeNode {
 
     /// A full candidate passes the request to a free slot of its subtree, whose summary is fresher
     /// than what the joiner holds (saves the joiner a round trip per level).
-    pub(super) fn forward_join(&mut self, req: &JoinReq, now: Millis) -> bool {
+    fn forward_join(&mut self, req: &JoinReq, now: Millis) -> bool {
         let _ = now;
+        if req.kind == JoinKind::Handover || req.hops >= MAX_FORWARD {
+            // A handover goes where the departing parent planned; a request passed down this
+            // often would wander.
+            return false;
+        }
         let cands: Vec<SlotAd> = self
             .children
             .iter()
@@ -255,18 +300,7 @@ impl TreeNode {
                 a.free = a.free.saturating_sub(1);
             }
         }
-        self.send(
-            target.peer,
-            TreeMsg::Join {
-                kind: req.kind,
-                capacity: req.capacity,
-                max_depth: req.max_depth,
-                lost_parent: req.lost_parent,
-                joiner: Some(req.joiner),
-                hops: req.hops + 1,
-                parent_gone: false,
-            },
-        );
+        self.send(target.peer, req.forwarded());
         true
     }
 

@@ -293,94 +293,27 @@ impl TreeNode {
         weights.first().map(|(a, _)| *a)
     }
 
+    /// Ask for a place if we need one and have no request in flight: a repair when orphaned,
+    /// else a first join (an attached node moves through `rebalance`).
     pub(super) fn attempt_join(&mut self, now: Millis) {
         if self.left || self.pending.is_some() || self.is_root {
             return;
         }
         self.refused.retain(|_, t| *t > now);
-        let (kind, max_depth, lost) = if let Some(o) = self.orphan.clone() {
-            // Without children we cannot close a cycle: no need to wait for shallower parents.
-            let strict = !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
-            // Successor named by the departed parent first, then the backup.
-            let mut target = None;
-            // The departing parent's plan comes first, even from a candidate that refused us
-            // lately (its slot is the one the departure frees). Once tried, it is dropped.
-            if let Some(s) = o.successor {
-                if let Some(orphan) = self.orphan.as_mut() {
-                    orphan.successor = None;
-                }
-                let kind = if o.lost_ancestors.contains(&s) {
-                    JoinKind::Repair
-                } else {
-                    JoinKind::Handover
-                };
-                let md = (kind == JoinKind::Repair).then(|| o.old_depth.saturating_sub(1));
-                let guard = o.cycle_guard(!self.children.is_empty(), s, now);
-                self.send_join(s, kind, md, guard, now);
-                return;
-            }
-            if target.is_none() {
-                let cands = self.candidates(now);
-                let shallower: Vec<SlotAd> = cands
-                    .iter()
-                    .filter(|a| a.depth < o.old_depth)
-                    .copied()
-                    .collect();
-                let backup = self
-                    .backup
-                    .and_then(|b| shallower.iter().find(|a| a.peer == b).copied());
-                // The lost parent's parent: alive as of our last update, it has the slot of the
-                // lost parent (it evicts it on our word), and fresh summaries of the neighbouring
-                // subtrees to forward us to; a directory entry may be long gone.
-                let grandparent = (o.lost_ancestors.len() >= 2)
-                    .then(|| o.lost_ancestors[o.lost_ancestors.len() - 2])
-                    .filter(|g| *g != self.id && self.refused.get(g).is_none_or(|t| *t <= now));
-                if let Some(b) = backup {
-                    target = Some((b.peer, Some(o.old_depth.saturating_sub(1))));
-                } else if let Some(a) = self.pick(&shallower) {
-                    target = Some((a.peer, Some(o.old_depth.saturating_sub(1))));
-                } else if let Some(g) = grandparent {
-                    target = Some((g, Some(o.old_depth.saturating_sub(1))));
-                } else if strict {
-                    self.retry_at = Some(o.since.plus(self.cfg.repair_settle_ms));
-                    return;
-                } else if let Some(a) = self.pick(&cands) {
-                    target = Some((a.peer, None));
-                }
-            }
-            if target.is_none()
-                && self.capacity > 0
-                && let Some(r) = self
-                    .root_hint
-                    .filter(|r| self.refused.get(r).is_none_or(|t| *t <= now))
-            {
-                // Nobody we know has a free slot (a starved room): ask the root, which makes
-                // room for a peer that can relay, as for a newcomer.
-                target = Some((r, None));
-            }
-            match target {
-                Some((t, md)) => {
-                    let guard = o.cycle_guard(!self.children.is_empty(), t, now);
-                    self.send_join(t, JoinKind::Repair, md, guard, now);
-                }
-                None => self.need_snapshot(now),
-            }
-            return;
+        if let Some(o) = self.orphan.clone() {
+            self.attempt_repair(&o, now);
         } else if !self.joined_once {
-            (JoinKind::New, None, None)
-        } else {
-            return;
-        };
+            self.attempt_first_join(now);
+        }
+    }
+
+    fn attempt_first_join(&mut self, now: Millis) {
         let cands = self.candidates(now);
         match self.pick(&cands) {
-            None if self.capacity > 0
-                && let Some(r) = self
-                    .root_hint
-                    .filter(|r| self.refused.get(r).is_none_or(|t| *t <= now)) =>
-            {
+            None if let Some(r) = self.starved_root(now) => {
                 // Nobody has a free slot (a starved room): ask the root, which makes room for a
                 // peer that can relay.
-                self.send_join(r, kind, None, None, now)
+                self.send_join(r, JoinKind::New, None, None, now)
             }
             Some(a) => {
                 // A full target passes the request down its subtree, whose shallowest free slot
@@ -390,10 +323,20 @@ impl TreeNode {
                 let slack = 1 + (self.new_attempts.saturating_sub(1) / NEW_BOUNDED_ATTEMPTS) as u16;
                 let bound = (self.new_attempts <= 3 * NEW_BOUNDED_ATTEMPTS)
                     .then(|| a.depth.saturating_add(slack));
-                self.send_join(a.peer, kind, max_depth.or(bound), lost, now)
+                self.send_join(a.peer, JoinKind::New, bound, None, now)
             }
             None => self.need_snapshot(now),
         }
+    }
+
+    /// The root, named by a snapshot that knew no free slot, if we can relay (a starved root
+    /// makes room only for a peer that can) and it has not refused us lately.
+    pub(super) fn starved_root(&self, now: Millis) -> Option<NodeId> {
+        if self.capacity == 0 {
+            return None;
+        }
+        self.root_hint
+            .filter(|r| self.refused.get(r).is_none_or(|t| *t <= now))
     }
 
     pub(super) fn need_snapshot(&mut self, now: Millis) {

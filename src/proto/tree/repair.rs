@@ -12,6 +12,7 @@
 //! shallowest directory entries outside our subtree, so the orphans of one relay scatter.
 
 use super::super::{Millis, NodeId};
+use super::admit::JoinReq;
 use super::{
     DEPTH_DETACHED, JoinKind, MAX_ANCESTORS, Output, Path, SlotAd, TreeEvent, TreeMsg, TreeNode,
     TreeUpdate,
@@ -189,4 +190,113 @@ impl TreeNode {
         let i = self.rng.below(top.len() as u64) as usize;
         self.backup = top.get(i).copied();
     }
+
+    /// An orphan's next request: the departing parent's named successor first, then the
+    /// backup, a shallower slot, the lost parent's parent, any slot once the settle time is
+    /// over, and the root of a starved room; with none of them, a fresh snapshot.
+    pub(super) fn attempt_repair(&mut self, o: &Orphan, now: Millis) {
+        if let Some(s) = o.successor {
+            self.join_successor(o, s, now);
+            return;
+        }
+        let target = match self.repair_target(o, now) {
+            RepairTarget::Ask(t, max_depth) => Some((t, max_depth)),
+            RepairTarget::Wait(at) => {
+                self.retry_at = Some(at);
+                return;
+            }
+            // Nobody we know has a free slot (a starved room): ask the root, which makes room
+            // for a peer that can relay, as for a newcomer.
+            RepairTarget::Nobody => self.starved_root(now).map(|r| (r, None)),
+        };
+        match target {
+            Some((t, md)) => {
+                let guard = o.cycle_guard(!self.children.is_empty(), t, now);
+                self.send_join(t, JoinKind::Repair, md, guard, now);
+            }
+            None => self.need_snapshot(now),
+        }
+    }
+
+    /// The departing parent's plan comes first, even from a candidate that refused us lately
+    /// (its slot is the one the departure frees). Once tried, it is dropped.
+    fn join_successor(&mut self, o: &Orphan, s: NodeId, now: Millis) {
+        if let Some(orphan) = self.orphan.as_mut() {
+            orphan.successor = None;
+        }
+        // Our old grandparent (a repair, bounded in depth), or a slot in a sibling's subtree
+        // (a handover, accepted even while that sibling repairs).
+        let kind = if o.lost_ancestors.contains(&s) {
+            JoinKind::Repair
+        } else {
+            JoinKind::Handover
+        };
+        let md = (kind == JoinKind::Repair).then(|| o.old_depth.saturating_sub(1));
+        let guard = o.cycle_guard(!self.children.is_empty(), s, now);
+        self.send_join(s, kind, md, guard, now);
+    }
+
+    /// Whom to ask among the candidates we know.
+    fn repair_target(&mut self, o: &Orphan, now: Millis) -> RepairTarget {
+        // Without children we cannot close a cycle: no need to wait for shallower parents.
+        let strict = !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
+        let cands = self.candidates(now);
+        let shallower: Vec<SlotAd> = cands
+            .iter()
+            .filter(|a| a.depth < o.old_depth)
+            .copied()
+            .collect();
+        let backup = self
+            .backup
+            .and_then(|b| shallower.iter().find(|a| a.peer == b).copied());
+        // The lost parent's parent: alive as of our last update, it has the slot of the
+        // lost parent (it evicts it on our word), and fresh summaries of the neighbouring
+        // subtrees to forward us to; a directory entry may be long gone.
+        let grandparent = (o.lost_ancestors.len() >= 2)
+            .then(|| o.lost_ancestors[o.lost_ancestors.len() - 2])
+            .filter(|g| *g != self.id && self.refused.get(g).is_none_or(|t| *t <= now));
+        let above = Some(o.old_depth.saturating_sub(1));
+        if let Some(b) = backup {
+            RepairTarget::Ask(b.peer, above)
+        } else if let Some(a) = self.pick(&shallower) {
+            RepairTarget::Ask(a.peer, above)
+        } else if let Some(g) = grandparent {
+            RepairTarget::Ask(g, above)
+        } else if strict {
+            RepairTarget::Wait(o.since.plus(self.cfg.repair_settle_ms))
+        } else if let Some(a) = self.pick(&cands) {
+            RepairTarget::Ask(a.peer, None)
+        } else {
+            RepairTarget::Nobody
+        }
+    }
+
+    /// As the lost parent's parent: a child of our child `l` says its link to `l` went down.
+    /// `l` crashed or left (its own word may still be on the way, and our transport notices
+    /// later); its slot is the orphan's best place. Only a peer `l` listed as its child may say
+    /// so, and only when its link went down: a live `l` that told it to go keeps its place.
+    pub(super) fn evict_lost_child(&mut self, req: &JoinReq, now: Millis) {
+        if req.kind == JoinKind::Repair
+            && req.parent_gone
+            && let Some(l) = req.lost_parent
+            && self
+                .children
+                .get(&l)
+                .is_some_and(|c| c.kids.contains(&req.joiner))
+        {
+            self.send(l, TreeMsg::Leave { successor: None });
+            self.out.push_back(Output::Disconnect { peer: l });
+            self.remove_child(l, now);
+        }
+    }
+}
+
+/// Where an orphan's next repair request goes.
+enum RepairTarget {
+    /// This peer, refused if deeper than this.
+    Ask(NodeId, Option<u16>),
+    /// Only strictly shallower parents will do for now: look again at this time.
+    Wait(Millis),
+    /// Nobody we know has a free slot.
+    Nobody,
 }
