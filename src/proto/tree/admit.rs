@@ -19,6 +19,8 @@
 //! cheapest way to a place for the joiner, and preemption only as a last resort (it costs a
 //! leaf a short outage, so at most once per `PREEMPT_GAP_MS`).
 
+use std::collections::BTreeMap;
+
 use super::super::{Millis, NodeId};
 use super::{JoinKind, Output, RefuseReason, SlotAd, TreeEvent, TreeMsg, TreeNode};
 
@@ -28,6 +30,16 @@ pub(super) const PREEMPT_GAP_MS: u64 = 10_000;
 
 /// How many times a join request may be passed down by full candidates.
 pub(super) const MAX_FORWARD: u8 = 3;
+
+/// The parent's state.
+#[derive(Debug, Default)]
+pub(super) struct Downstream {
+    pub(super) children: BTreeMap<NodeId, ChildInfo>,
+    /// Last relocation order to a leaf child (at most one per `RELOCATE_GAP_MS`).
+    pub(super) last_relocate_at: Option<Millis>,
+    /// Last time a weaker child was handed over to make room for a peer that can relay.
+    pub(super) last_preempt_at: Option<Millis>,
+}
 
 /// What a parent knows of one child.
 #[derive(Clone, Debug)]
@@ -85,7 +97,7 @@ impl JoinReq {
 impl TreeNode {
     pub(super) fn free(&self) -> u16 {
         self.capacity
-            .saturating_sub(self.children.len().min(u16::MAX as usize) as u16)
+            .saturating_sub(self.down.children.len().min(u16::MAX as usize) as u16)
     }
 
     /// Decide on a join request: the rules of the module docs, in order.
@@ -124,14 +136,15 @@ impl TreeNode {
     fn hold_former_parent(&mut self, req: &JoinReq, now: Millis) -> bool {
         if req.kind == JoinKind::Move
             && self
+                .moves
                 .promoted_from
                 .is_some_and(|(o, t)| o == req.joiner && now < t)
         {
-            if self.free() == 0 && !self.children.contains_key(&req.joiner) {
-                self.held = Some(*req);
+            if self.free() == 0 && !self.down.children.contains_key(&req.joiner) {
+                self.moves.held = Some(*req);
                 return true;
             }
-            self.promoted_from = None;
+            self.moves.promoted_from = None;
         }
         false
     }
@@ -140,26 +153,26 @@ impl TreeNode {
     /// we can). A duplicate request (our Accept was lost or is in flight) is accepted again.
     fn refusal(&self, req: &JoinReq) -> Option<RefuseReason> {
         let from = req.joiner;
-        if self.children.contains_key(&from) {
+        if self.down.children.contains_key(&from) {
             None
         } else if req.kind == JoinKind::Handover {
             // The departing parent made the plan acyclic: only our own path and room matter,
             // even while we repair.
-            if self.ancestors().contains(&from) || self.parent == Some(from) {
+            if self.ancestors().contains(&from) || self.up.parent == Some(from) {
                 Some(RefuseReason::Cycle)
             } else if self.free() == 0 {
                 Some(RefuseReason::Full)
             } else {
                 None
             }
-        } else if self.path.is_none() {
+        } else if self.up.path.is_none() {
             Some(RefuseReason::NotAttached)
         } else if self.ancestors().contains(&from)
             || req
                 .lost_parent
                 .is_some_and(|l| l == self.id || self.ancestors().contains(&l))
-            || self.parent == Some(from)
-            || self.pending.is_some_and(|p| p.target == from)
+            || self.up.parent == Some(from)
+            || self.join.pending.is_some_and(|p| p.target == from)
         {
             Some(RefuseReason::Cycle)
         } else if req
@@ -180,6 +193,7 @@ impl TreeNode {
         if !(matches!(req.kind, JoinKind::Repair | JoinKind::New)
             && self.knows_no_free_slot()
             && self
+                .down
                 .last_preempt_at
                 .is_none_or(|t| now.since(t) >= PREEMPT_GAP_MS))
         {
@@ -199,9 +213,9 @@ impl TreeNode {
                 successor: Some(req.joiner),
             },
         );
-        self.out.push_back(Output::Disconnect { peer: v });
+        self.out.push(Output::Disconnect { peer: v });
         self.remove_child(v, now);
-        self.last_preempt_at = Some(now);
+        self.down.last_preempt_at = Some(now);
         true
     }
 
@@ -215,6 +229,7 @@ impl TreeNode {
             return false;
         }
         let relays: Vec<NodeId> = self
+            .down
             .children
             .iter()
             .filter(|(id, c)| c.has_children && Some(**id) != req.lost_parent && **id != req.joiner)
@@ -242,8 +257,7 @@ impl TreeNode {
             Vec::new()
         };
         self.send(from, TreeMsg::Refuse { reason, hints });
-        self.out
-            .push_back(Output::RefuseChild { peer: from, reason });
+        self.out.push(Output::RefuseChild { peer: from, reason });
         if reason == RefuseReason::Full && req.kind == JoinKind::Move {
             self.maybe_relocate_for(req.capacity, now);
         }
@@ -252,8 +266,8 @@ impl TreeNode {
     /// Take the joiner as a child (again, for a duplicate request: the answer only).
     fn admit(&mut self, req: &JoinReq, now: Millis) {
         let from = req.joiner;
-        let fresh = !self.children.contains_key(&from);
-        self.children.entry(from).or_insert(ChildInfo {
+        let fresh = !self.down.children.contains_key(&from);
+        self.down.children.entry(from).or_insert(ChildInfo {
             capacity: req.capacity,
             has_children: false,
             kids: Vec::new(),
@@ -263,7 +277,7 @@ impl TreeNode {
         let directory = self.directory_for(from);
         self.send(from, TreeMsg::Accept { parent, directory });
         if fresh {
-            self.out.push_back(Output::AcceptChild { peer: from });
+            self.out.push(Output::AcceptChild { peer: from });
             self.emit(TreeEvent::ChildAdded(from));
             self.children_changed(now);
         }
@@ -279,6 +293,7 @@ impl TreeNode {
             return false;
         }
         let cands: Vec<SlotAd> = self
+            .down
             .children
             .iter()
             .filter(|(id, _)| Some(**id) != req.lost_parent)
@@ -295,7 +310,7 @@ impl TreeNode {
             return false;
         };
         // Book the slot in our copy so the next joiner goes elsewhere.
-        for c in self.children.values_mut() {
+        for c in self.down.children.values_mut() {
             for a in c.summary.iter_mut().filter(|a| a.peer == target.peer) {
                 a.free = a.free.saturating_sub(1);
             }
@@ -307,7 +322,7 @@ impl TreeNode {
     /// Neither our subtree nor our directory shows a free slot: the room may be starved of
     /// capacity at the top (its relays lost and its slots held by leaf-only peers).
     pub(super) fn knows_no_free_slot(&self) -> bool {
-        self.compute_summary(1).is_empty() && self.directory.iter().all(|a| a.free == 0)
+        self.compute_summary(1).is_empty() && self.slots.directory.iter().all(|a| a.free == 0)
     }
 
     /// The child to give up for a joiner that can relay: a leaf-only child (capacity 0: it can
@@ -318,7 +333,8 @@ impl TreeNode {
         if capacity == 0 {
             return None;
         }
-        self.children
+        self.down
+            .children
             .iter()
             .filter(|(_, c)| c.capacity < capacity)
             .min_by_key(|(id, c)| (c.capacity, c.has_children, **id))
@@ -326,14 +342,18 @@ impl TreeNode {
     }
 
     pub(super) fn remove_child(&mut self, c: NodeId, now: Millis) {
-        if self.children.remove(&c).is_some() {
+        if self.down.children.remove(&c).is_some() {
             self.emit(TreeEvent::ChildRemoved(c));
             self.children_changed(now);
-            if self.promotion.is_some_and(|p| p.old == c || p.new == c) {
-                self.promotion = None;
+            if self
+                .moves
+                .promotion
+                .is_some_and(|p| p.old == c || p.new == c)
+            {
+                self.moves.promotion = None;
             }
             if self.free() > 0
-                && let Some(h) = self.held.take()
+                && let Some(h) = self.moves.held.take()
             {
                 self.on_join(h, now);
             }
@@ -341,8 +361,8 @@ impl TreeNode {
     }
 
     pub(super) fn children_changed(&mut self, now: Millis) {
-        if self.publish_due.is_none() {
-            self.publish_due = Some(now.plus(self.cfg.publish_coalesce_ms));
+        if self.up.publish_due.is_none() {
+            self.up.publish_due = Some(now.plus(self.cfg.publish_coalesce_ms));
         }
         self.summary_dirty(now);
     }

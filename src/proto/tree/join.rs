@@ -11,6 +11,8 @@
 //! joiners refused together do not come back together. An accept is checked (no cycle, sane
 //! path) before it becomes our parent; a late accept is released.
 
+use std::collections::BTreeMap;
+
 use super::super::{Millis, NodeId};
 use super::rebalance::PROMOTION_DEADLINE_MS;
 use super::slots::dedup_ads;
@@ -25,6 +27,29 @@ pub(super) const MAX_HINTS: usize = 24;
 /// First-join attempts that ask for a slot at most one level below the chosen candidate.
 pub(super) const NEW_BOUNDED_ATTEMPTS: u8 = 4;
 
+/// The joiner's state.
+#[derive(Debug, Default)]
+pub(super) struct Joiner {
+    /// [`TreeNode::start`] was called.
+    pub(super) started: bool,
+    /// We were attached once (later joins are repairs or moves).
+    pub(super) joined_once: bool,
+    /// The join request in flight (one at a time).
+    pub(super) pending: Option<Pending>,
+    /// Fresh candidates, newest first: from a snapshot or a refusal.
+    pub(super) hints: Vec<SlotAd>,
+    /// Candidates that refused or did not answer, not asked again until then.
+    pub(super) refused: BTreeMap<NodeId, Millis>,
+    /// Measured RTTs (tie-break between candidates).
+    pub(super) rtt: BTreeMap<NodeId, u32>,
+    /// First-join attempts so far (the first few are bounded in depth).
+    pub(super) new_attempts: u8,
+    /// The root, named by a snapshot that knew no free slot.
+    pub(super) root_hint: Option<NodeId>,
+    pub(super) retry_at: Option<Millis>,
+}
+
+/// A join request in flight.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Pending {
     pub(super) target: NodeId,
@@ -38,7 +63,7 @@ impl TreeNode {
     pub(super) fn timeout_for(&self, p: &Pending) -> u64 {
         match p.kind {
             JoinKind::Repair | JoinKind::Handover => {
-                let rtt = self.rtt.get(&p.target).map_or(0, |r| 4 * *r as u64);
+                let rtt = self.join.rtt.get(&p.target).map_or(0, |r| 4 * *r as u64);
                 self.cfg
                     .repair_timeout_ms
                     .max(rtt)
@@ -56,35 +81,37 @@ impl TreeNode {
         now: Millis,
     ) {
         // The answer may come from where a full target forwarded our request.
-        let Some(p) = self.pending else {
+        let Some(p) = self.join.pending else {
             // Stale (we timed out and went elsewhere): free the slot we were given.
-            if self.parent != Some(from) {
+            if self.up.parent != Some(from) {
                 self.send(from, TreeMsg::Leave { successor: None });
             }
             return;
         };
-        self.pending = None;
+        self.join.pending = None;
         let bad = (upd.depth == DEPTH_DETACHED && p.kind != JoinKind::Handover)
             || upd.ancestors.len() >= MAX_ANCESTORS
             || upd.ancestors.contains(&self.id)
             || upd.peer != from;
         if bad {
             self.send(from, TreeMsg::Leave { successor: None });
-            self.refused
+            self.join
+                .refused
                 .insert(from, now.plus(self.cfg.refuse_memory_ms));
             self.schedule_retry(now);
             return;
         }
-        let old = self.parent;
+        let old = self.up.parent;
         if let Some(o) = old.filter(|o| *o != from) {
             if p.kind == JoinKind::Promote {
                 // We hold our former parent's place: it comes under us. If we have no free slot
                 // our least capable child takes the one we leave at the former parent (at its
                 // old depth), and the former parent's move waits for it.
                 self.send(o, TreeMsg::MoveUnder { target: self.id });
-                self.promoted_from = Some((o, now.plus(PROMOTION_DEADLINE_MS)));
+                self.moves.promoted_from = Some((o, now.plus(PROMOTION_DEADLINE_MS)));
                 if self.free() == 0
                     && let Some(k) = self
+                        .down
                         .children
                         .iter()
                         .min_by_key(|(id, c)| (c.has_children, c.capacity, **id))
@@ -96,19 +123,19 @@ impl TreeNode {
                 // Make-before-break: the new parent is in place, now leave the old one.
                 self.send(o, TreeMsg::Leave { successor: None });
             }
-            self.out.push_back(Output::Disconnect { peer: o });
+            self.out.push(Output::Disconnect { peer: o });
         }
-        self.parent = Some(from);
-        self.parent_capacity = upd.capacity;
-        self.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
+        self.up.parent = Some(from);
+        self.up.parent_capacity = upd.capacity;
+        self.up.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
         if upd.depth == DEPTH_DETACHED {
             // Handover to a sibling that is itself repairing: we follow it once it is attached.
-            self.path = None;
-            self.upstream_detached_since = Some(now);
-            self.hints.clear();
-            self.out.push_back(Output::ConnectParent { peer: from });
+            self.up.path = None;
+            self.up.upstream_detached_since = Some(now);
+            self.join.hints.clear();
+            self.out.push(Output::ConnectParent { peer: from });
             self.emit(TreeEvent::ParentChanged { old, new: from });
-            self.orphan = None;
+            self.repair.orphan = None;
             self.publish_now(now);
             return;
         }
@@ -118,19 +145,19 @@ impl TreeNode {
             depth: upd.depth.saturating_add(1),
             ancestors,
         };
-        self.last_depth = new_path.depth;
+        self.up.last_depth = new_path.depth;
         let depth = new_path.depth;
-        self.path = Some(new_path);
-        self.upstream_detached_since = None;
-        self.hints.clear();
+        self.up.path = Some(new_path);
+        self.up.upstream_detached_since = None;
+        self.join.hints.clear();
         let mut directory = directory;
         directory.truncate(MAX_SLOTS_IN);
         if !self.is_root {
-            self.directory = directory;
+            self.slots.directory = directory;
         }
-        self.out.push_back(Output::ConnectParent { peer: from });
-        if !self.joined_once {
-            self.joined_once = true;
+        self.out.push(Output::ConnectParent { peer: from });
+        if !self.join.joined_once {
+            self.join.joined_once = true;
             self.emit(TreeEvent::Joined {
                 parent: from,
                 depth,
@@ -140,12 +167,13 @@ impl TreeNode {
         }
         // A relay repaired far below its old place (its own region was repairing too, or no
         // shallower slot answered in time) drags its subtree down: look for better soon.
-        let sank = !self.children.is_empty()
+        let sank = !self.down.children.is_empty()
             && self
+                .repair
                 .orphan
                 .as_ref()
                 .is_some_and(|o| depth > o.old_depth.saturating_add(1));
-        if let Some(o) = self.orphan.take() {
+        if let Some(o) = self.repair.orphan.take() {
             self.emit(TreeEvent::Rejoined {
                 parent: from,
                 outage_ms: now.since(o.since),
@@ -154,31 +182,31 @@ impl TreeNode {
         self.emit(TreeEvent::DepthChanged { depth: Some(depth) });
         // Children need the new path at once (cycle safety), the new parent our summary.
         self.publish_now(now);
-        self.last_summary_at = None;
-        self.last_summary.clear();
+        self.slots.last_summary_at = None;
+        self.slots.last_summary.clear();
         self.summary_dirty(now);
         self.directory_changed(now);
         self.choose_backup(now);
         if p.kind.is_move() {
-            self.move_failures = 0;
+            self.moves.move_failures = 0;
             // Stay put for a while after a move.
-            self.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
+            self.moves.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
         } else if sank {
-            self.move_failures = 0;
+            self.moves.move_failures = 0;
             let base = self.cfg.rebalance_interval_ms / 4;
-            self.rebalance_at = Some(now.plus(base + self.rng.below(base.max(1))));
-        } else if self.rebalance_at.is_none() {
-            self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+            self.moves.rebalance_at = Some(now.plus(base + self.rng.below(base.max(1))));
+        } else if self.moves.rebalance_at.is_none() {
+            self.moves.rebalance_at = Some(now.plus(self.rebalance_gap()));
         }
     }
 
     pub(super) fn on_refuse(&mut self, from: NodeId, hints: Vec<SlotAd>, now: Millis) {
-        if self.pending.is_none() {
+        if self.join.pending.is_none() {
             return;
         }
-        let kind = self.pending.map(|p| p.kind);
+        let kind = self.join.pending.map(|p| p.kind);
         let until = now.plus(self.cfg.refuse_memory_ms);
-        if let Some(p) = self.pending.take() {
+        if let Some(p) = self.join.pending.take() {
             // Full, or it would not have forwarded.
             self.forget(p.target, until);
         }
@@ -194,10 +222,10 @@ impl TreeNode {
     }
 
     pub(super) fn give_up_pending(&mut self, now: Millis) {
-        if let Some(p) = self.pending.take() {
+        if let Some(p) = self.join.pending.take() {
             self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
-            if !p.kind.is_move() || self.orphan.is_some() {
-                self.retry_at = Some(now);
+            if !p.kind.is_move() || self.repair.orphan.is_some() {
+                self.join.retry_at = Some(now);
             } else {
                 self.move_failed(now);
             }
@@ -208,29 +236,30 @@ impl TreeNode {
     /// the directory and hints (else a stale directory full of departed peers loops forever;
     /// once empty we ask for a fresh snapshot).
     pub(super) fn forget(&mut self, peer: NodeId, until: Millis) {
-        self.refused.insert(peer, until);
-        self.hints.retain(|h| h.peer != peer);
-        self.directory.retain(|h| h.peer != peer);
+        self.join.refused.insert(peer, until);
+        self.join.hints.retain(|h| h.peer != peer);
+        self.slots.directory.retain(|h| h.peer != peer);
     }
 
     pub(super) fn schedule_retry(&mut self, now: Millis) {
         let jitter = self.rng.below(self.cfg.retry_jitter_ms.max(1));
-        self.retry_at = Some(now.plus(jitter));
+        self.join.retry_at = Some(now.plus(jitter));
     }
 
     pub(super) fn add_hint(&mut self, ad: SlotAd) {
         if ad.peer == self.id || ad.free == 0 || ad.depth == DEPTH_DETACHED {
             return;
         }
-        self.hints.retain(|h| h.peer != ad.peer);
-        self.hints.insert(0, ad);
-        self.hints.truncate(MAX_HINTS);
+        self.join.hints.retain(|h| h.peer != ad.peer);
+        self.join.hints.insert(0, ad);
+        self.join.hints.truncate(MAX_HINTS);
     }
 
     /// Peers known to be in our own subtree (children and what their summaries name).
     pub(super) fn in_own_subtree(&self, peer: NodeId) -> bool {
-        self.children.contains_key(&peer)
+        self.down.children.contains_key(&peer)
             || self
+                .down
                 .children
                 .values()
                 .any(|c| c.summary.iter().any(|a| a.peer == peer))
@@ -240,9 +269,13 @@ impl TreeNode {
         ad.peer != self.id
             && ad.free > 0
             && ad.depth != DEPTH_DETACHED
-            && Some(ad.peer) != self.parent
-            && self.orphan.as_ref().is_none_or(|o| o.lost != Some(ad.peer))
-            && self.refused.get(&ad.peer).is_none_or(|t| *t <= now)
+            && Some(ad.peer) != self.up.parent
+            && self
+                .repair
+                .orphan
+                .as_ref()
+                .is_none_or(|o| o.lost != Some(ad.peer))
+            && self.join.refused.get(&ad.peer).is_none_or(|t| *t <= now)
             && !self.in_own_subtree(ad.peer)
     }
 
@@ -250,6 +283,7 @@ impl TreeNode {
     /// directory (older, often stale at the top).
     pub(super) fn candidates(&self, now: Millis) -> Vec<SlotAd> {
         let mut v: Vec<SlotAd> = self
+            .join
             .hints
             .iter()
             .filter(|a| self.usable(a, now))
@@ -257,6 +291,7 @@ impl TreeNode {
             .collect();
         if v.is_empty() {
             v = self
+                .slots
                 .directory
                 .iter()
                 .filter(|a| self.usable(a, now))
@@ -277,7 +312,7 @@ impl TreeNode {
             .iter()
             .filter(|a| a.depth <= min.saturating_add(1))
             .map(|a| {
-                let rtt = self.rtt.get(&a.peer).copied().unwrap_or(100).max(1) as u64;
+                let rtt = self.join.rtt.get(&a.peer).copied().unwrap_or(100).max(1) as u64;
                 let near = if a.depth == min { 2 } else { 1 };
                 (*a, (a.free as u64 * near * 1_000_000) / rtt)
             })
@@ -296,13 +331,13 @@ impl TreeNode {
     /// Ask for a place if we need one and have no request in flight: a repair when orphaned,
     /// else a first join (an attached node moves through `rebalance`).
     pub(super) fn attempt_join(&mut self, now: Millis) {
-        if self.left || self.pending.is_some() || self.is_root {
+        if self.left || self.join.pending.is_some() || self.is_root {
             return;
         }
-        self.refused.retain(|_, t| *t > now);
-        if let Some(o) = self.orphan.clone() {
+        self.join.refused.retain(|_, t| *t > now);
+        if let Some(o) = self.repair.orphan.clone() {
             self.attempt_repair(&o, now);
-        } else if !self.joined_once {
+        } else if !self.join.joined_once {
             self.attempt_first_join(now);
         }
     }
@@ -319,9 +354,10 @@ impl TreeNode {
                 // A full target passes the request down its subtree, whose shallowest free slot
                 // may be far deeper than what we know elsewhere: allow one level of slack, and
                 // drop the bound after a few refusals (we must land somewhere).
-                self.new_attempts = self.new_attempts.saturating_add(1);
-                let slack = 1 + (self.new_attempts.saturating_sub(1) / NEW_BOUNDED_ATTEMPTS) as u16;
-                let bound = (self.new_attempts <= 3 * NEW_BOUNDED_ATTEMPTS)
+                self.join.new_attempts = self.join.new_attempts.saturating_add(1);
+                let slack =
+                    1 + (self.join.new_attempts.saturating_sub(1) / NEW_BOUNDED_ATTEMPTS) as u16;
+                let bound = (self.join.new_attempts <= 3 * NEW_BOUNDED_ATTEMPTS)
                     .then(|| a.depth.saturating_add(slack));
                 self.send_join(a.peer, JoinKind::New, bound, None, now)
             }
@@ -335,13 +371,14 @@ impl TreeNode {
         if self.capacity == 0 {
             return None;
         }
-        self.root_hint
-            .filter(|r| self.refused.get(r).is_none_or(|t| *t <= now))
+        self.join
+            .root_hint
+            .filter(|r| self.join.refused.get(r).is_none_or(|t| *t <= now))
     }
 
     pub(super) fn need_snapshot(&mut self, now: Millis) {
-        self.out.push_back(Output::RequestSnapshot);
-        self.retry_at = Some(now.plus(self.cfg.join_timeout_ms));
+        self.out.push(Output::RequestSnapshot);
+        self.join.retry_at = Some(now.plus(self.cfg.join_timeout_ms));
     }
 
     pub(super) fn send_join(
@@ -352,7 +389,7 @@ impl TreeNode {
         lost_parent: Option<NodeId>,
         now: Millis,
     ) {
-        self.pending = Some(Pending {
+        self.join.pending = Some(Pending {
             target,
             kind,
             sent: now,
@@ -360,6 +397,7 @@ impl TreeNode {
         let parent_gone = kind == JoinKind::Repair
             && lost_parent.is_some()
             && self
+                .repair
                 .orphan
                 .as_ref()
                 .is_some_and(|o| o.link_down && o.lost == lost_parent);

@@ -152,14 +152,15 @@ mod slots;
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, VecDeque};
 
 use super::{Millis, NodeId, SplitMix64};
-use admit::{ChildInfo, JoinReq};
-use join::Pending;
+use admit::{Downstream, JoinReq};
+use join::Joiner;
 use msg::MAX_SLOTS_IN;
-use rebalance::Promotion;
-use repair::Orphan;
+use output::Outbox;
+use rebalance::Moves;
+use repair::RepairState;
+use slots::SlotState;
 
 pub use config::Config;
 pub use msg::{
@@ -174,61 +175,52 @@ struct Path {
     ancestors: Vec<NodeId>,
 }
 
-/// One peer's view of the relay tree and its decisions. See the module docs.
+/// One peer's view of the relay tree and its decisions. See the module docs for the algorithm
+/// and for the order in which to call its methods.
+///
+/// Its state is grouped by role, each group declared next to the rules that use it.
 #[derive(Debug)]
 pub struct TreeNode {
     id: NodeId,
     cfg: Config,
+    /// Maximum children (from the configuration, fixed for the session).
     capacity: u16,
     rng: SplitMix64,
     is_root: bool,
-    started: bool,
-    joined_once: bool,
+    /// [`TreeNode::leave`] was called: inputs are ignored from then on.
     left: bool,
+    /// Our place: parent, path to the root, the update we announce.
+    up: Upstream,
+    /// As joiner: the request in flight, candidates, refusals.
+    join: Joiner,
+    /// As parent: our children.
+    down: Downstream,
+    /// As orphan: the repair in progress, and the backup parent for the next one.
+    repair: RepairState,
+    /// As mover, grandparent or promoted peer: rebalancing and promotions.
+    moves: Moves,
+    /// What we know of free slots: the directory and our last summary.
+    slots: SlotState,
+    /// Outputs for the shell, in order.
+    out: Outbox,
+}
+
+/// Our place in the tree, as far as we know it.
+#[derive(Debug, Default)]
+struct Upstream {
     parent: Option<NodeId>,
+    /// Our parent's capacity, from its last update.
     parent_capacity: u16,
     /// Children of our parent (us included), from its last update.
     parent_children: u16,
+    /// Our path to the root (`None`: detached, no path right now).
     path: Option<Path>,
+    /// Depth of the last path we had (a detached node's reference for repairs and backups).
     last_depth: u16,
-    children: BTreeMap<NodeId, ChildInfo>,
-    backup: Option<NodeId>,
-    directory: Vec<SlotAd>,
-    hints: Vec<SlotAd>,
-    refused: BTreeMap<NodeId, Millis>,
-    rtt: BTreeMap<NodeId, u32>,
-    pending: Option<Pending>,
-    orphan: Option<Orphan>,
-    upstream_detached_since: Option<Millis>,
+    /// Sequence number of our last published update.
     seq: u64,
-    retry_at: Option<Millis>,
+    upstream_detached_since: Option<Millis>,
     publish_due: Option<Millis>,
-    summary_due: Option<Millis>,
-    last_summary_at: Option<Millis>,
-    last_summary: Vec<SlotAd>,
-    dir_due: Option<Millis>,
-    last_dir_at: Option<Millis>,
-    rebalance_at: Option<Millis>,
-    last_relocate_at: Option<Millis>,
-    /// Last time a leaf-only child was handed over to make room for a repairing relay.
-    last_preempt_at: Option<Millis>,
-    /// Failed moves in a row: each doubles the gap to the next rebalancing check, so nodes whose
-    /// directory is stale do not flood the few shallow slots it names.
-    move_failures: u8,
-    /// First-join attempts so far (the first few are bounded in depth).
-    new_attempts: u8,
-    /// The root, named by a snapshot that knew no free slot.
-    root_hint: Option<NodeId>,
-    /// As grandparent: a promotion in flight (one child over capacity until it ends).
-    promotion: Option<Promotion>,
-    last_promotion_at: Option<Millis>,
-    /// As promoted peer: the former parent, which is to move under us (and until when).
-    promoted_from: Option<(NodeId, Millis)>,
-    /// As promoted peer with no free slot: the former parent's move, answered once the child
-    /// we sent to it has left.
-    held: Option<JoinReq>,
-    last_timer: Option<Millis>,
-    out: VecDeque<Output>,
 }
 
 impl TreeNode {
@@ -241,43 +233,14 @@ impl TreeNode {
             capacity,
             rng: SplitMix64::new(seed),
             is_root: false,
-            started: false,
-            joined_once: false,
             left: false,
-            parent: None,
-            parent_capacity: 0,
-            parent_children: 0,
-            path: None,
-            last_depth: 0,
-            children: BTreeMap::new(),
-            backup: None,
-            directory: Vec::new(),
-            hints: Vec::new(),
-            refused: BTreeMap::new(),
-            rtt: BTreeMap::new(),
-            pending: None,
-            orphan: None,
-            upstream_detached_since: None,
-            seq: 0,
-            retry_at: None,
-            publish_due: None,
-            summary_due: None,
-            last_summary_at: None,
-            last_summary: Vec::new(),
-            dir_due: None,
-            last_dir_at: None,
-            rebalance_at: None,
-            last_relocate_at: None,
-            last_preempt_at: None,
-            move_failures: 0,
-            new_attempts: 0,
-            root_hint: None,
-            promotion: None,
-            last_promotion_at: None,
-            promoted_from: None,
-            held: None,
-            last_timer: None,
-            out: VecDeque::new(),
+            up: Upstream::default(),
+            join: Joiner::default(),
+            down: Downstream::default(),
+            repair: RepairState::default(),
+            moves: Moves::default(),
+            slots: SlotState::default(),
+            out: Outbox::default(),
         }
     }
 
@@ -285,9 +248,9 @@ impl TreeNode {
     pub fn new_root(id: NodeId, cfg: Config, seed: u64) -> Self {
         let mut n = TreeNode::new(id, cfg, seed);
         n.is_root = true;
-        n.started = true;
-        n.joined_once = true;
-        n.path = Some(Path {
+        n.join.started = true;
+        n.join.joined_once = true;
+        n.up.path = Some(Path {
             depth: 0,
             ancestors: Vec::new(),
         });
@@ -307,37 +270,37 @@ impl TreeNode {
     /// Children allowed beyond the capacity right now: 1 while a promotion is in flight (the
     /// make-before-break overlap, at most `PROMOTION_DEADLINE_MS`), else 0.
     pub fn over_capacity_allowance(&self) -> u16 {
-        u16::from(self.promotion.is_some())
+        u16::from(self.moves.promotion.is_some())
     }
 
     /// Current parent.
     pub fn parent(&self) -> Option<NodeId> {
-        self.parent
+        self.up.parent
     }
 
     /// Current backup parent.
     pub fn backup(&self) -> Option<NodeId> {
-        self.backup
+        self.repair.backup
     }
 
     /// Depth, if we have a path to the root.
     pub fn depth(&self) -> Option<u16> {
-        self.path.as_ref().map(|p| p.depth)
+        self.up.path.as_ref().map(|p| p.depth)
     }
 
     /// Root-first path to our parent (empty when detached).
     pub fn ancestors(&self) -> &[NodeId] {
-        self.path.as_ref().map_or(&[], |p| &p.ancestors)
+        self.up.path.as_ref().map_or(&[], |p| &p.ancestors)
     }
 
     /// Current children.
     pub fn children(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.children.keys().copied()
+        self.down.children.keys().copied()
     }
 
     /// Number of children.
     pub fn child_count(&self) -> usize {
-        self.children.len()
+        self.down.children.len()
     }
 
     /// Maximum children.
@@ -347,12 +310,12 @@ impl TreeNode {
 
     /// Whether we have a path to the root (as far as we know).
     pub fn is_attached(&self) -> bool {
-        self.path.is_some()
+        self.up.path.is_some()
     }
 
     /// Whether we lost our parent and are repairing.
     pub fn is_orphan(&self) -> bool {
-        self.orphan.is_some()
+        self.repair.orphan.is_some()
     }
 
     /// Whether [`TreeNode::leave`] was called.
@@ -362,45 +325,46 @@ impl TreeNode {
 
     /// The directory (best free slots of the tree) as last received.
     pub fn directory(&self) -> &[SlotAd] {
-        &self.directory
+        &self.slots.directory
     }
 
     /// Our current state as an update (the shell signs it).
     pub fn current_update(&self, now: Millis) -> TreeUpdate {
         TreeUpdate {
             peer: self.id,
-            parent: self.parent,
+            parent: self.up.parent,
             depth: self.depth().unwrap_or(DEPTH_DETACHED),
             ancestors: self.ancestors().to_vec(),
-            children: self.children.keys().copied().collect(),
+            children: self.down.children.keys().copied().collect(),
             capacity: self.capacity,
             uplink_kbps: self.cfg.uplink_kbps,
-            seq: self.seq,
+            seq: self.up.seq,
             ts_ms: now.0,
         }
     }
 
     /// Next output for the shell.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        self.out.pop()
     }
 
     /// When [`TreeNode::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let pending = self.pending.map(|p| p.sent.plus(self.timeout_for(&p)));
+        let pending = self.join.pending.map(|p| p.sent.plus(self.timeout_for(&p)));
         let upstream = self
+            .up
             .upstream_detached_since
             .map(|t| t.plus(self.cfg.upstream_grace_ms));
         [
             pending,
             upstream,
-            self.retry_at,
-            self.publish_due,
-            self.summary_due,
-            self.dir_due,
-            self.rebalance_at,
-            self.promotion.map(|p| p.deadline),
-            self.promoted_from.map(|(_, t)| t),
+            self.join.retry_at,
+            self.up.publish_due,
+            self.slots.summary_due,
+            self.slots.dir_due,
+            self.moves.rebalance_at,
+            self.moves.promotion.map(|p| p.deadline),
+            self.moves.promoted_from.map(|(_, t)| t),
         ]
         .into_iter()
         .flatten()
@@ -409,15 +373,15 @@ impl TreeNode {
 
     /// Record a measured RTT to a peer (tie-break between equal candidates).
     pub fn set_rtt(&mut self, peer: NodeId, rtt_ms: u32) {
-        self.rtt.insert(peer, rtt_ms);
+        self.join.rtt.insert(peer, rtt_ms);
     }
 
     /// Begin joining: asks the shell for a snapshot.
     pub fn start(&mut self, now: Millis) {
-        if self.started || self.left {
+        if self.join.started || self.left {
             return;
         }
-        self.started = true;
+        self.join.started = true;
         self.attempt_join(now);
         self.after(now);
     }
@@ -429,12 +393,12 @@ impl TreeNode {
         }
         for ad in snapshot.candidates.into_iter().take(MAX_SLOTS_IN) {
             if ad.free == 0 && ad.depth == 0 && ad.peer != self.id {
-                self.root_hint = Some(ad.peer);
+                self.join.root_hint = Some(ad.peer);
             }
             self.add_hint(ad);
         }
-        if self.pending.is_none() && (self.orphan.is_some() || !self.joined_once) {
-            self.retry_at = None;
+        if self.join.pending.is_none() && (self.repair.orphan.is_some() || !self.join.joined_once) {
+            self.join.retry_at = None;
             self.attempt_join(now);
         }
         self.after(now);
@@ -470,17 +434,17 @@ impl TreeNode {
             TreeMsg::Refuse { reason: _, hints } => self.on_refuse(from, hints, now),
             TreeMsg::Leave { successor } => self.on_leave(from, successor, now),
             TreeMsg::Summary { mut slots } => {
-                if let Some(c) = self.children.get_mut(&from) {
+                if let Some(c) = self.down.children.get_mut(&from) {
                     slots.truncate(MAX_SLOTS_IN);
                     c.summary = slots;
                     self.summary_dirty(now);
                 }
             }
             TreeMsg::Directory { mut slots } => {
-                if self.parent == Some(from) && !self.is_root {
+                if self.up.parent == Some(from) && !self.is_root {
                     slots.truncate(MAX_SLOTS_IN);
-                    if slots != self.directory {
-                        self.directory = slots;
+                    if slots != self.slots.directory {
+                        self.slots.directory = slots;
                         self.directory_changed(now);
                     }
                 }
@@ -496,9 +460,9 @@ impl TreeNode {
         if self.left || update.peer != from {
             return;
         }
-        if self.parent == Some(from) {
+        if self.up.parent == Some(from) {
             self.on_parent_update(update, now);
-        } else if let Some(c) = self.children.get_mut(&from) {
+        } else if let Some(c) = self.down.children.get_mut(&from) {
             c.capacity = update.capacity;
             c.has_children = !update.children.is_empty();
             c.kids = update.children;
@@ -512,13 +476,13 @@ impl TreeNode {
         if self.left {
             return;
         }
-        if self.parent == Some(peer) {
+        if self.up.parent == Some(peer) {
             self.parent_lost(None, true, now);
         }
-        if self.children.contains_key(&peer) {
+        if self.down.children.contains_key(&peer) {
             self.remove_child(peer, now);
         }
-        if self.pending.is_some_and(|p| p.target == peer) {
+        if self.join.pending.is_some_and(|p| p.target == peer) {
             self.give_up_pending(now);
         }
         self.after(now);
@@ -529,67 +493,69 @@ impl TreeNode {
         if self.left {
             return;
         }
-        self.last_timer = None;
+        self.out.last_timer = None;
         if self
+            .join
             .pending
             .is_some_and(|p| now >= p.sent.plus(self.timeout_for(&p)))
         {
             self.give_up_pending(now);
         }
-        if self.publish_due.is_some_and(|t| now >= t) {
+        if self.up.publish_due.is_some_and(|t| now >= t) {
             self.publish_now(now);
         }
-        if self.summary_due.is_some_and(|t| now >= t) {
+        if self.slots.summary_due.is_some_and(|t| now >= t) {
             self.flush_summary(now);
         }
-        if self.dir_due.is_some_and(|t| now >= t) {
+        if self.slots.dir_due.is_some_and(|t| now >= t) {
             self.flush_directory(now);
         }
         if self
+            .up
             .upstream_detached_since
             .is_some_and(|t| now >= t.plus(self.cfg.upstream_grace_ms))
         {
             // Our ancestors could not repair in time: repair ourselves.
-            self.upstream_detached_since = None;
-            if let Some(p) = self.parent {
+            self.up.upstream_detached_since = None;
+            if let Some(p) = self.up.parent {
                 self.send(p, TreeMsg::Leave { successor: None });
             }
             self.parent_lost(None, false, now);
         }
-        if self.retry_at.is_some_and(|t| now >= t) {
-            self.retry_at = None;
+        if self.join.retry_at.is_some_and(|t| now >= t) {
+            self.join.retry_at = None;
             self.attempt_join(now);
         }
-        if self.rebalance_at.is_some_and(|t| now >= t) {
-            self.rebalance_at = None;
+        if self.moves.rebalance_at.is_some_and(|t| now >= t) {
+            self.moves.rebalance_at = None;
             self.rebalance(now);
         }
-        if let Some(pr) = self.promotion
+        if let Some(pr) = self.moves.promotion
             && now >= pr.deadline
         {
-            self.promotion = None;
+            self.moves.promotion = None;
             // The former parent did not move under the promoted peer in time: hand it over the
             // hard way (its subtree has a short cut) rather than stay over capacity.
-            while self.children.len() > self.capacity as usize {
-                let (victim, successor) = if self.children.contains_key(&pr.old) {
+            while self.down.children.len() > self.capacity as usize {
+                let (victim, successor) = if self.down.children.contains_key(&pr.old) {
                     (
                         pr.old,
-                        self.children.contains_key(&pr.new).then_some(pr.new),
+                        self.down.children.contains_key(&pr.new).then_some(pr.new),
                     )
                 } else {
                     (pr.new, None)
                 };
-                if !self.children.contains_key(&victim) {
+                if !self.down.children.contains_key(&victim) {
                     break;
                 }
                 self.send(victim, TreeMsg::Leave { successor });
-                self.out.push_back(Output::Disconnect { peer: victim });
+                self.out.push(Output::Disconnect { peer: victim });
                 self.remove_child(victim, now);
             }
         }
-        if self.promoted_from.is_some_and(|(_, t)| now >= t) {
-            self.promoted_from = None;
-            if let Some(h) = self.held.take() {
+        if self.moves.promoted_from.is_some_and(|(_, t)| now >= t) {
+            self.moves.promoted_from = None;
+            if let Some(h) = self.moves.held.take() {
                 self.send(
                     h.joiner,
                     TreeMsg::Refuse {
@@ -612,18 +578,19 @@ impl TreeNode {
         // free slots of its subtree (disjoint from theirs, so the plan has no cycle), where they
         // keep their depth. Those without a slot fall back on their backups.
         let successor_child = self
+            .down
             .children
             .iter()
             .max_by_key(|(id, c)| (c.capacity, c.has_children, Reverse(**id)))
             .map(|(id, _)| *id);
         let mut slots: Vec<SlotAd> = successor_child
-            .and_then(|s| self.children.get(&s))
+            .and_then(|s| self.down.children.get(&s))
             .map(|c| c.summary.clone())
             .unwrap_or_default();
-        let kids: Vec<NodeId> = self.children.keys().copied().collect();
+        let kids: Vec<NodeId> = self.down.children.keys().copied().collect();
         for c in kids {
             let successor = if Some(c) == successor_child {
-                self.parent.filter(|_| self.path.is_some())
+                self.up.parent.filter(|_| self.up.path.is_some())
             } else if let (Some(_), Some(d)) = (successor_child, self.depth()) {
                 // Only the successor and its children: the orphan ends at most one level deeper.
                 slots
@@ -637,57 +604,57 @@ impl TreeNode {
                 None
             };
             self.send(c, TreeMsg::Leave { successor });
-            self.out.push_back(Output::Disconnect { peer: c });
+            self.out.push(Output::Disconnect { peer: c });
         }
-        if let Some(p) = self.parent {
+        if let Some(p) = self.up.parent {
             self.send(p, TreeMsg::Leave { successor: None });
-            self.out.push_back(Output::Disconnect { peer: p });
+            self.out.push(Output::Disconnect { peer: p });
         }
-        if let Some(p) = self.pending.take() {
+        if let Some(p) = self.join.pending.take() {
             // If it accepts after all, our absence will time out there; tell it now.
             self.send(p.target, TreeMsg::Leave { successor: None });
         }
         self.left = true;
-        self.children.clear();
-        self.parent = None;
-        self.path = None;
-        self.orphan = None;
-        self.retry_at = None;
-        self.publish_due = None;
-        self.summary_due = None;
-        self.dir_due = None;
-        self.rebalance_at = None;
-        self.upstream_detached_since = None;
+        self.down.children.clear();
+        self.up.parent = None;
+        self.up.path = None;
+        self.repair.orphan = None;
+        self.join.retry_at = None;
+        self.up.publish_due = None;
+        self.slots.summary_due = None;
+        self.slots.dir_due = None;
+        self.moves.rebalance_at = None;
+        self.up.upstream_detached_since = None;
         let _ = now;
     }
 
     fn publish_now(&mut self, now: Millis) {
-        self.publish_due = None;
-        self.seq += 1;
+        self.up.publish_due = None;
+        self.up.seq += 1;
         let update = self.current_update(now);
-        let mut to: Vec<NodeId> = self.children.keys().copied().collect();
-        if let Some(p) = self.parent {
+        let mut to: Vec<NodeId> = self.down.children.keys().copied().collect();
+        if let Some(p) = self.up.parent {
             to.push(p);
         }
         if !to.is_empty() {
-            self.out.push_back(Output::Publish { update, to });
+            self.out.push(Output::Publish { update, to });
         }
     }
 
     fn send(&mut self, to: NodeId, msg: TreeMsg) {
-        self.out.push_back(Output::Send { to, msg });
+        self.out.push(Output::Send { to, msg });
     }
 
     fn emit(&mut self, e: TreeEvent) {
-        self.out.push_back(Output::Event(e));
+        self.out.push(Output::Event(e));
     }
 
     fn after(&mut self, _now: Millis) {
         let t = self.poll_timeout();
-        if t != self.last_timer {
-            self.last_timer = t;
+        if t != self.out.last_timer {
+            self.out.last_timer = t;
             if let Some(t) = t {
-                self.out.push_back(Output::Timer(t));
+                self.out.push(Output::Timer(t));
             }
         }
     }

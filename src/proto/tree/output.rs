@@ -5,6 +5,8 @@
 //! in order, and the shell (the node's room task, or the simulator) executes them. Events are
 //! outputs too, so the application sees them in the order the decisions were taken.
 
+use std::collections::VecDeque;
+
 use super::super::{Millis, NodeId};
 use super::msg::{RefuseReason, TreeMsg, TreeUpdate};
 
@@ -96,4 +98,24 @@ pub enum Output {
     Timer(Millis),
     /// For the application.
     Event(TreeEvent),
+}
+
+/// The queue of outputs for the shell.
+#[derive(Debug, Default)]
+pub(super) struct Outbox {
+    queue: VecDeque<Output>,
+    /// The last deadline announced with [`Output::Timer`].
+    pub(super) last_timer: Option<Millis>,
+}
+
+impl Outbox {
+    /// Queue an output.
+    pub(super) fn push(&mut self, o: Output) {
+        self.queue.push_back(o);
+    }
+
+    /// The oldest output.
+    pub(super) fn pop(&mut self) -> Option<Output> {
+        self.queue.pop_front()
+    }
 }

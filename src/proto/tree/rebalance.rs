@@ -30,6 +30,23 @@ pub(super) const PROMOTION_DEADLINE_MS: u64 = 2_000;
 /// Gap between two promotions granted by one parent.
 pub(super) const PROMOTION_GAP_MS: u64 = 10_000;
 
+/// Rebalancing and promotions.
+#[derive(Debug, Default)]
+pub(super) struct Moves {
+    /// Failed moves in a row: each doubles the gap to the next rebalancing check, so nodes
+    /// whose directory is stale do not flood the few shallow slots it names.
+    pub(super) move_failures: u8,
+    /// As grandparent: a promotion in flight (one child over capacity until it ends).
+    pub(super) promotion: Option<Promotion>,
+    pub(super) last_promotion_at: Option<Millis>,
+    /// As promoted peer: the former parent, which is to move under us (and until when).
+    pub(super) promoted_from: Option<(NodeId, Millis)>,
+    /// As promoted peer with no free slot: the former parent's move, answered once the child
+    /// we sent to it has left.
+    pub(super) held: Option<JoinReq>,
+    pub(super) rebalance_at: Option<Millis>,
+}
+
 /// A promotion granted by this node: `new` took the place of `old`, which is to move under it.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Promotion {
@@ -45,9 +62,10 @@ impl TreeNode {
     /// from every later move, and pin a sunk subtree where it is.
     pub(super) fn move_candidates(&self, now: Millis) -> Vec<SlotAd> {
         let mut v: Vec<SlotAd> = self
+            .join
             .hints
             .iter()
-            .chain(self.directory.iter())
+            .chain(self.slots.directory.iter())
             .filter(|a| self.usable(a, now))
             .copied()
             .collect();
@@ -56,7 +74,10 @@ impl TreeNode {
     }
 
     pub(super) fn on_relocate(&mut self, from: NodeId, now: Millis) {
-        if self.parent != Some(from) || !self.children.is_empty() || self.pending.is_some() {
+        if self.up.parent != Some(from)
+            || !self.down.children.is_empty()
+            || self.join.pending.is_some()
+        {
             return;
         }
         let Some(depth) = self.depth() else { return };
@@ -70,14 +91,18 @@ impl TreeNode {
 
     pub(super) fn rebalance_gap(&mut self) -> u64 {
         let base = self.cfg.rebalance_interval_ms;
-        (base / 2 + self.rng.below(base.max(1))) << self.move_failures.min(MAX_MOVE_BACKOFF)
+        (base / 2 + self.rng.below(base.max(1))) << self.moves.move_failures.min(MAX_MOVE_BACKOFF)
     }
 
     /// A move was refused or not answered: back off.
     pub(super) fn move_failed(&mut self, now: Millis) {
-        self.move_failures = self.move_failures.saturating_add(1).min(MAX_MOVE_BACKOFF);
+        self.moves.move_failures = self
+            .moves
+            .move_failures
+            .saturating_add(1)
+            .min(MAX_MOVE_BACKOFF);
         if self.cfg.rebalance_interval_ms > 0 {
-            self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+            self.moves.rebalance_at = Some(now.plus(self.rebalance_gap()));
         }
     }
 
@@ -85,20 +110,20 @@ impl TreeNode {
         if self.cfg.rebalance_interval_ms == 0 {
             return;
         }
-        self.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        self.moves.rebalance_at = Some(now.plus(self.rebalance_gap()));
         if self.is_root
-            || self.pending.is_some()
-            || self.orphan.is_some()
-            || self.promotion.is_some()
-            || self.promoted_from.is_some()
+            || self.join.pending.is_some()
+            || self.repair.orphan.is_some()
+            || self.moves.promotion.is_some()
+            || self.moves.promoted_from.is_some()
         {
             return;
         }
         let Some(d) = self.depth() else { return };
-        if d < 2 || (self.capacity == 0 && self.children.is_empty()) {
+        if d < 2 || (self.capacity == 0 && self.down.children.is_empty()) {
             return;
         }
-        let more_capable = self.capacity > self.parent_capacity;
+        let more_capable = self.capacity > self.up.parent_capacity;
         let cands: Vec<SlotAd> = self
             .move_candidates(now)
             .into_iter()
@@ -113,17 +138,17 @@ impl TreeNode {
         }
         if more_capable
             && self.capacity > 1
-            && (self.free() >= self.parent_children || !self.children.is_empty())
-            && self.promotion.is_none()
-            && self.promoted_from.is_none()
+            && (self.free() >= self.up.parent_children || !self.down.children.is_empty())
+            && self.moves.promotion.is_none()
+            && self.moves.promoted_from.is_none()
         {
             // No free slot above: ask the grandparent to put us in our parent's place (the
             // parent then moves under us); failing that it may relocate a weaker leaf for us.
             let anc = self.ancestors();
             if anc.len() >= 2 {
                 let g = anc[anc.len() - 2];
-                if self.refused.get(&g).is_none_or(|t| *t <= now) {
-                    self.send_join(g, JoinKind::Promote, Some(d - 2), self.parent, now);
+                if self.join.refused.get(&g).is_none_or(|t| *t <= now) {
+                    self.send_join(g, JoinKind::Promote, Some(d - 2), self.up.parent, now);
                 }
             }
         }
@@ -131,19 +156,21 @@ impl TreeNode {
 
     pub(super) fn maybe_relocate_for(&mut self, capacity: u16, now: Millis) {
         if self
+            .down
             .last_relocate_at
             .is_some_and(|t| now.since(t) < RELOCATE_GAP_MS)
         {
             return;
         }
         let victim = self
+            .down
             .children
             .iter()
             .filter(|(_, c)| !c.has_children && c.capacity < capacity)
             .min_by_key(|(id, c)| (c.capacity, **id))
             .map(|(id, _)| *id);
         if let Some(v) = victim {
-            self.last_relocate_at = Some(now);
+            self.down.last_relocate_at = Some(now);
             self.send(v, TreeMsg::Relocate);
         }
     }
@@ -156,26 +183,28 @@ impl TreeNode {
         };
         let c = req.joiner;
         let ok = req.hops == 0
-            && self.path.is_some()
-            && self.pending.is_none()
-            && self.orphan.is_none()
-            && self.promotion.is_none()
-            && self.held.is_none()
+            && self.up.path.is_some()
+            && self.join.pending.is_none()
+            && self.repair.orphan.is_none()
+            && self.moves.promotion.is_none()
+            && self.moves.held.is_none()
             && self
+                .moves
                 .last_promotion_at
                 .is_none_or(|t| now.since(t) >= PROMOTION_GAP_MS)
-            && self.children.len() <= self.capacity as usize
-            && !self.children.contains_key(&c)
-            && self.parent != Some(c)
+            && self.down.children.len() <= self.capacity as usize
+            && !self.down.children.contains_key(&c)
+            && self.up.parent != Some(c)
             && !self.ancestors().contains(&c)
             && self
+                .down
                 .children
                 .get(&old)
                 .is_some_and(|o| o.kids.contains(&c) && o.capacity < req.capacity);
         if !ok {
             return false;
         }
-        self.children.insert(
+        self.down.children.insert(
             c,
             ChildInfo {
                 capacity: req.capacity,
@@ -184,16 +213,16 @@ impl TreeNode {
                 summary: Vec::new(),
             },
         );
-        self.promotion = Some(Promotion {
+        self.moves.promotion = Some(Promotion {
             old,
             new: c,
             deadline: now.plus(PROMOTION_DEADLINE_MS),
         });
-        self.last_promotion_at = Some(now);
+        self.moves.last_promotion_at = Some(now);
         let parent = self.current_update(now);
         let directory = self.directory_for(c);
         self.send(c, TreeMsg::Accept { parent, directory });
-        self.out.push_back(Output::AcceptChild { peer: c });
+        self.out.push(Output::AcceptChild { peer: c });
         self.emit(TreeEvent::ChildAdded(c));
         self.children_changed(now);
         true
@@ -202,26 +231,26 @@ impl TreeNode {
     /// `MoveUnder` from a child we lost to a promotion (target: that child) or from our parent
     /// (target: our new parent after its promotion).
     pub(super) fn on_move_under(&mut self, from: NodeId, target: NodeId, now: Millis) {
-        let from_child = target == from && self.children.contains_key(&from);
-        if !from_child && self.parent != Some(from) {
+        let from_child = target == from && self.down.children.contains_key(&from);
+        if !from_child && self.up.parent != Some(from) {
             return;
         }
         if from_child {
-            self.out.push_back(Output::Disconnect { peer: from });
+            self.out.push(Output::Disconnect { peer: from });
             self.remove_child(from, now);
             // Our other children go under the promoted peer too (it took our place and had room
             // for them when it asked): they keep their depth, we alone go one level down.
-            let kids: Vec<NodeId> = self.children.keys().copied().collect();
+            let kids: Vec<NodeId> = self.down.children.keys().copied().collect();
             for k in kids {
                 self.send(k, TreeMsg::MoveUnder { target });
             }
         }
         if target == self.id
             || self.is_root
-            || self.pending.is_some()
-            || self.orphan.is_some()
-            || self.path.is_none()
-            || self.parent == Some(target)
+            || self.join.pending.is_some()
+            || self.repair.orphan.is_some()
+            || self.up.path.is_none()
+            || self.up.parent == Some(target)
             || self.in_own_subtree(target)
         {
             return;

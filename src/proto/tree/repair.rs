@@ -21,6 +21,16 @@ use super::{
 /// How long an orphan with children keeps candidates below its lost parent from adopting it.
 pub(super) const CYCLE_GUARD_MS: u64 = 2_000;
 
+/// The repair state.
+#[derive(Debug, Default)]
+pub(super) struct RepairState {
+    /// Set while we have lost our parent and look for another.
+    pub(super) orphan: Option<Orphan>,
+    /// Where we go first if we lose our parent.
+    pub(super) backup: Option<NodeId>,
+}
+
+/// A repair in progress.
 #[derive(Clone, Debug)]
 pub(super) struct Orphan {
     pub(super) since: Millis,
@@ -73,13 +83,13 @@ impl Orphan {
 
 impl TreeNode {
     pub(super) fn on_leave(&mut self, from: NodeId, successor: Option<NodeId>, now: Millis) {
-        if self.parent == Some(from) {
-            self.out.push_back(Output::Disconnect { peer: from });
+        if self.up.parent == Some(from) {
+            self.out.push(Output::Disconnect { peer: from });
             self.parent_lost(successor.filter(|s| *s != self.id), false, now);
-        } else if self.children.contains_key(&from) {
-            self.out.push_back(Output::Disconnect { peer: from });
+        } else if self.down.children.contains_key(&from) {
+            self.out.push(Output::Disconnect { peer: from });
             self.remove_child(from, now);
-        } else if self.pending.is_some_and(|p| p.target == from) {
+        } else if self.join.pending.is_some_and(|p| p.target == from) {
             self.give_up_pending(now);
         }
     }
@@ -88,13 +98,13 @@ impl TreeNode {
         if self.is_root {
             return;
         }
-        let lost = self.parent.take();
-        let old_depth = self.depth().unwrap_or(self.last_depth).max(1);
-        let lost_ancestors = self.path.take().map(|p| p.ancestors).unwrap_or_default();
-        let leaf_handover =
-            self.children.is_empty() && successor.is_some_and(|s| !lost_ancestors.contains(&s));
-        self.upstream_detached_since = None;
-        self.orphan = Some(Orphan {
+        let lost = self.up.parent.take();
+        let old_depth = self.depth().unwrap_or(self.up.last_depth).max(1);
+        let lost_ancestors = self.up.path.take().map(|p| p.ancestors).unwrap_or_default();
+        let leaf_handover = self.down.children.is_empty()
+            && successor.is_some_and(|s| !lost_ancestors.contains(&s));
+        self.up.upstream_detached_since = None;
+        self.repair.orphan = Some(Orphan {
             since: now,
             old_depth,
             lost,
@@ -103,7 +113,7 @@ impl TreeNode {
             leaf_handover,
             link_down,
         });
-        if let Some(p) = self.pending.as_mut() {
+        if let Some(p) = self.join.pending.as_mut() {
             // A move in progress becomes the repair.
             p.kind = JoinKind::Repair;
         }
@@ -114,21 +124,21 @@ impl TreeNode {
         // Our subtree learns it is detached (it refuses joiners meanwhile).
         self.publish_now(now);
         self.summary_dirty(now);
-        self.retry_at = None;
+        self.join.retry_at = None;
         self.attempt_join(now);
     }
 
     pub(super) fn on_parent_update(&mut self, upd: TreeUpdate, now: Millis) {
-        self.parent_capacity = upd.capacity;
-        self.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
+        self.up.parent_capacity = upd.capacity;
+        self.up.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
         if !upd.children.contains(&self.id) {
             // The parent dropped us.
             self.parent_lost(None, false, now);
             return;
         }
         if upd.depth == DEPTH_DETACHED {
-            if self.path.take().is_some() {
-                self.upstream_detached_since = Some(now);
+            if self.up.path.take().is_some() {
+                self.up.upstream_detached_since = Some(now);
                 self.emit(TreeEvent::DepthChanged { depth: None });
                 self.publish_now(now);
                 self.summary_dirty(now);
@@ -137,9 +147,9 @@ impl TreeNode {
         }
         if upd.ancestors.len() >= MAX_ANCESTORS || upd.ancestors.contains(&self.id) {
             // A cycle closed through us: get out of it.
-            if let Some(p) = self.parent {
+            if let Some(p) = self.up.parent {
                 self.send(p, TreeMsg::Leave { successor: None });
-                self.out.push_back(Output::Disconnect { peer: p });
+                self.out.push(Output::Disconnect { peer: p });
             }
             self.parent_lost(None, false, now);
             return;
@@ -150,12 +160,12 @@ impl TreeNode {
             depth: upd.depth.saturating_add(1),
             ancestors,
         };
-        if self.path.as_ref() != Some(&new_path) {
+        if self.up.path.as_ref() != Some(&new_path) {
             let depth_changed = self.depth() != Some(new_path.depth);
-            self.last_depth = new_path.depth;
+            self.up.last_depth = new_path.depth;
             let d = new_path.depth;
-            self.path = Some(new_path);
-            self.upstream_detached_since = None;
+            self.up.path = Some(new_path);
+            self.up.upstream_detached_since = None;
             if depth_changed {
                 self.emit(TreeEvent::DepthChanged { depth: Some(d) });
                 self.summary_dirty(now);
@@ -171,7 +181,7 @@ impl TreeNode {
             return;
         }
         let cands = self.candidates(now);
-        let my = self.depth().unwrap_or(self.last_depth);
+        let my = self.depth().unwrap_or(self.up.last_depth);
         let shallower: Vec<SlotAd> = cands.iter().filter(|a| a.depth < my).copied().collect();
         let pool = if shallower.is_empty() {
             &cands
@@ -179,7 +189,7 @@ impl TreeNode {
             &shallower
         };
         let Some(min) = pool.iter().map(|a| a.depth).min() else {
-            self.backup = None;
+            self.repair.backup = None;
             return;
         };
         let top: Vec<NodeId> = pool
@@ -188,7 +198,7 @@ impl TreeNode {
             .map(|a| a.peer)
             .collect();
         let i = self.rng.below(top.len() as u64) as usize;
-        self.backup = top.get(i).copied();
+        self.repair.backup = top.get(i).copied();
     }
 
     /// An orphan's next request: the departing parent's named successor first, then the
@@ -202,7 +212,7 @@ impl TreeNode {
         let target = match self.repair_target(o, now) {
             RepairTarget::Ask(t, max_depth) => Some((t, max_depth)),
             RepairTarget::Wait(at) => {
-                self.retry_at = Some(at);
+                self.join.retry_at = Some(at);
                 return;
             }
             // Nobody we know has a free slot (a starved room): ask the root, which makes room
@@ -211,7 +221,7 @@ impl TreeNode {
         };
         match target {
             Some((t, md)) => {
-                let guard = o.cycle_guard(!self.children.is_empty(), t, now);
+                let guard = o.cycle_guard(!self.down.children.is_empty(), t, now);
                 self.send_join(t, JoinKind::Repair, md, guard, now);
             }
             None => self.need_snapshot(now),
@@ -221,7 +231,7 @@ impl TreeNode {
     /// The departing parent's plan comes first, even from a candidate that refused us lately
     /// (its slot is the one the departure frees). Once tried, it is dropped.
     fn join_successor(&mut self, o: &Orphan, s: NodeId, now: Millis) {
-        if let Some(orphan) = self.orphan.as_mut() {
+        if let Some(orphan) = self.repair.orphan.as_mut() {
             orphan.successor = None;
         }
         // Our old grandparent (a repair, bounded in depth), or a slot in a sibling's subtree
@@ -232,14 +242,15 @@ impl TreeNode {
             JoinKind::Handover
         };
         let md = (kind == JoinKind::Repair).then(|| o.old_depth.saturating_sub(1));
-        let guard = o.cycle_guard(!self.children.is_empty(), s, now);
+        let guard = o.cycle_guard(!self.down.children.is_empty(), s, now);
         self.send_join(s, kind, md, guard, now);
     }
 
     /// Whom to ask among the candidates we know.
     fn repair_target(&mut self, o: &Orphan, now: Millis) -> RepairTarget {
         // Without children we cannot close a cycle: no need to wait for shallower parents.
-        let strict = !self.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
+        let strict =
+            !self.down.children.is_empty() && now < o.since.plus(self.cfg.repair_settle_ms);
         let cands = self.candidates(now);
         let shallower: Vec<SlotAd> = cands
             .iter()
@@ -247,6 +258,7 @@ impl TreeNode {
             .copied()
             .collect();
         let backup = self
+            .repair
             .backup
             .and_then(|b| shallower.iter().find(|a| a.peer == b).copied());
         // The lost parent's parent: alive as of our last update, it has the slot of the
@@ -254,7 +266,7 @@ impl TreeNode {
         // subtrees to forward us to; a directory entry may be long gone.
         let grandparent = (o.lost_ancestors.len() >= 2)
             .then(|| o.lost_ancestors[o.lost_ancestors.len() - 2])
-            .filter(|g| *g != self.id && self.refused.get(g).is_none_or(|t| *t <= now));
+            .filter(|g| *g != self.id && self.join.refused.get(g).is_none_or(|t| *t <= now));
         let above = Some(o.old_depth.saturating_sub(1));
         if let Some(b) = backup {
             RepairTarget::Ask(b.peer, above)
@@ -280,12 +292,13 @@ impl TreeNode {
             && req.parent_gone
             && let Some(l) = req.lost_parent
             && self
+                .down
                 .children
                 .get(&l)
                 .is_some_and(|c| c.kids.contains(&req.joiner))
         {
             self.send(l, TreeMsg::Leave { successor: None });
-            self.out.push_back(Output::Disconnect { peer: l });
+            self.out.push(Output::Disconnect { peer: l });
             self.remove_child(l, now);
         }
     }

@@ -15,12 +15,26 @@ use std::collections::BTreeSet;
 use super::super::{Millis, NodeId};
 use super::{SlotAd, Snapshot, TreeMsg, TreeNode};
 
+/// What we know of free slots, and what we last told about ours.
+#[derive(Debug, Default)]
+pub(super) struct SlotState {
+    /// The best free slots of the tree, from our parent (the root: its own summary).
+    pub(super) directory: Vec<SlotAd>,
+    /// The summary we last sent to our parent, and when.
+    pub(super) last_summary: Vec<SlotAd>,
+    pub(super) last_summary_at: Option<Millis>,
+    /// When we last sent the directory to our children.
+    pub(super) last_dir_at: Option<Millis>,
+    pub(super) summary_due: Option<Millis>,
+    pub(super) dir_due: Option<Millis>,
+}
+
 impl TreeNode {
     /// The best candidates we know for a newcomer: our subtree's free slots and the directory,
     /// shallowest first, at most `max`.
     pub fn snapshot_for_newcomer(&self, max: usize) -> Snapshot {
         let mut all = self.compute_summary(self.cfg.directory_len.max(max));
-        all.extend(self.directory.iter().copied());
+        all.extend(self.slots.directory.iter().copied());
         sort_ads(&mut all);
         dedup_ads(&mut all);
         all.retain(|a| a.free > 0);
@@ -43,7 +57,7 @@ impl TreeNode {
         let Some(depth) = self.depth() else {
             return Vec::new();
         };
-        let mut v = Vec::with_capacity(1 + self.children.len() * self.cfg.summary_len);
+        let mut v = Vec::with_capacity(1 + self.down.children.len() * self.cfg.summary_len);
         let free = self.free();
         if free > 0 {
             v.push(SlotAd {
@@ -53,7 +67,7 @@ impl TreeNode {
                 capacity: self.capacity,
             });
         }
-        for c in self.children.values() {
+        for c in self.down.children.values() {
             v.extend(c.summary.iter().filter(|a| a.depth > depth).copied());
         }
         sort_ads(&mut v);
@@ -63,19 +77,19 @@ impl TreeNode {
     }
 
     pub(super) fn summary_dirty(&mut self, now: Millis) {
-        if self.summary_due.is_none() {
-            let at = match self.last_summary_at {
+        if self.slots.summary_due.is_none() {
+            let at = match self.slots.last_summary_at {
                 Some(t) => t.plus(self.summary_gap()).max(now),
                 None => now,
             };
-            self.summary_due = Some(at);
+            self.slots.summary_due = Some(at);
         }
     }
 
     /// Entries in our summary: the parent keeps only the best `summary_len` of all its children's,
     /// so the more children it has, the fewer each needs to send (at least 2, for forwarding).
     pub(super) fn summary_entries(&self) -> usize {
-        let c = (self.parent_capacity as usize).max(1);
+        let c = (self.up.parent_capacity as usize).max(1);
         (self.cfg.summary_len * 4)
             .div_ceil(c)
             .clamp(2, self.cfg.summary_len.max(2))
@@ -90,28 +104,28 @@ impl TreeNode {
             return base;
         }
         let len = TreeMsg::Summary {
-            slots: self.last_summary.clone(),
+            slots: self.slots.last_summary.clone(),
         }
         .wire_len() as u64;
-        let share = (self.parent_capacity as u64).max(1);
+        let share = (self.up.parent_capacity as u64).max(1);
         base.max(len * share * 1000 / budget)
     }
 
     pub(super) fn flush_summary(&mut self, now: Millis) {
-        self.summary_due = None;
+        self.slots.summary_due = None;
         if self.is_root {
             let dir = self.compute_summary(self.cfg.directory_len);
-            if dir != self.directory {
-                self.directory = dir;
+            if dir != self.slots.directory {
+                self.slots.directory = dir;
                 self.directory_changed(now);
             }
             return;
         }
-        let Some(p) = self.parent else { return };
+        let Some(p) = self.up.parent else { return };
         let s = self.compute_summary(self.summary_entries());
-        if s != self.last_summary {
-            self.last_summary = s.clone();
-            self.last_summary_at = Some(now);
+        if s != self.slots.last_summary {
+            self.slots.last_summary = s.clone();
+            self.slots.last_summary_at = Some(now);
             self.send(p, TreeMsg::Summary { slots: s });
         }
     }
@@ -130,7 +144,7 @@ impl TreeNode {
         let mut pool = if self.is_root {
             Vec::new()
         } else {
-            self.directory.clone()
+            self.slots.directory.clone()
         };
         if let Some(d) = self.depth() {
             let free = self.free();
@@ -142,7 +156,7 @@ impl TreeNode {
                     capacity: self.capacity,
                 });
             }
-            for (c, info) in &self.children {
+            for (c, info) in &self.down.children {
                 if *c != to {
                     pool.extend(info.summary.iter().filter(|a| a.depth > d).copied());
                 }
@@ -168,17 +182,18 @@ impl TreeNode {
     }
 
     pub(super) fn directory_changed(&mut self, now: Millis) {
-        if !self.children.is_empty() && self.dir_due.is_none() {
-            let at = match self.last_dir_at {
+        if !self.down.children.is_empty() && self.slots.dir_due.is_none() {
+            let at = match self.slots.last_dir_at {
                 Some(t) => t.plus(self.cfg.directory_interval_ms).max(now),
                 None => now,
             };
-            self.dir_due = Some(at);
+            self.slots.dir_due = Some(at);
         }
-        let backup_ok = self.backup.is_some_and(|b| {
-            self.directory
+        let backup_ok = self.repair.backup.is_some_and(|b| {
+            self.slots
+                .directory
                 .iter()
-                .chain(self.hints.iter())
+                .chain(self.join.hints.iter())
                 .any(|a| a.peer == b && self.usable(a, now))
         });
         if !backup_ok {
@@ -187,9 +202,9 @@ impl TreeNode {
     }
 
     pub(super) fn flush_directory(&mut self, now: Millis) {
-        self.dir_due = None;
-        self.last_dir_at = Some(now);
-        let kids: Vec<NodeId> = self.children.keys().copied().collect();
+        self.slots.dir_due = None;
+        self.slots.last_dir_at = Some(now);
+        let kids: Vec<NodeId> = self.down.children.keys().copied().collect();
         for c in kids {
             let slots = self.directory_for(c);
             self.send(c, TreeMsg::Directory { slots });

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use super::rebalance::PROMOTION_DEADLINE_MS;
-use super::repair::CYCLE_GUARD_MS;
+use super::repair::{CYCLE_GUARD_MS, Orphan};
 use super::*;
 
 fn id(n: u8) -> NodeId {
@@ -773,10 +773,10 @@ fn orphan_falls_back_on_the_grandparent_with_a_short_timeout() {
         } if l == id(2)
     ));
     n.handle_timeout(Millis(499));
-    assert_eq!(n.pending.map(|p| p.target), Some(id(1)));
+    assert_eq!(n.join.pending.map(|p| p.target), Some(id(1)));
     drain(&mut n);
     n.handle_timeout(Millis(500));
-    assert_ne!(n.pending.map(|p| p.target), Some(id(1)));
+    assert_ne!(n.join.pending.map(|p| p.target), Some(id(1)));
     assert!(!n.is_attached());
     let s = sent(&drain(&mut n));
     assert!(
@@ -883,16 +883,16 @@ fn forwarding_skips_the_lost_subtree() {
 fn summaries_respect_the_parents_byte_budget() {
     let mut n = attached(5, 1, &[0], 4);
     assert_eq!(n.summary_entries(), 6);
-    n.parent_capacity = 8;
+    n.up.parent_capacity = 8;
     assert_eq!(n.summary_entries(), 3);
-    n.last_summary = vec![ad(5, 2, 4), ad(7, 3, 4), ad(8, 3, 4)];
+    n.slots.last_summary = vec![ad(5, 2, 4), ad(7, 3, 4), ad(8, 3, 4)];
     let len = TreeMsg::Summary {
-        slots: n.last_summary.clone(),
+        slots: n.slots.last_summary.clone(),
     }
     .wire_len() as u64;
     assert_eq!(n.summary_gap(), len * 8 * 1000 / 400);
     assert!(n.summary_gap() > n.cfg.summary_interval_ms);
-    n.parent_capacity = 1;
+    n.up.parent_capacity = 1;
     assert_eq!(n.summary_gap(), n.cfg.summary_interval_ms);
 }
 
@@ -919,8 +919,8 @@ fn refused_move_backs_off() {
         },
         t.plus(100),
     );
-    assert_eq!(n.move_failures, 1);
-    let next = n.rebalance_at.expect("still rebalancing");
+    assert_eq!(n.moves.move_failures, 1);
+    let next = n.moves.rebalance_at.expect("still rebalancing");
     assert!(next >= t.plus(100 + 5_000), "{next:?}");
     assert_eq!(n.parent(), Some(id(1)));
 }
@@ -976,7 +976,7 @@ fn a_refused_moves_hints_do_not_hide_the_directory() {
         t.plus(200),
     );
     drain(&mut n);
-    let next = n.rebalance_at.expect("still rebalancing");
+    let next = n.moves.rebalance_at.expect("still rebalancing");
     n.handle_timeout(next);
     let s = sent(&drain(&mut n));
     assert!(moves_to(&s, 62), "{s:?}");
@@ -1001,9 +1001,9 @@ fn a_relay_repaired_far_below_its_old_depth_checks_again_soon() {
         );
         drain(&mut n);
         let t = Millis(100_000);
-        let before = n.rebalance_at;
+        let before = n.moves.rebalance_at;
         n.handle_link_down(id(2), t);
-        let target = n.pending.map(|p| p.target).expect("repairing");
+        let target = n.join.pending.map(|p| p.target).expect("repairing");
         let upd = TreeUpdate {
             peer: target,
             parent: Some(id(30)),
@@ -1024,7 +1024,7 @@ fn a_relay_repaired_far_below_its_old_depth_checks_again_soon() {
             t.plus(300),
         );
         assert_eq!(n.depth(), Some(6));
-        (before, n.rebalance_at, t.plus(300))
+        (before, n.moves.rebalance_at, t.plus(300))
     };
     let interval = cfg(4).rebalance_interval_ms;
     let (_, next, t) = sink(true);
