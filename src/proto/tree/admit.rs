@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 
 use super::super::{Millis, NodeId};
+use super::timer::Timer;
 use super::{JoinKind, Output, RefuseReason, SlotAd, TreeEvent, TreeMsg, TreeNode};
 
 /// Minimum gap between two preemptions by one parent: a last resort against starvation, each
@@ -135,16 +136,18 @@ impl TreeNode {
     /// not left yet: its request waits for that slot (answered from `remove_child`).
     fn hold_former_parent(&mut self, req: &JoinReq, now: Millis) -> bool {
         if req.kind == JoinKind::Move
+            && self.moves.promoted_from.is_some_and(|o| o == req.joiner)
             && self
-                .moves
-                .promoted_from
-                .is_some_and(|(o, t)| o == req.joiner && now < t)
+                .timers
+                .get(Timer::FormerParentWait)
+                .is_some_and(|t| now < t)
         {
             if self.free() == 0 && !self.down.children.contains_key(&req.joiner) {
                 self.moves.held = Some(*req);
                 return true;
             }
             self.moves.promoted_from = None;
+            self.timers.clear(Timer::FormerParentWait);
         }
         false
     }
@@ -351,6 +354,7 @@ impl TreeNode {
                 .is_some_and(|p| p.old == c || p.new == c)
             {
                 self.moves.promotion = None;
+                self.timers.clear(Timer::PromotionEnd);
             }
             if self.free() > 0
                 && let Some(h) = self.moves.held.take()
@@ -361,8 +365,9 @@ impl TreeNode {
     }
 
     pub(super) fn children_changed(&mut self, now: Millis) {
-        if self.up.publish_due.is_none() {
-            self.up.publish_due = Some(now.plus(self.cfg.publish_coalesce_ms));
+        if !self.timers.is_set(Timer::Publish) {
+            self.timers
+                .set(Timer::Publish, now.plus(self.cfg.publish_coalesce_ms));
         }
         self.summary_dirty(now);
     }

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use super::super::{Millis, NodeId};
 use super::rebalance::PROMOTION_DEADLINE_MS;
 use super::slots::dedup_ads;
+use super::timer::Timer;
 use super::{
     DEPTH_DETACHED, JoinKind, MAX_ANCESTORS, MAX_SLOTS_IN, Output, Path, SlotAd, TreeEvent,
     TreeMsg, TreeNode, TreeUpdate,
@@ -46,7 +47,6 @@ pub(super) struct Joiner {
     pub(super) new_attempts: u8,
     /// The root, named by a snapshot that knew no free slot.
     pub(super) root_hint: Option<NodeId>,
-    pub(super) retry_at: Option<Millis>,
 }
 
 /// A join request in flight.
@@ -58,6 +58,28 @@ pub(super) struct Pending {
 }
 
 impl TreeNode {
+    /// Our join request in flight, with its answer deadline.
+    fn set_pending(&mut self, p: Pending) {
+        self.join.pending = Some(p);
+        self.arm_join_answer();
+    }
+
+    /// The join request in flight, now answered or abandoned.
+    pub(super) fn take_pending(&mut self) -> Option<Pending> {
+        self.timers.clear(Timer::JoinAnswer);
+        self.join.pending.take()
+    }
+
+    /// The answer's deadline follows the request in flight (its kind and target).
+    pub(super) fn arm_join_answer(&mut self) {
+        match self.join.pending {
+            Some(p) => self
+                .timers
+                .set(Timer::JoinAnswer, p.sent.plus(self.timeout_for(&p))),
+            None => self.timers.clear(Timer::JoinAnswer),
+        }
+    }
+
     /// How long to wait for an answer to a join request: repairs are urgent (the subtree has no
     /// stream), and a target that does not answer quickly is most likely gone.
     pub(super) fn timeout_for(&self, p: &Pending) -> u64 {
@@ -81,14 +103,13 @@ impl TreeNode {
         now: Millis,
     ) {
         // The answer may come from where a full target forwarded our request.
-        let Some(p) = self.join.pending else {
+        let Some(p) = self.take_pending() else {
             // Stale (we timed out and went elsewhere): free the slot we were given.
             if self.up.parent != Some(from) {
                 self.send(from, TreeMsg::Leave { successor: None });
             }
             return;
         };
-        self.join.pending = None;
         let bad = (upd.depth == DEPTH_DETACHED && p.kind != JoinKind::Handover)
             || upd.ancestors.len() >= MAX_ANCESTORS
             || upd.ancestors.contains(&self.id)
@@ -108,7 +129,9 @@ impl TreeNode {
                 // our least capable child takes the one we leave at the former parent (at its
                 // old depth), and the former parent's move waits for it.
                 self.send(o, TreeMsg::MoveUnder { target: self.id });
-                self.moves.promoted_from = Some((o, now.plus(PROMOTION_DEADLINE_MS)));
+                self.moves.promoted_from = Some(o);
+                self.timers
+                    .set(Timer::FormerParentWait, now.plus(PROMOTION_DEADLINE_MS));
                 if self.free() == 0
                     && let Some(k) = self
                         .down
@@ -131,7 +154,8 @@ impl TreeNode {
         if upd.depth == DEPTH_DETACHED {
             // Handover to a sibling that is itself repairing: we follow it once it is attached.
             self.up.path = None;
-            self.up.upstream_detached_since = Some(now);
+            self.timers
+                .set(Timer::UpstreamGrace, now.plus(self.cfg.upstream_grace_ms));
             self.join.hints.clear();
             self.out.push(Output::ConnectParent { peer: from });
             self.emit(TreeEvent::ParentChanged { old, new: from });
@@ -148,7 +172,7 @@ impl TreeNode {
         self.up.last_depth = new_path.depth;
         let depth = new_path.depth;
         self.up.path = Some(new_path);
-        self.up.upstream_detached_since = None;
+        self.timers.clear(Timer::UpstreamGrace);
         self.join.hints.clear();
         let mut directory = directory;
         directory.truncate(MAX_SLOTS_IN);
@@ -190,13 +214,18 @@ impl TreeNode {
         if p.kind.is_move() {
             self.moves.move_failures = 0;
             // Stay put for a while after a move.
-            self.moves.rebalance_at = Some(now.plus(2 * self.rebalance_gap()));
+            let at = now.plus(2 * self.rebalance_gap());
+            self.timers.set(Timer::Rebalance, at);
         } else if sank {
             self.moves.move_failures = 0;
             let base = self.cfg.rebalance_interval_ms / 4;
-            self.moves.rebalance_at = Some(now.plus(base + self.rng.below(base.max(1))));
-        } else if self.moves.rebalance_at.is_none() {
-            self.moves.rebalance_at = Some(now.plus(self.rebalance_gap()));
+            self.timers.set(
+                Timer::Rebalance,
+                now.plus(base + self.rng.below(base.max(1))),
+            );
+        } else if !self.timers.is_set(Timer::Rebalance) {
+            let at = now.plus(self.rebalance_gap());
+            self.timers.set(Timer::Rebalance, at);
         }
     }
 
@@ -206,7 +235,7 @@ impl TreeNode {
         }
         let kind = self.join.pending.map(|p| p.kind);
         let until = now.plus(self.cfg.refuse_memory_ms);
-        if let Some(p) = self.join.pending.take() {
+        if let Some(p) = self.take_pending() {
             // Full, or it would not have forwarded.
             self.forget(p.target, until);
         }
@@ -222,10 +251,10 @@ impl TreeNode {
     }
 
     pub(super) fn give_up_pending(&mut self, now: Millis) {
-        if let Some(p) = self.join.pending.take() {
+        if let Some(p) = self.take_pending() {
             self.forget(p.target, now.plus(self.cfg.refuse_memory_ms));
             if !p.kind.is_move() || self.repair.orphan.is_some() {
-                self.join.retry_at = Some(now);
+                self.timers.set(Timer::Retry, now);
             } else {
                 self.move_failed(now);
             }
@@ -243,7 +272,7 @@ impl TreeNode {
 
     pub(super) fn schedule_retry(&mut self, now: Millis) {
         let jitter = self.rng.below(self.cfg.retry_jitter_ms.max(1));
-        self.join.retry_at = Some(now.plus(jitter));
+        self.timers.set(Timer::Retry, now.plus(jitter));
     }
 
     pub(super) fn add_hint(&mut self, ad: SlotAd) {
@@ -378,7 +407,8 @@ impl TreeNode {
 
     pub(super) fn need_snapshot(&mut self, now: Millis) {
         self.out.push(Output::RequestSnapshot);
-        self.join.retry_at = Some(now.plus(self.cfg.join_timeout_ms));
+        self.timers
+            .set(Timer::Retry, now.plus(self.cfg.join_timeout_ms));
     }
 
     pub(super) fn send_join(
@@ -389,7 +419,7 @@ impl TreeNode {
         lost_parent: Option<NodeId>,
         now: Millis,
     ) {
-        self.join.pending = Some(Pending {
+        self.set_pending(Pending {
             target,
             kind,
             sent: now,

@@ -150,6 +150,7 @@ mod repair;
 mod slots;
 #[cfg(test)]
 mod tests;
+mod timer;
 
 use std::cmp::Reverse;
 
@@ -161,12 +162,14 @@ use output::Outbox;
 use rebalance::Moves;
 use repair::RepairState;
 use slots::SlotState;
+use timer::TimerTable;
 
 pub use config::Config;
 pub use msg::{
     DEPTH_DETACHED, JoinKind, MAX_ANCESTORS, RefuseReason, SlotAd, Snapshot, TreeMsg, TreeUpdate,
 };
 pub use output::{Output, TreeEvent};
+pub use timer::Timer;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Path {
@@ -201,6 +204,8 @@ pub struct TreeNode {
     moves: Moves,
     /// What we know of free slots: the directory and our last summary.
     slots: SlotState,
+    /// Every deadline, one per [`Timer`].
+    timers: TimerTable,
     /// Outputs for the shell, in order.
     out: Outbox,
 }
@@ -219,8 +224,6 @@ struct Upstream {
     last_depth: u16,
     /// Sequence number of our last published update.
     seq: u64,
-    upstream_detached_since: Option<Millis>,
-    publish_due: Option<Millis>,
 }
 
 impl TreeNode {
@@ -240,6 +243,7 @@ impl TreeNode {
             repair: RepairState::default(),
             moves: Moves::default(),
             slots: SlotState::default(),
+            timers: TimerTable::default(),
             out: Outbox::default(),
         }
     }
@@ -348,32 +352,25 @@ impl TreeNode {
         self.out.pop()
     }
 
-    /// When [`TreeNode::handle_timeout`] must be called next.
+    /// When [`TreeNode::handle_timeout`] must be called next: the earliest deadline of all.
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let pending = self.join.pending.map(|p| p.sent.plus(self.timeout_for(&p)));
-        let upstream = self
-            .up
-            .upstream_detached_since
-            .map(|t| t.plus(self.cfg.upstream_grace_ms));
-        [
-            pending,
-            upstream,
-            self.join.retry_at,
-            self.up.publish_due,
-            self.slots.summary_due,
-            self.slots.dir_due,
-            self.moves.rebalance_at,
-            self.moves.promotion.map(|p| p.deadline),
-            self.moves.promoted_from.map(|(_, t)| t),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        self.timers.next()
+    }
+
+    /// When `timer` fires, if it is set (for logs and tests; shells need only
+    /// [`TreeNode::poll_timeout`]).
+    pub fn deadline(&self, timer: Timer) -> Option<Millis> {
+        self.timers.get(timer)
     }
 
     /// Record a measured RTT to a peer (tie-break between equal candidates).
     pub fn set_rtt(&mut self, peer: NodeId, rtt_ms: u32) {
         self.join.rtt.insert(peer, rtt_ms);
+        if self.join.pending.is_some_and(|p| p.target == peer) {
+            // The answer's deadline depends on the target's RTT.
+            self.arm_join_answer();
+            self.announce_timer();
+        }
     }
 
     /// Begin joining: asks the shell for a snapshot.
@@ -383,7 +380,7 @@ impl TreeNode {
         }
         self.join.started = true;
         self.attempt_join(now);
-        self.after(now);
+        self.announce_timer();
     }
 
     /// A snapshot arrived (answer to [`Output::RequestSnapshot`]).
@@ -398,10 +395,10 @@ impl TreeNode {
             self.add_hint(ad);
         }
         if self.join.pending.is_none() && (self.repair.orphan.is_some() || !self.join.joined_once) {
-            self.join.retry_at = None;
+            self.timers.clear(Timer::Retry);
             self.attempt_join(now);
         }
-        self.after(now);
+        self.announce_timer();
     }
 
     /// A message from a peer.
@@ -452,7 +449,7 @@ impl TreeNode {
             TreeMsg::Relocate => self.on_relocate(from, now),
             TreeMsg::MoveUnder { target } => self.on_move_under(from, target, now),
         }
-        self.after(now);
+        self.announce_timer();
     }
 
     /// A signed update from a tree neighbour (delivered by the shell after [`Output::Publish`]).
@@ -468,7 +465,7 @@ impl TreeNode {
             c.kids = update.children;
             c.kids.truncate(MAX_SLOTS_IN);
         }
-        self.after(now);
+        self.announce_timer();
     }
 
     /// The transport lost the connection to `peer` (WebRTC failed/closed, or no RTCP for too long).
@@ -485,87 +482,38 @@ impl TreeNode {
         if self.join.pending.is_some_and(|p| p.target == peer) {
             self.give_up_pending(now);
         }
-        self.after(now);
+        self.announce_timer();
     }
 
-    /// Timers.
+    /// Serve the timers that have expired at `now`, in the order of [`Timer::ALL`].
     pub fn handle_timeout(&mut self, now: Millis) {
         if self.left {
             return;
         }
         self.out.last_timer = None;
-        if self
-            .join
-            .pending
-            .is_some_and(|p| now >= p.sent.plus(self.timeout_for(&p)))
-        {
-            self.give_up_pending(now);
-        }
-        if self.up.publish_due.is_some_and(|t| now >= t) {
-            self.publish_now(now);
-        }
-        if self.slots.summary_due.is_some_and(|t| now >= t) {
-            self.flush_summary(now);
-        }
-        if self.slots.dir_due.is_some_and(|t| now >= t) {
-            self.flush_directory(now);
-        }
-        if self
-            .up
-            .upstream_detached_since
-            .is_some_and(|t| now >= t.plus(self.cfg.upstream_grace_ms))
-        {
-            // Our ancestors could not repair in time: repair ourselves.
-            self.up.upstream_detached_since = None;
-            if let Some(p) = self.up.parent {
-                self.send(p, TreeMsg::Leave { successor: None });
-            }
-            self.parent_lost(None, false, now);
-        }
-        if self.join.retry_at.is_some_and(|t| now >= t) {
-            self.join.retry_at = None;
-            self.attempt_join(now);
-        }
-        if self.moves.rebalance_at.is_some_and(|t| now >= t) {
-            self.moves.rebalance_at = None;
-            self.rebalance(now);
-        }
-        if let Some(pr) = self.moves.promotion
-            && now >= pr.deadline
-        {
-            self.moves.promotion = None;
-            // The former parent did not move under the promoted peer in time: hand it over the
-            // hard way (its subtree has a short cut) rather than stay over capacity.
-            while self.down.children.len() > self.capacity as usize {
-                let (victim, successor) = if self.down.children.contains_key(&pr.old) {
-                    (
-                        pr.old,
-                        self.down.children.contains_key(&pr.new).then_some(pr.new),
-                    )
-                } else {
-                    (pr.new, None)
-                };
-                if !self.down.children.contains_key(&victim) {
-                    break;
-                }
-                self.send(victim, TreeMsg::Leave { successor });
-                self.out.push(Output::Disconnect { peer: victim });
-                self.remove_child(victim, now);
+        for timer in Timer::ALL {
+            // Checked one by one: a handler may set or clear a later timer (an unanswered join
+            // schedules an immediate retry, served in this same call).
+            if self.timers.take_expired(timer, now) {
+                self.on_timer(timer, now);
             }
         }
-        if self.moves.promoted_from.is_some_and(|(_, t)| now >= t) {
-            self.moves.promoted_from = None;
-            if let Some(h) = self.moves.held.take() {
-                self.send(
-                    h.joiner,
-                    TreeMsg::Refuse {
-                        reason: RefuseReason::Full,
-                        hints: Vec::new(),
-                    },
-                );
-            }
+        self.announce_timer();
+    }
+
+    /// Each timer to the rules of its role.
+    fn on_timer(&mut self, timer: Timer, now: Millis) {
+        match timer {
+            Timer::JoinAnswer => self.give_up_pending(now),
+            Timer::Publish => self.publish_now(now),
+            Timer::Summary => self.flush_summary(now),
+            Timer::Directory => self.flush_directory(now),
+            Timer::UpstreamGrace => self.upstream_grace_over(now),
+            Timer::Retry => self.attempt_join(now),
+            Timer::Rebalance => self.rebalance(now),
+            Timer::PromotionEnd => self.promotion_over(now),
+            Timer::FormerParentWait => self.former_parent_wait_over(),
         }
-        self.after(now);
     }
 
     /// Leave gracefully: children and parent are told; the most capable child is pointed at our
@@ -610,7 +558,7 @@ impl TreeNode {
             self.send(p, TreeMsg::Leave { successor: None });
             self.out.push(Output::Disconnect { peer: p });
         }
-        if let Some(p) = self.join.pending.take() {
+        if let Some(p) = self.take_pending() {
             // If it accepts after all, our absence will time out there; tell it now.
             self.send(p.target, TreeMsg::Leave { successor: None });
         }
@@ -619,17 +567,17 @@ impl TreeNode {
         self.up.parent = None;
         self.up.path = None;
         self.repair.orphan = None;
-        self.join.retry_at = None;
-        self.up.publish_due = None;
-        self.slots.summary_due = None;
-        self.slots.dir_due = None;
-        self.moves.rebalance_at = None;
-        self.up.upstream_detached_since = None;
+        self.timers.clear(Timer::Retry);
+        self.timers.clear(Timer::Publish);
+        self.timers.clear(Timer::Summary);
+        self.timers.clear(Timer::Directory);
+        self.timers.clear(Timer::Rebalance);
+        self.timers.clear(Timer::UpstreamGrace);
         let _ = now;
     }
 
     fn publish_now(&mut self, now: Millis) {
-        self.up.publish_due = None;
+        self.timers.clear(Timer::Publish);
         self.up.seq += 1;
         let update = self.current_update(now);
         let mut to: Vec<NodeId> = self.down.children.keys().copied().collect();
@@ -649,7 +597,8 @@ impl TreeNode {
         self.out.push(Output::Event(e));
     }
 
-    fn after(&mut self, _now: Millis) {
+    /// Announce the earliest deadline if it moved (see [`Output::Timer`]).
+    fn announce_timer(&mut self) {
         let t = self.poll_timeout();
         if t != self.out.last_timer {
             self.out.last_timer = t;

@@ -93,8 +93,24 @@ pub enum Output {
         peer: NodeId,
     },
     /// Fetch a [`Snapshot`] from any member and pass it to [`TreeNode::handle_snapshot`].
+    ///
+    /// [`Snapshot`]: super::Snapshot
+    /// [`TreeNode::handle_snapshot`]: super::TreeNode::handle_snapshot
     RequestSnapshot,
-    /// Call [`TreeNode::handle_timeout`] at this time (replaces earlier requests).
+    /// The earliest deadline is now this instant: call [`TreeNode::handle_timeout`] then
+    /// (replaces earlier requests).
+    ///
+    /// Emitted after an input whenever the earliest deadline moved, so a shell may drive the
+    /// timers from these outputs alone. It may instead ask [`TreeNode::poll_timeout`] once it
+    /// has drained the outputs, which gives the same instant; both shells of this crate (the
+    /// room task and the simulator) do that, as str0m and quinn-proto shells do, and skip
+    /// this output. Nothing is emitted when every deadline is cleared: a wake-up at a stale
+    /// instant finds nothing expired and does nothing. After [`TreeNode::leave`] there are
+    /// no more timers to serve.
+    ///
+    /// [`TreeNode::handle_timeout`]: super::TreeNode::handle_timeout
+    /// [`TreeNode::poll_timeout`]: super::TreeNode::poll_timeout
+    /// [`TreeNode::leave`]: super::TreeNode::leave
     Timer(Millis),
     /// For the application.
     Event(TreeEvent),

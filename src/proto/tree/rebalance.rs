@@ -15,7 +15,8 @@
 use super::super::{Millis, NodeId};
 use super::admit::{ChildInfo, JoinReq};
 use super::slots::dedup_ads;
-use super::{JoinKind, Output, SlotAd, TreeEvent, TreeMsg, TreeNode};
+use super::timer::Timer;
+use super::{JoinKind, Output, RefuseReason, SlotAd, TreeEvent, TreeMsg, TreeNode};
 
 /// Minimum gap between two relocation orders from one parent.
 pub(super) const RELOCATE_GAP_MS: u64 = 10_000;
@@ -36,15 +37,16 @@ pub(super) struct Moves {
     /// Failed moves in a row: each doubles the gap to the next rebalancing check, so nodes
     /// whose directory is stale do not flood the few shallow slots it names.
     pub(super) move_failures: u8,
-    /// As grandparent: a promotion in flight (one child over capacity until it ends).
+    /// As grandparent: a promotion in flight (one child over capacity until it ends, at the
+    /// latest at [`Timer::PromotionEnd`]).
     pub(super) promotion: Option<Promotion>,
     pub(super) last_promotion_at: Option<Millis>,
-    /// As promoted peer: the former parent, which is to move under us (and until when).
-    pub(super) promoted_from: Option<(NodeId, Millis)>,
+    /// As promoted peer: the former parent, which is to move under us (until
+    /// [`Timer::FormerParentWait`]).
+    pub(super) promoted_from: Option<NodeId>,
     /// As promoted peer with no free slot: the former parent's move, answered once the child
     /// we sent to it has left.
     pub(super) held: Option<JoinReq>,
-    pub(super) rebalance_at: Option<Millis>,
 }
 
 /// A promotion granted by this node: `new` took the place of `old`, which is to move under it.
@@ -52,7 +54,6 @@ pub(super) struct Moves {
 pub(super) struct Promotion {
     pub(super) old: NodeId,
     pub(super) new: NodeId,
-    pub(super) deadline: Millis,
 }
 
 impl TreeNode {
@@ -102,7 +103,8 @@ impl TreeNode {
             .saturating_add(1)
             .min(MAX_MOVE_BACKOFF);
         if self.cfg.rebalance_interval_ms > 0 {
-            self.moves.rebalance_at = Some(now.plus(self.rebalance_gap()));
+            let at = now.plus(self.rebalance_gap());
+            self.timers.set(Timer::Rebalance, at);
         }
     }
 
@@ -110,7 +112,8 @@ impl TreeNode {
         if self.cfg.rebalance_interval_ms == 0 {
             return;
         }
-        self.moves.rebalance_at = Some(now.plus(self.rebalance_gap()));
+        let at = now.plus(self.rebalance_gap());
+        self.timers.set(Timer::Rebalance, at);
         if self.is_root
             || self.join.pending.is_some()
             || self.repair.orphan.is_some()
@@ -213,11 +216,9 @@ impl TreeNode {
                 summary: Vec::new(),
             },
         );
-        self.moves.promotion = Some(Promotion {
-            old,
-            new: c,
-            deadline: now.plus(PROMOTION_DEADLINE_MS),
-        });
+        self.moves.promotion = Some(Promotion { old, new: c });
+        self.timers
+            .set(Timer::PromotionEnd, now.plus(PROMOTION_DEADLINE_MS));
         self.moves.last_promotion_at = Some(now);
         let parent = self.current_update(now);
         let directory = self.directory_for(c);
@@ -266,5 +267,44 @@ impl TreeNode {
             depth.saturating_sub(1)
         };
         self.send_join(target, JoinKind::Move, Some(max_depth), None, now);
+    }
+
+    /// As grandparent: the promotion's overlap is over. The former parent did not move under
+    /// the promoted peer in time: hand it over the hard way (its subtree has a short cut)
+    /// rather than stay over capacity.
+    pub(super) fn promotion_over(&mut self, now: Millis) {
+        let Some(pr) = self.moves.promotion.take() else {
+            return;
+        };
+        while self.down.children.len() > self.capacity as usize {
+            let (victim, successor) = if self.down.children.contains_key(&pr.old) {
+                (
+                    pr.old,
+                    self.down.children.contains_key(&pr.new).then_some(pr.new),
+                )
+            } else {
+                (pr.new, None)
+            };
+            if !self.down.children.contains_key(&victim) {
+                break;
+            }
+            self.send(victim, TreeMsg::Leave { successor });
+            self.out.push(Output::Disconnect { peer: victim });
+            self.remove_child(victim, now);
+        }
+    }
+
+    /// As promoted peer: the former parent did not come; a move of it we held is refused.
+    pub(super) fn former_parent_wait_over(&mut self) {
+        self.moves.promoted_from = None;
+        if let Some(h) = self.moves.held.take() {
+            self.send(
+                h.joiner,
+                TreeMsg::Refuse {
+                    reason: RefuseReason::Full,
+                    hints: Vec::new(),
+                },
+            );
+        }
     }
 }

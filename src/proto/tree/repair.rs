@@ -13,6 +13,7 @@
 
 use super::super::{Millis, NodeId};
 use super::admit::JoinReq;
+use super::timer::Timer;
 use super::{
     DEPTH_DETACHED, JoinKind, MAX_ANCESTORS, Output, Path, SlotAd, TreeEvent, TreeMsg, TreeNode,
     TreeUpdate,
@@ -103,7 +104,7 @@ impl TreeNode {
         let lost_ancestors = self.up.path.take().map(|p| p.ancestors).unwrap_or_default();
         let leaf_handover = self.down.children.is_empty()
             && successor.is_some_and(|s| !lost_ancestors.contains(&s));
-        self.up.upstream_detached_since = None;
+        self.timers.clear(Timer::UpstreamGrace);
         self.repair.orphan = Some(Orphan {
             since: now,
             old_depth,
@@ -114,8 +115,9 @@ impl TreeNode {
             link_down,
         });
         if let Some(p) = self.join.pending.as_mut() {
-            // A move in progress becomes the repair.
+            // A move in progress becomes the repair (with a repair's shorter timeout).
             p.kind = JoinKind::Repair;
+            self.arm_join_answer();
         }
         if let Some(l) = lost {
             self.emit(TreeEvent::Orphaned { lost: l });
@@ -124,7 +126,7 @@ impl TreeNode {
         // Our subtree learns it is detached (it refuses joiners meanwhile).
         self.publish_now(now);
         self.summary_dirty(now);
-        self.join.retry_at = None;
+        self.timers.clear(Timer::Retry);
         self.attempt_join(now);
     }
 
@@ -138,7 +140,8 @@ impl TreeNode {
         }
         if upd.depth == DEPTH_DETACHED {
             if self.up.path.take().is_some() {
-                self.up.upstream_detached_since = Some(now);
+                self.timers
+                    .set(Timer::UpstreamGrace, now.plus(self.cfg.upstream_grace_ms));
                 self.emit(TreeEvent::DepthChanged { depth: None });
                 self.publish_now(now);
                 self.summary_dirty(now);
@@ -165,7 +168,7 @@ impl TreeNode {
             self.up.last_depth = new_path.depth;
             let d = new_path.depth;
             self.up.path = Some(new_path);
-            self.up.upstream_detached_since = None;
+            self.timers.clear(Timer::UpstreamGrace);
             if depth_changed {
                 self.emit(TreeEvent::DepthChanged { depth: Some(d) });
                 self.summary_dirty(now);
@@ -201,6 +204,15 @@ impl TreeNode {
         self.repair.backup = top.get(i).copied();
     }
 
+    /// Detached upstream for longer than `upstream_grace_ms`: our ancestors could not repair
+    /// in time, so we repair ourselves.
+    pub(super) fn upstream_grace_over(&mut self, now: Millis) {
+        if let Some(p) = self.up.parent {
+            self.send(p, TreeMsg::Leave { successor: None });
+        }
+        self.parent_lost(None, false, now);
+    }
+
     /// An orphan's next request: the departing parent's named successor first, then the
     /// backup, a shallower slot, the lost parent's parent, any slot once the settle time is
     /// over, and the root of a starved room; with none of them, a fresh snapshot.
@@ -212,7 +224,7 @@ impl TreeNode {
         let target = match self.repair_target(o, now) {
             RepairTarget::Ask(t, max_depth) => Some((t, max_depth)),
             RepairTarget::Wait(at) => {
-                self.join.retry_at = Some(at);
+                self.timers.set(Timer::Retry, at);
                 return;
             }
             // Nobody we know has a free slot (a starved room): ask the root, which makes room

@@ -13,6 +13,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeSet;
 
 use super::super::{Millis, NodeId};
+use super::timer::Timer;
 use super::{SlotAd, Snapshot, TreeMsg, TreeNode};
 
 /// What we know of free slots, and what we last told about ours.
@@ -25,8 +26,6 @@ pub(super) struct SlotState {
     pub(super) last_summary_at: Option<Millis>,
     /// When we last sent the directory to our children.
     pub(super) last_dir_at: Option<Millis>,
-    pub(super) summary_due: Option<Millis>,
-    pub(super) dir_due: Option<Millis>,
 }
 
 impl TreeNode {
@@ -77,12 +76,12 @@ impl TreeNode {
     }
 
     pub(super) fn summary_dirty(&mut self, now: Millis) {
-        if self.slots.summary_due.is_none() {
+        if !self.timers.is_set(Timer::Summary) {
             let at = match self.slots.last_summary_at {
                 Some(t) => t.plus(self.summary_gap()).max(now),
                 None => now,
             };
-            self.slots.summary_due = Some(at);
+            self.timers.set(Timer::Summary, at);
         }
     }
 
@@ -112,7 +111,7 @@ impl TreeNode {
     }
 
     pub(super) fn flush_summary(&mut self, now: Millis) {
-        self.slots.summary_due = None;
+        self.timers.clear(Timer::Summary);
         if self.is_root {
             let dir = self.compute_summary(self.cfg.directory_len);
             if dir != self.slots.directory {
@@ -182,12 +181,12 @@ impl TreeNode {
     }
 
     pub(super) fn directory_changed(&mut self, now: Millis) {
-        if !self.down.children.is_empty() && self.slots.dir_due.is_none() {
+        if !self.down.children.is_empty() && !self.timers.is_set(Timer::Directory) {
             let at = match self.slots.last_dir_at {
                 Some(t) => t.plus(self.cfg.directory_interval_ms).max(now),
                 None => now,
             };
-            self.slots.dir_due = Some(at);
+            self.timers.set(Timer::Directory, at);
         }
         let backup_ok = self.repair.backup.is_some_and(|b| {
             self.slots
@@ -202,7 +201,7 @@ impl TreeNode {
     }
 
     pub(super) fn flush_directory(&mut self, now: Millis) {
-        self.slots.dir_due = None;
+        self.timers.clear(Timer::Directory);
         self.slots.last_dir_at = Some(now);
         let kids: Vec<NodeId> = self.down.children.keys().copied().collect();
         for c in kids {

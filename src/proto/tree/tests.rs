@@ -920,7 +920,7 @@ fn refused_move_backs_off() {
         t.plus(100),
     );
     assert_eq!(n.moves.move_failures, 1);
-    let next = n.moves.rebalance_at.expect("still rebalancing");
+    let next = n.deadline(Timer::Rebalance).expect("still rebalancing");
     assert!(next >= t.plus(100 + 5_000), "{next:?}");
     assert_eq!(n.parent(), Some(id(1)));
 }
@@ -976,7 +976,7 @@ fn a_refused_moves_hints_do_not_hide_the_directory() {
         t.plus(200),
     );
     drain(&mut n);
-    let next = n.moves.rebalance_at.expect("still rebalancing");
+    let next = n.deadline(Timer::Rebalance).expect("still rebalancing");
     n.handle_timeout(next);
     let s = sent(&drain(&mut n));
     assert!(moves_to(&s, 62), "{s:?}");
@@ -1001,7 +1001,7 @@ fn a_relay_repaired_far_below_its_old_depth_checks_again_soon() {
         );
         drain(&mut n);
         let t = Millis(100_000);
-        let before = n.moves.rebalance_at;
+        let before = n.deadline(Timer::Rebalance);
         n.handle_link_down(id(2), t);
         let target = n.join.pending.map(|p| p.target).expect("repairing");
         let upd = TreeUpdate {
@@ -1024,7 +1024,7 @@ fn a_relay_repaired_far_below_its_old_depth_checks_again_soon() {
             t.plus(300),
         );
         assert_eq!(n.depth(), Some(6));
-        (before, n.moves.rebalance_at, t.plus(300))
+        (before, n.deadline(Timer::Rebalance), t.plus(300))
     };
     let interval = cfg(4).rebalance_interval_ms;
     let (_, next, t) = sink(true);
@@ -1033,4 +1033,63 @@ fn a_relay_repaired_far_below_its_old_depth_checks_again_soon() {
     // A leaf's depth hardly matters: its schedule is unchanged.
     let (before, next, _) = sink(false);
     assert_eq!(before, next);
+}
+
+/// A shell that drives the timers from [`Output::Timer`] alone wakes when one that asks
+/// `poll_timeout()` does: after every input the last announced deadline is the earliest one.
+#[test]
+fn the_timer_output_announces_the_earliest_deadline() {
+    fn check(n: &mut TreeNode, armed: &mut Option<Millis>) {
+        for o in drain(n) {
+            if let Output::Timer(t) = o {
+                *armed = Some(t);
+            }
+        }
+        if let Some(t) = n.poll_timeout() {
+            assert_eq!(*armed, Some(t));
+        }
+    }
+    let mut armed = None;
+    let mut n = TreeNode::new(id(5), cfg(4), 5);
+    n.start(Millis(0));
+    check(&mut n, &mut armed);
+    n.handle_snapshot(
+        Snapshot {
+            candidates: vec![ad(1, 1, 2)],
+        },
+        Millis(10),
+    );
+    check(&mut n, &mut armed);
+    n.set_rtt(id(1), 900);
+    check(&mut n, &mut armed);
+    n.handle_message(
+        id(1),
+        TreeMsg::Accept {
+            parent: update_of(1, 0, &[5]),
+            directory: vec![ad(50, 1, 2), ad(51, 2, 3)],
+        },
+        Millis(40),
+    );
+    check(&mut n, &mut armed);
+    n.handle_message(id(7), join_msg(JoinKind::New), Millis(50));
+    check(&mut n, &mut armed);
+    let mut served = BTreeSet::new();
+    for round in 0..40 {
+        let Some(t) = n.poll_timeout() else { break };
+        for timer in Timer::ALL {
+            if n.deadline(timer).is_some_and(|d| d <= t) {
+                served.insert(timer);
+            }
+        }
+        n.handle_timeout(t);
+        check(&mut n, &mut armed);
+        if round == 5 {
+            n.handle_link_down(id(1), t.plus(1));
+            check(&mut n, &mut armed);
+        }
+    }
+    assert!(
+        served.len() >= 4,
+        "several kinds of timers were served: {served:?}"
+    );
 }
