@@ -176,154 +176,59 @@ pub enum TreeMsg {
     },
 }
 
-pub(super) fn is_false(b: &bool) -> bool {
+/// `skip_serializing_if` for a flag that is left out of the encoding when false.
+fn is_false(b: &bool) -> bool {
     !*b
 }
 
-pub(super) fn cbor_uint(n: u64) -> usize {
-    match n {
-        0..=23 => 1,
-        24..=0xff => 2,
-        0x100..=0xffff => 3,
-        0x1_0000..=0xffff_ffff => 5,
-        _ => 9,
+/// Counts the bytes written to it: the encoded length without keeping the encoding.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
-pub(super) fn cbor_text(s: &str) -> usize {
-    cbor_uint(s.len() as u64) + s.len()
-}
-
-pub(super) const CBOR_ID: usize = 2 + 32;
-
-pub(super) fn cbor_opt_id(o: &Option<NodeId>) -> usize {
-    if o.is_some() { CBOR_ID } else { 1 }
-}
-
-pub(super) fn cbor_opt_u16(o: &Option<u16>) -> usize {
-    o.map_or(1, |v| cbor_uint(v as u64))
-}
-
-pub(super) fn cbor_ids(v: &[NodeId]) -> usize {
-    cbor_uint(v.len() as u64) + v.len() * CBOR_ID
+/// The exact length of `value` encoded as CBOR, as it goes on the wire: the encoder's own
+/// output, counted, so the figure cannot drift from the encoding when a field is added.
+fn encoded_len<T: Serialize>(value: &T) -> usize {
+    let mut count = ByteCount(0);
+    ciborium::into_writer(value, &mut count).expect(
+        "tree messages are plain data (serde never fails on them) and counting never fails",
+    );
+    count.0
 }
 
 impl SlotAd {
     /// Encoded size in bytes (CBOR).
     pub fn wire_len(&self) -> usize {
-        1 + cbor_text("peer")
-            + CBOR_ID
-            + cbor_text("depth")
-            + cbor_uint(self.depth as u64)
-            + cbor_text("free")
-            + cbor_uint(self.free as u64)
-            + cbor_text("capacity")
-            + cbor_uint(self.capacity as u64)
+        encoded_len(self)
     }
-}
-
-pub(super) fn cbor_ads(v: &[SlotAd]) -> usize {
-    cbor_uint(v.len() as u64) + v.iter().map(SlotAd::wire_len).sum::<usize>()
 }
 
 impl TreeUpdate {
     /// Encoded size in bytes (CBOR), before signing.
     pub fn wire_len(&self) -> usize {
-        1 + cbor_text("peer")
-            + CBOR_ID
-            + cbor_text("parent")
-            + cbor_opt_id(&self.parent)
-            + cbor_text("depth")
-            + cbor_uint(self.depth as u64)
-            + cbor_text("ancestors")
-            + cbor_ids(&self.ancestors)
-            + cbor_text("children")
-            + cbor_ids(&self.children)
-            + cbor_text("capacity")
-            + cbor_uint(self.capacity as u64)
-            + cbor_text("uplink_kbps")
-            + cbor_uint(self.uplink_kbps as u64)
-            + cbor_text("seq")
-            + cbor_uint(self.seq)
-            + cbor_text("ts_ms")
-            + cbor_uint(self.ts_ms)
+        encoded_len(self)
     }
 }
 
 impl Snapshot {
     /// Encoded size in bytes (CBOR).
     pub fn wire_len(&self) -> usize {
-        1 + cbor_text("candidates") + cbor_ads(&self.candidates)
+        encoded_len(self)
     }
 }
 
 impl TreeMsg {
-    /// Encoded size in bytes (CBOR), for traffic accounting without encoding.
+    /// Encoded size in bytes (CBOR), for traffic accounting and byte budgets.
     pub fn wire_len(&self) -> usize {
-        // Externally tagged enum: {variant: {fields}} or "variant" for unit variants.
-        let (name, body) = match self {
-            TreeMsg::Join {
-                kind,
-                capacity,
-                max_depth,
-                lost_parent,
-                joiner,
-                hops,
-                parent_gone,
-            } => (
-                "Join",
-                1 + cbor_text("kind")
-                    + cbor_text(match kind {
-                        JoinKind::New => "New",
-                        JoinKind::Repair => "Repair",
-                        JoinKind::Move => "Move",
-                        JoinKind::Handover => "Handover",
-                        JoinKind::Promote => "Promote",
-                    })
-                    + cbor_text("capacity")
-                    + cbor_uint(*capacity as u64)
-                    + cbor_text("max_depth")
-                    + cbor_opt_u16(max_depth)
-                    + cbor_text("lost_parent")
-                    + cbor_opt_id(lost_parent)
-                    + cbor_text("joiner")
-                    + cbor_opt_id(joiner)
-                    + cbor_text("hops")
-                    + cbor_uint(*hops as u64)
-                    + if *parent_gone {
-                        cbor_text("parent_gone") + 1
-                    } else {
-                        0
-                    },
-            ),
-            TreeMsg::Accept { parent, directory } => (
-                "Accept",
-                1 + cbor_text("parent")
-                    + parent.wire_len()
-                    + cbor_text("directory")
-                    + cbor_ads(directory),
-            ),
-            TreeMsg::Refuse { reason, hints } => (
-                "Refuse",
-                1 + cbor_text("reason")
-                    + cbor_text(match reason {
-                        RefuseReason::Full => "Full",
-                        RefuseReason::Cycle => "Cycle",
-                        RefuseReason::NotAttached => "NotAttached",
-                        RefuseReason::TooDeep => "TooDeep",
-                        RefuseReason::Leaving => "Leaving",
-                    })
-                    + cbor_text("hints")
-                    + cbor_ads(hints),
-            ),
-            TreeMsg::Leave { successor } => {
-                ("Leave", 1 + cbor_text("successor") + cbor_opt_id(successor))
-            }
-            TreeMsg::Summary { slots } => ("Summary", 1 + cbor_text("slots") + cbor_ads(slots)),
-            TreeMsg::Directory { slots } => ("Directory", 1 + cbor_text("slots") + cbor_ads(slots)),
-            TreeMsg::Relocate => return cbor_text("Relocate"),
-            TreeMsg::MoveUnder { .. } => ("MoveUnder", 1 + cbor_text("target") + CBOR_ID),
-        };
-        1 + cbor_text(name) + body
+        encoded_len(self)
     }
 }
