@@ -95,3 +95,38 @@ impl Config {
         c.min(self.capacity_limit)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_configured_or_measured() {
+        assert_eq!(
+            Config {
+                max_children: Some(3),
+                ..Config::default()
+            }
+            .capacity(),
+            3
+        );
+        let measured = Config {
+            max_children: None,
+            uplink_kbps: 5_500,
+            stream_kbps: 1_000,
+            ..Config::default()
+        };
+        assert_eq!(measured.capacity(), 5);
+        let slow = Config {
+            max_children: None,
+            uplink_kbps: 800,
+            stream_kbps: 1_000,
+            ..Config::default()
+        };
+        assert_eq!(
+            slow.capacity(),
+            0,
+            "less than one stream of uplink: leaf only"
+        );
+    }
+}
