@@ -23,14 +23,16 @@ use std::collections::BTreeMap;
 
 use super::super::{Millis, NodeId};
 use super::timer::Timer;
-use super::{JoinKind, Output, RefuseReason, SlotAd, TreeEvent, TreeMsg, TreeNode};
+use super::{
+    JoinKind, MAX_SLOTS_IN, Output, RefuseReason, SlotAd, TreeEvent, TreeMsg, TreeNode, TreeUpdate,
+};
 
 /// Minimum gap between two preemptions by one parent: a last resort against starvation, each
 /// costs a leaf a short outage.
-pub(super) const PREEMPT_GAP_MS: u64 = 10_000;
+const PREEMPT_GAP_MS: u64 = 10_000;
 
 /// How many times a join request may be passed down by full candidates.
-pub(super) const MAX_FORWARD: u8 = 3;
+const MAX_FORWARD: u8 = 3;
 
 /// The parent's state.
 #[derive(Debug, Default)]
@@ -101,6 +103,17 @@ impl TreeNode {
             .saturating_sub(self.down.children.len().min(u16::MAX as usize) as u16)
     }
 
+    /// A child's signed update: what we need of it for our decisions (from anyone else:
+    /// ignored).
+    pub(super) fn on_child_update(&mut self, from: NodeId, update: TreeUpdate) {
+        if let Some(c) = self.down.children.get_mut(&from) {
+            c.capacity = update.capacity;
+            c.has_children = !update.children.is_empty();
+            c.kids = update.children;
+            c.kids.truncate(MAX_SLOTS_IN);
+        }
+    }
+
     /// Decide on a join request: the rules of the module docs, in order.
     pub(super) fn on_join(&mut self, req: JoinReq, now: Millis) {
         if req.joiner == self.id {
@@ -117,7 +130,7 @@ impl TreeNode {
         self.evict_lost_child(&req, now);
         let mut reason = self.refusal(&req);
         if reason == Some(RefuseReason::Full) {
-            if self.forward_join(&req, now) {
+            if self.forward_join(&req) {
                 return;
             }
             if self.preempt_for(&req, now) {
@@ -288,8 +301,7 @@ impl TreeNode {
 
     /// A full candidate passes the request to a free slot of its subtree, whose summary is fresher
     /// than what the joiner holds (saves the joiner a round trip per level).
-    fn forward_join(&mut self, req: &JoinReq, now: Millis) -> bool {
-        let _ = now;
+    fn forward_join(&mut self, req: &JoinReq) -> bool {
         if req.kind == JoinKind::Handover || req.hops >= MAX_FORWARD {
             // A handover goes where the departing parent planned; a request passed down this
             // often would wander.
@@ -324,7 +336,7 @@ impl TreeNode {
 
     /// Neither our subtree nor our directory shows a free slot: the room may be starved of
     /// capacity at the top (its relays lost and its slots held by leaf-only peers).
-    pub(super) fn knows_no_free_slot(&self) -> bool {
+    fn knows_no_free_slot(&self) -> bool {
         self.compute_summary(1).is_empty() && self.slots.directory.iter().all(|a| a.free == 0)
     }
 
@@ -332,7 +344,7 @@ impl TreeNode {
     /// have no children, whatever its last update says), else the least capable child if it is
     /// less capable than the joiner (it is handed to the joiner with its subtree, which has a
     /// short cut: rare, the room is starved).
-    pub(super) fn preemptible_child(&self, capacity: u16) -> Option<NodeId> {
+    fn preemptible_child(&self, capacity: u16) -> Option<NodeId> {
         if capacity == 0 {
             return None;
         }

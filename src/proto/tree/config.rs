@@ -51,11 +51,11 @@ pub struct Config {
     pub summary_budget_bytes_per_sec: u32,
 }
 
-pub(super) fn default_summary_budget() -> u32 {
+fn default_summary_budget() -> u32 {
     400
 }
 
-pub(super) fn default_repair_timeout_ms() -> u64 {
+fn default_repair_timeout_ms() -> u64 {
     400
 }
 

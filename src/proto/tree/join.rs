@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 
 use super::super::{Millis, NodeId};
-use super::rebalance::PROMOTION_DEADLINE_MS;
 use super::slots::dedup_ads;
 use super::timer::Timer;
 use super::{
@@ -23,10 +22,10 @@ use super::{
 };
 
 /// Remembered refusal hints.
-pub(super) const MAX_HINTS: usize = 24;
+const MAX_HINTS: usize = 24;
 
 /// First-join attempts that ask for a slot at most one level below the chosen candidate.
-pub(super) const NEW_BOUNDED_ATTEMPTS: u8 = 4;
+const NEW_BOUNDED_ATTEMPTS: u8 = 4;
 
 /// The joiner's state.
 #[derive(Debug, Default)]
@@ -82,7 +81,7 @@ impl TreeNode {
 
     /// How long to wait for an answer to a join request: repairs are urgent (the subtree has no
     /// stream), and a target that does not answer quickly is most likely gone.
-    pub(super) fn timeout_for(&self, p: &Pending) -> u64 {
+    fn timeout_for(&self, p: &Pending) -> u64 {
         match p.kind {
             JoinKind::Repair | JoinKind::Handover => {
                 let rtt = self.join.rtt.get(&p.target).map_or(0, |r| 4 * *r as u64);
@@ -95,6 +94,7 @@ impl TreeNode {
         }
     }
 
+    /// Adopted: `from` is our parent now (make-before-break: the old one is left only now).
     pub(super) fn on_accept(
         &mut self,
         from: NodeId,
@@ -110,11 +110,7 @@ impl TreeNode {
             }
             return;
         };
-        let bad = (upd.depth == DEPTH_DETACHED && p.kind != JoinKind::Handover)
-            || upd.ancestors.len() >= MAX_ANCESTORS
-            || upd.ancestors.contains(&self.id)
-            || upd.peer != from;
-        if bad {
+        if !self.acceptable(from, &upd, p.kind) {
             self.send(from, TreeMsg::Leave { successor: None });
             self.join
                 .refused
@@ -125,23 +121,7 @@ impl TreeNode {
         let old = self.up.parent;
         if let Some(o) = old.filter(|o| *o != from) {
             if p.kind == JoinKind::Promote {
-                // We hold our former parent's place: it comes under us. If we have no free slot
-                // our least capable child takes the one we leave at the former parent (at its
-                // old depth), and the former parent's move waits for it.
-                self.send(o, TreeMsg::MoveUnder { target: self.id });
-                self.moves.promoted_from = Some(o);
-                self.timers
-                    .set(Timer::FormerParentWait, now.plus(PROMOTION_DEADLINE_MS));
-                if self.free() == 0
-                    && let Some(k) = self
-                        .down
-                        .children
-                        .iter()
-                        .min_by_key(|(id, c)| (c.has_children, c.capacity, **id))
-                        .map(|(id, _)| *id)
-                {
-                    self.send(k, TreeMsg::MoveUnder { target: o });
-                }
+                self.call_former_parent_under(o, now);
             } else {
                 // Make-before-break: the new parent is in place, now leave the old one.
                 self.send(o, TreeMsg::Leave { successor: None });
@@ -152,15 +132,7 @@ impl TreeNode {
         self.up.parent_capacity = upd.capacity;
         self.up.parent_children = upd.children.len().min(u16::MAX as usize) as u16;
         if upd.depth == DEPTH_DETACHED {
-            // Handover to a sibling that is itself repairing: we follow it once it is attached.
-            self.up.path = None;
-            self.timers
-                .set(Timer::UpstreamGrace, now.plus(self.cfg.upstream_grace_ms));
-            self.join.hints.clear();
-            self.out.push(Output::ConnectParent { peer: from });
-            self.emit(TreeEvent::ParentChanged { old, new: from });
-            self.repair.orphan = None;
-            self.publish_now(now);
+            self.follow_detached_parent(from, old, now);
             return;
         }
         let mut ancestors = upd.ancestors;
@@ -211,22 +183,29 @@ impl TreeNode {
         self.summary_dirty(now);
         self.directory_changed(now);
         self.choose_backup(now);
-        if p.kind.is_move() {
-            self.moves.move_failures = 0;
-            // Stay put for a while after a move.
-            let at = now.plus(2 * self.rebalance_gap());
-            self.timers.set(Timer::Rebalance, at);
-        } else if sank {
-            self.moves.move_failures = 0;
-            let base = self.cfg.rebalance_interval_ms / 4;
-            self.timers.set(
-                Timer::Rebalance,
-                now.plus(base + self.rng.below(base.max(1))),
-            );
-        } else if !self.timers.is_set(Timer::Rebalance) {
-            let at = now.plus(self.rebalance_gap());
-            self.timers.set(Timer::Rebalance, at);
-        }
+        self.schedule_rebalance_after_join(p.kind, sank, now);
+    }
+
+    /// An accept we must not take: from a detached parent (but for a planned handover), with
+    /// a path that is too long or contains us (a cycle), or about someone else.
+    fn acceptable(&self, from: NodeId, upd: &TreeUpdate, kind: JoinKind) -> bool {
+        !((upd.depth == DEPTH_DETACHED && kind != JoinKind::Handover)
+            || upd.ancestors.len() >= MAX_ANCESTORS
+            || upd.ancestors.contains(&self.id)
+            || upd.peer != from)
+    }
+
+    /// Handed over to a sibling that is itself repairing: we follow it, detached, and get our
+    /// path once it is attached (or repair ourselves after `upstream_grace_ms`).
+    fn follow_detached_parent(&mut self, from: NodeId, old: Option<NodeId>, now: Millis) {
+        self.up.path = None;
+        self.timers
+            .set(Timer::UpstreamGrace, now.plus(self.cfg.upstream_grace_ms));
+        self.join.hints.clear();
+        self.out.push(Output::ConnectParent { peer: from });
+        self.emit(TreeEvent::ParentChanged { old, new: from });
+        self.repair.orphan = None;
+        self.publish_now(now);
     }
 
     pub(super) fn on_refuse(&mut self, from: NodeId, hints: Vec<SlotAd>, now: Millis) {
@@ -264,13 +243,13 @@ impl TreeNode {
     /// A candidate refused or did not answer: not again for a while, and out of our copies of
     /// the directory and hints (else a stale directory full of departed peers loops forever;
     /// once empty we ask for a fresh snapshot).
-    pub(super) fn forget(&mut self, peer: NodeId, until: Millis) {
+    fn forget(&mut self, peer: NodeId, until: Millis) {
         self.join.refused.insert(peer, until);
         self.join.hints.retain(|h| h.peer != peer);
         self.slots.directory.retain(|h| h.peer != peer);
     }
 
-    pub(super) fn schedule_retry(&mut self, now: Millis) {
+    fn schedule_retry(&mut self, now: Millis) {
         let jitter = self.rng.below(self.cfg.retry_jitter_ms.max(1));
         self.timers.set(Timer::Retry, now.plus(jitter));
     }

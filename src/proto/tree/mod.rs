@@ -92,40 +92,11 @@
 //!
 //! # Driving it
 //!
-//! [`TreeNode`] is sans-IO: the shell owns the sockets and the clock and feeds it inputs, each
-//! with the current time. After every input, in this order:
-//!
-//! 1. drain [`TreeNode::poll_output`] until it returns `None`, executing each [`Output`] in
-//!    order (sends, publishes, media sessions to open or close, events);
-//! 2. ask [`TreeNode::poll_timeout`] for the earliest deadline and call
-//!    [`TreeNode::handle_timeout`] when it has passed.
-//!
-//! Inputs are [`TreeNode::start`] (or [`TreeNode::new_root`] for the broadcaster),
-//! [`TreeNode::handle_snapshot`], [`TreeNode::handle_message`], [`TreeNode::handle_update`],
-//! [`TreeNode::handle_link_down`], [`TreeNode::handle_timeout`] and [`TreeNode::leave`].
-//!
-//! ```
-//! use waterfall::proto::{Config, Millis, NodeId, Output, Snapshot, SlotAd, TreeMsg, TreeNode};
-//!
-//! let mut viewer = TreeNode::new(NodeId([7; 32]), Config::default(), 42);
-//! viewer.start(Millis(0));
-//! // The viewer asks for a snapshot; a member answers with its best free slots.
-//! let root = NodeId([0; 32]);
-//! let slot = SlotAd { peer: root, depth: 0, free: 4, capacity: 4 };
-//! let snapshot = Snapshot { candidates: vec![slot] };
-//! let mut outputs = Vec::new();
-//! while let Some(o) = viewer.poll_output() {
-//!     if o == Output::RequestSnapshot {
-//!         viewer.handle_snapshot(snapshot.clone(), Millis(20));
-//!     }
-//!     outputs.push(o);
-//! }
-//! // It asks the root to adopt it; the shell delivers that message and wakes the viewer at
-//! // `poll_timeout()` (here: the join request's own timeout) if no answer came.
-//! let asks_root = |o: &Output| matches!(o, Output::Send { to, msg: TreeMsg::Join { .. } } if *to == root);
-//! assert!(outputs.iter().any(asks_root));
-//! assert!(viewer.poll_timeout().is_some());
-//! ```
+//! [`TreeNode`] is sans-IO: the shell (the node's room task, or the simulator) owns the
+//! sockets and the clock, feeds it inputs with the current time and executes its [`Output`]s.
+//! The order of the calls is documented, with an example, on [`TreeNode`]. Deadlines are data:
+//! one [`Timer`] per kind, kept in a table, the earliest returned by
+//! [`TreeNode::poll_timeout`].
 //!
 //! # Where each rule lives
 //!
@@ -138,6 +109,7 @@
 //! | `repair.rs` | parent loss: orphans, successors, backups, the grandparent's slot |
 //! | `rebalance.rs` | make-before-break moves, promotions, relocations |
 //! | `slots.rs` | summaries up, directories down, snapshots for newcomers |
+//! | `timer.rs` | the deadlines, and the order expired ones are served in |
 //! | `output.rs` | what the shell is asked to do |
 
 mod admit;
@@ -151,8 +123,6 @@ mod slots;
 #[cfg(test)]
 mod tests;
 mod timer;
-
-use std::cmp::Reverse;
 
 use super::{Millis, NodeId, SplitMix64};
 use admit::{Downstream, JoinReq};
@@ -178,8 +148,52 @@ struct Path {
     ancestors: Vec<NodeId>,
 }
 
-/// One peer's view of the relay tree and its decisions. See the module docs for the algorithm
-/// and for the order in which to call its methods.
+/// One peer's view of the relay tree and its decisions (the algorithm is in the module docs).
+///
+/// # Call order
+///
+/// Inputs are [`TreeNode::start`] (a viewer; [`TreeNode::new_root`] makes the broadcaster),
+/// [`TreeNode::handle_snapshot`], [`TreeNode::handle_message`], [`TreeNode::handle_update`],
+/// [`TreeNode::handle_link_down`], [`TreeNode::handle_timeout`] and [`TreeNode::leave`], each
+/// with the current time. After every input, the shell:
+///
+/// 1. drains [`TreeNode::poll_output`] until it returns `None`, executing each [`Output`] in
+///    order (messages, signed updates, media sessions to open or close, events); an input
+///    fed back while draining (a snapshot answered at once) only queues more outputs;
+/// 2. asks [`TreeNode::poll_timeout`] for the earliest deadline and calls
+///    [`TreeNode::handle_timeout`] once it has passed, then drains again.
+///
+/// A late or early wake-up is harmless: only the timers that have expired are served.
+///
+/// ```
+/// use waterfall::proto::tree::Timer;
+/// use waterfall::proto::{Config, Millis, NodeId, Output, SlotAd, Snapshot, TreeMsg, TreeNode};
+///
+/// let root = NodeId([0; 32]);
+/// let mut viewer = TreeNode::new(NodeId([7; 32]), Config::default(), 42);
+/// viewer.start(Millis(0));
+/// let mut sent = Vec::new();
+/// while let Some(output) = viewer.poll_output() {
+///     match output {
+///         // Any member answers with the best free slots it knows (here: the root's).
+///         Output::RequestSnapshot => {
+///             let slot = SlotAd { peer: root, depth: 0, free: 4, capacity: 4 };
+///             viewer.handle_snapshot(Snapshot { candidates: vec![slot] }, Millis(20));
+///         }
+///         // To the peer, over the network.
+///         Output::Send { to, msg } => sent.push((to, msg)),
+///         // Publish updates, open or close media sessions, report events.
+///         _ => {}
+///     }
+/// }
+/// assert!(matches!(sent.as_slice(), [(to, TreeMsg::Join { .. })] if *to == root));
+/// // No answer: at the join request's deadline the viewer forgets the silent root and asks
+/// // for a fresh snapshot.
+/// let deadline = viewer.poll_timeout().expect("the join request waits for its answer");
+/// assert_eq!(viewer.deadline(Timer::JoinAnswer), Some(deadline));
+/// viewer.handle_timeout(deadline);
+/// assert_eq!(viewer.poll_output(), Some(Output::RequestSnapshot));
+/// ```
 ///
 /// Its state is grouped by role, each group declared next to the rules that use it.
 #[derive(Debug)]
@@ -430,22 +444,8 @@ impl TreeNode {
             TreeMsg::Accept { parent, directory } => self.on_accept(from, parent, directory, now),
             TreeMsg::Refuse { reason: _, hints } => self.on_refuse(from, hints, now),
             TreeMsg::Leave { successor } => self.on_leave(from, successor, now),
-            TreeMsg::Summary { mut slots } => {
-                if let Some(c) = self.down.children.get_mut(&from) {
-                    slots.truncate(MAX_SLOTS_IN);
-                    c.summary = slots;
-                    self.summary_dirty(now);
-                }
-            }
-            TreeMsg::Directory { mut slots } => {
-                if self.up.parent == Some(from) && !self.is_root {
-                    slots.truncate(MAX_SLOTS_IN);
-                    if slots != self.slots.directory {
-                        self.slots.directory = slots;
-                        self.directory_changed(now);
-                    }
-                }
-            }
+            TreeMsg::Summary { slots } => self.on_summary(from, slots, now),
+            TreeMsg::Directory { slots } => self.on_directory(from, slots, now),
             TreeMsg::Relocate => self.on_relocate(from, now),
             TreeMsg::MoveUnder { target } => self.on_move_under(from, target, now),
         }
@@ -459,11 +459,8 @@ impl TreeNode {
         }
         if self.up.parent == Some(from) {
             self.on_parent_update(update, now);
-        } else if let Some(c) = self.down.children.get_mut(&from) {
-            c.capacity = update.capacity;
-            c.has_children = !update.children.is_empty();
-            c.kids = update.children;
-            c.kids.truncate(MAX_SLOTS_IN);
+        } else {
+            self.on_child_update(from, update);
         }
         self.announce_timer();
     }
@@ -522,35 +519,7 @@ impl TreeNode {
         if self.left {
             return;
         }
-        // The most capable child takes our slot at our parent; its siblings are directed to the
-        // free slots of its subtree (disjoint from theirs, so the plan has no cycle), where they
-        // keep their depth. Those without a slot fall back on their backups.
-        let successor_child = self
-            .down
-            .children
-            .iter()
-            .max_by_key(|(id, c)| (c.capacity, c.has_children, Reverse(**id)))
-            .map(|(id, _)| *id);
-        let mut slots: Vec<SlotAd> = successor_child
-            .and_then(|s| self.down.children.get(&s))
-            .map(|c| c.summary.clone())
-            .unwrap_or_default();
-        let kids: Vec<NodeId> = self.down.children.keys().copied().collect();
-        for c in kids {
-            let successor = if Some(c) == successor_child {
-                self.up.parent.filter(|_| self.up.path.is_some())
-            } else if let (Some(_), Some(d)) = (successor_child, self.depth()) {
-                // Only the successor and its children: the orphan ends at most one level deeper.
-                slots
-                    .iter_mut()
-                    .find(|a| a.free > 0 && a.depth <= d + 2)
-                    .map(|a| {
-                        a.free -= 1;
-                        a.peer
-                    })
-            } else {
-                None
-            };
+        for (c, successor) in self.successors_on_leave() {
             self.send(c, TreeMsg::Leave { successor });
             self.out.push(Output::Disconnect { peer: c });
         }
@@ -573,6 +542,7 @@ impl TreeNode {
         self.timers.clear(Timer::Directory);
         self.timers.clear(Timer::Rebalance);
         self.timers.clear(Timer::UpstreamGrace);
+        // Promotion timers are left as they were (handle_timeout ignores a node that left).
         let _ = now;
     }
 

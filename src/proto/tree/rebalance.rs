@@ -19,17 +19,17 @@ use super::timer::Timer;
 use super::{JoinKind, Output, RefuseReason, SlotAd, TreeEvent, TreeMsg, TreeNode};
 
 /// Minimum gap between two relocation orders from one parent.
-pub(super) const RELOCATE_GAP_MS: u64 = 10_000;
+const RELOCATE_GAP_MS: u64 = 10_000;
 
 /// Failed moves in a row beyond which the rebalancing gap stops doubling (4 times).
-pub(super) const MAX_MOVE_BACKOFF: u8 = 2;
+const MAX_MOVE_BACKOFF: u8 = 2;
 
 /// A promotion holds one child over the grandparent's capacity for at most this long; then the
 /// former parent is handed to the promoted child the hard way.
 pub(super) const PROMOTION_DEADLINE_MS: u64 = 2_000;
 
 /// Gap between two promotions granted by one parent.
-pub(super) const PROMOTION_GAP_MS: u64 = 10_000;
+const PROMOTION_GAP_MS: u64 = 10_000;
 
 /// Rebalancing and promotions.
 #[derive(Debug, Default)]
@@ -61,7 +61,7 @@ impl TreeNode {
     /// refused move that brought them (they are cleared only by an accept), and a refused move
     /// leaves those of a deep subtree: taken alone they would hide the directory's shallow slots
     /// from every later move, and pin a sunk subtree where it is.
-    pub(super) fn move_candidates(&self, now: Millis) -> Vec<SlotAd> {
+    fn move_candidates(&self, now: Millis) -> Vec<SlotAd> {
         let mut v: Vec<SlotAd> = self
             .join
             .hints
@@ -78,19 +78,18 @@ impl TreeNode {
         if self.up.parent != Some(from)
             || !self.down.children.is_empty()
             || self.join.pending.is_some()
+            || self.depth().is_none()
         {
             return;
         }
-        let Some(depth) = self.depth() else { return };
         let cands = self.candidates(now);
         if let Some(a) = self.pick(&cands) {
             // Any depth will do: we are a leaf, the slot is wanted by a more capable peer.
-            let _ = depth;
             self.send_join(a.peer, JoinKind::Move, None, None, now);
         }
     }
 
-    pub(super) fn rebalance_gap(&mut self) -> u64 {
+    fn rebalance_gap(&mut self) -> u64 {
         let base = self.cfg.rebalance_interval_ms;
         (base / 2 + self.rng.below(base.max(1))) << self.moves.move_failures.min(MAX_MOVE_BACKOFF)
     }
@@ -267,6 +266,52 @@ impl TreeNode {
             depth.saturating_sub(1)
         };
         self.send_join(target, JoinKind::Move, Some(max_depth), None, now);
+    }
+
+    /// As promoted peer, just accepted by our grandparent: we hold our former parent's place
+    /// and call it under us. If we have no free slot our least capable child takes the one we
+    /// leave at the former parent (at its old depth), and the former parent's move waits for it.
+    pub(super) fn call_former_parent_under(&mut self, former: NodeId, now: Millis) {
+        self.send(former, TreeMsg::MoveUnder { target: self.id });
+        self.moves.promoted_from = Some(former);
+        self.timers
+            .set(Timer::FormerParentWait, now.plus(PROMOTION_DEADLINE_MS));
+        if self.free() == 0
+            && let Some(k) = self
+                .down
+                .children
+                .iter()
+                .min_by_key(|(id, c)| (c.has_children, c.capacity, **id))
+                .map(|(id, _)| *id)
+        {
+            self.send(k, TreeMsg::MoveUnder { target: former });
+        }
+    }
+
+    /// The next rebalancing check after we attached somewhere: later after a move (stay put
+    /// for a while), sooner after a repair that sank a relay more than one level (its subtree
+    /// was dragged down), else as scheduled.
+    pub(super) fn schedule_rebalance_after_join(
+        &mut self,
+        kind: JoinKind,
+        sank: bool,
+        now: Millis,
+    ) {
+        if kind.is_move() {
+            self.moves.move_failures = 0;
+            let at = now.plus(2 * self.rebalance_gap());
+            self.timers.set(Timer::Rebalance, at);
+        } else if sank {
+            self.moves.move_failures = 0;
+            let base = self.cfg.rebalance_interval_ms / 4;
+            self.timers.set(
+                Timer::Rebalance,
+                now.plus(base + self.rng.below(base.max(1))),
+            );
+        } else if !self.timers.is_set(Timer::Rebalance) {
+            let at = now.plus(self.rebalance_gap());
+            self.timers.set(Timer::Rebalance, at);
+        }
     }
 
     /// As grandparent: the promotion's overlap is over. The former parent did not move under

@@ -11,6 +11,8 @@
 //! cycle can close even on stale information. The backup parent is a random pick among the
 //! shallowest directory entries outside our subtree, so the orphans of one relay scatter.
 
+use std::cmp::Reverse;
+
 use super::super::{Millis, NodeId};
 use super::admit::JoinReq;
 use super::timer::Timer;
@@ -202,6 +204,42 @@ impl TreeNode {
             .collect();
         let i = self.rng.below(top.len() as u64) as usize;
         self.repair.backup = top.get(i).copied();
+    }
+
+    /// Where each child goes when we leave gracefully. The most capable child takes our slot
+    /// at our parent; its siblings are directed to the free slots of its subtree (disjoint
+    /// from theirs, so the plan has no cycle), where they keep their depth. Those without a
+    /// slot fall back on their backups.
+    pub(super) fn successors_on_leave(&self) -> Vec<(NodeId, Option<NodeId>)> {
+        let successor_child = self
+            .down
+            .children
+            .iter()
+            .max_by_key(|(id, c)| (c.capacity, c.has_children, Reverse(**id)))
+            .map(|(id, _)| *id);
+        let mut slots: Vec<SlotAd> = successor_child
+            .and_then(|s| self.down.children.get(&s))
+            .map(|c| c.summary.clone())
+            .unwrap_or_default();
+        let mut plan = Vec::with_capacity(self.down.children.len());
+        for &c in self.down.children.keys() {
+            let successor = if Some(c) == successor_child {
+                self.up.parent.filter(|_| self.up.path.is_some())
+            } else if let (Some(_), Some(d)) = (successor_child, self.depth()) {
+                // Only the successor and its children: the orphan ends at most one level deeper.
+                slots
+                    .iter_mut()
+                    .find(|a| a.free > 0 && a.depth <= d + 2)
+                    .map(|a| {
+                        a.free -= 1;
+                        a.peer
+                    })
+            } else {
+                None
+            };
+            plan.push((c, successor));
+        }
+        plan
     }
 
     /// Detached upstream for longer than `upstream_grace_ms`: our ancestors could not repair

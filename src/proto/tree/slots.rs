@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 
 use super::super::{Millis, NodeId};
 use super::timer::Timer;
-use super::{SlotAd, Snapshot, TreeMsg, TreeNode};
+use super::{MAX_SLOTS_IN, SlotAd, Snapshot, TreeMsg, TreeNode};
 
 /// What we know of free slots, and what we last told about ours.
 #[derive(Debug, Default)]
@@ -29,6 +29,26 @@ pub(super) struct SlotState {
 }
 
 impl TreeNode {
+    /// A child's summary of its subtree (from anyone else: ignored).
+    pub(super) fn on_summary(&mut self, from: NodeId, mut slots: Vec<SlotAd>, now: Millis) {
+        if let Some(c) = self.down.children.get_mut(&from) {
+            slots.truncate(MAX_SLOTS_IN);
+            c.summary = slots;
+            self.summary_dirty(now);
+        }
+    }
+
+    /// Our parent's directory (from anyone else: ignored; the root makes its own).
+    pub(super) fn on_directory(&mut self, from: NodeId, mut slots: Vec<SlotAd>, now: Millis) {
+        if self.up.parent == Some(from) && !self.is_root {
+            slots.truncate(MAX_SLOTS_IN);
+            if slots != self.slots.directory {
+                self.slots.directory = slots;
+                self.directory_changed(now);
+            }
+        }
+    }
+
     /// The best candidates we know for a newcomer: our subtree's free slots and the directory,
     /// shallowest first, at most `max`.
     pub fn snapshot_for_newcomer(&self, max: usize) -> Snapshot {
@@ -211,7 +231,7 @@ impl TreeNode {
     }
 }
 
-pub(super) fn sort_ads(v: &mut [SlotAd]) {
+fn sort_ads(v: &mut [SlotAd]) {
     v.sort_by_key(|a| (a.depth, Reverse(a.free), Reverse(a.capacity), a.peer));
 }
 
