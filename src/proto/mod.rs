@@ -10,14 +10,16 @@
 //!
 //! # How the tree is built and kept healthy
 //!
-//! The algorithm itself is documented on [`tree`]; in one paragraph: a newcomer fetches a
-//! [`Snapshot`] (a short list of free slots near the top) from any member by request-response,
-//! asks the shallowest candidate to adopt it, and retries elsewhere with jitter when refused.
-//! Knowledge of free slots flows *along tree edges*: every node sends its parent a rate-limited
-//! summary of the best free slots in its subtree, the root turns those into a directory of the best
-//! slots of the whole tree, and the directory flows back down the tree, again rate-limited. Signed
-//! [`TreeUpdate`]s are delivered to tree neighbours only (parent and children), never to the whole
-//! room, so what a node receives per second does not grow with the room's size.
+//! The algorithm itself is documented on [`tree`], one file per role of a peer (joiner, parent,
+//! orphan, mover, slot directory) under a small [`TreeNode`] that orchestrates them and shows the
+//! order of calls; in one paragraph: a newcomer fetches a [`Snapshot`] (a short list of free slots
+//! near the top) from any member by request-response, asks the shallowest candidate to adopt it,
+//! and retries elsewhere with jitter when refused. Knowledge of free slots flows *along tree
+//! edges*: every node sends its parent a rate-limited summary of the best free slots in its
+//! subtree, the root turns those into a directory of the best slots of the whole tree, and the
+//! directory flows back down the tree, again rate-limited. Signed [`TreeUpdate`]s are delivered to
+//! tree neighbours only (parent and children), never to the whole room, so what a node receives per
+//! second does not grow with the room's size.
 
 pub mod room;
 pub mod sim;
