@@ -15,6 +15,9 @@
 //!   the shell to probe it ([`RoomOutput::Probe`]); an answer keeps the edge, a failure or no
 //!   answer within [`RoomTimings::probe_ms`] declares the link down. A media connection that
 //!   fails ([`RoomNode::handle_link_down`]) is proof enough and needs no probe.
+//! - **Telling a child that may be alive.** A child dropped without proof that it is gone (it
+//!   never connected, or did not answer a probe in time) is sent a Leave: if it is merely slow it
+//!   repairs, rather than keep us for its parent while we no longer list it.
 //! - **One snapshot request in flight.** The tree asks for a [`Snapshot`] whenever it knows no
 //!   candidate; while one request is out, further ones are dropped, and a request unanswered
 //!   after [`RoomTimings::snapshot_ms`] counts as an empty answer (the tree retries with jitter).
@@ -568,6 +571,18 @@ impl RoomNode {
 
     fn declare_down(&mut self, peer: NodeId, cause: LinkCause, now: Millis) {
         let neighbour = self.is_neighbour(peer);
+        if matches!(cause, LinkCause::NeverConnected | LinkCause::ProbeTimeout)
+            && self.tree.children().any(|c| c == peer)
+        {
+            // Without proof that it is gone, it may be alive and merely slow (its offer or its
+            // answer still on the way): told to go, it repairs, instead of taking us for its
+            // parent while we no longer take it for our child. A half-open media session closes.
+            self.out.push_back(RoomOutput::SendControl {
+                to: peer,
+                msg: TreeMsg::Leave { successor: None },
+            });
+            self.out.push_back(RoomOutput::Disconnect { peer });
+        }
         self.media_up.remove(&peer);
         // The tree also gives up a join request pending at `peer` (transport evidence only).
         if neighbour || cause == LinkCause::Transport {
@@ -749,6 +764,11 @@ mod tests {
         assert_eq!(r.tree().child_count(), 2);
         let out = run_until(&mut r, Millis(15_000));
         assert_eq!(downs(&out), vec![(id(2), LinkCause::NeverConnected)]);
+        assert!(out.contains(&RoomOutput::SendControl {
+            to: id(2),
+            msg: TreeMsg::Leave { successor: None }
+        }));
+        assert!(out.contains(&RoomOutput::Disconnect { peer: id(2) }));
         assert_eq!(r.tree().children().collect::<Vec<_>>(), vec![id(3)]);
         // Its slot is free again: a newcomer is accepted in its place.
         r.handle_message(id(4), join(), Millis(15_001));
@@ -786,11 +806,24 @@ mod tests {
             vec![RoomOutput::Emit(RoomEvent::ProbeAnswered(id(2)))]
         );
         r.handle_probe_failed(id(4), Millis(1_200));
-        assert_eq!(downs(&drain(&mut r)), vec![(id(4), LinkCause::ProbeFailed)]);
+        let refused = drain(&mut r);
+        assert_eq!(downs(&refused), vec![(id(4), LinkCause::ProbeFailed)]);
+        assert!(
+            !refused
+                .iter()
+                .any(|o| matches!(o, RoomOutput::SendControl { .. })),
+            "a peer that refused the connection is not written to: {refused:?}"
+        );
         let out = run_until(&mut r, Millis(2_499));
         assert!(downs(&out).is_empty());
         let out = run_until(&mut r, Millis(2_500));
         assert_eq!(downs(&out), vec![(id(3), LinkCause::ProbeTimeout)]);
+        // It may be alive and slow: told to go. The one that refused the connection is gone.
+        let leave = |c: u8| RoomOutput::SendControl {
+            to: id(c),
+            msg: TreeMsg::Leave { successor: None },
+        };
+        assert!(out.contains(&leave(3)));
         assert_eq!(r.tree().children().collect::<Vec<_>>(), vec![id(2)]);
         // A late answer changes nothing.
         r.handle_probe_answered(id(3), Millis(3_000));
