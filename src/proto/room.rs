@@ -16,8 +16,9 @@
 //!   answer within [`RoomTimings::probe_ms`] declares the link down. A media connection that
 //!   fails ([`RoomNode::handle_link_down`]) is proof enough and needs no probe.
 //! - **Telling a child that may be alive.** A child dropped without proof that it is gone (it
-//!   never connected, or did not answer a probe in time) is sent a Leave: if it is merely slow it
-//!   repairs, rather than keep us for its parent while we no longer list it.
+//!   never connected, did not answer a probe in time, or was cut from the fan-out for being too
+//!   slow) is sent a Leave: it repairs, rather than keep us for its parent while we no longer list
+//!   it.
 //! - **One snapshot request in flight.** The tree asks for a [`Snapshot`] whenever it knows no
 //!   candidate; while one request is out, further ones are dropped, and a request unanswered
 //!   after [`RoomTimings::snapshot_ms`] counts as an empty answer (the tree retries with jitter).
@@ -163,6 +164,8 @@ pub enum LinkCause {
     ProbeTimeout,
     /// An accepted child never connected its media.
     NeverConnected,
+    /// The media session cut a child that could not keep up (it is alive, and told to go).
+    TooSlow,
     /// Connecting the media to a new parent failed.
     ParentConnectFailed,
 }
@@ -476,6 +479,16 @@ impl RoomNode {
         self.declare_down(peer, LinkCause::Transport, now);
     }
 
+    /// The media session cut `child` from the fan-out because it could not keep up: it is alive,
+    /// so it is told to go (it repairs elsewhere) and its slot is freed.
+    pub fn handle_child_too_slow(&mut self, child: NodeId, now: Millis) {
+        if self.closed {
+            return;
+        }
+        self.timers.cancel(RoomTimer::Probe(child));
+        self.declare_down(child, LinkCause::TooSlow, now);
+    }
+
     /// The media connection to `parent` could not be set up.
     pub fn handle_parent_connect_failed(&mut self, parent: NodeId, now: Millis) {
         if self.closed || self.tree.parent() != Some(parent) {
@@ -571,8 +584,10 @@ impl RoomNode {
 
     fn declare_down(&mut self, peer: NodeId, cause: LinkCause, now: Millis) {
         let neighbour = self.is_neighbour(peer);
-        if matches!(cause, LinkCause::NeverConnected | LinkCause::ProbeTimeout)
-            && self.tree.children().any(|c| c == peer)
+        if matches!(
+            cause,
+            LinkCause::NeverConnected | LinkCause::ProbeTimeout | LinkCause::TooSlow
+        ) && self.tree.children().any(|c| c == peer)
         {
             // Without proof that it is gone, it may be alive and merely slow (its offer or its
             // answer still on the way): told to go, it repairs, instead of taking us for its
@@ -773,6 +788,17 @@ mod tests {
         // Its slot is free again: a newcomer is accepted in its place.
         r.handle_message(id(4), join(), Millis(15_001));
         assert!(drain(&mut r).contains(&RoomOutput::AcceptChild { peer: id(4) }));
+        // A child cut for being too slow is alive: told to go, and its slot freed.
+        r.handle_child_connected(id(4), Millis(15_100));
+        drain(&mut r);
+        r.handle_child_too_slow(id(4), Millis(15_200));
+        let out = drain(&mut r);
+        assert_eq!(downs(&out), vec![(id(4), LinkCause::TooSlow)]);
+        assert!(out.contains(&RoomOutput::SendControl {
+            to: id(4),
+            msg: TreeMsg::Leave { successor: None }
+        }));
+        assert_eq!(r.tree().children().collect::<Vec<_>>(), vec![id(3)]);
         // A late connection of the dropped child is closed again.
         r.handle_child_connected(id(2), Millis(16_000));
         assert_eq!(drain(&mut r), vec![RoomOutput::Disconnect { peer: id(2) }]);
