@@ -15,6 +15,10 @@
 //!   the shell to probe it ([`RoomOutput::Probe`]); an answer keeps the edge, a failure or no
 //!   answer within [`RoomTimings::probe_ms`] declares the link down. A media connection that
 //!   fails ([`RoomNode::handle_link_down`]) is proof enough and needs no probe.
+//! - **Telling a child that may be alive.** A child dropped without proof that it is gone (it
+//!   never connected, did not answer a probe in time, or was cut from the fan-out for being too
+//!   slow) is sent a Leave: it repairs, rather than keep us for its parent while we no longer list
+//!   it.
 //! - **One snapshot request in flight.** The tree asks for a [`Snapshot`] whenever it knows no
 //!   candidate; while one request is out, further ones are dropped, and a request unanswered
 //!   after [`RoomTimings::snapshot_ms`] counts as an empty answer (the tree retries with jitter).
@@ -160,6 +164,8 @@ pub enum LinkCause {
     ProbeTimeout,
     /// An accepted child never connected its media.
     NeverConnected,
+    /// The media session cut a child that could not keep up (it is alive, and told to go).
+    TooSlow,
     /// Connecting the media to a new parent failed.
     ParentConnectFailed,
 }
@@ -473,6 +479,16 @@ impl RoomNode {
         self.declare_down(peer, LinkCause::Transport, now);
     }
 
+    /// The media session cut `child` from the fan-out because it could not keep up: it is alive,
+    /// so it is told to go (it repairs elsewhere) and its slot is freed.
+    pub fn handle_child_too_slow(&mut self, child: NodeId, now: Millis) {
+        if self.closed {
+            return;
+        }
+        self.timers.cancel(RoomTimer::Probe(child));
+        self.declare_down(child, LinkCause::TooSlow, now);
+    }
+
     /// The media connection to `parent` could not be set up.
     pub fn handle_parent_connect_failed(&mut self, parent: NodeId, now: Millis) {
         if self.closed || self.tree.parent() != Some(parent) {
@@ -568,6 +584,20 @@ impl RoomNode {
 
     fn declare_down(&mut self, peer: NodeId, cause: LinkCause, now: Millis) {
         let neighbour = self.is_neighbour(peer);
+        if matches!(
+            cause,
+            LinkCause::NeverConnected | LinkCause::ProbeTimeout | LinkCause::TooSlow
+        ) && self.tree.children().any(|c| c == peer)
+        {
+            // Without proof that it is gone, it may be alive and merely slow (its offer or its
+            // answer still on the way): told to go, it repairs, instead of taking us for its
+            // parent while we no longer take it for our child. A half-open media session closes.
+            self.out.push_back(RoomOutput::SendControl {
+                to: peer,
+                msg: TreeMsg::Leave { successor: None },
+            });
+            self.out.push_back(RoomOutput::Disconnect { peer });
+        }
         self.media_up.remove(&peer);
         // The tree also gives up a join request pending at `peer` (transport evidence only).
         if neighbour || cause == LinkCause::Transport {
@@ -749,10 +779,26 @@ mod tests {
         assert_eq!(r.tree().child_count(), 2);
         let out = run_until(&mut r, Millis(15_000));
         assert_eq!(downs(&out), vec![(id(2), LinkCause::NeverConnected)]);
+        assert!(out.contains(&RoomOutput::SendControl {
+            to: id(2),
+            msg: TreeMsg::Leave { successor: None }
+        }));
+        assert!(out.contains(&RoomOutput::Disconnect { peer: id(2) }));
         assert_eq!(r.tree().children().collect::<Vec<_>>(), vec![id(3)]);
         // Its slot is free again: a newcomer is accepted in its place.
         r.handle_message(id(4), join(), Millis(15_001));
         assert!(drain(&mut r).contains(&RoomOutput::AcceptChild { peer: id(4) }));
+        // A child cut for being too slow is alive: told to go, and its slot freed.
+        r.handle_child_connected(id(4), Millis(15_100));
+        drain(&mut r);
+        r.handle_child_too_slow(id(4), Millis(15_200));
+        let out = drain(&mut r);
+        assert_eq!(downs(&out), vec![(id(4), LinkCause::TooSlow)]);
+        assert!(out.contains(&RoomOutput::SendControl {
+            to: id(4),
+            msg: TreeMsg::Leave { successor: None }
+        }));
+        assert_eq!(r.tree().children().collect::<Vec<_>>(), vec![id(3)]);
         // A late connection of the dropped child is closed again.
         r.handle_child_connected(id(2), Millis(16_000));
         assert_eq!(drain(&mut r), vec![RoomOutput::Disconnect { peer: id(2) }]);
@@ -786,11 +832,24 @@ mod tests {
             vec![RoomOutput::Emit(RoomEvent::ProbeAnswered(id(2)))]
         );
         r.handle_probe_failed(id(4), Millis(1_200));
-        assert_eq!(downs(&drain(&mut r)), vec![(id(4), LinkCause::ProbeFailed)]);
+        let refused = drain(&mut r);
+        assert_eq!(downs(&refused), vec![(id(4), LinkCause::ProbeFailed)]);
+        assert!(
+            !refused
+                .iter()
+                .any(|o| matches!(o, RoomOutput::SendControl { .. })),
+            "a peer that refused the connection is not written to: {refused:?}"
+        );
         let out = run_until(&mut r, Millis(2_499));
         assert!(downs(&out).is_empty());
         let out = run_until(&mut r, Millis(2_500));
         assert_eq!(downs(&out), vec![(id(3), LinkCause::ProbeTimeout)]);
+        // It may be alive and slow: told to go. The one that refused the connection is gone.
+        let leave = |c: u8| RoomOutput::SendControl {
+            to: id(c),
+            msg: TreeMsg::Leave { successor: None },
+        };
+        assert!(out.contains(&leave(3)));
         assert_eq!(r.tree().children().collect::<Vec<_>>(), vec![id(2)]);
         // A late answer changes nothing.
         r.handle_probe_answered(id(3), Millis(3_000));

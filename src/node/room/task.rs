@@ -27,6 +27,7 @@ use super::checks::{self, Checked, Refusal, ok_response, open_snapshot, refusal}
 use super::signal::{self, SignalCtx, SignalError};
 use super::{Media, digest, peer};
 use crate::crypto::{Kind, RoomKeys, now_ms};
+use crate::media::session::CutReason;
 use crate::media::{ChildId, MediaEvent};
 use crate::net::{Net, ResponseHandle, node_of, peer_of};
 use crate::node::{Node, ROOM_LIVENESS, ROOM_REFRESH};
@@ -298,10 +299,13 @@ impl RoomTask {
                     self.room.handle_link_down(p, now);
                 }
             }
-            MediaEvent::ChildCut { id, .. } => {
+            MediaEvent::ChildCut { id, reason } => {
                 if let Some((&child, _)) = self.children.iter().find(|(_, c)| *c == id) {
                     self.children.remove(&child);
-                    self.room.handle_link_down(child, now);
+                    match reason {
+                        CutReason::Slow => self.room.handle_child_too_slow(child, now),
+                        CutReason::Disconnected => self.room.handle_link_down(child, now),
+                    }
                 }
             }
             _ => {}
