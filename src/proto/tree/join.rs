@@ -1,5 +1,5 @@
-//! The joiner's side: from a [`Snapshot`] to an accepted place, for a newcomer and for every
-//! later move or repair that sends a join request.
+//! The joiner's side: from a [`Snapshot`](super::Snapshot) to an accepted place, for a
+//! newcomer and for every later move or repair that sends a join request.
 //!
 //! What it decides: which candidate to ask ([`TreeNode::pick`]: the two shallowest levels,
 //! weighted by spare slots and RTT, so joiners holding the same directory spread out), how deep
