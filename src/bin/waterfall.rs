@@ -306,9 +306,21 @@ impl PasswordArgs {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     term::init_tracing();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message and its causes on one line; a backtrace (anyhow's `{:?}` when
+            // RUST_BACKTRACE is set) helps nobody who mistyped a file name.
+            say!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Keygen { data_dir } => {
             let dir = data_dir.unwrap_or_else(default_data_dir);

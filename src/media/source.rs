@@ -202,7 +202,7 @@ fn choose_container(
         // A declared container with unrecognised bytes: its parser says what is wrong.
         (Some(d), _) => Ok(d),
         (None, Some(s)) => Ok(s),
-        (None, None) if head.is_empty() => Err(bad("source", format!("{what} is empty"))),
+        (None, None) if head.is_empty() => Err(bad("media", format!("{what} is empty"))),
         (None, None) => Err(SourceError::UnknownFormat(format!(
             "{what} starts with bytes {} (expected IVF `DKIF`, Ogg `OggS` or an H.264 Annex-B \
              start code)",

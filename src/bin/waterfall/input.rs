@@ -10,7 +10,7 @@
 //! library; here we check that it was given to the right flag (an Ogg file is audio, so `--video
 //! talk.ogg` is refused) and that at most one input reads stdin.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use waterfall::media::{FileSource, MediaKind, MediaSource, SourceError, SourceOptions};
 use waterfall::wire::{self, Ticket, WireError};
 
@@ -86,8 +86,7 @@ pub async fn open_source(
     let (what, src) = if spec == "-" {
         let s = FileSource::from_async_read_detect(tokio::io::stdin(), opts)
             .await
-            .map_err(describe)
-            .context("reading stdin")?;
+            .map_err(describe)?;
         ("stdin".to_owned(), s)
     } else {
         let s = FileSource::open(spec, opts).await.map_err(describe)?;
@@ -99,9 +98,10 @@ pub async fn open_source(
             MediaKind::Audio => ("audio", "--audio"),
             MediaKind::Video => ("video", "--video"),
         };
+        let mime = src.codec().mime_type();
         bail!(
-            "{what} holds {is} ({:?}), not {}: give it with {flag}",
-            src.codec(),
+            "{what} holds {is} ({}), not {}: give it with {flag}",
+            mime.rsplit('/').next().unwrap_or(mime),
             match role {
                 Role::Video => "video",
                 Role::Audio => "audio",
