@@ -13,6 +13,7 @@
 //! password can compute. A viewer with the right password finds and opens it; with a ticket it can
 //! tell a wrong password (the ticket's check does not match) from a room that is gone.
 
+pub mod datadir;
 pub mod records;
 pub mod room;
 
@@ -102,6 +103,9 @@ pub enum NodeError {
     /// Bad argument.
     #[error("{0}")]
     Invalid(String),
+    /// The data directory could not be claimed.
+    #[error(transparent)]
+    DataDir(#[from] datadir::DataDirError),
 }
 
 /// Builds a [`Node`].
@@ -164,8 +168,9 @@ impl NodeBuilder {
         self.public = on;
         self
     }
-    /// Data directory (identity key). Without one, and without [`NodeBuilder::identity`], the
-    /// node has a fresh random identity.
+    /// Data directory (identity key), locked for the node's lifetime ([`datadir`]): when another
+    /// process holds it, the node runs with a fresh random identity (and logs a warning).
+    /// Without one, and without [`NodeBuilder::identity`], the node has a fresh random identity.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
         self
@@ -207,9 +212,20 @@ impl NodeBuilder {
 
     /// Start the node.
     pub async fn spawn(self) -> Result<Node, NodeError> {
+        let mut held_dir = None;
         let identity = match (self.identity, &self.data_dir) {
             (Some(id), _) => id,
-            (None, Some(dir)) => Identity::load_or_create(dir)?,
+            (None, Some(dir)) => match datadir::DataDir::claim(dir)? {
+                datadir::Claim::Held(d) => held_dir.insert(d).identity()?,
+                datadir::Claim::InUse { path, holder } => {
+                    tracing::warn!(
+                        "data directory {} is in use by another process ({holder:?}); \
+                         this node runs with a temporary identity",
+                        path.display()
+                    );
+                    Identity::generate()
+                }
+            },
             (None, None) => Identity::generate(),
         };
         let topics = records::TopicKeys::default();
@@ -244,6 +260,7 @@ impl NodeBuilder {
             public: self.public,
             inline_signalling: self.inline_signalling,
             dispatcher: Mutex::new(None),
+            _data_dir: held_dir,
         });
         if self.public {
             let net = net.clone();
@@ -270,6 +287,8 @@ pub(crate) struct Inner {
     pub(crate) public: bool,
     pub(crate) inline_signalling: bool,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The locked data directory, released when the node stops.
+    _data_dir: Option<datadir::DataDir>,
 }
 
 impl Drop for Inner {

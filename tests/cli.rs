@@ -1,19 +1,14 @@
 //! The CLI as a user runs it: separate `waterfall` processes on loopback (mDNS off: no namespace
 //! here), a real crash (`kill -9`) of a relay process, and the errors a user sees.
 
-use std::io::{BufRead, BufReader};
+mod cli_support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_waterfall");
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+use cli_support::{BIN, ffmpeg_ok, fixture, frames, wait_line};
 
 /// A child process killed (by its pid) when the test ends, however it ends.
 struct Proc(Child);
@@ -30,56 +25,14 @@ fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     let out = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
             if tx.send(l).is_err() {
                 break;
             }
         }
     });
     rx
-}
-
-fn wait_line(
-    rx: &mpsc::Receiver<String>,
-    what: &str,
-    within: Duration,
-    pred: impl Fn(&str) -> bool,
-) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if pred(&l) => return l,
-            Ok(_) => {}
-            Err(_) => panic!("no {what} within {within:?}"),
-        }
-    }
-}
-
-fn frames(path: &Path) -> usize {
-    waterfall::media::source::read_all_frames(path)
-        .map(|f| f.len())
-        .unwrap_or(0)
-}
-
-fn ffmpeg_ok(path: &Path) {
-    match Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "null", "-"])
-        .output()
-    {
-        Ok(out) => assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "ffmpeg rejects {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(_) => eprintln!(
-            "ffmpeg not installed: decode check of {} skipped",
-            path.display()
-        ),
-    }
 }
 
 fn broadcaster(dir: &Path, max_children: &str) -> (Proc, String) {
@@ -246,4 +199,173 @@ fn wrong_password_and_bad_ticket_are_clear_errors() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ticket"));
+}
+
+/// Runs `waterfall ARGS` to completion (bounded) and returns (success, stderr).
+fn run_fails(args: &[&str], dir: &Path) -> String {
+    let mut p = cli_support::Proc::spawn(cli_support::waterfall().args(args).current_dir(dir));
+    let st = p.wait(Duration::from_secs(30)).expect("exits within 30 s");
+    let err = p.stderr().join("\n");
+    assert!(!st.success(), "`waterfall {}` succeeded: {err}", args.join(" "));
+    err
+}
+
+#[test]
+fn missing_and_mismatched_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(fixture("f.ogg"), d.join("talk.ogg")).unwrap();
+    std::fs::copy(fixture("f.ivf"), d.join("talk.ivf")).unwrap();
+    // An Ogg file under an IVF name.
+    std::fs::copy(fixture("f.ogg"), d.join("renamed.ivf")).unwrap();
+    let bc = |media: &[&str]| {
+        let mut a = vec!["broadcast", "--room", "r", "--no-password", "--no-mdns"];
+        a.extend_from_slice(media);
+        a.extend_from_slice(&["--data-dir", "dd"]);
+        run_fails(&a, d)
+    };
+    let err = bc(&["--video", "nosuch.ivf"]);
+    assert!(err.contains("no such file: nosuch.ivf"), "{err}");
+    assert!(!err.contains("parser thread"), "{err}");
+    let err = bc(&["--video", "talk.ivf", "--audio", "nosuch.ogg"]);
+    assert!(err.contains("no such file: nosuch.ogg"), "{err}");
+    let err = bc(&["--video", "talk.ogg"]);
+    assert!(
+        err.contains("talk.ogg holds audio") && err.contains("--audio"),
+        "{err}"
+    );
+    let err = bc(&["--audio", "talk.ivf"]);
+    assert!(
+        err.contains("talk.ivf holds video") && err.contains("--video"),
+        "{err}"
+    );
+    let err = bc(&["--video", "renamed.ivf"]);
+    assert!(
+        err.contains("renamed.ivf is named like IVF video but holds Ogg Opus audio"),
+        "{err}"
+    );
+    // Errors are one line each, no backtrace even when RUST_BACKTRACE is set.
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn stdin_formats_are_recognised_and_refused_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let piped = |media: &[&str], input: &[u8]| {
+        let mut a = vec!["broadcast", "--room", "r", "--no-password", "--no-mdns"];
+        a.extend_from_slice(media);
+        a.extend_from_slice(&["--data-dir", "dd"]);
+        let mut c = cli_support::waterfall();
+        c.args(&a).current_dir(d).stdin(Stdio::piped());
+        let mut p = cli_support::Proc::spawn(&mut c);
+        use std::io::Write;
+        let mut stdin = p.child.stdin.take().unwrap();
+        let _ = stdin.write_all(input);
+        drop(stdin);
+        let st = p.wait(Duration::from_secs(30)).expect("exits within 30 s");
+        (st.success(), p.stderr().join("\n"))
+    };
+    let ivf = std::fs::read(fixture("f.ivf")).unwrap();
+    let (ok, err) = piped(&["--audio", "-"], &ivf);
+    assert!(!ok && err.contains("stdin holds video") && err.contains("--video"), "{err}");
+    let ogg = std::fs::read(fixture("f.ogg")).unwrap();
+    let (ok, err) = piped(&["--video", "-"], &ogg);
+    assert!(!ok && err.contains("stdin holds audio") && err.contains("--audio"), "{err}");
+    let (ok, err) = piped(&["--video", "-"], b"hello, world\n");
+    assert!(!ok && err.contains("stdin starts with bytes 68656c6c"), "{err}");
+    let (ok, err) = piped(&["--video", "-", "--audio", "-"], b"");
+    assert!(!ok && err.contains("only one of"), "{err}");
+}
+
+#[test]
+fn ogg_opus_on_stdin_reaches_a_viewer() {
+    // `--audio -` reads Ogg Opus, as --help says. The test is the pipe's writer: the headers go
+    // first (the broadcaster reads them before it prints the ticket), the audio once a viewer is
+    // connected, so the viewer must receive every packet of the file.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ogg = std::fs::read(fixture("f.ogg")).unwrap();
+    // Byte offset of the third Ogg page: OpusHead and OpusTags are the first two.
+    let third_page = ogg
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| w == b"OggS")
+        .map(|(i, _)| i)
+        .nth(2)
+        .expect("three pages");
+    let mut c = cli_support::waterfall();
+    c.args(["broadcast", "--room", "pipe", "--no-password", "--audio", "-"])
+        .args(["--no-mdns", "--json", "--data-dir"])
+        .arg(d.join("b"))
+        .stdin(Stdio::piped());
+    let mut b = cli_support::Proc::spawn(&mut c);
+    let mut pipe = b.child.stdin.take().unwrap();
+    use std::io::Write;
+    pipe.write_all(&ogg[..third_page]).unwrap();
+    let ticket = wait_line(&b.out, "ticket", Duration::from_secs(60), |l| {
+        l.starts_with("wf1")
+    });
+    let audio = d.join("out.ogg");
+    let mut w = cli_support::waterfall();
+    w.args(["watch", &ticket, "--no-password", "--json", "--no-mdns", "--audio"])
+        .arg(&audio)
+        .arg("--data-dir")
+        .arg(d.join("w"));
+    let v = cli_support::Proc::spawn(&mut w);
+    wait_line(&v.out, "viewer connected", Duration::from_secs(60), |l| {
+        l.contains("parent_connected")
+    });
+    // Let the broadcaster's side of the connection settle as well.
+    std::thread::sleep(Duration::from_millis(500));
+    pipe.write_all(&ogg[third_page..]).unwrap();
+    drop(pipe);
+    let want = frames(&fixture("f.ogg"));
+    let got = cli_support::wait_frames(&audio, want, Duration::from_secs(30));
+    assert_eq!(got, want, "audio packets received from a piped Ogg file");
+    let ended = wait_line(&b.out, "source_ended", Duration::from_secs(30), |l| {
+        l.contains("source_ended")
+    });
+    assert!(ended.contains("\"error\":null"), "{ended}");
+    ffmpeg_ok(&audio);
+}
+
+#[test]
+fn damaged_tickets_are_reported_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = waterfall::wire::Ticket {
+        v: waterfall::wire::VERSION,
+        room: "standup".into(),
+        broadcaster: waterfall::wire::Id([9; 32]),
+        addrs: vec!["/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEaSy7e8GW3smqkZ5hetPhb58CXiw6WD4BLHMiTvN96rm".into()],
+        check: vec![3; 8],
+    }
+    .to_string();
+    let cut = &good[..good.len() * 2 / 3];
+    let typo = format!("{}{}", &good[..40], &good[42..]);
+    for bad in [cut, typo.as_str()] {
+        let err = run_fails(&["watch", bad, "--no-password", "--no-mdns", "--data-dir", "dd"], d);
+        assert!(
+            err.contains("this ticket is damaged or incomplete"),
+            "{bad}: {err}"
+        );
+        for internal in ["Syntax", "Semantic", "malformed", "invalid type", "CBOR"] {
+            assert!(!err.contains(internal), "{err}");
+        }
+    }
+}
+
+#[test]
+fn help_names_the_password_variable() {
+    for cmd in ["broadcast", "watch"] {
+        let out = Command::new(BIN).args([cmd, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("WATERFALL_PASSWORD"), "{cmd} --help:\n{help}");
+        assert!(help.contains("--password-file"), "{help}");
+    }
+    let out = Command::new(BIN).args(["broadcast", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--start-now"), "{help}");
 }
