@@ -31,7 +31,7 @@ use crate::proto::NodeId;
 use crate::wire::{self, Envelope, RoomId, RoomRecord, Ticket, WireError};
 
 pub use room::{
-    RoomConfig, RoomEvent, RoomHandle, RoomRole, RoomStatus, WatchOptions, WatchTarget,
+    Broadcast, RoomConfig, RoomEvent, RoomEvents, RoomStatus, Watch, WatchConfig, WatchTarget,
 };
 
 /// How long a room record says the broadcast is live; the broadcaster refreshes it well before.
@@ -67,8 +67,12 @@ pub enum NodeError {
     #[error("room {room:?} has ended (its record expired {ago_s} s ago)")]
     RoomExpired { room: String, ago_s: u64 },
     /// A record under the room's locator failed verification (forged or tampered).
-    #[error("room record for {room:?} is invalid: {reason}")]
-    TamperedRecord { room: String, reason: String },
+    #[error("room record for {room:?} is invalid: {source}")]
+    TamperedRecord {
+        room: String,
+        #[source]
+        source: RecordError,
+    },
     /// The ticket pins a broadcaster but the record is signed by someone else.
     #[error("room record for {room:?} is signed by {found}, but the ticket names {expected}")]
     WrongBroadcaster {
@@ -79,9 +83,6 @@ pub enum NodeError {
     /// A network error.
     #[error("network: {0}")]
     Net(#[from] NetError),
-    /// A media error.
-    #[error("media: {0}")]
-    Media(String),
     /// The media session failed (creating a broadcast, sending data).
     #[error("media: {0}")]
     Session(#[from] crate::media::SessionError),
@@ -100,9 +101,6 @@ pub enum NodeError {
     /// The node or room has stopped.
     #[error("the node has stopped")]
     Closed,
-    /// Bad argument.
-    #[error("{0}")]
-    Invalid(String),
     /// The data directory could not be claimed.
     #[error(transparent)]
     DataDir(#[from] datadir::DataDirError),
@@ -494,10 +492,10 @@ impl Node {
                         best = Some((env, rec));
                     }
                 }
-                Err(reason) => {
+                Err(source) => {
                     last_err = Some(NodeError::TamperedRecord {
                         room: room.clone(),
-                        reason,
+                        source,
                     })
                 }
             }
@@ -563,17 +561,33 @@ fn short(id: &NodeId) -> String {
         .unwrap_or_else(|| hex::encode(id.0))
 }
 
+/// Why a room record did not open.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The envelope or the record inside does not decode.
+    #[error("malformed: {0}")]
+    Malformed(#[from] WireError),
+    /// The signature, kind or expiry of the envelope is wrong, or the seal does not open.
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+    /// The envelope's signer is not the broadcaster the record names.
+    #[error("signed by someone other than its broadcaster")]
+    WrongSigner,
+}
+
 /// Verify and open one room-record envelope.
-fn open_record(keys: &RoomKeys, bytes: &[u8], now: u64) -> Result<(Envelope, RoomRecord), String> {
-    let env: Envelope = wire::decode(bytes).map_err(|e| e.to_string())?;
-    env.verify_kind(Kind::RoomRecord, now)
-        .map_err(|e| e.to_string())?;
-    let plain = keys
-        .open(Kind::RoomRecord, &env.payload)
-        .map_err(|e| e.to_string())?;
-    let rec: RoomRecord = wire::decode(&plain).map_err(|e| e.to_string())?;
+fn open_record(
+    keys: &RoomKeys,
+    bytes: &[u8],
+    now: u64,
+) -> Result<(Envelope, RoomRecord), RecordError> {
+    let env: Envelope = wire::decode(bytes)?;
+    env.verify_kind(Kind::RoomRecord, now)?;
+    let plain = keys.open(Kind::RoomRecord, &env.payload)?;
+    let rec: RoomRecord = wire::decode(&plain)?;
     if rec.broadcaster != env.signer {
-        return Err("record signed by someone other than its broadcaster".into());
+        return Err(RecordError::WrongSigner);
     }
     Ok((env, rec))
 }

@@ -206,7 +206,11 @@ fn run_fails(args: &[&str], dir: &Path) -> String {
     let mut p = cli_support::Proc::spawn(cli_support::waterfall().args(args).current_dir(dir));
     let st = p.wait(Duration::from_secs(30)).expect("exits within 30 s");
     let err = p.stderr().join("\n");
-    assert!(!st.success(), "`waterfall {}` succeeded: {err}", args.join(" "));
+    assert!(
+        !st.success(),
+        "`waterfall {}` succeeded: {err}",
+        args.join(" ")
+    );
     err
 }
 
@@ -268,12 +272,21 @@ fn stdin_formats_are_recognised_and_refused_with_reasons() {
     };
     let ivf = std::fs::read(fixture("f.ivf")).unwrap();
     let (ok, err) = piped(&["--audio", "-"], &ivf);
-    assert!(!ok && err.contains("stdin holds video") && err.contains("--video"), "{err}");
+    assert!(
+        !ok && err.contains("stdin holds video") && err.contains("--video"),
+        "{err}"
+    );
     let ogg = std::fs::read(fixture("f.ogg")).unwrap();
     let (ok, err) = piped(&["--video", "-"], &ogg);
-    assert!(!ok && err.contains("stdin holds audio") && err.contains("--audio"), "{err}");
+    assert!(
+        !ok && err.contains("stdin holds audio") && err.contains("--audio"),
+        "{err}"
+    );
     let (ok, err) = piped(&["--video", "-"], b"hello, world\n");
-    assert!(!ok && err.contains("stdin starts with bytes 68656c6c"), "{err}");
+    assert!(
+        !ok && err.contains("stdin starts with bytes 68656c6c"),
+        "{err}"
+    );
     let (ok, err) = piped(&["--video", "-", "--audio", "-"], b"");
     assert!(!ok && err.contains("only one of"), "{err}");
 }
@@ -295,10 +308,17 @@ fn ogg_opus_on_stdin_reaches_a_viewer() {
         .nth(2)
         .expect("three pages");
     let mut c = cli_support::waterfall();
-    c.args(["broadcast", "--room", "pipe", "--no-password", "--audio", "-"])
-        .args(["--no-mdns", "--json", "--data-dir"])
-        .arg(d.join("b"))
-        .stdin(Stdio::piped());
+    c.args([
+        "broadcast",
+        "--room",
+        "pipe",
+        "--no-password",
+        "--audio",
+        "-",
+    ])
+    .args(["--no-mdns", "--json", "--data-dir"])
+    .arg(d.join("b"))
+    .stdin(Stdio::piped());
     let mut b = cli_support::Proc::spawn(&mut c);
     let mut pipe = b.child.stdin.take().unwrap();
     use std::io::Write;
@@ -308,10 +328,17 @@ fn ogg_opus_on_stdin_reaches_a_viewer() {
     });
     let audio = d.join("out.ogg");
     let mut w = cli_support::waterfall();
-    w.args(["watch", &ticket, "--no-password", "--json", "--no-mdns", "--audio"])
-        .arg(&audio)
-        .arg("--data-dir")
-        .arg(d.join("w"));
+    w.args([
+        "watch",
+        &ticket,
+        "--no-password",
+        "--json",
+        "--no-mdns",
+        "--audio",
+    ])
+    .arg(&audio)
+    .arg("--data-dir")
+    .arg(d.join("w"));
     let v = cli_support::Proc::spawn(&mut w);
     wait_line(&v.out, "viewer connected", Duration::from_secs(60), |l| {
         l.contains("parent_connected")
@@ -338,14 +365,26 @@ fn damaged_tickets_are_reported_in_words() {
         v: waterfall::wire::VERSION,
         room: "standup".into(),
         broadcaster: waterfall::wire::Id([9; 32]),
-        addrs: vec!["/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEaSy7e8GW3smqkZ5hetPhb58CXiw6WD4BLHMiTvN96rm".into()],
+        addrs: vec![
+            "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEaSy7e8GW3smqkZ5hetPhb58CXiw6WD4BLHMiTvN96rm".into(),
+        ],
         check: vec![3; 8],
     }
     .to_string();
     let cut = &good[..good.len() * 2 / 3];
     let typo = format!("{}{}", &good[..40], &good[42..]);
     for bad in [cut, typo.as_str()] {
-        let err = run_fails(&["watch", bad, "--no-password", "--no-mdns", "--data-dir", "dd"], d);
+        let err = run_fails(
+            &[
+                "watch",
+                bad,
+                "--no-password",
+                "--no-mdns",
+                "--data-dir",
+                "dd",
+            ],
+            d,
+        );
         assert!(
             err.contains("this ticket is damaged or incomplete"),
             "{bad}: {err}"
@@ -365,7 +404,10 @@ fn help_names_the_password_variable() {
         assert!(help.contains("WATERFALL_PASSWORD"), "{cmd} --help:\n{help}");
         assert!(help.contains("--password-file"), "{help}");
     }
-    let out = Command::new(BIN).args(["broadcast", "--help"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["broadcast", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("--start-now"), "{help}");
 }

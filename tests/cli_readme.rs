@@ -81,10 +81,17 @@ fn readme_using_it_broadcast_and_watch_in_two_terminals() {
     std::fs::copy(fixture("f.ogg"), h.join("talk.ogg")).unwrap();
 
     let mut keygen = Proc::spawn(&mut user_command(h, KEYGEN, None));
-    let peer = wait_line(&keygen.out, "keygen's peer id", Duration::from_secs(30), |l| {
-        l.starts_with("12D3KooW")
-    });
-    assert!(keygen.wait(Duration::from_secs(10)).is_some_and(|s| s.success()));
+    let peer = wait_line(
+        &keygen.out,
+        "keygen's peer id",
+        Duration::from_secs(30),
+        |l| l.starts_with("12D3KooW"),
+    );
+    assert!(
+        keygen
+            .wait(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
     assert!(h.join(".local/share/waterfall/identity.key").exists());
     std::fs::write(h.join("pw.txt"), "secret\n").unwrap();
 
@@ -108,9 +115,12 @@ fn readme_using_it_broadcast_and_watch_in_two_terminals() {
 
     // Terminal 2, same machine, same (default) data directory.
     let mut w = Proc::spawn(&mut user_command(h, WATCH, Some(&ticket)));
-    let notice = wait_line(&w.err, "the temporary identity notice", Duration::from_secs(30), |l| {
-        l.contains("temporary identity")
-    });
+    let notice = wait_line(
+        &w.err,
+        "the temporary identity notice",
+        Duration::from_secs(30),
+        |l| l.contains("temporary identity"),
+    );
     assert!(notice.contains(".local/share/waterfall"), "{notice}");
     assert!(
         notice.contains(&format!("pid {}", b.pid())),
@@ -121,20 +131,36 @@ fn readme_using_it_broadcast_and_watch_in_two_terminals() {
     let want = cli_support::frames(&h.join("talk.ivf"));
     let got = wait_frames(&out_v, want, Duration::from_secs(60));
     assert_eq!(got, want, "video frames at the viewer");
-    wait_frames(&out_a, cli_support::frames(&h.join("talk.ogg")), Duration::from_secs(10));
+    wait_frames(
+        &out_a,
+        cli_support::frames(&h.join("talk.ogg")),
+        Duration::from_secs(10),
+    );
 
     // Ctrl-C in terminal 2 (unless the viewer already ended with the broadcast).
     if w.running() {
         w.signal("INT");
     }
-    let st = w.wait(Duration::from_secs(20)).expect("the viewer exits after Ctrl-C");
-    assert!(st.success(), "viewer exit: {st:?}\n{}", w.stderr().join("\n"));
+    let st = w
+        .wait(Duration::from_secs(20))
+        .expect("the viewer exits after Ctrl-C");
+    assert!(
+        st.success(),
+        "viewer exit: {st:?}\n{}",
+        w.stderr().join("\n")
+    );
     // The broadcaster ends by itself once its files are played; Ctrl-C if it has not yet.
     if b.wait(Duration::from_secs(15)).is_none() {
         b.signal("INT");
     }
-    let st = b.wait(Duration::from_secs(20)).expect("the broadcaster exits");
-    assert!(st.success(), "broadcaster exit: {st:?}\n{}", b.stderr().join("\n"));
+    let st = b
+        .wait(Duration::from_secs(20))
+        .expect("the broadcaster exits");
+    assert!(
+        st.success(),
+        "broadcaster exit: {st:?}\n{}",
+        b.stderr().join("\n")
+    );
 
     same_frames(&out_v, &h.join("talk.ivf"));
     same_frames(&out_a, &h.join("talk.ogg"));
@@ -149,14 +175,23 @@ fn start_now_plays_files_without_a_viewer() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     let mut c = cli_support::waterfall();
-    c.args(["broadcast", "--room", "alone", "--no-password", "--start-now"])
-        .args(["--no-mdns", "--data-dir", "dd", "--video"])
-        .arg(fixture("f.ivf"))
-        .current_dir(h);
+    c.args([
+        "broadcast",
+        "--room",
+        "alone",
+        "--no-password",
+        "--start-now",
+    ])
+    .args(["--no-mdns", "--data-dir", "dd", "--video"])
+    .arg(fixture("f.ivf"))
+    .current_dir(h);
     let mut b = Proc::spawn(&mut c);
-    wait_line(&b.err, "the end of the clip", Duration::from_secs(60), |l| {
-        l.contains("all sources ended")
-    });
+    wait_line(
+        &b.err,
+        "the end of the clip",
+        Duration::from_secs(60),
+        |l| l.contains("all sources ended"),
+    );
     let st = b.wait(Duration::from_secs(20)).expect("exits");
     assert!(st.success());
     assert!(
@@ -169,7 +204,10 @@ fn start_now_plays_files_without_a_viewer() {
 /// Runs `waterfall node` on a pseudo-terminal (util-linux `script`) for a few seconds.
 fn node_on_a_terminal(home: &Path, rust_log: Option<&str>) -> Option<String> {
     let bin = cli_support::BIN;
-    let cmd = format!("timeout -s INT 7 {bin} node --no-mdns --data-dir {}/dd", home.display());
+    let cmd = format!(
+        "timeout -s INT 7 {bin} node --no-mdns --data-dir {}/dd",
+        home.display()
+    );
     let mut c = Command::new("script");
     c.args(["-qfec", &cmd, "/dev/null"])
         .current_dir(home)
@@ -218,7 +256,11 @@ fn node_status_line_is_never_cut_by_log_lines() {
     let mut statuses = 0;
     let mut logs = 0;
     for line in noisy.split('\n') {
-        let shown = line.trim_end_matches('\r').rsplit('\r').next().unwrap_or("");
+        let shown = line
+            .trim_end_matches('\r')
+            .rsplit('\r')
+            .next()
+            .unwrap_or("");
         if shown.contains("DEBUG") {
             logs += 1;
         }
@@ -226,12 +268,16 @@ fn node_status_line_is_never_cut_by_log_lines() {
             statuses += 1;
             let s = shown.trim_start_matches("\x1b[K").trim_end();
             assert!(
-                s.starts_with("peers") && s.split("rooms").nth(1).is_some_and(|r| {
-                    r.trim().chars().all(|c| c.is_ascii_digit())
-                }),
+                s.starts_with("peers")
+                    && s.split("rooms")
+                        .nth(1)
+                        .is_some_and(|r| { r.trim().chars().all(|c| c.is_ascii_digit()) }),
                 "a status line with something else on it: {shown:?}"
             );
         }
     }
-    assert!(statuses >= 2 && logs > 0, "{statuses} statuses, {logs} log lines");
+    assert!(
+        statuses >= 2 && logs > 0,
+        "{statuses} statuses, {logs} log lines"
+    );
 }

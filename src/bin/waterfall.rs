@@ -11,6 +11,8 @@
 //! them, so that the viewer who joins right after the ticket is printed sees the start; a live
 //! stream on stdin starts at once (it cannot wait), and `--start-now` skips the wait.
 
+#[path = "waterfall/demo.rs"]
+mod demo;
 #[path = "waterfall/input.rs"]
 mod input;
 #[path = "waterfall/term.rs"]
@@ -25,8 +27,7 @@ use libp2p::Multiaddr;
 use waterfall::crypto::{Identity, KdfParams};
 use waterfall::media::{MediaConfig, MediaEvent, SinkTarget, Sinks};
 use waterfall::node::datadir::{Claim, DataDir};
-use waterfall::node::room::{WatchOptions, WatchTarget};
-use waterfall::node::{Node, NodeBuilder, RoomConfig, RoomEvent};
+use waterfall::{Node, NodeBuilder, RoomConfig, RoomEvent, WatchConfig, WatchTarget};
 
 use input::{Role, open_source, parse_ticket};
 use term::say;
@@ -46,7 +47,7 @@ struct Cli {
 enum Command {
     /// Stream a generated test clip from a broadcaster to several viewers through a relay tree,
     /// all in this process over loopback; leaves the viewers' files in --out.
-    Demo(waterfall::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Run a long-lived node: serves the DHT and relays for rooms it is in.
     Node {
         #[command(flatten)]
@@ -219,8 +220,8 @@ const PUBLIC_STUN: &[&str] = &[
 /// temporary one (with a notice). The returned guard holds the directory until it is dropped.
 fn claim_identity(dir: Option<&PathBuf>) -> anyhow::Result<(Identity, Option<DataDir>)> {
     let dir = dir.cloned().unwrap_or_else(default_data_dir);
-    let claim =
-        DataDir::claim(&dir).with_context(|| format!("opening data directory {}", dir.display()))?;
+    let claim = DataDir::claim(&dir)
+        .with_context(|| format!("opening data directory {}", dir.display()))?;
     match claim {
         Claim::Held(held) => {
             let id = held
@@ -369,7 +370,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run_async(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Demo(args) => Ok(waterfall::demo::run(args).await?),
+        Command::Demo(args) => demo::run(args).await,
         Command::Node { net } => run_node(net).await,
         Command::Broadcast(args) => broadcast(args).await,
         Command::Watch(args) => watch(args).await,
@@ -515,26 +516,30 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     let wait_for_viewer = files && !args.start_now;
     let (builder, _data_dir) = args.net.builder(true)?;
     let node = builder.spawn().await?;
-    let mut cfg = RoomConfig::new(&args.room).fanout(args.fanout);
-    cfg.password = password;
-    cfg.sources = sources;
-    cfg.data = args.data.is_some();
-    cfg.autostart = !wait_for_viewer;
-    let mut room = node.broadcast(cfg).await?;
+    let mut cfg = RoomConfig::new(&args.room)
+        .fanout(args.fanout)
+        .data(args.data.is_some())
+        .autostart(!wait_for_viewer);
+    if let Some(pw) = password {
+        cfg = cfg.password(pw);
+    }
+    for s in sources {
+        cfg = cfg.source(s);
+    }
+    let (room, mut events) = node.broadcast(cfg).await?;
     if room.keys().is_public() {
         say!(
             "note: room {:?} has no password: anyone who knows its name can watch",
             args.room
         );
     }
-    let ticket = room.ticket().expect("broadcaster has a ticket").to_string();
+    let ticket = room.ticket().to_string();
     say!("peer id: {}", node.peer_id());
     say!("ticket (give it to viewers with the password):");
     println!("{ticket}");
     if wait_for_viewer {
         say!("waiting for the first viewer before playing (--start-now plays at once)");
     }
-    let mut events = room.events().expect("fresh handle");
     let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<String>(256);
     if args.data.as_deref() == Some("-") {
         tokio::spawn(async move {
@@ -663,14 +668,12 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let (builder, _data_dir) = args.net.builder(true)?;
     let node = builder.spawn().await?;
     say!("peer id: {}", node.peer_id());
-    let mut room = node
+    let (room, mut events) = node
         .watch(
             target,
-            password.as_deref(),
-            WatchOptions { sinks, tree: None },
+            WatchConfig::new().password_opt(password).sinks(sinks),
         )
         .await?;
-    let mut events = room.events().expect("fresh handle");
     let mut status = StatusLine::default();
     let stop = async {
         match args.duration {

@@ -33,8 +33,8 @@ mod ivf;
 mod ogg;
 
 pub use annexb::AnnexBParser;
-pub(crate) use ivf::{av1_has_sequence_header, vp9_keyframe};
 pub use ivf::{IvfHeader, IvfParser};
+pub(crate) use ivf::{av1_has_sequence_header, vp9_keyframe};
 pub use ogg::{OggOpusParser, OpusHead, opus_packet_samples};
 
 /// Frames buffered between the parser thread and the pacer.
@@ -332,8 +332,7 @@ impl FileSource {
                 let mut codec_tx = Some(codec_tx);
                 // Before the header is parsed, errors go to `spawn`'s caller; after, to the
                 // frame stream.
-                let fail = |codec_tx: &mut Option<CodecReply>, e: SourceError| match codec_tx
-                    .take()
+                let fail = |codec_tx: &mut Option<CodecReply>, e: SourceError| match codec_tx.take()
                 {
                     Some(c) => {
                         let _ = c.send(Err(e));
@@ -352,7 +351,9 @@ impl FileSource {
                         let reader: Box<dyn Read + Send> =
                             Box::new(io::Cursor::new(head).chain(reader));
                         Ok(match c {
-                            Container::Ivf => Box::new(IvfParser::new(reader)?) as Box<dyn FrameParser>,
+                            Container::Ivf => {
+                                Box::new(IvfParser::new(reader)?) as Box<dyn FrameParser>
+                            }
                             Container::OggOpus => Box::new(OggOpusParser::new(reader)?),
                             Container::AnnexB => Box::new(AnnexBParser::new(reader, fps)),
                         })

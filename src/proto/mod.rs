@@ -20,6 +20,7 @@
 //! room, so what a node receives per second does not grow with the room's size.
 
 pub mod room;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod tree;
 

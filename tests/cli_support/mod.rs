@@ -102,7 +102,10 @@ impl Drop for Proc {
     }
 }
 
-fn pump(r: impl Read + Send + 'static, keep: Option<Arc<Mutex<Vec<String>>>>) -> mpsc::Receiver<String> {
+fn pump(
+    r: impl Read + Send + 'static,
+    keep: Option<Arc<Mutex<Vec<String>>>>,
+) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for l in BufReader::new(r).lines().map_while(Result::ok) {

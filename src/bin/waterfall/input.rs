@@ -45,9 +45,9 @@ pub fn parse_ticket(text: &str) -> anyhow::Result<Ticket> {
              one reads version {})",
             wire::VERSION
         ),
-        Err(WireError::TooLarge { len, max, .. }) => bail!(
-            "this ticket is damaged: {len} characters, more than a ticket can have ({max})"
-        ),
+        Err(WireError::TooLarge { len, max, .. }) => {
+            bail!("this ticket is damaged: {len} characters, more than a ticket can have ({max})")
+        }
         Err(_) => bail!(
             "this ticket is damaged or incomplete: its {} characters do not decode to a ticket \
              (was the end cut off when it was copied?)",
@@ -134,14 +134,17 @@ mod tests {
         let good = Ticket {
             v: wire::VERSION,
             room: "standup".into(),
-            broadcaster: wire::Id([7; 32]),
+            broadcaster: waterfall::proto::NodeId([7; 32]),
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             check: vec![1; 8],
         }
         .to_string();
         // A wrapped ticket still parses.
         let (a, b) = good.split_at(20);
-        assert_eq!(parse_ticket(&format!(" {a}\n  {b}\n")).unwrap().room, "standup");
+        assert_eq!(
+            parse_ticket(&format!(" {a}\n  {b}\n")).unwrap().room,
+            "standup"
+        );
         // Cut short, a character dropped in the middle, a mistyped character, no prefix.
         for bad in [
             &good[..good.len() - 5],
