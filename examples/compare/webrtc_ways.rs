@@ -9,15 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::time::timeout;
-use waterfall::crypto::KdfParams;
-use waterfall::media::{
-    Broadcaster, FileSource, MediaConfig, MediaEvent, MediaKey, MediaSource, SinkTarget, Sinks,
-    SourceOptions, Viewer,
+use waterfall::media::{Broadcaster, MediaKey, Viewer};
+use waterfall::{
+    Broadcast, FileSource, KdfParams, MediaConfig, MediaEvent, MediaSource, Node, RoomConfig,
+    RoomEvent, SinkTarget, Sinks, SourceOptions, Ticket, Watch, WatchConfig,
 };
-use waterfall::node::room::{WatchOptions, WatchTarget};
-use waterfall::node::{Node, RoomConfig, RoomEvent, RoomHandle};
 
 use super::{
     DRAIN, Pct, ProcFigures, Recv, RunResult, SETTLE, ViewerOutcome, analyse, cpu_seconds,
@@ -180,7 +177,7 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
 
 struct TreeViewer {
     node: Node,
-    room: Option<RoomHandle>,
+    room: Option<Watch>,
     recv: Recv,
     join_us: u64,
     rejoins: Arc<Mutex<Vec<u64>>>,
@@ -190,28 +187,21 @@ fn tree_cfg() -> waterfall::proto::Config {
     waterfall::proto::Config::default()
 }
 
-async fn tree_root() -> anyhow::Result<(
-    Node,
-    RoomHandle,
-    waterfall::wire::Ticket,
-    Vec<libp2p::Multiaddr>,
-)> {
+async fn tree_root() -> anyhow::Result<(Node, Broadcast, Ticket, Vec<libp2p::Multiaddr>)> {
     let b = Node::builder()
         .kdf(KdfParams::TEST_ONLY)
         .max_children(FANOUT)
         .spawn()
         .await?;
-    let mut cfg = RoomConfig::new("bench")
+    let cfg = RoomConfig::new("bench")
         .password(PASSWORD)
         .fanout(FANOUT)
-        .source(idle_video().await?);
-    cfg.autostart = false;
-    cfg.tree = tree_cfg();
-    let mut room = b.broadcast(cfg).await?;
-    if let Some(mut ev) = room.events() {
-        tokio::spawn(async move { while ev.recv().await.is_some() {} });
-    }
-    let ticket = room.ticket().context("broadcaster has a ticket")?.clone();
+        .source(idle_video().await?)
+        .autostart(false)
+        .tree(tree_cfg());
+    let (room, mut ev) = b.broadcast(cfg).await?;
+    tokio::spawn(async move { while ev.recv().await.is_some() {} });
+    let ticket = room.ticket().clone();
     let boot = b.addrs().await?;
     Ok((b, room, ticket, boot))
 }
@@ -220,7 +210,7 @@ async fn tree_viewer(
     dir: &Path,
     i: usize,
     boot: &[libp2p::Multiaddr],
-    ticket: &waterfall::wire::Ticket,
+    ticket: &Ticket,
 ) -> anyhow::Result<TreeViewer> {
     let path = dir.join(format!("d{i}"));
     let recv = fifo_receiver(&path)?;
@@ -230,20 +220,18 @@ async fn tree_viewer(
         .bootstrap(boot.to_vec())
         .spawn()
         .await?;
-    let mut room = node
+    let (room, mut ev) = node
         .watch(
-            WatchTarget::Ticket(ticket.clone()),
-            Some(PASSWORD),
-            WatchOptions {
-                sinks: Sinks {
+            ticket.clone(),
+            WatchConfig::new()
+                .password(PASSWORD)
+                .sinks(Sinks {
                     data: Some(SinkTarget::File(path)),
                     ..Default::default()
-                },
-                tree: Some(tree_cfg()),
-            },
+                })
+                .tree(tree_cfg()),
         )
         .await?;
-    let mut ev: mpsc::Receiver<RoomEvent> = room.events().context("events once")?;
     timeout(Duration::from_secs(40), async {
         while let Some(e) = ev.recv().await {
             if matches!(e, RoomEvent::Media(MediaEvent::ParentConnected)) {
@@ -278,7 +266,7 @@ async fn join_tree(
     n: usize,
     dir: &Path,
     boot: &[libp2p::Multiaddr],
-    ticket: &waterfall::wire::Ticket,
+    ticket: &Ticket,
     notes: &mut Vec<String>,
 ) -> Vec<TreeViewer> {
     let mut viewers = Vec::new();
