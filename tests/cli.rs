@@ -2,44 +2,20 @@
 //! here), a real crash (`kill -9`) of a relay process, and the errors a user sees.
 
 mod cli_support;
+mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli_support::{BIN, ffmpeg_ok, fixture, frames, wait_line};
-
-/// A child process killed (by its pid) when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Lines of a child's stdout, delivered on a channel by a reader thread.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
+use cli_support::{BIN, Proc, wait_line};
+use support::{ffmpeg_ok, fixture, frames};
 
 fn broadcaster(dir: &Path, max_children: &str) -> (Proc, String) {
     let pw = dir.join("pw.txt");
     std::fs::write(&pw, "s3cret\n").unwrap();
-    let mut c = Command::new(BIN)
-        .args(["broadcast", "--room", "cli-room", "--password-file"])
+    let mut c = cli_support::waterfall();
+    c.args(["broadcast", "--room", "cli-room", "--password-file"])
         .arg(&pw)
         .arg("--video")
         .arg(fixture("f.ivf"))
@@ -52,27 +28,19 @@ fn broadcaster(dir: &Path, max_children: &str) -> (Proc, String) {
             max_children,
             "--data-dir",
         ])
-        .arg(dir.join("bcast"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn broadcaster");
-    let rx = lines(&mut c);
-    let ticket = wait_line(&rx, "ticket", Duration::from_secs(60), |l| {
+        .arg(dir.join("bcast"));
+    let p = Proc::spawn(&mut c);
+    let ticket = wait_line(&p.out, "ticket", Duration::from_secs(60), |l| {
         l.starts_with("wf1")
     });
-    (Proc(c), ticket)
+    (p, ticket)
 }
 
-fn viewer(
-    dir: &Path,
-    name: &str,
-    ticket: &str,
-    extra: &[&str],
-) -> (Proc, mpsc::Receiver<String>, PathBuf) {
+/// A viewer writing its video to `<name>.ivf` (returned), its events on stdout (`--json`).
+fn viewer(dir: &Path, name: &str, ticket: &str, extra: &[&str]) -> (Proc, PathBuf) {
     let video = dir.join(format!("{name}.ivf"));
-    let mut c = Command::new(BIN)
-        .arg("watch")
+    let mut c = cli_support::waterfall();
+    c.arg("watch")
         .arg(ticket)
         .arg("--password-file")
         .arg(dir.join("pw.txt"))
@@ -80,13 +48,8 @@ fn viewer(
         .arg(&video)
         .args(["--json", "--no-mdns", "--data-dir"])
         .arg(dir.join(name))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn viewer");
-    let rx = lines(&mut c);
-    (Proc(c), rx, video)
+        .args(extra);
+    (Proc::spawn(&mut c), video)
 }
 
 #[test]
@@ -118,35 +81,31 @@ fn broadcast_watch_and_a_relay_killed_with_sigkill() {
     let d = dir.path();
     // The broadcaster feeds one child: viewer A relays to viewer B.
     let (_b, ticket) = broadcaster(d, "1");
-    let (mut a, a_rx, a_video) = viewer(d, "a", &ticket, &[]);
-    wait_line(&a_rx, "A joined", Duration::from_secs(60), |l| {
+    let (mut a, a_video) = viewer(d, "a", &ticket, &[]);
+    wait_line(&a.out, "A joined", Duration::from_secs(60), |l| {
         l.contains("\"joined\"")
     });
     wait_line(
-        &a_rx,
+        &a.out,
         "A's first video frame",
         Duration::from_secs(30),
         |l| l.contains("first_frame") && l.contains("video"),
     );
-    let (_bv, b_rx, b_video) = viewer(d, "b", &ticket, &[]);
-    let joined = wait_line(&b_rx, "B joined", Duration::from_secs(60), |l| {
+    let (bv, b_video) = viewer(d, "b", &ticket, &[]);
+    let joined = wait_line(&bv.out, "B joined", Duration::from_secs(60), |l| {
         l.contains("\"joined\"")
     });
     assert!(joined.contains("\"depth\":2"), "B joins below A: {joined}");
-    wait_line(&b_rx, "B's first frame", Duration::from_secs(30), |l| {
+    wait_line(&bv.out, "B's first frame", Duration::from_secs(30), |l| {
         l.contains("first_frame") && l.contains("video")
     });
     let before = frames(&b_video);
     // A real crash: no goodbye, the OS closes A's sockets.
-    let pid = a.0.id();
-    let status = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let _ = a.0.wait();
+    a.signal("KILL");
+    a.wait(Duration::from_secs(10))
+        .expect("A exits at once on SIGKILL");
     let t = Instant::now();
-    let back = wait_line(&b_rx, "B rejoined", Duration::from_secs(60), |l| {
+    let back = wait_line(&bv.out, "B rejoined", Duration::from_secs(60), |l| {
         l.contains("\"rejoined\"") || l.contains("\"parent_changed\"")
     });
     eprintln!("B back after {:?}: {back}", t.elapsed());
@@ -364,7 +323,7 @@ fn damaged_tickets_are_reported_in_words() {
     let good = waterfall::wire::Ticket {
         v: waterfall::wire::VERSION,
         room: "standup".into(),
-        broadcaster: waterfall::wire::Id([9; 32]),
+        broadcaster: waterfall::proto::NodeId([9; 32]),
         addrs: vec![
             "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEaSy7e8GW3smqkZ5hetPhb58CXiw6WD4BLHMiTvN96rm".into(),
         ],

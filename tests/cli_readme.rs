@@ -8,12 +8,14 @@
 //! that log lines never cut in two).
 
 mod cli_support;
+mod support;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use cli_support::{Proc, assert_no_foreign_noise, ffmpeg_ok, fixture, wait_frames, wait_line};
+use cli_support::{Proc, assert_no_foreign_noise, wait_frames, wait_line};
+use support::{ffmpeg_ok, fixture};
 
 /// The README lines this test runs, verbatim (the part before any `#` comment).
 const KEYGEN: &str = "waterfall keygen";
@@ -128,12 +130,12 @@ fn readme_using_it_broadcast_and_watch_in_two_terminals() {
     );
     let out_v = h.join("out.ivf");
     let out_a = h.join("out.ogg");
-    let want = cli_support::frames(&h.join("talk.ivf"));
+    let want = support::frames(&h.join("talk.ivf"));
     let got = wait_frames(&out_v, want, Duration::from_secs(60));
     assert_eq!(got, want, "video frames at the viewer");
     wait_frames(
         &out_a,
-        cli_support::frames(&h.join("talk.ogg")),
+        support::frames(&h.join("talk.ogg")),
         Duration::from_secs(10),
     );
 

@@ -1,20 +1,18 @@
 //! Shared helpers of the CLI tests: `waterfall` processes that are killed (by pid) when the test
-//! ends however it ends, their output read line by line with deadlines, and media checks.
+//! ends however it ends, their output read line by line with deadlines, and waiting for a file
+//! to grow. The fixtures and the decode check are in `support`, which these tests declare too.
+// Each CLI test binary uses a part of these helpers.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_waterfall");
+use crate::support::frames;
 
-pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+pub const BIN: &str = env!("CARGO_BIN_EXE_waterfall");
 
 /// A `waterfall` command with a clean log environment (the developer's RUST_LOG must not change
 /// what the user would see) and every stream piped.
@@ -137,13 +135,6 @@ pub fn wait_line(
     }
 }
 
-/// Frames a media file holds (0 if it does not parse).
-pub fn frames(path: &Path) -> usize {
-    waterfall::media::source::read_all_frames(path)
-        .map(|f| f.len())
-        .unwrap_or(0)
-}
-
 /// Polls until `path` holds at least `n` frames, at most `within`; returns the count seen.
 pub fn wait_frames(path: &Path, n: usize, within: Duration) -> usize {
     let deadline = Instant::now() + within;
@@ -153,27 +144,6 @@ pub fn wait_frames(path: &Path, n: usize, within: Duration) -> usize {
             return got;
         }
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// ffmpeg decodes the file without a complaint (skipped, with a note, when ffmpeg is missing).
-pub fn ffmpeg_ok(path: &Path) {
-    match Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "null", "-"])
-        .output()
-    {
-        Ok(out) => assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "ffmpeg rejects {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(_) => eprintln!(
-            "ffmpeg not installed: decode check of {} skipped",
-            path.display()
-        ),
     }
 }
 
