@@ -122,20 +122,7 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
         }
     }
     let setup_s = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(SETTLE).await;
-    let (w0, cpu0, lo0) = (
-        seq.load(std::sync::atomic::Ordering::SeqCst),
-        cpu_seconds(),
-        lo_bytes(),
-    );
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (w1, cpu1, lo1) = (
-        seq.load(std::sync::atomic::Ordering::SeqCst),
-        cpu_seconds(),
-        lo_bytes(),
-    );
-    tokio::time::sleep(DRAIN).await;
-    let _ = stop.send(true);
+    let ((w0, w1), procs) = measure(&seq, &stop, secs).await;
     let outcomes: Vec<ViewerOutcome> = viewers
         .iter()
         .map(|v| ViewerOutcome {
@@ -150,12 +137,6 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
         .iter()
         .map(|v| window_copies(&v.recv, (w0, w1)) * DATA_WIRE)
         .sum();
-    let procs = ProcFigures {
-        cpu_s_window: cpu1 - cpu0,
-        cpu_s_total: cpu1,
-        peak_rss_mb: peak_rss_mb(),
-        lo_bytes_window: lo1 - lo0,
-    };
     let mut r = analyse(
         "star",
         n,
@@ -171,6 +152,36 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     );
     r.notes = notes;
     Ok(r)
+}
+
+/// The measured window of a run: lets the viewers settle, then takes the pacer's sequence number
+/// and the process figures at the start and the end of `secs` seconds; lets the last messages
+/// drain and stops the pacer.
+async fn measure(
+    seq: &std::sync::atomic::AtomicU64,
+    stop: &tokio::sync::watch::Sender<bool>,
+    secs: u64,
+) -> ((u64, u64), ProcFigures) {
+    let sample = || {
+        (
+            seq.load(std::sync::atomic::Ordering::SeqCst),
+            cpu_seconds(),
+            lo_bytes(),
+        )
+    };
+    tokio::time::sleep(SETTLE).await;
+    let (w0, cpu0, lo0) = sample();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (w1, cpu1, lo1) = sample();
+    tokio::time::sleep(DRAIN).await;
+    let _ = stop.send(true);
+    let procs = ProcFigures {
+        cpu_s_window: cpu1 - cpu0,
+        cpu_s_total: cpu1,
+        peak_rss_mb: peak_rss_mb(),
+        lo_bytes_window: lo1 - lo0,
+    };
+    ((w0, w1), procs)
 }
 
 // ------------------------------------------------------------------ tree
@@ -302,20 +313,7 @@ pub async fn tree(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     let mut notes = Vec::new();
     let viewers = join_tree(n, dir.path(), &boot, &ticket, &mut notes).await;
     let setup_s = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(SETTLE).await;
-    let (w0, cpu0, lo0) = (
-        seq.load(std::sync::atomic::Ordering::SeqCst),
-        cpu_seconds(),
-        lo_bytes(),
-    );
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (w1, cpu1, lo1) = (
-        seq.load(std::sync::atomic::Ordering::SeqCst),
-        cpu_seconds(),
-        lo_bytes(),
-    );
-    tokio::time::sleep(DRAIN).await;
-    let _ = stop.send(true);
+    let ((w0, w1), procs) = measure(&seq, &stop, secs).await;
     let mut outcomes = Vec::new();
     let mut upload = 0;
     for v in &viewers {
@@ -330,12 +328,6 @@ pub async fn tree(n: usize, secs: u64) -> anyhow::Result<RunResult> {
             copies_in_window: None,
         });
     }
-    let procs = ProcFigures {
-        cpu_s_window: cpu1 - cpu0,
-        cpu_s_total: cpu1,
-        peak_rss_mb: peak_rss_mb(),
-        lo_bytes_window: lo1 - lo0,
-    };
     let mut r = analyse(
         "tree",
         n,
