@@ -24,8 +24,10 @@ async fn main() -> anyhow::Result<()> {
     let (room, mut alice_events) = alice.broadcast(cfg).await?;
     let bob = Node::builder().spawn().await?;
     let out = std::env::temp_dir().join("waterfall-hello.ivf");
-    let mut sinks = Sinks::default();
-    sinks.video = Some(SinkTarget::File(out.clone()));
+    let sinks = Sinks {
+        video: Some(SinkTarget::File(out.clone())),
+        ..Sinks::default()
+    };
     let cfg = waterfall::WatchConfig::new().sinks(sinks);
     let (watch, mut events) = bob.watch(room.ticket().clone(), cfg).await?;
     until("bob", &mut events, |e| matches!(e, Media(ParentConnected))).await;
