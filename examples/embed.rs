@@ -18,12 +18,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::time::{Instant, timeout};
-use waterfall::crypto::KdfParams;
-use waterfall::media::{
-    FileSource, MediaEvent, MediaKind, MediaSource, SinkTarget, Sinks, SourceOptions,
+use waterfall::media::MediaKind;
+use waterfall::{
+    FileSource, KdfParams, MediaEvent, MediaSource, Node, RoomConfig, RoomEvent, SinkTarget, Sinks,
+    SourceOptions, WatchConfig,
 };
-use waterfall::node::room::{WatchOptions, WatchTarget};
-use waterfall::node::{Node, RoomConfig, RoomEvent};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -73,7 +72,8 @@ async fn run(secs: u64) -> anyhow::Result<()> {
     };
     let video = FileSource::open(fixture("f.ivf"), opts.clone()).await?;
     let audio = FileSource::open(fixture("f.ogg"), opts).await?;
-    let mut room = broadcaster
+    // The broadcaster's own events (children joining) are printed too.
+    let (room, mut b_events) = broadcaster
         .broadcast(
             RoomConfig::new("embed-demo")
                 .password("correct horse")
@@ -83,10 +83,8 @@ async fn run(secs: u64) -> anyhow::Result<()> {
         )
         .await
         .context("broadcast")?;
-    let ticket = room.ticket().context("a broadcaster has a ticket")?.clone();
+    let ticket = room.ticket().clone();
     println!("ticket: {ticket}");
-    // The broadcaster's own events (children joining) are printed too.
-    let mut b_events = room.events().context("events are taken once")?;
 
     let viewer = Node::builder()
         .kdf(KdfParams::TEST_ONLY)
@@ -102,23 +100,18 @@ async fn run(secs: u64) -> anyhow::Result<()> {
         dir.path().join("data.txt"),
     );
     let t0 = Instant::now();
-    let mut watching = viewer
+    let (watching, mut v_events) = viewer
         .watch(
-            WatchTarget::Ticket(ticket),
-            Some("correct horse"),
-            WatchOptions {
-                sinks: Sinks {
-                    video: Some(SinkTarget::File(v_path.clone())),
-                    audio: Some(SinkTarget::File(a_path.clone())),
-                    data: Some(SinkTarget::File(d_path.clone())),
-                },
-                tree: None,
-            },
+            ticket,
+            WatchConfig::new().password("correct horse").sinks(Sinks {
+                video: Some(SinkTarget::File(v_path.clone())),
+                audio: Some(SinkTarget::File(a_path.clone())),
+                data: Some(SinkTarget::File(d_path.clone())),
+            }),
         )
         .await
         .context("watch")?;
     println!("watch() returned after {} ms", t0.elapsed().as_millis());
-    let mut v_events = watching.events().context("events are taken once")?;
 
     let end = Instant::now() + Duration::from_secs(secs);
     let mut sent = 0u32;

@@ -6,7 +6,7 @@
 //! layer refuses children of a broadcaster without tracks. Nodes 1..N join it one after the other; each takes
 //! the best free slot it hears of, so with fanout K the tree fills level by level. When every node
 //! is attached the example streams for a few seconds, asks every node for its
-//! [`RoomStatus`](waterfall::node::room::RoomStatus) and prints the tree (peer ids, depth, what
+//! [`RoomStatus`](waterfall::RoomStatus) and prints the tree (peer ids, depth, what
 //! each node received), then every node leaves and shuts down. The whole run is bounded.
 //!
 //! ```text
@@ -40,12 +40,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use libp2p::{Multiaddr, PeerId};
 use tokio::time::{Instant, timeout};
-use waterfall::crypto::KdfParams;
-use waterfall::media::{
-    FileSource, MediaConfig, MediaEvent, MediaKind, MediaSource, MediaStats, SourceOptions,
+use waterfall::media::MediaKind;
+use waterfall::{
+    FileSource, KdfParams, MediaConfig, MediaEvent, MediaSource, MediaStats, Node, NodeError,
+    RoomConfig, RoomEvent, RoomEvents, RoomStatus, SourceOptions, Ticket, Watch, WatchConfig,
+    WatchTarget,
 };
-use waterfall::node::room::{RoomStatus, WatchOptions, WatchTarget};
-use waterfall::node::{Node, NodeError, RoomConfig, RoomEvent, RoomHandle};
 
 const ROOM: &str = "local-mesh";
 const PASSWORD: &str = "mesh demo";
@@ -121,9 +121,10 @@ struct Progress {
     stats: Option<MediaStats>,
 }
 
+/// A viewer of the room (the broadcaster is kept apart: it has the other handle).
 struct Member {
     node: Node,
-    room: RoomHandle,
+    room: Watch,
     progress: Arc<Mutex<Progress>>,
 }
 
@@ -132,11 +133,8 @@ fn lock(p: &Mutex<Progress>) -> std::sync::MutexGuard<'_, Progress> {
 }
 
 /// Reads a room's events into its [`Progress`] until the room ends.
-fn spawn_reader(room: &mut RoomHandle) -> Arc<Mutex<Progress>> {
+fn spawn_reader(mut events: RoomEvents) -> Arc<Mutex<Progress>> {
     let progress = Arc::new(Mutex::new(Progress::default()));
-    let Some(mut events) = room.events() else {
-        return progress;
-    };
     let p = progress.clone();
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {
@@ -181,26 +179,14 @@ async fn spawn_node(args: &Args, bootstrap: Vec<Multiaddr>) -> anyhow::Result<No
 
 /// Watch by ticket (bootstrap mode) or by name (mDNS mode: retried until mDNS has found a peer
 /// that knows the room record; bounded).
-async fn join(
-    node: &Node,
-    args: &Args,
-    ticket: &waterfall::wire::Ticket,
-) -> anyhow::Result<RoomHandle> {
-    let opts = || WatchOptions {
-        sinks: Default::default(),
-        tree: Some(tree_config()),
-    };
+async fn join(node: &Node, args: &Args, ticket: &Ticket) -> anyhow::Result<(Watch, RoomEvents)> {
+    let cfg = || WatchConfig::new().password(PASSWORD).tree(tree_config());
     if args.mdns.is_none() {
-        return Ok(node
-            .watch(WatchTarget::Ticket(ticket.clone()), Some(PASSWORD), opts())
-            .await?);
+        return Ok(node.watch(ticket.clone(), cfg()).await?);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match node
-            .watch(WatchTarget::Name(ROOM.into()), Some(PASSWORD), opts())
-            .await
-        {
+        match node.watch(WatchTarget::Name(ROOM.into()), cfg()).await {
             Ok(room) => return Ok(room),
             Err(NodeError::RoomNotFound { .. }) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -255,8 +241,10 @@ async fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let b = spawn_node(&args, Vec::new()).await?;
-    let mut cfg = RoomConfig::new(ROOM).password(PASSWORD).fanout(args.fanout);
-    cfg.tree = tree_config();
+    let mut cfg = RoomConfig::new(ROOM)
+        .password(PASSWORD)
+        .fanout(args.fanout)
+        .tree(tree_config());
     let opts = SourceOptions {
         loops: Some(1000),
         ..SourceOptions::default()
@@ -268,18 +256,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     cfg = cfg.source(Box::new(FileSource::open(fixture("f.ogg"), opts).await?));
-    let mut room = b.broadcast(cfg).await.context("broadcast")?;
-    let ticket = room.ticket().context("broadcaster has a ticket")?.clone();
-    let root_progress = spawn_reader(&mut room);
-    let root = Member {
-        node: b,
-        room,
-        progress: root_progress,
-    };
-    let boot = root.node.addrs().await?;
+    let (room, events) = b.broadcast(cfg).await.context("broadcast")?;
+    let ticket = room.ticket().clone();
+    let root_progress = spawn_reader(events);
+    let boot = b.addrs().await?;
     eprintln!(
         "broadcaster {} on {} ({})",
-        root.node.peer_id(),
+        b.peer_id(),
         boot.first().map(|a| a.to_string()).unwrap_or_default(),
         if args.mdns.is_some() {
             "viewers find the room by name over mDNS"
@@ -288,13 +271,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     );
 
-    let mut members = vec![root];
+    let mut members = Vec::new();
     for i in 1..args.nodes {
         let node = spawn_node(&args, boot.clone()).await?;
-        let mut room = join(&node, &args, &ticket)
+        let (room, events) = join(&node, &args, &ticket)
             .await
             .with_context(|| format!("node {i} joins"))?;
-        let progress = spawn_reader(&mut room);
+        let progress = spawn_reader(events);
         let p = progress.clone();
         wait_until(
             &format!("node {i} attached"),
@@ -315,18 +298,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     // Every viewer's media connection up, then stream for a while.
     wait_until("media connections", Duration::from_secs(30), || {
-        members[1..].iter().all(|m| lock(&m.progress).connected)
+        members.iter().all(|m| lock(&m.progress).connected)
     })
     .await?;
     // A generated stream of data lines runs beside the media.
     let stream_end = Instant::now() + Duration::from_secs(args.secs);
     let mut n = 0u64;
     while Instant::now() < stream_end {
-        if members[0]
-            .room
-            .send_data(format!("line {n}").as_bytes())
-            .is_ok()
-        {
+        if room.send_data(format!("line {n}").as_bytes()).is_ok() {
             n += 1;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -334,11 +313,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Let the last stats tick arrive.
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
+    // Node i's status and progress, the broadcaster's as node 0.
     let mut status: HashMap<PeerId, (usize, RoomStatus)> = HashMap::new();
+    status.insert(b.peer_id(), (0, room.status().await?));
     for (i, m) in members.iter().enumerate() {
-        status.insert(m.node.peer_id(), (i, m.room.status().await?));
+        status.insert(m.node.peer_id(), (i + 1, m.room.status().await?));
     }
-    let root_id = members[0].node.peer_id();
+    let progress: Vec<_> = std::iter::once(&root_progress)
+        .chain(members.iter().map(|m| &m.progress))
+        .cloned()
+        .collect();
+    let root_id = b.peer_id();
     println!(
         "room {ROOM:?}: {} nodes, fanout {}, {} data lines sent, formed in {:.1} s",
         args.nodes,
@@ -347,7 +332,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64() - args.secs as f64 - 1.1
     );
     let mut printed = BTreeMap::new();
-    print_tree(&root_id, &status, &members, 0, &mut printed);
+    print_tree(&root_id, &status, &progress, 0, &mut printed);
     let missing: Vec<_> = status
         .iter()
         .filter(|(p, _)| !printed.contains_key(*p))
@@ -373,7 +358,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("not in the tree: {}", missing.join(", "));
     }
 
-    // Leave: leaves first, so that nobody is orphaned on the way out.
+    // Leave: leaves first, so that nobody is orphaned on the way out; the broadcaster last.
     let mut by_depth: Vec<(u16, Member)> = members
         .into_iter()
         .map(|m| {
@@ -392,6 +377,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         m.room.leave().await;
         nodes.push(m.node);
     }
+    room.leave().await;
+    nodes.push(b);
     for n in nodes {
         n.shutdown().await;
     }
@@ -405,7 +392,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 fn print_tree(
     peer: &PeerId,
     status: &HashMap<PeerId, (usize, RoomStatus)>,
-    members: &[Member],
+    progress: &[Arc<Mutex<Progress>>],
     indent: usize,
     printed: &mut BTreeMap<PeerId, ()>,
 ) {
@@ -417,7 +404,7 @@ fn print_tree(
         println!("{}{} (not one of ours)", "  ".repeat(indent), short(peer));
         return;
     };
-    let p = lock(&members[*i].progress);
+    let p = lock(&progress[*i]);
     let received = match (&p.stats, *i) {
         (_, 0) => "broadcaster".to_owned(),
         (Some(st), _) => format!(
@@ -448,6 +435,6 @@ fn print_tree(
             );
             continue;
         }
-        print_tree(c, status, members, indent + 1, printed);
+        print_tree(c, status, progress, indent + 1, printed);
     }
 }

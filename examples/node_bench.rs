@@ -36,13 +36,11 @@ use anyhow::{Context, bail};
 use libp2p::Multiaddr;
 use serde_json::{Value, json};
 use tokio::time::{Instant, timeout};
-use waterfall::crypto::{KdfParams, RoomKeys};
-use waterfall::media::{
-    FileSource, MediaEvent, MediaKind, MediaSource, SinkTarget, Sinks, SourceOptions,
+use waterfall::media::MediaKind;
+use waterfall::{
+    Broadcast, FileSource, KdfParams, MediaEvent, MediaSource, Node, RoomConfig, RoomEvent,
+    RoomEvents, RoomKeys, SinkTarget, Sinks, SourceOptions, Ticket, Watch, WatchConfig,
 };
-use waterfall::node::room::{WatchOptions, WatchTarget};
-use waterfall::node::{Node, RoomConfig, RoomEvent, RoomHandle};
-use waterfall::wire::Ticket;
 
 const PASSWORD: &str = "bench";
 
@@ -189,10 +187,10 @@ async fn node(max_children: Option<u16>, boot: Vec<Multiaddr>) -> anyhow::Result
 
 struct Room {
     node: Node,
-    room: RoomHandle,
+    room: Broadcast,
     ticket: Ticket,
     boot: Vec<Multiaddr>,
-    events: tokio::sync::mpsc::Receiver<RoomEvent>,
+    events: RoomEvents,
 }
 
 async fn room(
@@ -215,12 +213,11 @@ async fn room(
     if audio {
         cfg = cfg.source(Box::new(FileSource::open(fixture("f.ogg"), opts).await?));
     }
-    cfg.autostart = autostart;
-    cfg.tree = tree_cfg();
-    let mut room = node.broadcast(cfg).await?;
-    let ticket = room.ticket().context("broadcaster ticket")?.clone();
+    let (room, events) = node
+        .broadcast(cfg.autostart(autostart).tree(tree_cfg()))
+        .await?;
+    let ticket = room.ticket().clone();
     let boot = node.addrs().await?;
-    let events = room.events().context("events once")?;
     Ok(Room {
         node,
         room,
@@ -244,7 +241,7 @@ struct Times {
 
 struct Viewer {
     node: Node,
-    room: RoomHandle,
+    room: Watch,
     times: Arc<Mutex<Times>>,
 }
 
@@ -257,21 +254,19 @@ impl Viewer {
 /// Watch by ticket, timing from the call; a task records the milestones.
 async fn watch(node: Node, ticket: &Ticket, sinks: Sinks) -> anyhow::Result<Viewer> {
     let t0 = Instant::now();
-    let mut room = node
+    let (room, mut events) = node
         .watch(
-            WatchTarget::Ticket(ticket.clone()),
-            Some(PASSWORD),
-            WatchOptions {
-                sinks,
-                tree: Some(tree_cfg()),
-            },
+            ticket.clone(),
+            WatchConfig::new()
+                .password(PASSWORD)
+                .sinks(sinks)
+                .tree(tree_cfg()),
         )
         .await?;
     let times = Arc::new(Mutex::new(Times {
         returned: Some(t0.elapsed()),
         ..Times::default()
     }));
-    let mut events = room.events().context("events once")?;
     let t = times.clone();
     tokio::spawn(async move {
         while let Some(ev) = events.recv().await {

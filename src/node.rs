@@ -13,6 +13,7 @@
 //! password can compute. A viewer with the right password finds and opens it; with a ticket it can
 //! tell a wrong password (the ticket's check does not match) from a room that is gone.
 
+pub mod datadir;
 pub mod records;
 pub mod room;
 
@@ -30,7 +31,7 @@ use crate::proto::NodeId;
 use crate::wire::{self, Envelope, RoomId, RoomRecord, Ticket, WireError};
 
 pub use room::{
-    RoomConfig, RoomEvent, RoomHandle, RoomRole, RoomStatus, WatchOptions, WatchTarget,
+    Broadcast, RoomConfig, RoomEvent, RoomEvents, RoomStatus, Watch, WatchConfig, WatchTarget,
 };
 
 /// How long a room record says the broadcast is live; the broadcaster refreshes it well before.
@@ -66,8 +67,12 @@ pub enum NodeError {
     #[error("room {room:?} has ended (its record expired {ago_s} s ago)")]
     RoomExpired { room: String, ago_s: u64 },
     /// A record under the room's locator failed verification (forged or tampered).
-    #[error("room record for {room:?} is invalid: {reason}")]
-    TamperedRecord { room: String, reason: String },
+    #[error("room record for {room:?} is invalid: {source}")]
+    TamperedRecord {
+        room: String,
+        #[source]
+        source: RecordError,
+    },
     /// The ticket pins a broadcaster but the record is signed by someone else.
     #[error("room record for {room:?} is signed by {found}, but the ticket names {expected}")]
     WrongBroadcaster {
@@ -78,9 +83,6 @@ pub enum NodeError {
     /// A network error.
     #[error("network: {0}")]
     Net(#[from] NetError),
-    /// A media error.
-    #[error("media: {0}")]
-    Media(String),
     /// The media session failed (creating a broadcast, sending data).
     #[error("media: {0}")]
     Session(#[from] crate::media::SessionError),
@@ -99,9 +101,9 @@ pub enum NodeError {
     /// The node or room has stopped.
     #[error("the node has stopped")]
     Closed,
-    /// Bad argument.
-    #[error("{0}")]
-    Invalid(String),
+    /// The data directory could not be claimed.
+    #[error(transparent)]
+    DataDir(#[from] datadir::DataDirError),
 }
 
 /// Builds a [`Node`].
@@ -164,8 +166,9 @@ impl NodeBuilder {
         self.public = on;
         self
     }
-    /// Data directory (identity key). Without one, and without [`NodeBuilder::identity`], the
-    /// node has a fresh random identity.
+    /// Data directory (identity key), locked for the node's lifetime ([`datadir`]): when another
+    /// process holds it, the node runs with a fresh random identity (and logs a warning).
+    /// Without one, and without [`NodeBuilder::identity`], the node has a fresh random identity.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
         self
@@ -207,9 +210,20 @@ impl NodeBuilder {
 
     /// Start the node.
     pub async fn spawn(self) -> Result<Node, NodeError> {
+        let mut held_dir = None;
         let identity = match (self.identity, &self.data_dir) {
             (Some(id), _) => id,
-            (None, Some(dir)) => Identity::load_or_create(dir)?,
+            (None, Some(dir)) => match datadir::DataDir::claim(dir)? {
+                datadir::Claim::Held(d) => held_dir.insert(d).identity()?,
+                datadir::Claim::InUse { path, holder } => {
+                    tracing::warn!(
+                        "data directory {} is in use by another process ({holder:?}); \
+                         this node runs with a temporary identity",
+                        path.display()
+                    );
+                    Identity::generate()
+                }
+            },
             (None, None) => Identity::generate(),
         };
         let topics = records::TopicKeys::default();
@@ -244,6 +258,7 @@ impl NodeBuilder {
             public: self.public,
             inline_signalling: self.inline_signalling,
             dispatcher: Mutex::new(None),
+            _data_dir: held_dir,
         });
         if self.public {
             let net = net.clone();
@@ -270,6 +285,8 @@ pub(crate) struct Inner {
     pub(crate) public: bool,
     pub(crate) inline_signalling: bool,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The locked data directory, released when the node stops.
+    _data_dir: Option<datadir::DataDir>,
 }
 
 impl Drop for Inner {
@@ -475,10 +492,10 @@ impl Node {
                         best = Some((env, rec));
                     }
                 }
-                Err(reason) => {
+                Err(source) => {
                     last_err = Some(NodeError::TamperedRecord {
                         room: room.clone(),
-                        reason,
+                        source,
                     })
                 }
             }
@@ -544,17 +561,33 @@ fn short(id: &NodeId) -> String {
         .unwrap_or_else(|| hex::encode(id.0))
 }
 
+/// Why a room record did not open.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The envelope or the record inside does not decode.
+    #[error("malformed: {0}")]
+    Malformed(#[from] WireError),
+    /// The signature, kind or expiry of the envelope is wrong, or the seal does not open.
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+    /// The envelope's signer is not the broadcaster the record names.
+    #[error("signed by someone other than its broadcaster")]
+    WrongSigner,
+}
+
 /// Verify and open one room-record envelope.
-fn open_record(keys: &RoomKeys, bytes: &[u8], now: u64) -> Result<(Envelope, RoomRecord), String> {
-    let env: Envelope = wire::decode(bytes).map_err(|e| e.to_string())?;
-    env.verify_kind(Kind::RoomRecord, now)
-        .map_err(|e| e.to_string())?;
-    let plain = keys
-        .open(Kind::RoomRecord, &env.payload)
-        .map_err(|e| e.to_string())?;
-    let rec: RoomRecord = wire::decode(&plain).map_err(|e| e.to_string())?;
+fn open_record(
+    keys: &RoomKeys,
+    bytes: &[u8],
+    now: u64,
+) -> Result<(Envelope, RoomRecord), RecordError> {
+    let env: Envelope = wire::decode(bytes)?;
+    env.verify_kind(Kind::RoomRecord, now)?;
+    let plain = keys.open(Kind::RoomRecord, &env.payload)?;
+    let rec: RoomRecord = wire::decode(&plain)?;
     if rec.broadcaster != env.signer {
-        return Err("record signed by someone other than its broadcaster".into());
+        return Err(RecordError::WrongSigner);
     }
     Ok((env, rec))
 }

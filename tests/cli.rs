@@ -1,92 +1,21 @@
 //! The CLI as a user runs it: separate `waterfall` processes on loopback (mDNS off: no namespace
 //! here), a real crash (`kill -9`) of a relay process, and the errors a user sees.
 
-use std::io::{BufRead, BufReader};
+mod cli_support;
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_waterfall");
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// A child process killed (by its pid) when the test ends, however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Lines of a child's stdout, delivered on a channel by a reader thread.
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(
-    rx: &mpsc::Receiver<String>,
-    what: &str,
-    within: Duration,
-    pred: impl Fn(&str) -> bool,
-) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if pred(&l) => return l,
-            Ok(_) => {}
-            Err(_) => panic!("no {what} within {within:?}"),
-        }
-    }
-}
-
-fn frames(path: &Path) -> usize {
-    waterfall::media::source::read_all_frames(path)
-        .map(|f| f.len())
-        .unwrap_or(0)
-}
-
-fn ffmpeg_ok(path: &Path) {
-    match Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "null", "-"])
-        .output()
-    {
-        Ok(out) => assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "ffmpeg rejects {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(_) => eprintln!(
-            "ffmpeg not installed: decode check of {} skipped",
-            path.display()
-        ),
-    }
-}
+use cli_support::{BIN, Proc, wait_line};
+use support::{ffmpeg_ok, fixture, frames};
 
 fn broadcaster(dir: &Path, max_children: &str) -> (Proc, String) {
     let pw = dir.join("pw.txt");
     std::fs::write(&pw, "s3cret\n").unwrap();
-    let mut c = Command::new(BIN)
-        .args(["broadcast", "--room", "cli-room", "--password-file"])
+    let mut c = cli_support::waterfall();
+    c.args(["broadcast", "--room", "cli-room", "--password-file"])
         .arg(&pw)
         .arg("--video")
         .arg(fixture("f.ivf"))
@@ -99,27 +28,19 @@ fn broadcaster(dir: &Path, max_children: &str) -> (Proc, String) {
             max_children,
             "--data-dir",
         ])
-        .arg(dir.join("bcast"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn broadcaster");
-    let rx = lines(&mut c);
-    let ticket = wait_line(&rx, "ticket", Duration::from_secs(60), |l| {
+        .arg(dir.join("bcast"));
+    let p = Proc::spawn(&mut c);
+    let ticket = wait_line(&p.out, "ticket", Duration::from_secs(60), |l| {
         l.starts_with("wf1")
     });
-    (Proc(c), ticket)
+    (p, ticket)
 }
 
-fn viewer(
-    dir: &Path,
-    name: &str,
-    ticket: &str,
-    extra: &[&str],
-) -> (Proc, mpsc::Receiver<String>, PathBuf) {
+/// A viewer writing its video to `<name>.ivf` (returned), its events on stdout (`--json`).
+fn viewer(dir: &Path, name: &str, ticket: &str, extra: &[&str]) -> (Proc, PathBuf) {
     let video = dir.join(format!("{name}.ivf"));
-    let mut c = Command::new(BIN)
-        .arg("watch")
+    let mut c = cli_support::waterfall();
+    c.arg("watch")
         .arg(ticket)
         .arg("--password-file")
         .arg(dir.join("pw.txt"))
@@ -127,13 +48,8 @@ fn viewer(
         .arg(&video)
         .args(["--json", "--no-mdns", "--data-dir"])
         .arg(dir.join(name))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn viewer");
-    let rx = lines(&mut c);
-    (Proc(c), rx, video)
+        .args(extra);
+    (Proc::spawn(&mut c), video)
 }
 
 #[test]
@@ -165,35 +81,31 @@ fn broadcast_watch_and_a_relay_killed_with_sigkill() {
     let d = dir.path();
     // The broadcaster feeds one child: viewer A relays to viewer B.
     let (_b, ticket) = broadcaster(d, "1");
-    let (mut a, a_rx, a_video) = viewer(d, "a", &ticket, &[]);
-    wait_line(&a_rx, "A joined", Duration::from_secs(60), |l| {
+    let (mut a, a_video) = viewer(d, "a", &ticket, &[]);
+    wait_line(&a.out, "A joined", Duration::from_secs(60), |l| {
         l.contains("\"joined\"")
     });
     wait_line(
-        &a_rx,
+        &a.out,
         "A's first video frame",
         Duration::from_secs(30),
         |l| l.contains("first_frame") && l.contains("video"),
     );
-    let (_bv, b_rx, b_video) = viewer(d, "b", &ticket, &[]);
-    let joined = wait_line(&b_rx, "B joined", Duration::from_secs(60), |l| {
+    let (bv, b_video) = viewer(d, "b", &ticket, &[]);
+    let joined = wait_line(&bv.out, "B joined", Duration::from_secs(60), |l| {
         l.contains("\"joined\"")
     });
     assert!(joined.contains("\"depth\":2"), "B joins below A: {joined}");
-    wait_line(&b_rx, "B's first frame", Duration::from_secs(30), |l| {
+    wait_line(&bv.out, "B's first frame", Duration::from_secs(30), |l| {
         l.contains("first_frame") && l.contains("video")
     });
     let before = frames(&b_video);
     // A real crash: no goodbye, the OS closes A's sockets.
-    let pid = a.0.id();
-    let status = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let _ = a.0.wait();
+    a.signal("KILL");
+    a.wait(Duration::from_secs(10))
+        .expect("A exits at once on SIGKILL");
     let t = Instant::now();
-    let back = wait_line(&b_rx, "B rejoined", Duration::from_secs(60), |l| {
+    let back = wait_line(&bv.out, "B rejoined", Duration::from_secs(60), |l| {
         l.contains("\"rejoined\"") || l.contains("\"parent_changed\"")
     });
     eprintln!("B back after {:?}: {back}", t.elapsed());
@@ -246,4 +158,215 @@ fn wrong_password_and_bad_ticket_are_clear_errors() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ticket"));
+}
+
+/// Runs `waterfall ARGS` to completion (bounded) and returns (success, stderr).
+fn run_fails(args: &[&str], dir: &Path) -> String {
+    let mut p = cli_support::Proc::spawn(cli_support::waterfall().args(args).current_dir(dir));
+    let st = p.wait(Duration::from_secs(30)).expect("exits within 30 s");
+    let err = p.stderr().join("\n");
+    assert!(
+        !st.success(),
+        "`waterfall {}` succeeded: {err}",
+        args.join(" ")
+    );
+    err
+}
+
+#[test]
+fn missing_and_mismatched_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(fixture("f.ogg"), d.join("talk.ogg")).unwrap();
+    std::fs::copy(fixture("f.ivf"), d.join("talk.ivf")).unwrap();
+    // An Ogg file under an IVF name.
+    std::fs::copy(fixture("f.ogg"), d.join("renamed.ivf")).unwrap();
+    let bc = |media: &[&str]| {
+        let mut a = vec!["broadcast", "--room", "r", "--no-password", "--no-mdns"];
+        a.extend_from_slice(media);
+        a.extend_from_slice(&["--data-dir", "dd"]);
+        run_fails(&a, d)
+    };
+    let err = bc(&["--video", "nosuch.ivf"]);
+    assert!(err.contains("no such file: nosuch.ivf"), "{err}");
+    assert!(!err.contains("parser thread"), "{err}");
+    let err = bc(&["--video", "talk.ivf", "--audio", "nosuch.ogg"]);
+    assert!(err.contains("no such file: nosuch.ogg"), "{err}");
+    let err = bc(&["--video", "talk.ogg"]);
+    assert!(
+        err.contains("talk.ogg holds audio") && err.contains("--audio"),
+        "{err}"
+    );
+    let err = bc(&["--audio", "talk.ivf"]);
+    assert!(
+        err.contains("talk.ivf holds video") && err.contains("--video"),
+        "{err}"
+    );
+    let err = bc(&["--video", "renamed.ivf"]);
+    assert!(
+        err.contains("renamed.ivf is named like IVF video but holds Ogg Opus audio"),
+        "{err}"
+    );
+    // Errors are one line each, no backtrace even when RUST_BACKTRACE is set.
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn stdin_formats_are_recognised_and_refused_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let piped = |media: &[&str], input: &[u8]| {
+        let mut a = vec!["broadcast", "--room", "r", "--no-password", "--no-mdns"];
+        a.extend_from_slice(media);
+        a.extend_from_slice(&["--data-dir", "dd"]);
+        let mut c = cli_support::waterfall();
+        c.args(&a).current_dir(d).stdin(Stdio::piped());
+        let mut p = cli_support::Proc::spawn(&mut c);
+        use std::io::Write;
+        let mut stdin = p.child.stdin.take().unwrap();
+        let _ = stdin.write_all(input);
+        drop(stdin);
+        let st = p.wait(Duration::from_secs(30)).expect("exits within 30 s");
+        (st.success(), p.stderr().join("\n"))
+    };
+    let ivf = std::fs::read(fixture("f.ivf")).unwrap();
+    let (ok, err) = piped(&["--audio", "-"], &ivf);
+    assert!(
+        !ok && err.contains("stdin holds video") && err.contains("--video"),
+        "{err}"
+    );
+    let ogg = std::fs::read(fixture("f.ogg")).unwrap();
+    let (ok, err) = piped(&["--video", "-"], &ogg);
+    assert!(
+        !ok && err.contains("stdin holds audio") && err.contains("--audio"),
+        "{err}"
+    );
+    let (ok, err) = piped(&["--video", "-"], b"hello, world\n");
+    assert!(
+        !ok && err.contains("stdin starts with bytes 68656c6c"),
+        "{err}"
+    );
+    let (ok, err) = piped(&["--video", "-", "--audio", "-"], b"");
+    assert!(!ok && err.contains("only one of"), "{err}");
+}
+
+#[test]
+fn ogg_opus_on_stdin_reaches_a_viewer() {
+    // `--audio -` reads Ogg Opus, as --help says. The test is the pipe's writer: the headers go
+    // first (the broadcaster reads them before it prints the ticket), the audio once a viewer is
+    // connected, so the viewer must receive every packet of the file.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ogg = std::fs::read(fixture("f.ogg")).unwrap();
+    // Byte offset of the third Ogg page: OpusHead and OpusTags are the first two.
+    let third_page = ogg
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| w == b"OggS")
+        .map(|(i, _)| i)
+        .nth(2)
+        .expect("three pages");
+    let mut c = cli_support::waterfall();
+    c.args([
+        "broadcast",
+        "--room",
+        "pipe",
+        "--no-password",
+        "--audio",
+        "-",
+    ])
+    .args(["--no-mdns", "--json", "--data-dir"])
+    .arg(d.join("b"))
+    .stdin(Stdio::piped());
+    let mut b = cli_support::Proc::spawn(&mut c);
+    let mut pipe = b.child.stdin.take().unwrap();
+    use std::io::Write;
+    pipe.write_all(&ogg[..third_page]).unwrap();
+    let ticket = wait_line(&b.out, "ticket", Duration::from_secs(60), |l| {
+        l.starts_with("wf1")
+    });
+    let audio = d.join("out.ogg");
+    let mut w = cli_support::waterfall();
+    w.args([
+        "watch",
+        &ticket,
+        "--no-password",
+        "--json",
+        "--no-mdns",
+        "--audio",
+    ])
+    .arg(&audio)
+    .arg("--data-dir")
+    .arg(d.join("w"));
+    let v = cli_support::Proc::spawn(&mut w);
+    wait_line(&v.out, "viewer connected", Duration::from_secs(60), |l| {
+        l.contains("parent_connected")
+    });
+    // Let the broadcaster's side of the connection settle as well.
+    std::thread::sleep(Duration::from_millis(500));
+    pipe.write_all(&ogg[third_page..]).unwrap();
+    drop(pipe);
+    let want = frames(&fixture("f.ogg"));
+    let got = cli_support::wait_frames(&audio, want, Duration::from_secs(30));
+    assert_eq!(got, want, "audio packets received from a piped Ogg file");
+    let ended = wait_line(&b.out, "source_ended", Duration::from_secs(30), |l| {
+        l.contains("source_ended")
+    });
+    assert!(ended.contains("\"error\":null"), "{ended}");
+    ffmpeg_ok(&audio);
+}
+
+#[test]
+fn damaged_tickets_are_reported_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = waterfall::wire::Ticket {
+        v: waterfall::wire::VERSION,
+        room: "standup".into(),
+        broadcaster: waterfall::proto::NodeId([9; 32]),
+        addrs: vec![
+            "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWEaSy7e8GW3smqkZ5hetPhb58CXiw6WD4BLHMiTvN96rm".into(),
+        ],
+        check: vec![3; 8],
+    }
+    .to_string();
+    let cut = &good[..good.len() * 2 / 3];
+    let typo = format!("{}{}", &good[..40], &good[42..]);
+    for bad in [cut, typo.as_str()] {
+        let err = run_fails(
+            &[
+                "watch",
+                bad,
+                "--no-password",
+                "--no-mdns",
+                "--data-dir",
+                "dd",
+            ],
+            d,
+        );
+        assert!(
+            err.contains("this ticket is damaged or incomplete"),
+            "{bad}: {err}"
+        );
+        for internal in ["Syntax", "Semantic", "malformed", "invalid type", "CBOR"] {
+            assert!(!err.contains(internal), "{err}");
+        }
+    }
+}
+
+#[test]
+fn help_names_the_password_variable() {
+    for cmd in ["broadcast", "watch"] {
+        let out = Command::new(BIN).args([cmd, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("WATERFALL_PASSWORD"), "{cmd} --help:\n{help}");
+        assert!(help.contains("--password-file"), "{help}");
+    }
+    let out = Command::new(BIN)
+        .args(["broadcast", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--start-now"), "{help}");
 }

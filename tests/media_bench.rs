@@ -5,9 +5,11 @@
 //! (b) B -> R -> 4 viewers; (b) - (a) is the relay's cost (its inbound stream plus 4
 //! outbound copies). Everything runs in one process, so this is rough.
 
-use std::path::PathBuf;
+mod support;
+
 use std::time::Duration;
 
+use support::fixture;
 use tokio::time::{Instant, timeout};
 use waterfall::media::{
     Broadcaster, FileSource, MediaConfig, MediaEvent, MediaKey, MediaKind, MediaSource, Sinks,
@@ -15,12 +17,6 @@ use waterfall::media::{
 };
 
 const KEY: [u8; 32] = [9; 32];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn cpu_ticks() -> u64 {
     let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

@@ -1,13 +1,14 @@
 //! H.264, VP9 and AV1 through a relay chain over loopback, end-to-end encrypted: every frame
 //! arrives byte-identical at every depth, the files decode, and a wrong key writes nothing.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout};
+use support::media::{Log, Parent, collect, link, wait_event};
+use support::{ffmpeg_ok, fixture};
+use tokio::time::timeout;
 use waterfall::media::source::read_all_frames;
 use waterfall::media::{
     Broadcaster, Codec, E2eeError, FileSource, MediaConfig, MediaEvent, MediaKey, MediaKind,
@@ -15,33 +16,6 @@ use waterfall::media::{
 };
 
 const KEY: [u8; 32] = [42; 32];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-type Log = Arc<Mutex<Vec<MediaEvent>>>;
-
-fn collect(mut rx: mpsc::Receiver<MediaEvent>) -> Log {
-    let log: Log = Arc::new(Mutex::new(Vec::new()));
-    let l = Arc::clone(&log);
-    tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            l.lock().unwrap().push(ev);
-        }
-    });
-    log
-}
-
-async fn wait_for(log: &Log, what: &str, pred: impl Fn(&MediaEvent) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !log.lock().unwrap().iter().any(&pred) {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 struct Node {
     viewer: Viewer,
@@ -66,24 +40,6 @@ fn viewer(dir: &Path, name: &str, ext: &str, key: [u8; 32]) -> Node {
     }
 }
 
-enum Parent<'a> {
-    B(&'a Broadcaster),
-    V(&'a Viewer),
-}
-
-async fn link(parent: Parent<'_>, child: &Node) {
-    let offer = child.viewer.connect_parent().await.unwrap();
-    let (_, answer) = match parent {
-        Parent::B(b) => b.attach_child(&offer).await.unwrap(),
-        Parent::V(v) => v.attach_child(&offer).await.unwrap(),
-    };
-    child.viewer.parent_answer(&answer).await.unwrap();
-    wait_for(&child.log, "parent connected", |e| {
-        matches!(e, MediaEvent::ParentConnected)
-    })
-    .await;
-}
-
 async fn broadcaster(file: &str, codec: Codec) -> (Broadcaster, Log) {
     let src = FileSource::open(fixture(file), SourceOptions::default())
         .await
@@ -98,24 +54,6 @@ async fn broadcaster(file: &str, codec: Codec) -> (Broadcaster, Log) {
     (b, collect(rx))
 }
 
-/// `ffmpeg -v error -i F -f null -` accepts the file (skipped, with a message, without ffmpeg).
-fn ffmpeg_decodes(path: &Path) {
-    match Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "null", "-"])
-        .output()
-    {
-        Ok(out) => assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "ffmpeg rejects {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(e) => eprintln!("ffmpeg not available ({e}): decode check skipped"),
-    }
-}
-
 /// Broadcaster -> relay -> leaf, plus a wrong-key viewer under the broadcaster with a right-key
 /// viewer under it: the two right-key viewers under relays and the direct child get every
 /// frame byte-identical; the wrong-key one writes nothing but still relays.
@@ -126,13 +64,13 @@ async fn chain(file: &str, codec: Codec, ext: &str) {
     let leaf = viewer(dir.path(), "leaf", ext, KEY);
     let wrong = viewer(dir.path(), "wrong", ext, [7; 32]);
     let below = viewer(dir.path(), "below", ext, KEY);
-    link(Parent::B(&b), &relay).await;
-    link(Parent::V(&relay.viewer), &leaf).await;
-    link(Parent::B(&b), &wrong).await;
-    link(Parent::V(&wrong.viewer), &below).await;
+    link(Parent::B(&b), &relay.viewer, &relay.log).await;
+    link(Parent::V(&relay.viewer), &leaf.viewer, &leaf.log).await;
+    link(Parent::B(&b), &wrong.viewer, &wrong.log).await;
+    link(Parent::V(&wrong.viewer), &below.viewer, &below.log).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     b.start();
-    wait_for(&blog, "source end", |e| {
+    wait_event(&blog, "source end", |e| {
         matches!(
             e,
             MediaEvent::SourceEnded {
@@ -161,7 +99,7 @@ async fn chain(file: &str, codec: Codec, ext: &str) {
             assert_eq!(a.data, b.data, "{}: frame {i} differs", n.video.display());
         }
         assert_eq!(stats.decrypt_failures, 0, "{}", n.video.display());
-        ffmpeg_decodes(&n.video);
+        ffmpeg_ok(&n.video);
         eprintln!(
             "{codec}: {} got {} frames byte-identical, {} RTP packets, {} bytes",
             n.video.display(),
@@ -170,7 +108,7 @@ async fn chain(file: &str, codec: Codec, ext: &str) {
             stats.bytes_in
         );
     }
-    wait_for(&wrong.log, "decrypt failure", |e| {
+    wait_event(&wrong.log, "decrypt failure", |e| {
         matches!(e, MediaEvent::DecryptFailed(E2eeError::Authentication))
     })
     .await;
@@ -235,8 +173,8 @@ async fn late_joiner(file: &str, codec: Codec, ext: &str) {
     // Join mid-GOP: every fixture has a keyframe each second.
     tokio::time::sleep(Duration::from_millis(1400)).await;
     let late = viewer(dir.path(), "late", ext, KEY);
-    link(Parent::B(&b), &late).await;
-    wait_for(&blog, "source end", |e| {
+    link(Parent::B(&b), &late.viewer, &late.log).await;
+    wait_event(&blog, "source end", |e| {
         matches!(e, MediaEvent::SourceEnded { error: None, .. })
     })
     .await;
@@ -254,7 +192,7 @@ async fn late_joiner(file: &str, codec: Codec, ext: &str) {
         );
     }
     assert_eq!(stats.decrypt_failures, 0, "{codec}: {stats:?}");
-    ffmpeg_decodes(&late.video);
+    ffmpeg_ok(&late.video);
     eprintln!(
         "{codec}: late joiner wrote {} frames, dropped {} before its first keyframe",
         got.len(),

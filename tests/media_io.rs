@@ -1,28 +1,26 @@
 //! Round trips of the media readers and writers over the committed fixtures.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod support;
+
+use std::path::Path;
 use std::time::Duration;
 
-use waterfall::media::source::{Container, read_all_frames};
+use support::{ffmpeg_ok, fixture};
+use waterfall::media::source::{Container, Sample, read_all_frames};
 use waterfall::media::{
     Codec, FileSource, FrameSink, IvfSink, MediaSource, OggOpusSink, SinkTarget, SourceOptions,
 };
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn ffmpeg_decodes(path: &std::path::Path) -> Option<bool> {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "null", "-"])
-        .output()
-        .ok()?;
-    Some(out.status.success() && out.stderr.is_empty())
+/// Writes `frames` into `sink`, left open, and reads `out` back: the same frames, byte for byte.
+fn write_and_reread(sink: &mut impl FrameSink, frames: &[Sample], out: &Path) {
+    for f in frames {
+        sink.write_frame(&f.data, f.pts).unwrap();
+    }
+    let again = read_all_frames(out).unwrap();
+    assert_eq!(again.len(), frames.len());
+    for (a, b) in frames.iter().zip(&again) {
+        assert_eq!(a.data, b.data);
+    }
 }
 
 #[test]
@@ -35,21 +33,13 @@ fn ivf_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.ivf");
     let mut sink = IvfSink::create(&SinkTarget::File(out.clone()), Codec::Vp8).unwrap();
-    for f in &frames {
-        sink.write_frame(&f.data, f.pts).unwrap();
-    }
     // Not closed: the file must already be valid and carry the frame count.
-    let again = read_all_frames(&out).unwrap();
-    assert_eq!(again.len(), frames.len());
-    for (a, b) in frames.iter().zip(&again) {
-        assert_eq!(a.data, b.data);
-    }
+    write_and_reread(&mut sink, &frames, &out);
     let bytes = std::fs::read(&out).unwrap();
     assert_eq!(u32::from_le_bytes(bytes[24..28].try_into().unwrap()), 90);
     assert_eq!(u16::from_le_bytes(bytes[12..14].try_into().unwrap()), 320);
-    if let Some(ok) = ffmpeg_decodes(&out) {
-        assert!(ok, "ffmpeg decodes the written IVF");
-    }
+    // ffmpeg decodes the written IVF.
+    ffmpeg_ok(&out);
     sink.close().unwrap();
 }
 
@@ -69,22 +59,13 @@ fn ogg_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.ogg");
     let mut sink = OggOpusSink::create(&SinkTarget::File(out.clone()), 1).unwrap();
-    for f in &frames {
-        sink.write_frame(&f.data, f.pts).unwrap();
-    }
-    let again = read_all_frames(&out).unwrap();
-    assert_eq!(again.len(), frames.len());
-    for (a, b) in frames.iter().zip(&again) {
-        assert_eq!(a.data, b.data);
-    }
-    if let Some(ok) = ffmpeg_decodes(&out) {
-        assert!(ok, "ffmpeg decodes the unclosed Ogg");
-    }
+    write_and_reread(&mut sink, &frames, &out);
+    // ffmpeg decodes the unclosed Ogg.
+    ffmpeg_ok(&out);
     sink.close().unwrap();
     assert_eq!(read_all_frames(&out).unwrap().len(), frames.len());
-    if let Some(ok) = ffmpeg_decodes(&out) {
-        assert!(ok, "ffmpeg decodes the closed Ogg");
-    }
+    // ffmpeg decodes the closed Ogg.
+    ffmpeg_ok(&out);
 }
 
 #[test]

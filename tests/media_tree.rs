@@ -1,11 +1,12 @@
 //! End to end over loopback: real encoded media through relay trees of real WebRTC connections.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use support::media::{Log, Parent, collect, link, wait_event};
+use support::{ffmpeg_ok, fixture};
 use tokio::time::{Instant, timeout};
 use waterfall::media::source::read_all_frames;
 use waterfall::media::{
@@ -14,36 +15,6 @@ use waterfall::media::{
 };
 
 const KEY: [u8; 32] = [42; 32];
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-type Log = Arc<Mutex<Vec<(Instant, MediaEvent)>>>;
-
-fn collect(mut rx: mpsc::Receiver<MediaEvent>) -> Log {
-    let log: Log = Arc::new(Mutex::new(Vec::new()));
-    let l = Arc::clone(&log);
-    tokio::spawn(async move {
-        while let Some(ev) = rx.recv().await {
-            l.lock().unwrap().push((Instant::now(), ev));
-        }
-    });
-    log
-}
-
-async fn wait_for(log: &Log, what: &str, pred: impl Fn(&MediaEvent) -> bool) -> Instant {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some((t, _)) = log.lock().unwrap().iter().find(|(_, e)| pred(e)) {
-            return *t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 struct Node {
     viewer: Viewer,
@@ -75,22 +46,9 @@ fn viewer(dir: &Path, name: &str, key: [u8; 32]) -> Node {
     }
 }
 
-enum Parent<'a> {
-    B(&'a Broadcaster),
-    V(&'a Viewer),
-}
-
-async fn link(parent: Parent<'_>, child: &Node) {
-    let offer = child.viewer.connect_parent().await.unwrap();
-    let (_, answer) = match parent {
-        Parent::B(b) => b.attach_child(&offer).await.unwrap(),
-        Parent::V(v) => v.attach_child(&offer).await.unwrap(),
-    };
-    child.viewer.parent_answer(&answer).await.unwrap();
-    wait_for(&child.log, "parent connected", |e| {
-        matches!(e, MediaEvent::ParentConnected)
-    })
-    .await;
+/// Attaches `child` below `parent` and waits for its media connection.
+async fn attach(parent: Parent<'_>, child: &Node) {
+    link(parent, &child.viewer, &child.log).await;
 }
 
 async fn broadcaster(loops: Option<u32>) -> (Broadcaster, Log) {
@@ -111,22 +69,6 @@ async fn broadcaster(loops: Option<u32>) -> (Broadcaster, Log) {
     (b, collect(rx))
 }
 
-fn ffmpeg_ok(path: &Path) {
-    if let Ok(out) = Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "null", "-"])
-        .output()
-    {
-        assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "ffmpeg rejects {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 /// Streams the whole 3 s fixture with data lines, then checks every node's files.
 async fn stream_and_check(b: &Broadcaster, blog: &Log, nodes: Vec<Node>) {
     // Let the children's data channels open at every parent.
@@ -138,7 +80,7 @@ async fn stream_and_check(b: &Broadcaster, blog: &Log, nodes: Vec<Node>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for kind in [MediaKind::Video, MediaKind::Audio] {
-        wait_for(
+        wait_event(
             blog,
             "source end",
             |e| matches!(e, MediaEvent::SourceEnded { kind: k, error: None } if *k == kind),
@@ -152,7 +94,7 @@ async fn stream_and_check(b: &Broadcaster, blog: &Log, nodes: Vec<Node>) {
     let expect_lines: Vec<String> = (0..20).map(|i| format!("line {i}")).collect();
     let mut firsts = Vec::new();
     for (depth, n) in nodes.into_iter().enumerate() {
-        let first = wait_for(&n.log, "first video frame", |e| {
+        let first = wait_event(&n.log, "first video frame", |e| {
             matches!(
                 e,
                 MediaEvent::FirstFrame {
@@ -215,9 +157,9 @@ async fn chain_of_five_relays() {
         let nodes: Vec<Node> = (0..5)
             .map(|i| viewer(dir.path(), &format!("c{i}"), KEY))
             .collect();
-        link(Parent::B(&b), &nodes[0]).await;
+        attach(Parent::B(&b), &nodes[0]).await;
         for i in 1..nodes.len() {
-            link(Parent::V(&nodes[i - 1].viewer), &nodes[i]).await;
+            attach(Parent::V(&nodes[i - 1].viewer), &nodes[i]).await;
         }
         stream_and_check(&b, &blog, nodes).await;
     })
@@ -234,12 +176,12 @@ async fn tree_of_six_fanout_two() {
             .map(|i| viewer(dir.path(), &format!("t{i}"), KEY))
             .collect();
         // B -> 0, 1; 0 -> 2, 3; 1 -> 4, 5 (depth 2)
-        link(Parent::B(&b), &n[0]).await;
-        link(Parent::B(&b), &n[1]).await;
-        link(Parent::V(&n[0].viewer), &n[2]).await;
-        link(Parent::V(&n[0].viewer), &n[3]).await;
-        link(Parent::V(&n[1].viewer), &n[4]).await;
-        link(Parent::V(&n[1].viewer), &n[5]).await;
+        attach(Parent::B(&b), &n[0]).await;
+        attach(Parent::B(&b), &n[1]).await;
+        attach(Parent::V(&n[0].viewer), &n[2]).await;
+        attach(Parent::V(&n[0].viewer), &n[3]).await;
+        attach(Parent::V(&n[1].viewer), &n[4]).await;
+        attach(Parent::V(&n[1].viewer), &n[5]).await;
         stream_and_check(&b, &blog, n).await;
     })
     .await
@@ -253,12 +195,12 @@ async fn wrong_key_writes_nothing_but_relays_ciphertext() {
         let (b, _blog) = broadcaster(None).await;
         let wrong = viewer(dir.path(), "wrong", [7; 32]);
         let below = viewer(dir.path(), "below", KEY);
-        link(Parent::B(&b), &wrong).await;
-        link(Parent::V(&wrong.viewer), &below).await;
+        attach(Parent::B(&b), &wrong).await;
+        attach(Parent::V(&wrong.viewer), &below).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         b.start();
         b.send_data(b"secret line").unwrap();
-        wait_for(&wrong.log, "decrypt failure", |e| {
+        wait_event(&wrong.log, "decrypt failure", |e| {
             matches!(
                 e,
                 MediaEvent::DecryptFailed(waterfall::media::E2eeError::Authentication)
@@ -266,7 +208,7 @@ async fn wrong_key_writes_nothing_but_relays_ciphertext() {
         })
         .await;
         // The right key one hop further down decodes what the wrong-key relay forwarded.
-        wait_for(&below.log, "first frame below", |e| {
+        wait_event(&below.log, "first frame below", |e| {
             matches!(
                 e,
                 MediaEvent::FirstFrame {
@@ -297,12 +239,12 @@ async fn repair_after_relay_dies() {
         let mid = viewer(dir.path(), "mid", KEY);
         let spare = viewer(dir.path(), "spare", KEY);
         let orphan = viewer(dir.path(), "orphan", KEY);
-        link(Parent::B(&b), &mid).await;
-        link(Parent::B(&b), &spare).await;
-        link(Parent::V(&mid.viewer), &orphan).await;
+        attach(Parent::B(&b), &mid).await;
+        attach(Parent::B(&b), &spare).await;
+        attach(Parent::V(&mid.viewer), &orphan).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         b.start();
-        wait_for(&orphan.log, "first frame", |e| {
+        wait_event(&orphan.log, "first frame", |e| {
             matches!(
                 e,
                 MediaEvent::FirstFrame {

@@ -2,10 +2,12 @@
 //! expiry, republishing and survival of a departed node.
 
 mod net_support;
+mod support;
 
 use std::time::Duration;
 
-use net_support::{Node, gullible_record_validator, payload, signed_record, wait_for};
+use net_support::{Node, gullible_record_validator, payload, signed_record};
+use support::wait_for;
 use waterfall::net::{NetError, records::now_unix_ms};
 
 const T: Duration = Duration::from_secs(60);

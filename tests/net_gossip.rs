@@ -2,13 +2,15 @@
 //! penalties, departures. Run with `--nocapture` to see the timings and memory figures.
 
 mod net_support;
+mod support;
 
 use std::{
     collections::{HashMap, HashSet},
     time::{Duration, Instant},
 };
 
-use net_support::{Node, accept_all_gossip, rss_kib, wait_for};
+use net_support::{Node, accept_all_gossip};
+use support::{rss_kib, wait_for};
 use tokio::sync::mpsc;
 use waterfall::net::NetEvent;
 

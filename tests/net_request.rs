@@ -1,10 +1,12 @@
 //! Request-response `/waterfall/req/1.0.0` over real swarms on loopback.
 
 mod net_support;
+mod support;
 
 use std::time::Duration;
 
-use net_support::{Node, wait_for};
+use net_support::Node;
+use support::wait_for;
 use waterfall::net::{NetError, NetEvent};
 
 /// Serve requests of `node`: answer with the request reversed, ignore requests starting with

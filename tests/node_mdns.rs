@@ -19,24 +19,28 @@
 //! arrived intact, then removes the namespaces (a guard does it on failure too). Skipped, with a
 //! printed reason, where `ip netns` is not permitted.
 
+mod support;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read};
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use waterfall::crypto::KdfParams;
+use support::netns::{self, Kid, Namespaces, get, report_lines};
+use support::room::{builder, clip};
+use waterfall::media::MediaKind;
 use waterfall::media::source::read_all_frames;
-use waterfall::media::{
-    FileSource, MediaConfig, MediaEvent, MediaKind, MediaSource, SinkTarget, Sinks, SourceOptions,
+use waterfall::{
+    MediaConfig, MediaEvent, Node, NodeError, RoomConfig, RoomEvent, SinkTarget, Sinks,
+    WatchConfig, WatchTarget,
 };
-use waterfall::node::room::{WatchOptions, WatchTarget};
-use waterfall::node::{Node, NodeError, RoomConfig, RoomEvent};
 
 const TEST_NAME: &str = "viewer_finds_room_by_name_over_mdns";
 /// Prefix of the children's report lines.
 const MARK: &str = "WFNODEMDNS ";
+/// Names the role of a child process.
+const ROLE: &str = "WF_NODE_MDNS_ROLE";
+/// Debugging aid: `WF_NODE_MDNS_LOG=/path/prefix` keeps each child's log.
+const LOG: &str = "WF_NODE_MDNS_LOG";
 const ROOM: &str = "lan-party";
 const PASSWORD: &str = "only on this link";
 const B_ADDR: &str = "10.232.0.1";
@@ -46,141 +50,25 @@ const VIEWER_DEADLINE: Duration = Duration::from_secs(60);
 /// The broadcaster's whole life, bounded (it normally ends when the parent closes its stdin).
 const BROADCASTER_DEADLINE: Duration = Duration::from_secs(90);
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("running ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Deletes the namespaces (and with them the veth pair) when dropped.
-struct Namespaces(Vec<String>);
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
-}
-
-/// Kills a child process (by its own pid) if it is still running when dropped.
-struct Kid(Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn setup(ns_b: &str, ns_v: &str, guard: &mut Namespaces) -> Result<(), String> {
-    ip(&["netns", "add", ns_b])?;
-    guard.0.push(ns_b.to_owned());
-    ip(&["netns", "add", ns_v])?;
-    guard.0.push(ns_v.to_owned());
-    ip(&[
-        "-n", ns_b, "link", "add", "wfn0", "type", "veth", "peer", "name", "wfn0", "netns", ns_v,
-    ])?;
-    for (ns, addr) in [(ns_b, B_ADDR), (ns_v, V_ADDR)] {
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "wfn0",
-        ])?;
-        ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", ns, "link", "set", "wfn0", "up"])?;
-        ip(&["-n", ns, "route", "add", "224.0.0.0/4", "dev", "wfn0"])?;
-    }
-    Ok(())
-}
-
+/// This binary in namespace `ns` as `role`, its stdin piped when the parent ends it by closing
+/// that.
 fn spawn_child(ns: &str, role: &str, stdin: bool) -> Result<Kid, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(exe)
-        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-        .env("WF_NODE_MDNS_ROLE", role)
-        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(match std::env::var_os("WF_NODE_MDNS_LOG") {
-            // Debugging aid: WF_NODE_MDNS_LOG=/path/prefix keeps each child's log.
-            Some(p) => std::fs::File::create(format!("{}-{role}.log", p.to_string_lossy()))
-                .map(Stdio::from)
-                .unwrap_or_else(|_| Stdio::null()),
-            None => Stdio::null(),
-        })
-        .spawn()
-        .map_err(|e| format!("spawning child: {e}"))?;
-    Ok(Kid(child))
-}
-
-/// `(key, value)` report lines of a child's stdout, read until it closes.
-fn report_lines(out: impl Read) -> Vec<(String, String)> {
-    BufReader::new(out)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| {
-            // The harness prints `test NAME ... ` without a newline before the test runs, so the
-            // marker may sit mid-line.
-            let at = l.find(MARK)?;
-            let (k, v) = l[at + MARK.len()..].split_once(' ')?;
-            Some((k.to_owned(), v.trim().to_owned()))
-        })
-        .collect()
-}
-
-fn get<'a>(report: &'a [(String, String)], key: &str) -> Vec<&'a str> {
-    report
-        .iter()
-        .filter(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-        .collect()
+    let mut c = netns::self_in(ns, TEST_NAME, LOG, role)?;
+    c.env(ROLE, role);
+    if stdin {
+        c.stdin(std::process::Stdio::piped());
+    }
+    Kid::spawn(&mut c)
 }
 
 fn say(key: &str, value: impl std::fmt::Display) {
-    println!("{MARK}{key} {value}");
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    if std::env::var_os("WF_NODE_MDNS_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("debug,netlink_proto=info,multistream_select=info,yamux=info")
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
+    netns::say(MARK, key, value);
 }
 
 /// A node on the namespace's address only, with mDNS and no bootstrap.
 async fn lan_node(addr: &str) -> Node {
     let ip: IpAddr = addr.parse().expect("literal address");
-    Node::builder()
-        .kdf(KdfParams::TEST_ONLY)
+    builder()
         .mdns(true)
         .listen(vec![
             format!("/ip4/{addr}/tcp/0").parse().expect("multiaddr"),
@@ -195,28 +83,17 @@ async fn lan_node(addr: &str) -> Node {
 }
 
 fn broadcaster() {
-    runtime().block_on(async {
+    netns::child_runtime(LOG).block_on(async {
         let node = lan_node(B_ADDR).await;
-        let opts = SourceOptions {
-            loops: Some(30),
-            ..SourceOptions::default()
-        };
-        let v = FileSource::open(fixture("f.ivf"), opts.clone())
-            .await
-            .expect("fixture");
-        let a = FileSource::open(fixture("f.ogg"), opts)
-            .await
-            .expect("fixture");
-        let mut room = node
+        let (room, mut events) = node
             .broadcast(
                 RoomConfig::new(ROOM)
                     .password(PASSWORD)
-                    .source(Box::new(v) as Box<dyn MediaSource>)
-                    .source(Box::new(a)),
+                    .source(clip("f.ivf", Some(30)).await)
+                    .source(clip("f.ogg", Some(30)).await),
             )
             .await
             .expect("broadcast starts");
-        let mut events = room.events().expect("events once");
         say("PEER", node.peer_id());
         // Stay until the parent closes our stdin (read on a plain thread), bounded.
         let (eof_tx, mut eof) = tokio::sync::oneshot::channel::<()>();
@@ -242,27 +119,23 @@ fn broadcaster() {
 }
 
 fn viewer() {
-    runtime().block_on(async {
+    netns::child_runtime(LOG).block_on(async {
         let deadline = tokio::time::Instant::now() + VIEWER_DEADLINE;
         let node = lan_node(V_ADDR).await;
         say("PEER", node.peer_id());
         let dir = tempfile::tempdir().expect("temp dir");
         let video = dir.path().join("v.ivf");
-        let opts = || WatchOptions {
-            sinks: Sinks {
+        let cfg = || {
+            WatchConfig::new().password(PASSWORD).sinks(Sinks {
                 video: Some(SinkTarget::File(video.clone())),
                 audio: None,
                 data: None,
-            },
-            tree: None,
+            })
         };
         // By name only: the lookup fails until mDNS has found the broadcaster and the DHT has a
         // path to the record; retry (bounded by the deadline).
-        let mut room = loop {
-            match node
-                .watch(WatchTarget::Name(ROOM.into()), Some(PASSWORD), opts())
-                .await
-            {
+        let (room, mut events) = loop {
+            match node.watch(WatchTarget::Name(ROOM.into()), cfg()).await {
                 Ok(r) => break r,
                 Err(NodeError::RoomNotFound { .. })
                     if tokio::time::Instant::now() + Duration::from_secs(10) < deadline =>
@@ -276,7 +149,6 @@ fn viewer() {
             }
         };
         say("WATCHING", ROOM);
-        let mut events = room.events().expect("events once");
         let mut first_frame_at = None;
         loop {
             // After the first video frame, stream 3 s more.
@@ -303,7 +175,7 @@ fn viewer() {
         }
         room.leave().await;
         node.shutdown().await;
-        let source: HashSet<Vec<u8>> = read_all_frames(fixture("f.ivf"))
+        let source: HashSet<Vec<u8>> = read_all_frames(support::fixture("f.ivf"))
             .expect("fixture parses")
             .into_iter()
             .map(|f| f.data.to_vec())
@@ -323,7 +195,7 @@ fn viewer() {
 
 #[test]
 fn viewer_finds_room_by_name_over_mdns() {
-    match std::env::var("WF_NODE_MDNS_ROLE").as_deref() {
+    match std::env::var(ROLE).as_deref() {
         Ok("broadcaster") => return broadcaster(),
         Ok("viewer") => return viewer(),
         Ok(other) => panic!("unknown role {other}"),
@@ -331,18 +203,20 @@ fn viewer_finds_room_by_name_over_mdns() {
     }
     let pid = std::process::id();
     let (ns_b, ns_v) = (format!("wf-nm-{pid}b"), format!("wf-nm-{pid}v"));
-    let mut guard = Namespaces(Vec::new());
-    if let Err(e) = setup(&ns_b, &ns_v, &mut guard) {
-        eprintln!("SKIPPED node mDNS namespace test: cannot build the namespaces ({e})");
-        return;
-    }
+    let guard = match Namespaces::veth_pair([&ns_b, &ns_v], "wfn0", [B_ADDR, V_ADDR]) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED node mDNS namespace test: cannot build the namespaces ({e})");
+            return;
+        }
+    };
     let mut b = spawn_child(&ns_b, "broadcaster", true).expect("broadcaster child");
     let b_out = b.0.stdout.take().expect("piped stdout");
-    let b_reader = std::thread::spawn(move || report_lines(b_out));
+    let b_reader = std::thread::spawn(move || report_lines(b_out, MARK));
     let mut v = spawn_child(&ns_v, "viewer", false).expect("viewer child");
     let v_out = v.0.stdout.take().expect("piped stdout");
     // The viewer bounds itself (VIEWER_DEADLINE): reading to EOF waits for it to finish.
-    let rv = report_lines(v_out);
+    let rv = report_lines(v_out, MARK);
     // Then let the broadcaster leave (EOF on its stdin) and collect its report.
     drop(b.0.stdin.take());
     let rb = b_reader.join().expect("broadcaster reader");

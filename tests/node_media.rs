@@ -1,41 +1,20 @@
 //! The whole node end to end on loopback: a broadcaster and viewers, each a real node (libp2p
 //! swarm + WebRTC), find the room through the DHT, form the tree, and stream real VP8 + Opus.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use support::room::{builder, clip, node};
+use support::{ffmpeg_ok, fixture, frames};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
-use waterfall::crypto::KdfParams;
 use waterfall::media::source::read_all_frames;
-use waterfall::media::{
-    FileSource, MediaEvent, MediaKind, MediaSource, SinkTarget, Sinks, SourceOptions,
+use waterfall::{
+    Broadcast, MediaEvent, Node, NodeError, RoomConfig, RoomEvent, RoomEvents, SinkTarget, Sinks,
+    Ticket, Watch, WatchConfig, WatchTarget,
 };
-use waterfall::node::room::{WatchOptions, WatchTarget};
-use waterfall::node::{Node, NodeError, RoomConfig, RoomEvent, RoomHandle};
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
-async fn node(bootstrap: Vec<libp2p::Multiaddr>) -> Node {
-    init_tracing();
-    Node::builder()
-        .kdf(KdfParams::TEST_ONLY)
-        .bootstrap(bootstrap)
-        .spawn()
-        .await
-        .expect("node starts")
-}
 
 fn tree_cfg() -> waterfall::proto::Config {
     waterfall::proto::Config {
@@ -47,8 +26,8 @@ fn tree_cfg() -> waterfall::proto::Config {
 
 struct Watcher {
     node: Node,
-    room: RoomHandle,
-    events: mpsc::Receiver<RoomEvent>,
+    room: Watch,
+    events: RoomEvents,
     video: PathBuf,
     audio: PathBuf,
     data: PathBuf,
@@ -58,29 +37,27 @@ async fn watcher(
     dir: &Path,
     i: usize,
     boot: &[libp2p::Multiaddr],
-    ticket: &waterfall::wire::Ticket,
+    ticket: &Ticket,
     pw: &str,
 ) -> Watcher {
     let node = node(boot.to_vec()).await;
     let video = dir.join(format!("v{i}.ivf"));
     let audio = dir.join(format!("v{i}.ogg"));
     let data = dir.join(format!("v{i}.txt"));
-    let mut room = node
+    let (room, events) = node
         .watch(
-            WatchTarget::Ticket(ticket.clone()),
-            Some(pw),
-            WatchOptions {
-                sinks: Sinks {
+            ticket.clone(),
+            WatchConfig::new()
+                .password(pw)
+                .sinks(Sinks {
                     video: Some(SinkTarget::File(video.clone())),
                     audio: Some(SinkTarget::File(audio.clone())),
                     data: Some(SinkTarget::File(data.clone())),
-                },
-                tree: Some(tree_cfg()),
-            },
+                })
+                .tree(tree_cfg()),
         )
         .await
         .unwrap_or_else(|e| panic!("viewer {i} joins: {e}"));
-    let events = room.events().expect("events once");
     Watcher {
         node,
         room,
@@ -91,12 +68,12 @@ async fn watcher(
     }
 }
 
-/// Wait until the viewer's media connection to its parent is up.
-async fn wait_connected(w: &mut Watcher, i: usize) {
+/// Wait until viewer `i`'s media connection to its parent is up.
+async fn wait_connected(events: &mut RoomEvents, i: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left, w.events.recv()).await {
+        match timeout(left, events.recv()).await {
             Ok(Some(RoomEvent::Media(MediaEvent::ParentConnected))) => return,
             Ok(Some(_)) => {}
             Ok(None) => panic!("viewer {i}: room ended"),
@@ -105,54 +82,36 @@ async fn wait_connected(w: &mut Watcher, i: usize) {
     }
 }
 
-fn ffmpeg_ok(path: &Path) {
-    match std::process::Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
-        .arg(path)
-        .args(["-f", "null", "-"])
-        .output()
-    {
-        Ok(out) => assert!(
-            out.status.success() && out.stderr.is_empty(),
-            "ffmpeg rejects {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-        Err(_) => eprintln!(
-            "ffmpeg not installed: skipping the decode check of {}",
-            path.display()
-        ),
-    }
-}
-
 /// A broadcaster whose own uplink takes `root_children` children; the room's fanout is `fanout`.
-async fn broadcaster(
-    fanout: u16,
-    root_children: u16,
-    pw: &str,
-) -> (Node, RoomHandle, mpsc::Receiver<RoomEvent>) {
-    init_tracing();
-    let b = Node::builder()
-        .kdf(KdfParams::TEST_ONLY)
+/// The clip (video and audio, once) starts with [`Broadcast::start`].
+async fn broadcaster(fanout: u16, root_children: u16, pw: &str) -> (Node, Broadcast, RoomEvents) {
+    let b = builder()
         .max_children(root_children)
         .spawn()
         .await
         .expect("node starts");
-    let opts = SourceOptions::default();
-    let v = FileSource::open(fixture("f.ivf"), opts.clone())
-        .await
-        .unwrap();
-    let a = FileSource::open(fixture("f.ogg"), opts).await.unwrap();
-    let mut cfg = RoomConfig::new("standup")
+    let cfg = RoomConfig::new("standup")
         .password(pw)
         .fanout(fanout)
-        .source(Box::new(v) as Box<dyn MediaSource>)
-        .source(Box::new(a));
-    cfg.autostart = false;
-    cfg.tree = tree_cfg();
-    let mut room = b.broadcast(cfg).await.expect("broadcast starts");
-    let ev = room.events().unwrap();
+        .source(clip("f.ivf", None).await)
+        .source(clip("f.ogg", None).await)
+        .autostart(false)
+        .tree(tree_cfg());
+    let (room, ev) = b.broadcast(cfg).await.expect("broadcast starts");
     (b, room, ev)
+}
+
+/// Waits (30 s at most between events) until both of the broadcaster's sources have ended
+/// without an error.
+async fn wait_sources_ended(bev: &mut RoomEvents) {
+    let mut ended = 0;
+    while ended < 2 {
+        match timeout(Duration::from_secs(30), bev.recv()).await {
+            Ok(Some(RoomEvent::Media(MediaEvent::SourceEnded { error: None, .. }))) => ended += 1,
+            Ok(Some(_)) => {}
+            other => panic!("broadcaster events: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -161,12 +120,12 @@ async fn twelve_viewers_fanout_three_get_every_frame() {
         let dir = tempfile::tempdir().unwrap();
         // Fanout 3 below a broadcaster that feeds 2: 2 + 6 + 4, depth 3.
         let (b, room, mut bev) = broadcaster(3, 2, "hunter2").await;
-        let ticket = room.ticket().unwrap().clone();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
         let mut ws = Vec::new();
         for i in 0..12 {
             let mut w = watcher(dir.path(), i, &boot, &ticket, "hunter2").await;
-            wait_connected(&mut w, i).await;
+            wait_connected(&mut w.events, i).await;
             ws.push(w);
         }
         let mut depths = Vec::new();
@@ -185,17 +144,7 @@ async fn twelve_viewers_fanout_three_get_every_frame() {
             room.send_data(format!("line {i}").as_bytes()).unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // Wait for both sources to end.
-        let mut ended = 0;
-        while ended < 2 {
-            match timeout(Duration::from_secs(30), bev.recv()).await {
-                Ok(Some(RoomEvent::Media(MediaEvent::SourceEnded { error: None, .. }))) => {
-                    ended += 1
-                }
-                Ok(Some(_)) => {}
-                other => panic!("broadcaster events: {other:?}"),
-            }
-        }
+        wait_sources_ended(&mut bev).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let src_v = read_all_frames(fixture("f.ivf")).unwrap();
         let src_a = read_all_frames(fixture("f.ogg")).unwrap();
@@ -224,7 +173,6 @@ async fn twelve_viewers_fanout_three_get_every_frame() {
         }
         room.leave().await;
         b.shutdown().await;
-        let _ = MediaKind::Video;
     })
     .await
     .expect("test finishes within 240 s");
@@ -234,15 +182,11 @@ async fn twelve_viewers_fanout_three_get_every_frame() {
 async fn wrong_password_is_a_clear_error() {
     timeout(Duration::from_secs(60), async {
         let (b, room, _ev) = broadcaster(2, 2, "right").await;
-        let ticket = room.ticket().unwrap().clone();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
         let v = node(boot).await;
         let err = v
-            .watch(
-                WatchTarget::Ticket(ticket),
-                Some("wrong"),
-                WatchOptions::default(),
-            )
+            .watch(ticket, WatchConfig::new().password("wrong"))
             .await
             .unwrap_err();
         assert!(matches!(err, NodeError::WrongPassword { .. }), "{err}");
@@ -250,8 +194,7 @@ async fn wrong_password_is_a_clear_error() {
         let err = v
             .watch(
                 WatchTarget::Name("standup".into()),
-                Some("wrong"),
-                WatchOptions::default(),
+                WatchConfig::new().password("wrong"),
             )
             .await
             .unwrap_err();
@@ -265,32 +208,21 @@ async fn wrong_password_is_a_clear_error() {
 async fn killing_a_relay_its_subtree_resumes_and_files_stay_valid() {
     timeout(Duration::from_secs(180), async {
         let dir = tempfile::tempdir().unwrap();
-        init_tracing();
-        let b = Node::builder()
-            .kdf(KdfParams::TEST_ONLY)
-            .max_children(2)
-            .spawn()
-            .await
-            .unwrap();
+        let b = builder().max_children(2).spawn().await.unwrap();
         // 4 passes of the 3 s clip: the crash happens in the middle of the stream.
-        let opts = SourceOptions {
-            loops: Some(3),
-            ..Default::default()
-        };
-        let v = FileSource::open(fixture("f.ivf"), opts).await.unwrap();
-        let mut cfg = RoomConfig::new("relaykill")
+        let cfg = RoomConfig::new("relaykill")
             .password("pw")
             .fanout(2)
-            .source(Box::new(v) as Box<dyn MediaSource>);
-        cfg.autostart = false;
-        cfg.tree = tree_cfg();
-        let room = b.broadcast(cfg).await.unwrap();
-        let ticket = room.ticket().unwrap().clone();
+            .source(clip("f.ivf", Some(3)).await)
+            .autostart(false)
+            .tree(tree_cfg());
+        let (room, _ev) = b.broadcast(cfg).await.unwrap();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
         let mut ws = Vec::new();
         for i in 0..6 {
             let mut w = watcher(dir.path(), i, &boot, &ticket, "pw").await;
-            wait_connected(&mut w, i).await;
+            wait_connected(&mut w.events, i).await;
             ws.push(w);
         }
         room.start();
@@ -316,11 +248,11 @@ async fn killing_a_relay_its_subtree_resumes_and_files_stay_valid() {
         assert!(!orphan_ws.is_empty());
         // Each orphan gets a new parent and frames flow again.
         for w in orphan_ws.iter_mut() {
-            let base = read_all_frames(&w.video).map(|f| f.len()).unwrap_or(0);
+            let base = frames(&w.video);
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 let s = w.room.status().await.unwrap();
-                let now = read_all_frames(&w.video).map(|f| f.len()).unwrap_or(0);
+                let now = frames(&w.video);
                 if s.depth.is_some() && now > base + 15 {
                     eprintln!(
                         "orphan resumed {:?} after the crash at depth {:?}",
@@ -366,49 +298,45 @@ async fn signalling_through_the_dht_and_gossip_only() {
     timeout(Duration::from_secs(120), async {
         let dir = tempfile::tempdir().unwrap();
         let (b, room, _bev) = broadcaster(2, 2, "pw").await;
-        let ticket = room.ticket().unwrap().clone();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
         let mut ws = Vec::new();
         for i in 0..3 {
-            let node = Node::builder()
-                .kdf(KdfParams::TEST_ONLY)
+            let node = builder()
                 .bootstrap(boot.clone())
                 .inline_signalling(false)
                 .spawn()
                 .await
                 .unwrap();
             let video = dir.path().join(format!("d{i}.ivf"));
-            let mut r = node
+            let (r, mut events) = node
                 .watch(
-                    WatchTarget::Ticket(ticket.clone()),
-                    Some("pw"),
-                    WatchOptions {
-                        sinks: Sinks {
+                    ticket.clone(),
+                    WatchConfig::new()
+                        .password("pw")
+                        .sinks(Sinks {
                             video: Some(SinkTarget::File(video.clone())),
                             ..Default::default()
-                        },
-                        tree: Some(tree_cfg()),
-                    },
+                        })
+                        .tree(tree_cfg()),
                 )
                 .await
                 .unwrap();
-            let events = r.events().unwrap();
-            let mut w = Watcher {
+            wait_connected(&mut events, i).await;
+            ws.push(Watcher {
                 node,
                 room: r,
                 events,
                 video,
                 audio: PathBuf::new(),
                 data: PathBuf::new(),
-            };
-            wait_connected(&mut w, i).await;
-            ws.push(w);
+            });
         }
         room.start();
         let src = read_all_frames(fixture("f.ivf")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         for w in &ws {
-            while read_all_frames(&w.video).map(|f| f.len()).unwrap_or(0) < src.len() {
+            while frames(&w.video) < src.len() {
                 assert!(
                     Instant::now() < deadline,
                     "media through DHT-signalled links"
@@ -431,38 +359,33 @@ async fn signalling_through_the_dht_and_gossip_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_only_room_delivers_binary_messages_in_order() {
     timeout(Duration::from_secs(120), async {
-        init_tracing();
-        let b = Node::builder()
-            .kdf(KdfParams::TEST_ONLY)
-            .max_children(1)
-            .spawn()
-            .await
-            .unwrap();
-        let mut cfg = RoomConfig::new("chat").password("pw").fanout(1);
-        cfg.tree = tree_cfg();
-        let room = b.broadcast(cfg).await.unwrap();
-        let ticket = room.ticket().unwrap().clone();
+        let b = builder().max_children(1).spawn().await.unwrap();
+        let cfg = RoomConfig::new("chat")
+            .password("pw")
+            .fanout(1)
+            .tree(tree_cfg());
+        let (room, _ev) = b.broadcast(cfg).await.unwrap();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
         let mut viewers = Vec::new();
         for i in 0..2 {
             let n = node(boot.clone()).await;
             let (tx, rx) = mpsc::channel(16);
-            let mut r = n
+            let (r, mut events) = n
                 .watch(
-                    WatchTarget::Ticket(ticket.clone()),
-                    Some("pw"),
-                    WatchOptions {
-                        sinks: Sinks {
+                    ticket.clone(),
+                    WatchConfig::new()
+                        .password("pw")
+                        .sinks(Sinks {
                             data: Some(SinkTarget::Channel(tx)),
                             ..Default::default()
-                        },
-                        tree: Some(tree_cfg()),
-                    },
+                        })
+                        .tree(tree_cfg()),
                 )
                 .await
                 .unwrap();
-            let events = r.events().unwrap();
-            let mut w = Watcher {
+            wait_connected(&mut events, i).await;
+            let w = Watcher {
                 node: n,
                 room: r,
                 events,
@@ -470,7 +393,6 @@ async fn data_only_room_delivers_binary_messages_in_order() {
                 audio: PathBuf::new(),
                 data: PathBuf::new(),
             };
-            wait_connected(&mut w, i).await;
             viewers.push((w, rx));
         }
         assert_eq!(viewers[1].0.room.status().await.unwrap().depth, Some(2));
@@ -508,50 +430,45 @@ async fn the_end_of_the_broadcast_reaches_every_viewer() {
         let dir = tempfile::tempdir().unwrap();
         // Fanout 1: a chain, the second viewer learns of the end through the first.
         let (b, room, mut bev) = broadcaster(1, 1, "pw").await;
-        let ticket = room.ticket().unwrap().clone();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
         let mut ws = Vec::new();
         for i in 0..2 {
             let mut w = watcher(dir.path(), i, &boot, &ticket, "pw").await;
-            wait_connected(&mut w, i).await;
+            wait_connected(&mut w.events, i).await;
             ws.push(w);
         }
         assert_eq!(ws[1].room.status().await.unwrap().depth, Some(2));
         room.start();
-        let mut ended = 0;
-        while ended < 2 {
-            match timeout(Duration::from_secs(30), bev.recv()).await {
-                Ok(Some(RoomEvent::Media(MediaEvent::SourceEnded { error: None, .. }))) => {
-                    ended += 1
-                }
-                Ok(Some(_)) => {}
-                other => panic!("broadcaster events: {other:?}"),
-            }
-        }
+        wait_sources_ended(&mut bev).await;
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let left_at = Instant::now();
         let leaving = tokio::spawn(room.leave());
-        // Each viewer's events read on their own, so that the time is when it was told.
+        // Each viewer's events read on their own, so that the time is when it was told; each
+        // reader hands its viewer back.
         let mut readers = Vec::new();
-        for (i, w) in ws.iter_mut().enumerate() {
-            let mut events = std::mem::replace(&mut w.events, mpsc::channel(1).1);
+        for (i, mut w) in ws.into_iter().enumerate() {
             readers.push(tokio::spawn(async move {
                 let mut told = None;
                 loop {
-                    match timeout(Duration::from_secs(15), events.recv()).await {
+                    match timeout(Duration::from_secs(15), w.events.recv()).await {
                         Ok(Some(RoomEvent::BroadcastEnded)) => told = Some(Instant::now()),
                         Ok(Some(RoomEvent::Ended)) => break,
                         Ok(Some(_)) => {}
                         other => panic!("viewer {i}: {other:?} (told of the end: {told:?})"),
                     }
                 }
-                told.unwrap_or_else(|| panic!("viewer {i}: ended without being told"))
+                let told = told.unwrap_or_else(|| panic!("viewer {i}: ended without being told"));
+                (told, w)
             }));
         }
+        let mut ws = Vec::new();
         for (i, r) in readers.into_iter().enumerate() {
-            let told = r.await.unwrap() - left_at;
+            let (told, w) = r.await.unwrap();
+            let told = told - left_at;
             eprintln!("viewer {i}: the end of the broadcast after {told:?}");
             assert!(told < Duration::from_secs(5), "viewer {i}: {told:?}");
+            ws.push(w);
         }
         leaving.await.unwrap();
         let src_v = read_all_frames(fixture("f.ivf")).unwrap();

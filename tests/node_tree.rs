@@ -1,29 +1,26 @@
 //! Real nodes on loopback forming a room tree: the state machine's rules hold on the wire,
 //! departures and crashes are repaired, forged records and forged tree updates are rejected.
 
+mod support;
+
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
+use support::room::{builder, clip, wait_status};
 use tokio::time::{Instant, timeout};
-use waterfall::crypto::{Identity, KdfParams, Kind, now_ms};
-use waterfall::media::{FileSource, MediaSource, SourceOptions};
-use waterfall::node::room::{RoomStatus, WatchOptions, WatchTarget};
-use waterfall::node::{Node, NodeError, RoomConfig, RoomEvent, RoomHandle};
+use waterfall::crypto::{Kind, now_ms};
 use waterfall::proto::{NodeId, TreeUpdate};
 use waterfall::wire::{self, RoomId, RoomRequest, RoomResponse, Versioned};
+use waterfall::{
+    Broadcast, Identity, Node, NodeError, RoomConfig, RoomEvent, RoomEvents, RoomStatus, Watch,
+    WatchConfig, WatchTarget,
+};
 
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-}
-
+/// A node that takes at most `cap` children.
 async fn node(boot: Vec<libp2p::Multiaddr>, cap: u16) -> Node {
-    init_tracing();
-    Node::builder()
-        .kdf(KdfParams::TEST_ONLY)
+    builder()
         .bootstrap(boot)
         .max_children(cap)
         .spawn()
@@ -31,31 +28,29 @@ async fn node(boot: Vec<libp2p::Multiaddr>, cap: u16) -> Node {
         .expect("node starts")
 }
 
-async fn broadcast(b: &Node, name: &str, pw: &str) -> RoomHandle {
-    let opts = SourceOptions {
-        loops: Some(1000),
-        ..Default::default()
-    };
-    let v = FileSource::open(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/f.ivf"),
-        opts,
-    )
-    .await
-    .unwrap();
+/// A room of fanout 3 streaming the fixture clip (looped far past any test's length).
+async fn broadcast(b: &Node, name: &str, pw: &str) -> Broadcast {
     let cfg = RoomConfig::new(name)
         .password(pw)
         .fanout(3)
-        .source(Box::new(v) as Box<dyn MediaSource>);
-    b.broadcast(cfg).await.expect("broadcast")
+        .source(clip("f.ivf", Some(1000)).await);
+    b.broadcast(cfg).await.expect("broadcast").0
+}
+
+/// Watch by ticket with the password.
+async fn watch(n: &Node, ticket: &waterfall::Ticket, pw: &str) -> (Watch, RoomEvents) {
+    n.watch(ticket.clone(), WatchConfig::new().password(pw))
+        .await
+        .expect("joins")
 }
 
 struct Member {
     node: Node,
-    room: RoomHandle,
+    room: Watch,
 }
 
 /// Statuses of every member, keyed by peer id.
-async fn statuses(root: (&Node, &RoomHandle), members: &[Member]) -> HashMap<PeerId, RoomStatus> {
+async fn statuses(root: (&Node, &Broadcast), members: &[Member]) -> HashMap<PeerId, RoomStatus> {
     let mut m = HashMap::new();
     m.insert(root.0.peer_id(), root.1.status().await.unwrap());
     for x in members {
@@ -117,7 +112,7 @@ fn check_tree(root: PeerId, st: &HashMap<PeerId, RoomStatus>, cap: usize) -> Res
 }
 
 async fn wait_tree(
-    root: (&Node, &RoomHandle),
+    root: (&Node, &Broadcast),
     members: &[Member],
     cap: usize,
     within: Duration,
@@ -141,7 +136,7 @@ async fn twenty_nodes_form_a_tree_and_repair_leave_and_crash() {
     timeout(Duration::from_secs(240), async {
         let b = node(vec![], 3).await;
         let room = broadcast(&b, "tree", "pw").await;
-        let ticket = room.ticket().unwrap().clone();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
         // Join in concurrent waves of 5: joiners race for the same free slots.
         let mut members = Vec::new();
@@ -151,14 +146,7 @@ async fn twenty_nodes_form_a_tree_and_repair_leave_and_crash() {
                 let (boot, ticket) = (boot.clone(), ticket.clone());
                 joins.push(tokio::spawn(async move {
                     let n = node(boot, 3).await;
-                    let r = n
-                        .watch(
-                            WatchTarget::Ticket(ticket),
-                            Some("pw"),
-                            WatchOptions::default(),
-                        )
-                        .await
-                        .expect("joins");
+                    let (r, _) = watch(&n, &ticket, "pw").await;
                     Member { node: n, room: r }
                 }));
             }
@@ -209,32 +197,18 @@ async fn twenty_nodes_form_a_tree_and_repair_leave_and_crash() {
     .expect("bounded");
 }
 
-/// Polls `room` until `ok` holds for its status, for at most `within`.
-async fn wait_status(room: &RoomHandle, within: Duration, ok: impl Fn(&RoomStatus) -> bool) {
-    let deadline = Instant::now() + within;
-    loop {
-        if room.status().await.is_ok_and(|s| ok(&s)) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "status not reached in time");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Every event of `room` from now on, kept (bounded) for inspection.
-fn record_events(room: &mut RoomHandle) -> std::sync::Arc<std::sync::Mutex<Vec<RoomEvent>>> {
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    if let Some(mut rx) = room.events() {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            while let Some(e) = rx.recv().await {
-                let mut v = seen.lock().unwrap();
-                if v.len() < 10_000 {
-                    v.push(e);
-                }
+/// Every event of a room from now on, kept (bounded) for inspection.
+fn record_events(mut events: RoomEvents) -> Arc<Mutex<Vec<RoomEvent>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let kept = seen.clone();
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            let mut v = kept.lock().unwrap();
+            if v.len() < 10_000 {
+                v.push(e);
             }
-        });
-    }
+        }
+    });
     seen
 }
 
@@ -246,31 +220,39 @@ async fn a_more_capable_viewer_is_promoted_over_its_parent() {
     timeout(Duration::from_secs(120), async {
         let b = node(vec![], 1).await;
         let room = broadcast(&b, "promote", "pw").await;
-        let ticket = room.ticket().unwrap().clone();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
-        let watch = || WatchTarget::Ticket(ticket.clone());
         let weak = node(boot.clone(), 1).await;
-        let mut weak_room = weak
-            .watch(watch(), Some("pw"), WatchOptions::default())
-            .await
-            .expect("joins");
-        let weak_events = record_events(&mut weak_room);
-        wait_status(&weak_room, Duration::from_secs(30), |s| s.depth == Some(1)).await;
+        let (weak_room, events) = watch(&weak, &ticket, "pw").await;
+        let weak_events = record_events(events);
+        wait_status(
+            "weak below the broadcaster",
+            Duration::from_secs(30),
+            || weak_room.status(),
+            |s| s.depth == Some(1),
+        )
+        .await;
         // The broadcaster's only slot is taken: the capable viewer starts under the weak one.
         let strong = node(boot, 3).await;
-        let mut strong_room = strong
-            .watch(watch(), Some("pw"), WatchOptions::default())
-            .await
-            .expect("joins");
-        let strong_events = record_events(&mut strong_room);
-        wait_status(&strong_room, Duration::from_secs(30), |s| s.depth.is_some()).await;
+        let (strong_room, events) = watch(&strong, &ticket, "pw").await;
+        let strong_events = record_events(events);
+        wait_status(
+            "strong attached",
+            Duration::from_secs(30),
+            || strong_room.status(),
+            |s| s.depth.is_some(),
+        )
+        .await;
         let first = strong_room.status().await.unwrap();
         assert_eq!(first.parent, Some(weak.peer_id()), "{first:?}");
         // Rebalancing checks every 2.5-7.5 s: the promotion follows within a few checks.
         let strong_id = strong.peer_id();
-        wait_status(&weak_room, Duration::from_secs(60), |s| {
-            s.parent == Some(strong_id) && s.depth == Some(2)
-        })
+        wait_status(
+            "weak below strong",
+            Duration::from_secs(60),
+            || weak_room.status(),
+            |s| s.parent == Some(strong_id) && s.depth == Some(2),
+        )
         .await;
         let st = strong_room.status().await.unwrap();
         assert_eq!(
@@ -279,9 +261,12 @@ async fn a_more_capable_viewer_is_promoted_over_its_parent() {
             "{st:?}"
         );
         // The former parent's Leave reaches the broadcaster a moment later: back within capacity.
-        wait_status(&room, Duration::from_secs(10), |s| {
-            s.children == vec![strong_id]
-        })
+        wait_status(
+            "the broadcaster back within capacity",
+            Duration::from_secs(10),
+            || room.status(),
+            |s| s.children == vec![strong_id],
+        )
         .await;
         for (who, events) in [("weak", &weak_events), ("strong", &strong_events)] {
             let v = events.lock().unwrap();
@@ -311,7 +296,7 @@ async fn forged_records_and_updates_are_rejected() {
     timeout(Duration::from_secs(120), async {
         let b = node(vec![], 3).await;
         let room = broadcast(&b, "guarded", "pw").await;
-        let ticket = room.ticket().unwrap().clone();
+        let ticket = room.ticket().clone();
         let boot = b.addrs().await.unwrap();
         let attacker = node(boot.clone(), 3).await;
         let keys = attacker.room_keys("guarded", Some("pw")).await.unwrap();
@@ -329,22 +314,17 @@ async fn forged_records_and_updates_are_rejected() {
             .put_record(keys.locator().to_vec(), wire::encode(&forged))
             .await;
         let v = node(boot.clone(), 3).await;
-        let r = v
-            .watch(
-                WatchTarget::Ticket(ticket.clone()),
-                Some("pw"),
-                WatchOptions::default(),
-            )
+        let (r, _) = v
+            .watch(ticket.clone(), WatchConfig::new().password("pw"))
             .await
             .expect("the real room is found despite the forged record");
         r.leave().await;
         // By name (the DHT path, no pinned broadcaster): the forged copy does not open, the
         // real one wins.
-        let r = v
+        let (r, _) = v
             .watch(
                 WatchTarget::Name("guarded".into()),
-                Some("pw"),
-                WatchOptions::default(),
+                WatchConfig::new().password("pw"),
             )
             .await
             .expect("found by name despite the forged record");
@@ -368,8 +348,7 @@ async fn forged_records_and_updates_are_rejected() {
         let err = v
             .watch(
                 WatchTarget::Name("nobody".into()),
-                Some("pw"),
-                WatchOptions::default(),
+                WatchConfig::new().password("pw"),
             )
             .await
             .unwrap_err();
@@ -467,22 +446,17 @@ async fn forged_records_and_updates_are_rejected() {
         let st = room.status().await.unwrap();
         assert_eq!(st.depth, Some(0));
         let v = node(boot, 3).await;
-        let r = v
-            .watch(
-                WatchTarget::Ticket(ticket),
-                Some("pw"),
-                WatchOptions::default(),
-            )
+        let (r, _) = v
+            .watch(ticket, WatchConfig::new().password("pw"))
             .await
             .expect("still serving");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while r.status().await.unwrap().depth.is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "a newcomer joins after the attack"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_status(
+            "a newcomer joins after the attack",
+            Duration::from_secs(20),
+            || r.status(),
+            |s| s.depth.is_some(),
+        )
+        .await;
     })
     .await
     .expect("bounded");

@@ -9,15 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::time::timeout;
-use waterfall::crypto::KdfParams;
-use waterfall::media::{
-    Broadcaster, FileSource, MediaConfig, MediaEvent, MediaKey, MediaSource, SinkTarget, Sinks,
-    SourceOptions, Viewer,
+use waterfall::media::{Broadcaster, MediaKey, Viewer};
+use waterfall::{
+    Broadcast, FileSource, KdfParams, MediaConfig, MediaEvent, MediaSource, Node, RoomConfig,
+    RoomEvent, SinkTarget, Sinks, SourceOptions, Ticket, Watch, WatchConfig,
 };
-use waterfall::node::room::{WatchOptions, WatchTarget};
-use waterfall::node::{Node, RoomConfig, RoomEvent, RoomHandle};
 
 use super::{
     DRAIN, Pct, ProcFigures, Recv, RunResult, SETTLE, ViewerOutcome, analyse, cpu_seconds,
@@ -125,20 +122,7 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
         }
     }
     let setup_s = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(SETTLE).await;
-    let (w0, cpu0, lo0) = (
-        seq.load(std::sync::atomic::Ordering::SeqCst),
-        cpu_seconds(),
-        lo_bytes(),
-    );
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (w1, cpu1, lo1) = (
-        seq.load(std::sync::atomic::Ordering::SeqCst),
-        cpu_seconds(),
-        lo_bytes(),
-    );
-    tokio::time::sleep(DRAIN).await;
-    let _ = stop.send(true);
+    let ((w0, w1), procs) = measure(&seq, &stop, secs).await;
     let outcomes: Vec<ViewerOutcome> = viewers
         .iter()
         .map(|v| ViewerOutcome {
@@ -153,12 +137,6 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
         .iter()
         .map(|v| window_copies(&v.recv, (w0, w1)) * DATA_WIRE)
         .sum();
-    let procs = ProcFigures {
-        cpu_s_window: cpu1 - cpu0,
-        cpu_s_total: cpu1,
-        peak_rss_mb: peak_rss_mb(),
-        lo_bytes_window: lo1 - lo0,
-    };
     let mut r = analyse(
         "star",
         n,
@@ -176,11 +154,41 @@ pub async fn star(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     Ok(r)
 }
 
+/// The measured window of a run: lets the viewers settle, then takes the pacer's sequence number
+/// and the process figures at the start and the end of `secs` seconds; lets the last messages
+/// drain and stops the pacer.
+async fn measure(
+    seq: &std::sync::atomic::AtomicU64,
+    stop: &tokio::sync::watch::Sender<bool>,
+    secs: u64,
+) -> ((u64, u64), ProcFigures) {
+    let sample = || {
+        (
+            seq.load(std::sync::atomic::Ordering::SeqCst),
+            cpu_seconds(),
+            lo_bytes(),
+        )
+    };
+    tokio::time::sleep(SETTLE).await;
+    let (w0, cpu0, lo0) = sample();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (w1, cpu1, lo1) = sample();
+    tokio::time::sleep(DRAIN).await;
+    let _ = stop.send(true);
+    let procs = ProcFigures {
+        cpu_s_window: cpu1 - cpu0,
+        cpu_s_total: cpu1,
+        peak_rss_mb: peak_rss_mb(),
+        lo_bytes_window: lo1 - lo0,
+    };
+    ((w0, w1), procs)
+}
+
 // ------------------------------------------------------------------ tree
 
 struct TreeViewer {
     node: Node,
-    room: Option<RoomHandle>,
+    room: Option<Watch>,
     recv: Recv,
     join_us: u64,
     rejoins: Arc<Mutex<Vec<u64>>>,
@@ -190,28 +198,21 @@ fn tree_cfg() -> waterfall::proto::Config {
     waterfall::proto::Config::default()
 }
 
-async fn tree_root() -> anyhow::Result<(
-    Node,
-    RoomHandle,
-    waterfall::wire::Ticket,
-    Vec<libp2p::Multiaddr>,
-)> {
+async fn tree_root() -> anyhow::Result<(Node, Broadcast, Ticket, Vec<libp2p::Multiaddr>)> {
     let b = Node::builder()
         .kdf(KdfParams::TEST_ONLY)
         .max_children(FANOUT)
         .spawn()
         .await?;
-    let mut cfg = RoomConfig::new("bench")
+    let cfg = RoomConfig::new("bench")
         .password(PASSWORD)
         .fanout(FANOUT)
-        .source(idle_video().await?);
-    cfg.autostart = false;
-    cfg.tree = tree_cfg();
-    let mut room = b.broadcast(cfg).await?;
-    if let Some(mut ev) = room.events() {
-        tokio::spawn(async move { while ev.recv().await.is_some() {} });
-    }
-    let ticket = room.ticket().context("broadcaster has a ticket")?.clone();
+        .source(idle_video().await?)
+        .autostart(false)
+        .tree(tree_cfg());
+    let (room, mut ev) = b.broadcast(cfg).await?;
+    tokio::spawn(async move { while ev.recv().await.is_some() {} });
+    let ticket = room.ticket().clone();
     let boot = b.addrs().await?;
     Ok((b, room, ticket, boot))
 }
@@ -220,7 +221,7 @@ async fn tree_viewer(
     dir: &Path,
     i: usize,
     boot: &[libp2p::Multiaddr],
-    ticket: &waterfall::wire::Ticket,
+    ticket: &Ticket,
 ) -> anyhow::Result<TreeViewer> {
     let path = dir.join(format!("d{i}"));
     let recv = fifo_receiver(&path)?;
@@ -230,20 +231,18 @@ async fn tree_viewer(
         .bootstrap(boot.to_vec())
         .spawn()
         .await?;
-    let mut room = node
+    let (room, mut ev) = node
         .watch(
-            WatchTarget::Ticket(ticket.clone()),
-            Some(PASSWORD),
-            WatchOptions {
-                sinks: Sinks {
+            ticket.clone(),
+            WatchConfig::new()
+                .password(PASSWORD)
+                .sinks(Sinks {
                     data: Some(SinkTarget::File(path)),
                     ..Default::default()
-                },
-                tree: Some(tree_cfg()),
-            },
+                })
+                .tree(tree_cfg()),
         )
         .await?;
-    let mut ev: mpsc::Receiver<RoomEvent> = room.events().context("events once")?;
     timeout(Duration::from_secs(40), async {
         while let Some(e) = ev.recv().await {
             if matches!(e, RoomEvent::Media(MediaEvent::ParentConnected)) {
@@ -278,7 +277,7 @@ async fn join_tree(
     n: usize,
     dir: &Path,
     boot: &[libp2p::Multiaddr],
-    ticket: &waterfall::wire::Ticket,
+    ticket: &Ticket,
     notes: &mut Vec<String>,
 ) -> Vec<TreeViewer> {
     let mut viewers = Vec::new();
@@ -314,20 +313,7 @@ pub async fn tree(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     let mut notes = Vec::new();
     let viewers = join_tree(n, dir.path(), &boot, &ticket, &mut notes).await;
     let setup_s = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(SETTLE).await;
-    let (w0, cpu0, lo0) = (
-        seq.load(std::sync::atomic::Ordering::SeqCst),
-        cpu_seconds(),
-        lo_bytes(),
-    );
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (w1, cpu1, lo1) = (
-        seq.load(std::sync::atomic::Ordering::SeqCst),
-        cpu_seconds(),
-        lo_bytes(),
-    );
-    tokio::time::sleep(DRAIN).await;
-    let _ = stop.send(true);
+    let ((w0, w1), procs) = measure(&seq, &stop, secs).await;
     let mut outcomes = Vec::new();
     let mut upload = 0;
     for v in &viewers {
@@ -342,12 +328,6 @@ pub async fn tree(n: usize, secs: u64) -> anyhow::Result<RunResult> {
             copies_in_window: None,
         });
     }
-    let procs = ProcFigures {
-        cpu_s_window: cpu1 - cpu0,
-        cpu_s_total: cpu1,
-        peak_rss_mb: peak_rss_mb(),
-        lo_bytes_window: lo1 - lo0,
-    };
     let mut r = analyse(
         "tree",
         n,

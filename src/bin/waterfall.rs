@@ -2,6 +2,21 @@
 //!
 //! Human output goes to stderr, machine output (`--json`) to stdout. Ctrl-C shuts down
 //! gracefully: rooms are left (children and parent told) and files are closed valid.
+//!
+//! Each process claims its data directory ([`waterfall::node::datadir`]): a second process on
+//! the same directory (a viewer started beside a broadcaster with the defaults) runs with a
+//! temporary identity and says so, instead of being the same peer as the first.
+//!
+//! A broadcaster playing files waits for its first viewer's media connection before it starts
+//! them, so that the viewer who joins right after the ticket is printed sees the start; a live
+//! stream on stdin starts at once (it cannot wait), and `--start-now` skips the wait.
+
+#[path = "waterfall/demo.rs"]
+mod demo;
+#[path = "waterfall/input.rs"]
+mod input;
+#[path = "waterfall/term.rs"]
+mod term;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,13 +25,15 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 use waterfall::crypto::{Identity, KdfParams};
-use waterfall::media::source::Container;
-use waterfall::media::{
-    FileSource, MediaConfig, MediaEvent, MediaSource, SinkTarget, Sinks, SourceOptions,
-};
-use waterfall::node::room::{WatchOptions, WatchTarget};
-use waterfall::node::{Node, NodeBuilder, RoomConfig, RoomEvent};
-use waterfall::wire::Ticket;
+use waterfall::media::{MediaConfig, MediaEvent, SinkTarget, Sinks};
+use waterfall::node::datadir::{Claim, DataDir};
+use waterfall::{Node, NodeBuilder, RoomConfig, RoomEvent, WatchConfig, WatchTarget};
+
+use input::{Role, open_source, parse_ticket};
+use term::say;
+
+/// How long the broadcaster lets a new viewer's media path settle before it starts its files.
+const START_GRACE: Duration = Duration::from_millis(500);
 
 /// waterfall: decentralized live streaming through a relay tree of peers.
 #[derive(Parser, Debug)]
@@ -30,7 +47,7 @@ struct Cli {
 enum Command {
     /// Stream a generated test clip from a broadcaster to several viewers through a relay tree,
     /// all in this process over loopback; leaves the viewers' files in --out.
-    Demo(waterfall::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Run a long-lived node: serves the DHT and relays for rooms it is in.
     Node {
         #[command(flatten)]
@@ -100,7 +117,8 @@ struct NetArgs {
     /// Children this node relays to at most.
     #[arg(long)]
     max_children: Option<u16>,
-    /// Data directory (identity key).
+    /// Data directory (identity key; default ~/.local/share/waterfall). One process uses it at
+    /// a time: a second one runs with a temporary identity.
     #[arg(long, env = "WATERFALL_DATA_DIR")]
     data_dir: Option<PathBuf>,
 }
@@ -108,7 +126,8 @@ struct NetArgs {
 /// Room password options: from a file, the environment, or a prompt — never only argv.
 #[derive(Args, Debug, Clone)]
 struct PasswordArgs {
-    /// Read the room password from this file (first line).
+    /// Read the room password from this file (first line). Without it the password comes from
+    /// $WATERFALL_PASSWORD, else from a prompt.
     #[arg(long)]
     password_file: Option<PathBuf>,
     /// A public room: no password (anyone who knows the name can watch).
@@ -123,10 +142,11 @@ struct BroadcastArgs {
     room: String,
     #[command(flatten)]
     password: PasswordArgs,
-    /// Video: an IVF (VP8/VP9/AV1) or H.264 Annex-B file, or - for IVF on stdin.
+    /// Video: an IVF (VP8/VP9/AV1) or H.264 Annex-B file, or - for stdin (IVF or Annex-B,
+    /// recognised from its first bytes).
     #[arg(long)]
     video: Option<String>,
-    /// Audio: an Ogg Opus file, or - for stdin.
+    /// Audio: an Ogg Opus file, or - for Ogg Opus on stdin.
     #[arg(long)]
     audio: Option<String>,
     /// Send stdin lines as data-channel messages (`--data -`).
@@ -135,6 +155,9 @@ struct BroadcastArgs {
     /// Loop file sources.
     #[arg(long = "loop")]
     looped: bool,
+    /// Play files at once instead of waiting for the first viewer to connect.
+    #[arg(long)]
+    start_now: bool,
     /// Children per relay the room aims for.
     #[arg(long, default_value_t = 4)]
     fanout: u16,
@@ -193,11 +216,39 @@ const PUBLIC_STUN: &[&str] = &[
     "stun:stun.cloudflare.com:3478",
 ];
 
+/// This process's identity: the data directory's if this process could claim it, else a
+/// temporary one (with a notice). The returned guard holds the directory until it is dropped.
+fn claim_identity(dir: Option<&PathBuf>) -> anyhow::Result<(Identity, Option<DataDir>)> {
+    let dir = dir.cloned().unwrap_or_else(default_data_dir);
+    let claim = DataDir::claim(&dir)
+        .with_context(|| format!("opening data directory {}", dir.display()))?;
+    match claim {
+        Claim::Held(held) => {
+            let id = held
+                .identity()
+                .with_context(|| format!("loading identity from {}", dir.display()))?;
+            Ok((id, Some(held)))
+        }
+        Claim::InUse { path, holder } => {
+            let id = Identity::generate();
+            let who = holder
+                .map(|p| format!("another waterfall process (pid {p})"))
+                .unwrap_or_else(|| "another waterfall process".into());
+            say!(
+                "note: {} is in use by {who}, so this process runs with a temporary identity \
+                 ({}) that ends with it; give it --data-dir DIR for a lasting one",
+                path.display(),
+                id.peer_id()
+            );
+            Ok((id, None))
+        }
+    }
+}
+
 impl NetArgs {
-    fn builder(&self, mdns_default: bool) -> anyhow::Result<NodeBuilder> {
-        let dir = self.data_dir.clone().unwrap_or_else(default_data_dir);
-        let identity = Identity::load_or_create(&dir)
-            .with_context(|| format!("loading identity from {}", dir.display()))?;
+    /// The node builder, and the data directory it claimed (keep it until the node stops).
+    fn builder(&self, mdns_default: bool) -> anyhow::Result<(NodeBuilder, Option<DataDir>)> {
+        let (identity, held) = claim_identity(self.data_dir.as_ref())?;
         let mut ice = self.stun.clone();
         if self.public && ice.is_empty() {
             ice = PUBLIC_STUN.iter().map(|s| s.to_string()).collect();
@@ -220,7 +271,7 @@ impl NetArgs {
         if let Some(n) = self.max_children {
             b = b.max_children(n);
         }
-        Ok(b)
+        Ok((b, held))
     }
 }
 
@@ -256,24 +307,21 @@ impl PasswordArgs {
     }
 }
 
-fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // webrtc-rs warns about routine ICE/DTLS steps; keep its errors only by default.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new(
-                        "warn,rtc=error,rtc_ice=error,rtc_dtls=error,rtc_sctp=error,webrtc=error",
-                    )
-                }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    term::init_tracing();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message and its causes on one line; a backtrace (anyhow's `{:?}` when
+            // RUST_BACKTRACE is set) helps nobody who mistyped a file name.
+            say!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    init_tracing();
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Keygen { data_dir } => {
             let dir = data_dir.unwrap_or_else(default_data_dir);
@@ -322,7 +370,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn run_async(cmd: Command) -> anyhow::Result<()> {
     match cmd {
-        Command::Demo(args) => Ok(waterfall::demo::run(args).await?),
+        Command::Demo(args) => demo::run(args).await,
         Command::Node { net } => run_node(net).await,
         Command::Broadcast(args) => broadcast(args).await,
         Command::Watch(args) => watch(args).await,
@@ -331,10 +379,11 @@ async fn run_async(cmd: Command) -> anyhow::Result<()> {
 }
 
 async fn run_node(net: NetArgs) -> anyhow::Result<()> {
-    let node = net.builder(true)?.spawn().await?;
-    eprintln!("peer id: {}", node.peer_id());
+    let (builder, _data_dir) = net.builder(true)?;
+    let node = builder.spawn().await?;
+    say!("peer id: {}", node.peer_id());
     for a in node.addrs().await? {
-        eprintln!("listening: {a}");
+        say!("listening: {a}");
     }
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -342,12 +391,15 @@ async fn run_node(net: NetArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {
                 if let Ok(s) = node.net().status().await {
-                    eprint!("\rpeers {:>4}  dht records {:>5}  rooms {:>3}   ", s.peers, s.dht_records, s.topics.len());
+                    term::status(&format!(
+                        "peers {:>4}  dht records {:>5}  rooms {:>3}",
+                        s.peers, s.dht_records, s.topics.len()
+                    ));
                 }
             }
         }
     }
-    eprintln!("\nshutting down");
+    say!("shutting down");
     node.shutdown().await;
     Ok(())
 }
@@ -419,15 +471,15 @@ impl StatusLine {
     }
 
     fn print(&self) {
-        eprint!(
-            "\r\x1b[Kparent {}  depth {}  children {}  {:.0} kbit/s  frames {}  gaps {}",
+        term::status(&format!(
+            "parent {}  depth {}  children {}  {:.0} kbit/s  frames {}  gaps {}",
             self.parent.as_deref().unwrap_or("-"),
             self.depth.map(|d| d.to_string()).unwrap_or("-".into()),
             self.children,
             self.bitrate as f64 / 1000.0,
             self.frames,
             self.gaps
-        );
+        ));
     }
 }
 
@@ -436,49 +488,58 @@ fn short(p: &libp2p::PeerId) -> String {
     s[s.len().saturating_sub(8)..].to_owned()
 }
 
-async fn open_source(spec: &str, looped: bool) -> anyhow::Result<Box<dyn MediaSource>> {
-    let opts = SourceOptions {
-        loops: looped.then_some(u32::MAX),
-        ..SourceOptions::default()
-    };
-    if spec == "-" {
-        // stdin carries IVF (e.g. `ffmpeg ... -f ivf -`), paced by its timestamps.
-        let s = FileSource::from_async_read(tokio::io::stdin(), Container::Ivf, opts).await?;
-        return Ok(Box::new(s));
-    }
-    let s = FileSource::open(spec, opts)
-        .await
-        .with_context(|| format!("opening {spec}"))?;
-    Ok(Box::new(s))
-}
-
 async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
-    let password = args.password.read()?;
-    let node = args.net.builder(true)?.spawn().await?;
-    let mut cfg = RoomConfig::new(&args.room).fanout(args.fanout);
-    cfg.password = password;
-    if let Some(v) = &args.video {
-        cfg.sources.push(open_source(v, args.looped).await?);
+    let stdin_users = [&args.video, &args.audio, &args.data]
+        .iter()
+        .filter(|s| s.as_deref() == Some("-"))
+        .count();
+    if stdin_users > 1 {
+        bail!("only one of --video, --audio and --data can read stdin (-)");
     }
-    if let Some(a) = &args.audio {
-        cfg.sources.push(open_source(a, args.looped).await?);
-    }
-    if cfg.sources.is_empty() && args.data.is_none() {
+    if args.video.is_none() && args.audio.is_none() && args.data.is_none() {
         bail!("nothing to broadcast: give --video, --audio or --data");
     }
-    cfg.data = args.data.is_some();
-    let mut room = node.broadcast(cfg).await?;
+    let password = args.password.read()?;
+    // Open the inputs before the node starts: a missing file or a wrong format fails at once.
+    let mut sources = Vec::new();
+    if let Some(v) = &args.video {
+        sources.push(open_source(v, Role::Video, args.looped).await?);
+    }
+    if let Some(a) = &args.audio {
+        sources.push(open_source(a, Role::Audio, args.looped).await?);
+    }
+    let media_sources = sources.len();
+    // Files wait for the first viewer; a live pipe cannot wait.
+    let files = [&args.video, &args.audio]
+        .iter()
+        .any(|s| s.as_deref().is_some_and(|s| s != "-"));
+    let wait_for_viewer = files && !args.start_now;
+    let (builder, _data_dir) = args.net.builder(true)?;
+    let node = builder.spawn().await?;
+    let mut cfg = RoomConfig::new(&args.room)
+        .fanout(args.fanout)
+        .data(args.data.is_some())
+        .autostart(!wait_for_viewer);
+    if let Some(pw) = password {
+        cfg = cfg.password(pw);
+    }
+    for s in sources {
+        cfg = cfg.source(s);
+    }
+    let (room, mut events) = node.broadcast(cfg).await?;
     if room.keys().is_public() {
-        eprintln!(
+        say!(
             "note: room {:?} has no password: anyone who knows its name can watch",
             args.room
         );
     }
-    let ticket = room.ticket().expect("broadcaster has a ticket").to_string();
-    eprintln!("peer id: {}", node.peer_id());
-    eprintln!("ticket (give it to viewers with the password):");
+    let ticket = room.ticket().to_string();
+    say!("peer id: {}", node.peer_id());
+    say!("ticket (give it to viewers with the password):");
     println!("{ticket}");
-    let mut events = room.events().expect("fresh handle");
+    if wait_for_viewer {
+        say!("waiting for the first viewer before playing (--start-now plays at once)");
+    }
     let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<String>(256);
     if args.data.as_deref() == Some("-") {
         tokio::spawn(async move {
@@ -494,13 +555,27 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     let mut status = StatusLine::default();
     let mut children = 0usize;
     let mut ended_sources = 0;
-    let sources = args.video.is_some() as usize + args.audio.is_some() as usize;
+    // When to start the files: a moment after the first viewer's media connection is up.
+    let mut start_at: Option<tokio::time::Instant> = None;
+    let mut started = !wait_for_viewer;
     loop {
+        let start_timer = async {
+            match start_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = start_timer => {
+                start_at = None;
+                started = true;
+                room.start();
+                say!("a viewer is connected: playing");
+            }
             Some(l) = line_rx.recv() => {
                 if let Err(e) = room.send_data(l.as_bytes()) {
-                    eprintln!("\ndata: {e}");
+                    say!("data: {e}");
                 }
             }
             ev = events.recv() => {
@@ -508,8 +583,13 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                 match &ev {
                     RoomEvent::ChildAdded(_) => children += 1,
                     RoomEvent::ChildRemoved(_) => children = children.saturating_sub(1),
+                    RoomEvent::Media(MediaEvent::ChildConnected(_))
+                        if !started && start_at.is_none() =>
+                    {
+                        start_at = Some(tokio::time::Instant::now() + START_GRACE);
+                    }
                     RoomEvent::Media(MediaEvent::SourceEnded { error, kind }) => {
-                        eprintln!("\n{kind:?} source ended{}", error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
+                        say!("{kind:?} source ended{}", error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
                         ended_sources += 1;
                     }
                     _ => {}
@@ -522,26 +602,27 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                     status.children = children;
                     status.print();
                 }
-                if sources > 0 && ended_sources >= sources && args.data.is_none() {
-                    eprintln!("\nall sources ended");
+                if media_sources > 0 && ended_sources >= media_sources && args.data.is_none() {
+                    say!("all sources ended");
                     break;
                 }
             }
         }
     }
-    eprintln!("\nleaving");
+    say!("leaving");
     room.leave().await;
     node.shutdown().await;
     Ok(())
 }
 
 async fn watch(args: WatchArgs) -> anyhow::Result<()> {
-    let password = args.password.read()?;
+    // The ticket first: a damaged one is reported before a password is asked for.
     let target = match (&args.ticket, &args.room) {
-        (Some(t), _) => WatchTarget::Ticket(t.parse::<Ticket>().context("parsing the ticket")?),
+        (Some(t), _) => WatchTarget::Ticket(parse_ticket(t)?),
         (None, Some(r)) => WatchTarget::Name(r.clone()),
         (None, None) => bail!("give a ticket or --room NAME"),
     };
+    let password = args.password.read()?;
     let target_of = |s: &Option<String>| {
         s.as_ref().map(|p| {
             if p == "-" {
@@ -584,16 +665,15 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     if stdout_users > 1 || (stdout_users == 1 && args.json) {
         bail!("only one output can go to stdout");
     }
-    let node = args.net.builder(true)?.spawn().await?;
-    eprintln!("peer id: {}", node.peer_id());
-    let mut room = node
+    let (builder, _data_dir) = args.net.builder(true)?;
+    let node = builder.spawn().await?;
+    say!("peer id: {}", node.peer_id());
+    let (room, mut events) = node
         .watch(
             target,
-            password.as_deref(),
-            WatchOptions { sinks, tree: None },
+            WatchConfig::new().password_opt(password).sinks(sinks),
         )
         .await?;
-    let mut events = room.events().expect("fresh handle");
     let mut status = StatusLine::default();
     let stop = async {
         match args.duration {
@@ -609,7 +689,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
                 if let RoomEvent::Media(MediaEvent::DecryptFailed(e)) = &ev {
-                    eprintln!("\nmedia does not decrypt ({e}): wrong password?");
+                    say!("media does not decrypt ({e}): wrong password?");
                 }
                 if args.json {
                     if let Some(j) = json_event(&ev) { println!("{j}"); }
@@ -618,12 +698,14 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                     status.print();
                 }
                 if matches!(ev, RoomEvent::Ended) {
+                    // We have not left, so the room ended under us: the broadcast is over.
+                    say!("the broadcast ended");
                     break;
                 }
             }
         }
     }
-    eprintln!("\nleaving (files are closed valid)");
+    say!("leaving (files are closed valid)");
     room.leave().await;
     node.shutdown().await;
     Ok(())

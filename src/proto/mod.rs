@@ -22,6 +22,7 @@
 //! second does not grow with the room's size.
 
 pub mod room;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod tree;
 

@@ -1,8 +1,9 @@
-//! Shared helpers of the `net_*` integration tests: a signed test record format, validators and
-//! node spawning on loopback.
+//! Shared helpers of the `net_*` integration tests (the swarm alone, no rooms): a signed test
+//! record format, validators and node spawning on loopback. Polling and the rest that every test
+//! uses are in `support`.
 #![allow(dead_code)]
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use libp2p::{
     Multiaddr, PeerId,
@@ -124,35 +125,4 @@ impl Node {
     pub fn peer_id(&self) -> PeerId {
         self.net.local_peer_id()
     }
-}
-
-/// Poll `pred` every 50 ms until it returns true or `timeout` passes; returns whether it held.
-pub async fn wait_for<F, Fut>(timeout: Duration, mut pred: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if pred().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Resident set size of this process in KiB (Linux).
-pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
 }

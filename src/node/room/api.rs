@@ -1,12 +1,16 @@
 //! What an application sees of a room: its configuration, its events and its handle.
 //!
 //! These types are kept together because they are the public surface of a room: the
-//! [`RoomHandle`] talks to the room task only through its bounded input queue, and reads what
-//! happens from a bounded event queue (the oldest events are dropped, never the room stalled,
-//! when the application does not read).
+//! room handles talk to the room task only through its bounded input queue, and reads what
+//! happens from a bounded event queue (new events are dropped, never the room stalled, when
+//! the application does not read). Each role has its own handle: [`Broadcast`] for the root,
+//! [`Watch`] for a viewer; the events come once, with the handle, as a [`RoomEvents`] stream.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use futures::Stream;
 use libp2p::PeerId;
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,38 +22,28 @@ use crate::node::{Node, NodeError};
 use crate::proto;
 use crate::wire::Ticket;
 
-/// Broadcaster or viewer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoomRole {
-    /// The root of the tree.
-    Broadcaster,
-    /// Everyone else.
-    Viewer,
-}
-
-/// What to broadcast.
+/// What to broadcast: built with [`RoomConfig::new`] and its setters.
+///
+/// ```no_run
+/// # use waterfall::{RoomConfig, FileSource, MediaSource, SourceOptions};
+/// # fn f(video: Box<dyn MediaSource>) {
+/// let cfg = RoomConfig::new("standup").password("secret").fanout(4).source(video);
+/// # }
+/// ```
 pub struct RoomConfig {
-    /// Room name.
-    pub name: String,
-    /// Password; `None` makes a public room.
-    pub password: Option<String>,
-    /// Media sources (at most one video and one audio).
-    pub sources: Vec<Box<dyn MediaSource>>,
-    /// Whether a data channel runs beside the media.
-    pub data: bool,
-    /// Children per relay the room aims for.
-    pub fanout: u16,
-    /// Stream bitrate, kbit/s (capacity = uplink / bitrate when no max is set).
-    pub bitrate_kbps: u32,
-    /// Tree tunables (defaults are right for real use; tests shorten them).
-    pub tree: proto::Config,
-    /// Start reading the sources at once (else call [`RoomHandle::start`], e.g. once the first
-    /// viewers are attached so that they get every frame from the first).
-    pub autostart: bool,
+    pub(crate) name: String,
+    pub(crate) password: Option<String>,
+    pub(crate) sources: Vec<Box<dyn MediaSource>>,
+    pub(crate) data: bool,
+    pub(crate) fanout: u16,
+    pub(crate) bitrate_kbps: u32,
+    pub(crate) tree: proto::Config,
+    pub(crate) autostart: bool,
 }
 
 impl RoomConfig {
-    /// A room with defaults: fanout 4, 1 Mbit/s.
+    /// A room with defaults: public (no password), fanout 4, 1 Mbit/s, a data channel, sources
+    /// started at once.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -62,20 +56,46 @@ impl RoomConfig {
             autostart: true,
         }
     }
-    /// Set the password.
+    /// The room's password (without one the room is public).
     pub fn password(mut self, pw: impl Into<String>) -> Self {
         self.password = Some(pw.into());
         self
     }
-    /// Add a media source.
+    /// Add a media source (at most one video and one audio).
     pub fn source(mut self, s: Box<dyn MediaSource>) -> Self {
         self.sources.push(s);
         self
     }
-    /// Set the fanout.
+    /// Children per relay the room aims for (default 4).
     pub fn fanout(mut self, k: u16) -> Self {
         self.fanout = k;
         self
+    }
+    /// Whether a data channel runs beside the media (default on).
+    pub fn data(mut self, on: bool) -> Self {
+        self.data = on;
+        self
+    }
+    /// The stream's bitrate in kbit/s (default 1000): a relay's capacity is its uplink divided
+    /// by it when no maximum is set.
+    pub fn bitrate_kbps(mut self, kbps: u32) -> Self {
+        self.bitrate_kbps = kbps;
+        self
+    }
+    /// Tree tunables (the defaults are right for real use; tests shorten them).
+    pub fn tree(mut self, cfg: proto::Config) -> Self {
+        self.tree = cfg;
+        self
+    }
+    /// Start reading the sources at once (default), or wait for [`Broadcast::start`], e.g. until
+    /// the first viewers are attached so that they get every frame from the first.
+    pub fn autostart(mut self, on: bool) -> Self {
+        self.autostart = on;
+        self
+    }
+    /// The room's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
@@ -92,19 +112,52 @@ impl std::fmt::Debug for RoomConfig {
 /// How to find a room to watch.
 #[derive(Debug, Clone)]
 pub enum WatchTarget {
-    /// A ticket printed by the broadcaster.
+    /// A ticket printed by the broadcaster: pins the broadcaster, carries its addresses, and
+    /// tells a wrong password from a room that is gone.
     Ticket(Ticket),
     /// A room name, looked up in the DHT.
     Name(String),
 }
 
-/// Options of a viewer.
+impl From<Ticket> for WatchTarget {
+    fn from(t: Ticket) -> Self {
+        WatchTarget::Ticket(t)
+    }
+}
+
+/// How to watch: built with [`WatchConfig::new`] and its setters.
 #[derive(Debug, Clone, Default)]
-pub struct WatchOptions {
+pub struct WatchConfig {
+    pub(crate) password: Option<String>,
+    pub(crate) sinks: Sinks,
+    pub(crate) tree: Option<proto::Config>,
+}
+
+impl WatchConfig {
+    /// No password (a public room), nothing written, default tree tunables.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The room's password.
+    pub fn password(mut self, pw: impl Into<String>) -> Self {
+        self.password = Some(pw.into());
+        self
+    }
+    /// The password, if any (`None` for a public room).
+    pub fn password_opt(mut self, pw: Option<String>) -> Self {
+        self.password = pw;
+        self
+    }
     /// Where to write what arrives.
-    pub sinks: Sinks,
-    /// Tree tunables.
-    pub tree: Option<proto::Config>,
+    pub fn sinks(mut self, sinks: Sinks) -> Self {
+        self.sinks = sinks;
+        self
+    }
+    /// Tree tunables (the defaults are right for real use; tests shorten them).
+    pub fn tree(mut self, cfg: proto::Config) -> Self {
+        self.tree = Some(cfg);
+        self
+    }
 }
 
 /// What happens in a room, for the application.
@@ -147,87 +200,51 @@ pub struct RoomStatus {
     pub capacity: u16,
 }
 
-/// What [`super::Node::broadcast`] and [`super::Node::watch`] assemble a handle from.
+/// What happens in a room, as a [`Stream`] of [`RoomEvent`]s: handed out once, with the room's
+/// handle, by [`Node::broadcast`] and [`Node::watch`]. The queue behind it is bounded: when the
+/// application does not read, new events are dropped (the room never stalls). The stream ends
+/// after [`RoomEvent::Ended`].
+#[derive(Debug)]
+pub struct RoomEvents {
+    rx: mpsc::Receiver<RoomEvent>,
+}
+
+impl RoomEvents {
+    /// The next event (`None` once the room has ended).
+    pub async fn recv(&mut self) -> Option<RoomEvent> {
+        self.rx.recv().await
+    }
+
+    /// An event already queued, without waiting (`None` when there is none right now).
+    pub fn try_recv(&mut self) -> Option<RoomEvent> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Stream for RoomEvents {
+    type Item = RoomEvent;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RoomEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// What [`Node::broadcast`] and [`Node::watch`] assemble a handle from.
 pub(super) struct HandleParts {
     pub(super) tx: mpsc::Sender<Input>,
     pub(super) events: mpsc::Receiver<RoomEvent>,
-    pub(super) ticket: Option<Ticket>,
-    pub(super) role: RoomRole,
-    pub(super) broadcaster: Option<Arc<Broadcaster>>,
     pub(super) keys: RoomKeys,
     pub(super) node: Node,
 }
 
-/// A joined room. Dropping it leaves the room.
-pub struct RoomHandle {
+/// What both handles share: the room task's input queue. Dropping it leaves the room.
+struct RoomLink {
     tx: mpsc::Sender<Input>,
-    events: Option<mpsc::Receiver<RoomEvent>>,
-    ticket: Option<Ticket>,
-    role: RoomRole,
-    broadcaster: Option<Arc<Broadcaster>>,
     keys: RoomKeys,
     _node: Node,
 }
 
-impl std::fmt::Debug for RoomHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RoomHandle")
-            .field("room", &self.keys.name())
-            .field("role", &self.role)
-            .finish()
-    }
-}
-
-impl RoomHandle {
-    pub(super) fn new(p: HandleParts) -> Self {
-        RoomHandle {
-            tx: p.tx,
-            events: Some(p.events),
-            ticket: p.ticket,
-            role: p.role,
-            broadcaster: p.broadcaster,
-            keys: p.keys,
-            _node: p.node,
-        }
-    }
-
-    /// The ticket viewers use (broadcaster only).
-    pub fn ticket(&self) -> Option<&Ticket> {
-        self.ticket.as_ref()
-    }
-
-    /// Broadcaster or viewer.
-    pub fn role(&self) -> RoomRole {
-        self.role
-    }
-
-    /// The room's keys.
-    pub fn keys(&self) -> &RoomKeys {
-        &self.keys
-    }
-
-    /// The event stream (once).
-    pub fn events(&mut self) -> Option<mpsc::Receiver<RoomEvent>> {
-        self.events.take()
-    }
-
-    /// Send an application message down the tree (broadcaster only).
-    pub fn send_data(&self, msg: &[u8]) -> Result<(), NodeError> {
-        match &self.broadcaster {
-            Some(b) => Ok(b.send_data(msg)?),
-            None => Err(NodeError::Invalid("only the broadcaster sends data".into())),
-        }
-    }
-
-    /// Start the media sources (broadcaster only; once).
-    pub fn start(&self) {
-        if let Some(b) = &self.broadcaster {
-            b.start();
-        }
-    }
-
-    /// Current tree position.
-    pub async fn status(&self) -> Result<RoomStatus, NodeError> {
+impl RoomLink {
+    async fn status(&self) -> Result<RoomStatus, NodeError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Input::Status(tx))
@@ -236,8 +253,7 @@ impl RoomHandle {
         rx.await.map_err(|_| NodeError::Closed)
     }
 
-    /// Leave gracefully: children and parent are told, files are closed.
-    pub async fn leave(self) {
+    async fn leave(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Input::Leave(tx)).await.is_ok() {
             let _ = tokio::time::timeout(LEAVE_TIMEOUT, rx).await;
@@ -245,11 +261,122 @@ impl RoomHandle {
     }
 }
 
-impl Drop for RoomHandle {
+impl Drop for RoomLink {
     /// Dropping the handle leaves the room (gracefully, in the background); once every room
     /// handle and every `Node` clone is gone, the node stops.
     fn drop(&mut self) {
         let (tx, _rx) = oneshot::channel();
         let _ = self.tx.try_send(Input::Leave(tx));
+    }
+}
+
+impl HandleParts {
+    fn split(self) -> (RoomLink, RoomEvents) {
+        (
+            RoomLink {
+                tx: self.tx,
+                keys: self.keys,
+                _node: self.node,
+            },
+            RoomEvents { rx: self.events },
+        )
+    }
+}
+
+/// A room this node broadcasts into (the root of its tree). Dropping it ends the broadcast.
+pub struct Broadcast {
+    link: RoomLink,
+    ticket: Ticket,
+    media: Arc<Broadcaster>,
+}
+
+impl std::fmt::Debug for Broadcast {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broadcast")
+            .field("room", &self.link.keys.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broadcast {
+    pub(super) fn new(
+        parts: HandleParts,
+        ticket: Ticket,
+        media: Arc<Broadcaster>,
+    ) -> (Self, RoomEvents) {
+        let (link, events) = parts.split();
+        (
+            Broadcast {
+                link,
+                ticket,
+                media,
+            },
+            events,
+        )
+    }
+
+    /// The ticket viewers paste to watch (it pins this broadcaster and carries its addresses).
+    pub fn ticket(&self) -> &Ticket {
+        &self.ticket
+    }
+
+    /// The room's keys.
+    pub fn keys(&self) -> &RoomKeys {
+        &self.link.keys
+    }
+
+    /// Send an application message down the tree, over the data channel, to every viewer.
+    pub fn send_data(&self, msg: &[u8]) -> Result<(), NodeError> {
+        Ok(self.media.send_data(msg)?)
+    }
+
+    /// Start the media sources (once; only needed with [`RoomConfig::autostart`] off).
+    pub fn start(&self) {
+        self.media.start();
+    }
+
+    /// Current tree position (the root: depth 0, its children).
+    pub async fn status(&self) -> Result<RoomStatus, NodeError> {
+        self.link.status().await
+    }
+
+    /// End the broadcast gracefully: viewers are told, the room record is ended.
+    pub async fn leave(self) {
+        self.link.leave().await
+    }
+}
+
+/// A room this node watches (and relays to its children). Dropping it leaves the room.
+pub struct Watch {
+    link: RoomLink,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch")
+            .field("room", &self.link.keys.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Watch {
+    pub(super) fn new(parts: HandleParts) -> (Self, RoomEvents) {
+        let (link, events) = parts.split();
+        (Watch { link }, events)
+    }
+
+    /// The room's keys.
+    pub fn keys(&self) -> &RoomKeys {
+        &self.link.keys
+    }
+
+    /// Current tree position: parent, depth, children.
+    pub async fn status(&self) -> Result<RoomStatus, NodeError> {
+        self.link.status().await
+    }
+
+    /// Leave gracefully: children and parent are told, files are finalized.
+    pub async fn leave(self) {
+        self.link.leave().await
     }
 }

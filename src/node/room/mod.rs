@@ -39,7 +39,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-pub use api::{RoomConfig, RoomEvent, RoomHandle, RoomRole, RoomStatus, WatchOptions, WatchTarget};
+pub use api::{
+    Broadcast, RoomConfig, RoomEvent, RoomEvents, RoomStatus, Watch, WatchConfig, WatchTarget,
+};
 pub(crate) use registry::Rooms;
 pub use signal::SIGNAL_MAX_AGE;
 
@@ -71,12 +73,11 @@ struct RoomStart {
     record: Option<RoomRecord>,
     /// The broadcast's creation time (its session: end notices name it).
     session: u64,
-    ticket: Option<Ticket>,
 }
 
 impl Node {
-    /// Create a room and broadcast into it.
-    pub async fn broadcast(&self, cfg: RoomConfig) -> Result<RoomHandle, NodeError> {
+    /// Create a room and broadcast into it. Returns the room's handle and its events (once).
+    pub async fn broadcast(&self, cfg: RoomConfig) -> Result<(Broadcast, RoomEvents), NodeError> {
         let keys = self.room_keys(&cfg.name, cfg.password.as_deref()).await?;
         let tracks: Vec<TrackInfo> = cfg
             .sources
@@ -125,7 +126,7 @@ impl Node {
             addrs,
             check: ticket_check(&keys),
         };
-        let handle = self
+        let parts = self
             .start_room(RoomStart {
                 keys,
                 room: RoomNode::new(tree, me, RoomTimings::default()),
@@ -133,22 +134,22 @@ impl Node {
                 media_events,
                 record: Some(record),
                 session: created_ms,
-                ticket: Some(ticket),
             })
             .await?;
         if cfg.autostart {
             bc.start();
         }
-        Ok(handle)
+        Ok(Broadcast::new(parts, ticket, bc))
     }
 
     /// Join a room as a viewer.
     pub async fn watch(
         &self,
-        target: WatchTarget,
-        password: Option<&str>,
-        opts: WatchOptions,
-    ) -> Result<RoomHandle, NodeError> {
+        target: impl Into<WatchTarget>,
+        cfg: WatchConfig,
+    ) -> Result<(Watch, RoomEvents), NodeError> {
+        let target = target.into();
+        let password = cfg.password.as_deref();
         let (name, ticket) = match &target {
             WatchTarget::Ticket(t) => (t.room.clone(), Some(t)),
             WatchTarget::Name(n) => (n.clone(), None),
@@ -164,10 +165,10 @@ impl Node {
         }
         let (viewer, media_events) = Viewer::new(
             MediaKey::new(*keys.media_key().expose()),
-            opts.sinks,
+            cfg.sinks,
             self.inner.media.clone(),
         );
-        let mut tree_cfg = opts.tree.unwrap_or_default();
+        let mut tree_cfg = cfg.tree.clone().unwrap_or_default();
         tree_cfg.max_children = Some(self.inner.max_children.unwrap_or(record.fanout));
         tree_cfg.stream_kbps = record.bitrate_kbps;
         let me = self.inner.identity.node_id();
@@ -179,12 +180,12 @@ impl Node {
             media_events,
             record: None,
             session: record.created_ms,
-            ticket: None,
         })
         .await
+        .map(Watch::new)
     }
 
-    async fn start_room(&self, start: RoomStart) -> Result<RoomHandle, NodeError> {
+    async fn start_room(&self, start: RoomStart) -> Result<api::HandleParts, NodeError> {
         let RoomStart {
             keys,
             room,
@@ -192,12 +193,11 @@ impl Node {
             media_events,
             record,
             session,
-            ticket,
         } = start;
         let role = if record.is_some() {
-            RoomRole::Broadcaster
+            "broadcaster"
         } else {
-            RoomRole::Viewer
+            "viewer"
         };
         let room_id = RoomId(*keys.locator());
         let (tx, rx) = mpsc::channel(ROOM_INPUT_QUEUE);
@@ -226,14 +226,10 @@ impl Node {
             None => None,
         };
         let (ev_tx, ev_rx) = mpsc::channel(ROOM_EVENT_QUEUE);
-        let broadcaster = match &media {
-            Media::Root(b) => Some(b.clone()),
-            Media::Viewer(_) => None,
-        };
         let span = tracing::info_span!(
             "room",
             name = %keys.name(),
-            role = ?role,
+            role,
             me = %self.peer_id(),
         );
         let task = task::RoomTask::new(task::TaskParts {
@@ -250,15 +246,12 @@ impl Node {
         });
         let h = tokio::spawn(task.run(rx, media_events).instrument(span));
         self.inner.rooms.set_task(room_id, h.abort_handle());
-        Ok(RoomHandle::new(api::HandleParts {
+        Ok(api::HandleParts {
             tx,
             events: ev_rx,
-            ticket,
-            role,
-            broadcaster,
             keys,
             node: self.clone(),
-        }))
+        })
     }
 }
 

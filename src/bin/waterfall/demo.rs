@@ -10,16 +10,18 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::crypto::KdfParams;
-use crate::media::source::read_all_frames;
-use crate::media::{FileSource, MediaEvent, MediaSource, SinkTarget, Sinks, SourceOptions};
-use crate::node::room::{WatchOptions, WatchTarget};
-use crate::node::{Node, NodeError, RoomConfig, RoomEvent, RoomHandle};
+use anyhow::{Context, bail};
+use waterfall::crypto::KdfParams;
+use waterfall::media::source::read_all_frames;
+use waterfall::{
+    Broadcast, FileSource, MediaEvent, MediaSource, Node, RoomConfig, RoomEvent, RoomEvents,
+    SinkTarget, Sinks, SourceOptions, Watch, WatchConfig,
+};
 
 /// The shipped clip: 3 s of 320x240 VP8 (keyframe every 30 frames).
-const CLIP_IVF: &[u8] = include_bytes!("../tests/fixtures/f.ivf");
+const CLIP_IVF: &[u8] = include_bytes!("../../../tests/fixtures/f.ivf");
 /// The shipped clip's audio: 3 s of Opus.
-const CLIP_OGG: &[u8] = include_bytes!("../tests/fixtures/f.ogg");
+const CLIP_OGG: &[u8] = include_bytes!("../../../tests/fixtures/f.ogg");
 
 /// Options of the demo.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,35 +40,17 @@ pub struct DemoArgs {
     pub out: PathBuf,
 }
 
-/// Errors of the demo.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum DemoError {
-    /// A node failed.
-    #[error(transparent)]
-    Node(#[from] NodeError),
-    /// Files could not be written or read.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    /// Something did not happen in time.
-    #[error("{0}")]
-    Stalled(String),
-    /// A viewer's output differs from the source.
-    #[error("{0}")]
-    Mismatch(String),
-}
-
 struct Viewer {
     node: Node,
-    room: RoomHandle,
-    events: tokio::sync::mpsc::Receiver<RoomEvent>,
+    room: Watch,
+    events: RoomEvents,
     video: PathBuf,
     audio: PathBuf,
     frames: u64,
 }
 
 /// Run the demo; progress on stderr.
-pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&args.out)?;
     let src_dir = args.out.join("source");
@@ -90,23 +74,23 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         loops: Some(args.loops.saturating_sub(1)),
         ..SourceOptions::default()
     };
-    let v = FileSource::open(&clip_v, opts.clone())
-        .await
-        .map_err(|e| NodeError::Media(e.to_string()))?;
-    let a = FileSource::open(&clip_a, opts)
-        .await
-        .map_err(|e| NodeError::Media(e.to_string()))?;
-    let mut cfg = RoomConfig::new("waterfall-demo")
+    let v = FileSource::open(&clip_v, opts.clone()).await?;
+    let a = FileSource::open(&clip_a, opts).await?;
+    // Every viewer gets every frame: no rebalancing moves during the short demo, and the clip
+    // starts once every viewer is attached.
+    let tree = waterfall::proto::Config {
+        rebalance_interval_ms: 0,
+        ..Default::default()
+    };
+    let cfg = RoomConfig::new("waterfall-demo")
         .password(password)
         .fanout(args.fanout)
         .source(Box::new(v) as Box<dyn MediaSource>)
-        .source(Box::new(a));
-    cfg.autostart = false;
-    // Every viewer gets every frame: no rebalancing moves during the short demo.
-    cfg.tree.rebalance_interval_ms = 0;
-    let mut broom = b.broadcast(cfg).await?;
-    let mut bevents = broom.events().expect("fresh handle has events");
-    let ticket = broom.ticket().expect("broadcaster has a ticket").clone();
+        .source(Box::new(a))
+        .tree(tree.clone())
+        .autostart(false);
+    let (broom, mut bevents) = b.broadcast(cfg).await?;
+    let ticket = broom.ticket().clone();
     eprintln!("broadcaster {} — ticket:\n  {ticket}", b.peer_id());
     let boot = b.addrs().await?;
 
@@ -120,36 +104,27 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             .await?;
         let video = args.out.join(format!("viewer-{i}.ivf"));
         let audio = args.out.join(format!("viewer-{i}.ogg"));
-        let tree = crate::proto::Config {
-            rebalance_interval_ms: 0,
-            ..Default::default()
+        let sinks = Sinks {
+            video: Some(SinkTarget::File(video.clone())),
+            audio: Some(SinkTarget::File(audio.clone())),
+            data: None,
         };
-        let mut room = node
+        let (room, mut events) = node
             .watch(
-                WatchTarget::Ticket(ticket.clone()),
-                Some(password),
-                WatchOptions {
-                    sinks: Sinks {
-                        video: Some(SinkTarget::File(video.clone())),
-                        audio: Some(SinkTarget::File(audio.clone())),
-                        data: None,
-                    },
-                    tree: Some(tree),
-                },
+                ticket.clone(),
+                WatchConfig::new()
+                    .password(password)
+                    .sinks(sinks)
+                    .tree(tree.clone()),
             )
             .await?;
-        let mut events = room.events().expect("fresh handle has events");
         // Wait for this viewer's media path before the next joins: a tidy, predictable tree.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(RoomEvent::Media(MediaEvent::ParentConnected))) => break,
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
-                    return Err(DemoError::Stalled(format!(
-                        "viewer {i} did not connect to a parent within 30 s"
-                    )));
-                }
+                Ok(None) | Err(_) => bail!("viewer {i} did not connect to a parent within 30 s"),
             }
         }
         let st = room.status().await?;
@@ -181,16 +156,16 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             ev = bevents.recv() => match ev {
                 Some(RoomEvent::Media(MediaEvent::SourceEnded { error, .. })) => {
                     if let Some(e) = error {
-                        return Err(DemoError::Stalled(format!("source failed: {e}")));
+                        bail!("source failed: {e}");
                     }
                     ended += 1;
                 }
                 Some(_) => {}
-                None => return Err(DemoError::Stalled("broadcaster stopped".into())),
+                None => bail!("broadcaster stopped"),
             },
             _ = tick.tick() => {
                 for v in viewers.iter_mut() {
-                    while let Ok(ev) = v.events.try_recv() {
+                    while let Some(ev) = v.events.try_recv() {
                         if let RoomEvent::Media(MediaEvent::Stats(s)) = ev {
                             v.frames = s.video_frames;
                         }
@@ -205,15 +180,15 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
                 );
             }
             _ = tokio::time::sleep_until(deadline) => {
-                return Err(DemoError::Stalled("the stream did not finish in time".into()));
+                bail!("the stream did not finish in time");
             }
         }
     }
     // Let the last packets drain through the tree.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let src_v = read_all_frames(&clip_v).map_err(|e| NodeError::Media(e.to_string()))?;
-    let src_a = read_all_frames(&clip_a).map_err(|e| NodeError::Media(e.to_string()))?;
+    let src_v = read_all_frames(&clip_v).context("reading the source clip")?;
+    let src_a = read_all_frames(&clip_a).context("reading the source clip")?;
     let loops = args.loops.max(1) as usize;
     // Leave deepest first, so that nobody is orphaned (and repaired) on the way out.
     let mut handles = Vec::new();
@@ -225,8 +200,10 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     handles.reverse();
     let mut report = Vec::new();
     for (i, (video, audio)) in handles.into_iter().enumerate() {
-        let got_v = read_all_frames(&video).map_err(|e| NodeError::Media(e.to_string()))?;
-        let got_a = read_all_frames(&audio).map_err(|e| NodeError::Media(e.to_string()))?;
+        let got_v =
+            read_all_frames(&video).with_context(|| format!("reading {}", video.display()))?;
+        let got_a =
+            read_all_frames(&audio).with_context(|| format!("reading {}", audio.display()))?;
         let ok_v = got_v.len() == src_v.len() * loops
             && got_v
                 .iter()
@@ -253,10 +230,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     broom.leave().await;
     b.shutdown().await;
     if !report.is_empty() {
-        return Err(DemoError::Mismatch(format!(
-            "output differs from the source for: {}",
-            report.join(", ")
-        )));
+        bail!("output differs from the source for: {}", report.join(", "));
     }
     eprintln!(
         "done in {:.1}s: every viewer holds every frame of the source, byte for byte. \
@@ -267,7 +241,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     Ok(())
 }
 
-async fn print_tree(b: &Node, broom: &RoomHandle, viewers: &[Viewer]) {
+async fn print_tree(b: &Node, broom: &Broadcast, viewers: &[Viewer]) {
     use std::collections::BTreeMap;
     let mut children: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let root = b.peer_id().to_string();
