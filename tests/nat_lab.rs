@@ -1,6 +1,6 @@
 //! The NAT lab itself: routers translate as declared (cone keeps one mapping and filters by
-//! the contacted port, symmetric maps per destination), nothing leaves the lab, and every
-//! namespace is gone after the lab is dropped.
+//! the contacted port, symmetric maps per destination), nothing leaves the lab (traffic off its
+//! segments ends in the sink), and every namespace is gone after the lab is dropped.
 //!
 //! The UDP probes run inside namespaces, so they are separate processes: this test binary
 //! re-runs itself with `NATLAB_ROLE` set and only [`udp_role`] selected (the usual way to get a
@@ -132,7 +132,10 @@ fn routers_translate_as_declared_and_nothing_leaves_the_lab() {
     let nat = cone.nat_ip.unwrap().to_string();
     assert!(a.starts_with(&format!("{nat}:")), "cone mapping {a}");
     assert_eq!(a, b, "a cone NAT keeps one mapping");
-    assert!(!other, "a port-restricted NAT drops replies from other ports");
+    assert!(
+        !other,
+        "a port-restricted NAT drops replies from other ports"
+    );
 
     // Symmetric: a new mapping per destination.
     let (a, b, other) = probe(&sym);
@@ -144,23 +147,36 @@ fn routers_translate_as_declared_and_nothing_leaves_the_lab() {
 
     // A public host reaches the other public host directly.
     let (a, _, other) = probe(&other_public);
-    assert!(a.starts_with("203.0.113.11:5555"), "public host seen as {a}");
+    assert!(
+        a.starts_with("203.0.113.11:5555"),
+        "public host seen as {a}"
+    );
     assert!(other, "no NAT, no filtering");
 
-    // No way out: public hosts have no default route, routers only the lab's segments.
+    // No way out: everything off the lab's segments goes to the sink, which routes nowhere.
     let router = natlab::Host {
         ns: cone.router_ns.clone().unwrap(),
         ..cone.clone()
     };
     for host in [&server, &router] {
         let out = lab.output(host, "ip", &["route", "get", "192.0.2.1"]);
+        let route = String::from_utf8_lossy(&out.stdout);
         assert!(
-            !out.status.success(),
-            "{} routes off the lab: {}",
-            host.ns,
-            String::from_utf8_lossy(&out.stdout)
+            route.contains(&format!("via {}", natlab::SINK)),
+            "{} routes off the lab: {route}",
+            host.ns
         );
     }
+    let sink = natlab::Host {
+        ns: lab.sink_ns().to_owned(),
+        ip: natlab::SINK,
+        nat_ip: None,
+        router_ns: None,
+    };
+    let out = lab.output(&sink, "ip", &["route", "get", "192.0.2.1"]);
+    assert!(!out.status.success(), "the sink has a route out");
+    let fwd = lab.output(&sink, "sysctl", &["-n", "net.ipv4.ip_forward"]);
+    assert_eq!(String::from_utf8_lossy(&fwd.stdout).trim(), "0");
 }
 
 #[test]

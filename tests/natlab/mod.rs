@@ -7,6 +7,7 @@
 //!   public host  ...              ├── bridge (own namespace, no address)
 //!   router k WAN 203.0.113.100+k ─┘
 //!   router k LAN 192.168.k.1 ── host k 192.168.k.2 (default route via the router)
+//!   sink         203.0.113.254 ──┘ (default route of public hosts and routers)
 //! ```
 //!
 //! A router forwards LAN -> WAN and established/related traffic back (policy drop otherwise),
@@ -16,9 +17,14 @@
 //! input drop matters: without it, a peer's packet that reaches the router before our own
 //! first packet to that peer leaves a conntrack entry for the router itself, and masquerade
 //! then picks a new port for our flow (a cone NAT turning symmetric, hole punching failing);
-//! a dropped packet's entry is never confirmed, as on home routers. Public
-//! hosts have no default route and routers only know the TEST-NET segment, so nothing can leave
-//! the lab.
+//! a dropped packet's entry is never confirmed, as on home routers.
+//!
+//! Public hosts and routers route everything else to the *sink*, a namespace that does not
+//! forward: like the internet, it swallows packets to private addresses of other sites
+//! silently. (Without a default route, sending there fails at once with "network
+//! unreachable", which no real host sees, and coturn closes a TURN allocation on such an
+//! error.) The sink has no route at all and no namespace has a link outside the lab, so nothing
+//! can leave it.
 //!
 //! Processes run in a namespace through `ip netns exec` (which execs the program, so the pid we
 //! hold is the program's). [`Lab`]'s `Drop` kills every process it started by pid and deletes
@@ -41,6 +47,9 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_waterfall");
 
 static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+/// The sink's address: the default gateway of the public segment.
+pub const SINK: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// How a router translates.
@@ -102,9 +111,7 @@ fn run_ok(prog: &str, args: &[&str], stdin: Option<&str>) {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = c
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {prog}: {e}"));
+    let mut child = c.spawn().unwrap_or_else(|e| panic!("spawning {prog}: {e}"));
     if let Some(s) = stdin {
         use std::io::Write;
         let mut w = child.stdin.take().expect("piped stdin");
@@ -116,6 +123,29 @@ fn run_ok(prog: &str, args: &[&str], stdin: Option<&str>) {
         "{prog} {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Namespaces of labs whose test process died without running `Drop` (killed by a signal):
+/// their names carry the dead process's pid.
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("wfnat") else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('x') else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }
 
 fn have(prog: &str) -> bool {
@@ -143,6 +173,7 @@ impl Lab {
                 return None;
             }
         }
+        remove_stale_namespaces();
         let n = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("wfnat{}x{n}", std::process::id());
         let mut lab = Lab {
@@ -176,11 +207,30 @@ impl Lab {
         ip(&["-n", &br, "link", "set", "lo", "up"]);
         ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &br, "link", "set", "br0", "up"]);
+        let sink = lab.add_ns("sk");
+        lab.attach(&sink, "sk", "eth0", SINK);
+        run_ok(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &sink,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=0",
+            ],
+            None,
+        );
         Some(lab)
     }
 
     fn ns_name(&self, what: &str) -> String {
         format!("{}{what}", self.prefix)
+    }
+
+    /// The sink's namespace.
+    pub fn sink_ns(&self) -> &str {
+        &self.namespaces[1]
     }
 
     fn bridge(&self) -> &str {
@@ -202,7 +252,15 @@ impl Lab {
             "-n", &br, "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns,
         ]);
         ip(&["-n", &br, "link", "set", port, "master", "br0", "up"]);
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", ifname]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            ifname,
+        ]);
         ip(&["-n", ns, "link", "set", ifname, "up"]);
     }
 
@@ -213,6 +271,15 @@ impl Lab {
         let ns = self.add_ns(&format!("p{i}"));
         let addr = Ipv4Addr::new(203, 0, 113, 10 + i);
         self.attach(&ns, &format!("p{i}"), "eth0", addr);
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &SINK.to_string(),
+        ]);
         Host {
             ns,
             ip: addr,
@@ -230,6 +297,15 @@ impl Lab {
         let host = self.add_ns(&format!("h{k}"));
         let wan = Ipv4Addr::new(203, 0, 113, 101 + k);
         self.attach(&router, &format!("r{k}"), "wan", wan);
+        ip(&[
+            "-n",
+            &router,
+            "route",
+            "add",
+            "default",
+            "via",
+            &SINK.to_string(),
+        ]);
         let lan_net = k + 1;
         ip(&[
             "-n", &router, "link", "add", "lan", "type", "veth", "peer", "name", "eth0", "netns",
@@ -290,7 +366,11 @@ impl Lab {
              policy drop;\n  ct state established,related accept\n  iifname \"lo\" accept\n  \
              iifname \"lan\" accept\n }}\n}}\n"
         );
-        run_ok("ip", &["netns", "exec", &router, "nft", "-f", "-"], Some(&rules));
+        run_ok(
+            "ip",
+            &["netns", "exec", &router, "nft", "-f", "-"],
+            Some(&rules),
+        );
         Host {
             ns: host,
             ip: host_ip,
@@ -353,6 +433,7 @@ impl Lab {
             "--no-tls",
             "--no-dtls",
             "--lt-cred-mech",
+            "--simple-log",
             "--realm=waterfall.test",
             "--listening-port=3478",
             "--min-port=49152",
@@ -365,13 +446,21 @@ impl Lab {
         .arg(&db)
         .arg("--log-file")
         .arg(&log)
+        .arg("--pidfile")
+        .arg(self.dir.path().join("turn.pid"))
+        .arg("--verbose")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
         self.spawn("turnserver", cmd);
         // Ready when it answers a STUN binding request.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out = self.output(host, "turnutils_stunclient", &[&host.ip.to_string()]);
+            // The client waits forever for an answer that never comes: bound it.
+            let out = self.output(
+                host,
+                "timeout",
+                &["2", "turnutils_stunclient", &host.ip.to_string()],
+            );
             if String::from_utf8_lossy(&out.stdout).contains("reflexive addr")
                 || String::from_utf8_lossy(&out.stderr).contains("reflexive addr")
             {
@@ -396,6 +485,15 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(log) = std::fs::read_to_string(self.path("turn.log"))
+        {
+            // A failing TURN case is explained by the server's side.
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            for l in tail.iter().rev() {
+                eprintln!("[turn log] {l}");
+            }
+        }
         for (_, c) in &mut self.procs {
             let _ = c.kill();
             let _ = c.wait();
@@ -423,12 +521,19 @@ pub fn lines(
     let (tx, rx) = mpsc::channel();
     let tag = tag.to_owned();
     std::thread::spawn(move || {
-        for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if echo {
-                eprintln!("[{tag}] {l}");
-            }
-            if tx.send(l).is_err() {
-                break;
+        // Status lines end in '\r', not '\n': split on both, so later lines stay apart.
+        let mut r = BufReader::new(out);
+        let mut buf = Vec::new();
+        while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            buf.clear();
+            for l in text.split(['\r', '\n']).filter(|l| !l.trim().is_empty()) {
+                if echo {
+                    eprintln!("[{tag}] {l}");
+                }
+                if tx.send(l.to_owned()).is_err() {
+                    return;
+                }
             }
         }
     });
@@ -533,7 +638,13 @@ impl Lab {
 
     /// Start `waterfall ARGS` on `host` with its own data directory `name` (and mDNS off,
     /// WebRTC on every interface); `env` adds environment variables.
-    pub fn waterfall(&mut self, host: &Host, name: &str, args: &[String], env: &[(&str, &str)]) -> Wf {
+    pub fn waterfall(
+        &mut self,
+        host: &Host,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> Wf {
         let data_dir = self.path(name);
         let mut cmd = self.command(host, BIN);
         cmd.args(args)
@@ -547,8 +658,16 @@ impl Lab {
         }
         let idx = self.spawn(name, cmd);
         let child = self.child(idx);
-        let out = lines(child.stdout.take().expect("piped"), &format!("{name} out"), true);
-        let err = lines(child.stderr.take().expect("piped"), &format!("{name} err"), true);
+        let out = lines(
+            child.stdout.take().expect("piped"),
+            &format!("{name} out"),
+            true,
+        );
+        let err = lines(
+            child.stderr.take().expect("piped"),
+            &format!("{name} err"),
+            true,
+        );
         Wf {
             idx,
             out,
