@@ -26,7 +26,8 @@ use tokio::sync::mpsc;
 
 use crate::crypto::{CryptoError, Identity, KdfParams, Kind, RoomKeys, now_ms};
 use crate::media::MediaConfig;
-use crate::net::{Net, NetConfig, NetError, NetEvent};
+use crate::media::peer::IceConfigError;
+use crate::net::{Net, NetConfig, NetError, NetEvent, RelayMode};
 use crate::proto::NodeId;
 use crate::wire::{self, Envelope, RoomId, RoomRecord, Ticket, WireError};
 
@@ -104,6 +105,9 @@ pub enum NodeError {
     /// The data directory could not be claimed.
     #[error(transparent)]
     DataDir(#[from] datadir::DataDirError),
+    /// An unusable STUN/TURN server in the media configuration.
+    #[error(transparent)]
+    IceConfig(#[from] IceConfigError),
 }
 
 /// Builds a [`Node`].
@@ -120,6 +124,8 @@ pub struct NodeBuilder {
     max_children: Option<u16>,
     inline_signalling: bool,
     max_connections: Option<u32>,
+    relay: RelayMode,
+    external_addrs: Vec<Multiaddr>,
 }
 
 impl Default for NodeBuilder {
@@ -141,6 +147,8 @@ impl Default for NodeBuilder {
             max_children: None,
             inline_signalling: true,
             max_connections: None,
+            relay: RelayMode::Off,
+            external_addrs: Vec::new(),
         }
     }
 }
@@ -202,6 +210,20 @@ impl NodeBuilder {
         self
     }
 
+    /// Serve circuit relay v2 for peers behind NATs (default off; `Auto` serves once this
+    /// node is confirmed reachable).
+    pub fn relay(mut self, mode: RelayMode) -> Self {
+        self.relay = mode;
+        self
+    }
+
+    /// Addresses known to be reachable from outside (port forwarding, a public IP): advertised
+    /// at once, without waiting for AutoNAT.
+    pub fn external_addrs(mut self, addrs: Vec<Multiaddr>) -> Self {
+        self.external_addrs = addrs;
+        self
+    }
+
     /// Established connections at most (default 1024).
     pub fn max_connections(mut self, n: u32) -> Self {
         self.max_connections = Some(n);
@@ -210,6 +232,7 @@ impl NodeBuilder {
 
     /// Start the node.
     pub async fn spawn(self) -> Result<Node, NodeError> {
+        self.media.validate()?;
         let mut held_dir = None;
         let identity = match (self.identity, &self.data_dir) {
             (Some(id), _) => id,
@@ -242,6 +265,8 @@ impl NodeBuilder {
         }
         config.mdns = self.mdns;
         config.public = self.public;
+        config.relay = self.relay;
+        config.external_addrs = self.external_addrs;
         if let Some(n) = self.max_connections {
             config.max_connections = n;
         }
@@ -350,13 +375,15 @@ impl Node {
         &self.inner.net
     }
 
-    /// Addresses this node listens on, with `/p2p/<peer id>` appended: dialable by others.
+    /// Addresses others can dial, best first (confirmed external, relayed, then listen
+    /// addresses; see [`Net::addrs`]), with `/p2p/<peer id>` appended. Room records and tickets
+    /// carry these.
     pub async fn addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
         let me = self.peer_id();
         Ok(self
             .inner
             .net
-            .listen_addrs()
+            .addrs()
             .await?
             .into_iter()
             .map(|a| a.with_p2p(me).unwrap_or_else(|a| a))

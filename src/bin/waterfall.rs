@@ -25,7 +25,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use libp2p::Multiaddr;
 use waterfall::crypto::{Identity, KdfParams};
+use waterfall::media::peer::{IceNotice, IceNotices, IceServer};
 use waterfall::media::{MediaConfig, MediaEvent, SinkTarget, Sinks};
+use waterfall::net::{NetNotice, Reachability, RelayMode};
 use waterfall::node::datadir::{Claim, DataDir};
 use waterfall::{Node, NodeBuilder, RoomConfig, RoomEvent, WatchConfig, WatchTarget};
 
@@ -108,9 +110,31 @@ struct NetArgs {
     /// Join the public DHT and use public STUN servers (opt-in).
     #[arg(long)]
     public: bool,
-    /// STUN/TURN server for WebRTC (repeatable), e.g. stun:stun.example.org:3478.
+    /// STUN server for WebRTC (repeatable), e.g. stun:stun.example.org:3478.
     #[arg(long)]
     stun: Vec<String>,
+    /// TURN server for WebRTC (repeatable), e.g. turn:turn.example.org:3478; needs --turn-user
+    /// and a credential. Media goes through it only when no direct path works.
+    #[arg(long, requires = "turn_user")]
+    turn: Vec<String>,
+    /// TURN username.
+    #[arg(long)]
+    turn_user: Option<String>,
+    /// Read the TURN credential from this file (first line); else $WATERFALL_TURN_CREDENTIAL.
+    #[arg(long)]
+    turn_credential_file: Option<PathBuf>,
+    /// Serve circuit relay v2 for peers behind NATs without waiting for AutoNAT to confirm
+    /// this node is reachable (by default it serves once it is): the node's listen addresses
+    /// are taken as public.
+    #[arg(long, conflicts_with = "no_relay")]
+    relay: bool,
+    /// Never serve as a relay for others.
+    #[arg(long)]
+    no_relay: bool,
+    /// An address others can reach this node at (repeatable; e.g. a public IP or a forwarded
+    /// port), advertised at once instead of waiting for AutoNAT to confirm one.
+    #[arg(long)]
+    external_addr: Vec<Multiaddr>,
     /// Address WebRTC binds its UDP sockets to (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     udp_bind: std::net::IpAddr,
@@ -210,6 +234,9 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from(".waterfall")
 }
 
+/// How long `broadcast` waits to learn its reachability before printing the ticket.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Public STUN servers, used only with --public.
 const PUBLIC_STUN: &[&str] = &[
     "stun:stun.l.google.com:19302",
@@ -245,18 +272,61 @@ fn claim_identity(dir: Option<&PathBuf>) -> anyhow::Result<(Identity, Option<Dat
     }
 }
 
+/// ICE notices queued for printing.
+const ICE_NOTICE_QUEUE: usize = 64;
+
 impl NetArgs {
-    /// The node builder, and the data directory it claimed (keep it until the node stops).
-    fn builder(&self, mdns_default: bool) -> anyhow::Result<(NodeBuilder, Option<DataDir>)> {
-        let (identity, held) = claim_identity(self.data_dir.as_ref())?;
-        let mut ice = self.stun.clone();
-        if self.public && ice.is_empty() {
-            ice = PUBLIC_STUN.iter().map(|s| s.to_string()).collect();
+    /// STUN and TURN servers from the flags (the TURN credential from its file or the
+    /// environment, never from argv).
+    fn ice_servers(&self) -> anyhow::Result<Vec<IceServer>> {
+        let mut ice: Vec<IceServer> = self.stun.iter().map(IceServer::stun).collect();
+        if !self.turn.is_empty() {
+            let user = self.turn_user.clone().context("--turn needs --turn-user")?;
+            let credential = match &self.turn_credential_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("reading TURN credential file {}", f.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned(),
+                None => std::env::var("WATERFALL_TURN_CREDENTIAL").unwrap_or_default(),
+            };
+            if credential.is_empty() {
+                bail!(
+                    "--turn needs a credential: give --turn-credential-file or set \
+                     WATERFALL_TURN_CREDENTIAL"
+                );
+            }
+            for url in &self.turn {
+                ice.push(IceServer::turn(url, &user, &credential));
+            }
         }
+        if self.public && ice.is_empty() {
+            ice = PUBLIC_STUN.iter().map(|s| IceServer::stun(*s)).collect();
+        }
+        for s in &ice {
+            s.validate()?;
+        }
+        Ok(ice)
+    }
+
+    /// The node builder, the data directory it claimed (keep it until the node stops) and the
+    /// receiver of the ICE notices its connections will report.
+    fn builder(&self, mdns_default: bool) -> anyhow::Result<NodeParts> {
+        let (identity, held) = claim_identity(self.data_dir.as_ref())?;
+        let (ice_tx, ice_rx) = tokio::sync::mpsc::channel(ICE_NOTICE_QUEUE);
         let media = MediaConfig {
-            ice_servers: ice,
+            ice_servers: self.ice_servers()?,
             udp_bind: self.udp_bind,
+            notices: Some(IceNotices(ice_tx)),
             ..MediaConfig::default()
+        };
+        let relay = if self.no_relay {
+            RelayMode::Off
+        } else if self.relay {
+            RelayMode::On
+        } else {
+            RelayMode::Auto
         };
         let mut b = Node::builder()
             .identity(identity)
@@ -264,6 +334,8 @@ impl NetArgs {
             .mdns(mdns_default && !self.no_mdns)
             .public(self.public)
             .kdf(KdfParams::STRONG)
+            .relay(relay)
+            .external_addrs(self.external_addr.clone())
             .media(media);
         if !self.listen.is_empty() {
             b = b.listen(self.listen.clone());
@@ -271,8 +343,139 @@ impl NetArgs {
         if let Some(n) = self.max_children {
             b = b.max_children(n);
         }
-        Ok((b, held))
+        Ok(NodeParts {
+            builder: b,
+            _data_dir: held,
+            ice: ice_rx,
+        })
     }
+}
+
+/// What [`NetArgs::builder`] prepares.
+struct NodeParts {
+    builder: NodeBuilder,
+    /// The claimed data directory: held until the process ends.
+    _data_dir: Option<DataDir>,
+    /// ICE notices from the node's connections, for the user.
+    ice: tokio::sync::mpsc::Receiver<IceNotice>,
+}
+
+/// A network notice as a `--json` event.
+fn json_notice(n: &NetNotice) -> serde_json::Value {
+    use serde_json::json;
+    match n {
+        NetNotice::BootstrapConnected { peer, addr } => json!({"event": "bootstrap_connected",
+            "peer": peer.to_string(), "addr": addr.to_string()}),
+        NetNotice::BootstrapFailed { addr, error } => {
+            json!({"event": "bootstrap_failed", "addr": addr.to_string(), "error": error})
+        }
+        NetNotice::Reachability(r) => {
+            json!({"event": "reachability", "status": reachability_name(*r)})
+        }
+        NetNotice::AddressConfirmed(a) => {
+            json!({"event": "address_confirmed", "addr": a.to_string()})
+        }
+        NetNotice::AddressExpired(a) => json!({"event": "address_expired", "addr": a.to_string()}),
+        NetNotice::RelayReserved { relay, addr } => json!({"event": "relay_reserved",
+            "relay": relay.to_string(), "addr": addr.to_string()}),
+        NetNotice::RelayFailed { relay, error } => {
+            json!({"event": "relay_failed", "relay": relay.to_string(), "error": error})
+        }
+        NetNotice::NoRelay => json!({"event": "no_relay", "error": n.to_string()}),
+        NetNotice::HolePunched { peer } => {
+            json!({"event": "hole_punched", "peer": peer.to_string()})
+        }
+        NetNotice::HolePunchFailed { peer, error } => {
+            json!({"event": "hole_punch_failed", "peer": peer.to_string(), "error": error})
+        }
+        NetNotice::PublicDhtFailed { what, error } => {
+            json!({"event": "public_dht_failed", "what": what, "error": error})
+        }
+        other => json!({"event": "net_notice", "message": other.to_string()}),
+    }
+}
+
+fn reachability_name(r: Reachability) -> &'static str {
+    match r {
+        Reachability::Public => "public",
+        Reachability::BehindNat => "behind_nat",
+        Reachability::Relayed => "relayed",
+        _ => "unknown",
+    }
+}
+
+/// An ICE notice as a message and a `--json` event.
+fn ice_notice(n: &IceNotice) -> (String, serde_json::Value) {
+    use serde_json::json;
+    match n {
+        IceNotice::TurnUnavailable { url } => (
+            format!("TURN server {url} gave no relay candidate: wrong credentials, or unreachable"),
+            json!({"event": "turn_unavailable", "url": url}),
+        ),
+        IceNotice::GatheringIncomplete { after } => (
+            format!(
+                "ICE gathering not complete after {} ms: a STUN/TURN server is slow or unreachable",
+                after.as_millis()
+            ),
+            json!({"event": "ice_gathering_incomplete", "after_ms": after.as_millis() as u64}),
+        ),
+        IceNotice::Failed { local, remote } => (
+            format!(
+                "WebRTC connection failed: no working path (our candidates: {}; theirs: {}); \
+                 behind a symmetric NAT or firewall? try --turn",
+                local.join(", "),
+                remote.join(", ")
+            ),
+            json!({"event": "ice_failed", "local": local, "remote": remote}),
+        ),
+        IceNotice::Connected { path } => (
+            format!("WebRTC connected ({path})"),
+            json!({"event": "ice_connected", "path": path.to_string()}),
+        ),
+        other => (
+            format!("{other:?}"),
+            json!({"event": "ice_notice", "message": format!("{other:?}")}),
+        ),
+    }
+}
+
+/// Print network and ICE notices as they happen: a line on stderr, and with `json` an event on
+/// stdout. Ends with the node.
+fn spawn_notices(
+    node: &Node,
+    mut ice: tokio::sync::mpsc::Receiver<IceNotice>,
+    json: bool,
+) -> tokio::task::JoinHandle<()> {
+    let mut net = node.net().notices();
+    tokio::spawn(async move {
+        let mut ice_open = true;
+        loop {
+            tokio::select! {
+                n = net.recv() => match n {
+                    Ok(n) => {
+                        eprintln!("\n{n}");
+                        if json {
+                            println!("{}", json_notice(&n));
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                        eprintln!("\n({k} network notices skipped)");
+                    }
+                    Err(_) => break,
+                },
+                n = ice.recv(), if ice_open => match n {
+                    Some(n) => {
+                        let (msg, j) = ice_notice(&n);
+                        eprintln!("\n{msg}");
+                        if json {
+                            println!("{j}");
+                        }
+                    }
+                    None => ice_open = false,
+                },
+            }
+        }
+    })
 }
 
 impl PasswordArgs {
@@ -379,8 +582,13 @@ async fn run_async(cmd: Command) -> anyhow::Result<()> {
 }
 
 async fn run_node(net: NetArgs) -> anyhow::Result<()> {
-    let (builder, _data_dir) = net.builder(true)?;
+    let NodeParts {
+        builder,
+        _data_dir,
+        ice,
+    } = net.builder(true)?;
     let node = builder.spawn().await?;
+    let _notices = spawn_notices(&node, ice, false);
     say!("peer id: {}", node.peer_id());
     for a in node.addrs().await? {
         say!("listening: {a}");
@@ -392,8 +600,9 @@ async fn run_node(net: NetArgs) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 if let Ok(s) = node.net().status().await {
                     term::status(&format!(
-                        "peers {:>4}  dht records {:>5}  rooms {:>3}",
-                        s.peers, s.dht_records, s.topics.len()
+                        "peers {:>4}  dht records {:>5}  rooms {:>3}  reachability {}{}",
+                        s.peers, s.dht_records, s.topics.len(), s.reachability,
+                        if s.relay_serving { "  relaying" } else { "" }
                     ));
                 }
             }
@@ -514,8 +723,25 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
         .iter()
         .any(|s| s.as_deref().is_some_and(|s| s != "-"));
     let wait_for_viewer = files && !args.start_now;
-    let (builder, _data_dir) = args.net.builder(true)?;
+    let NodeParts {
+        builder,
+        _data_dir,
+        ice,
+    } = args.net.builder(true)?;
     let node = builder.spawn().await?;
+    let _notices = spawn_notices(&node, ice, args.json);
+    if !args.net.bootstrap.is_empty() {
+        // Learn how viewers can reach us (a direct address, or a relay slot) before the ticket
+        // is printed: the ticket carries the addresses.
+        let r = node.net().settle(SETTLE_TIMEOUT).await?;
+        if matches!(r, Reachability::Unknown | Reachability::BehindNat) {
+            say!(
+                "warning: not confirmed reachable after {} s ({r}): viewers outside this \
+                 network may not reach this broadcaster",
+                SETTLE_TIMEOUT.as_secs()
+            );
+        }
+    }
     let mut cfg = RoomConfig::new(&args.room)
         .fanout(args.fanout)
         .data(args.data.is_some())
@@ -665,8 +891,13 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     if stdout_users > 1 || (stdout_users == 1 && args.json) {
         bail!("only one output can go to stdout");
     }
-    let (builder, _data_dir) = args.net.builder(true)?;
+    let NodeParts {
+        builder,
+        _data_dir,
+        ice,
+    } = args.net.builder(true)?;
     let node = builder.spawn().await?;
+    let _notices = spawn_notices(&node, ice, args.json);
     say!("peer id: {}", node.peer_id());
     let (room, mut events) = node
         .watch(

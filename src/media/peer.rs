@@ -8,6 +8,17 @@
 //! Every connection gets the default interceptors (NACK generator and responder, RTCP
 //! reports, TWCC receiver) plus [`KeyframeRequestForwarder`], which marks inbound PLI/FIR for
 //! the application: that is the only way a relay learns that a child wants a keyframe.
+//!
+//! ICE servers are typed ([`IceServer`]): a `stun:` URL, or a `turn:` URL with its username and
+//! credential. [`MediaConfig::validate`] checks them once, up front, with webrtc-rs's own URL
+//! rules, so a bad server is a clear error at start instead of a failure of every connection
+//! (webrtc-rs refuses a whole configuration when one `turn:` URL lacks credentials). ICE
+//! prefers host, then server-reflexive, then relayed candidate pairs by priority, so TURN
+//! carries media only when no direct path works.
+//!
+//! What a user must see about ICE (a TURN server that gave no relay candidate, gathering cut
+//! by the deadline, a connection whose checks all failed, and the path a connection took)
+//! goes to [`MediaConfig::notices`] as [`IceNotice`]s, when the embedder asked for them.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -29,11 +40,214 @@ use webrtc::peer_connection::{
     register_default_interceptors,
 };
 
+/// One STUN or TURN server for ICE.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IceServer {
+    /// `stun:host[:port]` or `turn:host[:port][?transport=udp]`.
+    pub url: String,
+    /// TURN username (required for `turn:`).
+    pub username: Option<String>,
+    /// TURN credential (required for `turn:`); never printed.
+    pub credential: Option<String>,
+}
+
+impl std::fmt::Debug for IceServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IceServer")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// A server in [`MediaConfig::ice_servers`] that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IceConfigError {
+    /// The URL does not parse as a STUN or TURN URL.
+    #[error("ICE server {url:?} is not a valid stun: or turn: URL: {source}")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// webrtc-rs's parse error.
+        #[source]
+        source: webrtc::error::Error,
+    },
+    /// A `turn:` URL without a username or credential.
+    #[error("TURN server {url} needs a username and a credential")]
+    MissingCredentials {
+        /// The URL.
+        url: String,
+    },
+    /// A kind of server this WebRTC stack cannot use.
+    #[error("ICE server {url}: {why}")]
+    Unsupported {
+        /// The URL.
+        url: String,
+        /// Why it cannot be used.
+        why: &'static str,
+    },
+}
+
+impl IceServer {
+    /// A STUN server (`stun:host:port`).
+    pub fn stun(url: impl Into<String>) -> Self {
+        IceServer {
+            url: url.into(),
+            username: None,
+            credential: None,
+        }
+    }
+
+    /// A TURN server (`turn:host:port`) with long-term credentials.
+    pub fn turn(
+        url: impl Into<String>,
+        username: impl Into<String>,
+        credential: impl Into<String>,
+    ) -> Self {
+        IceServer {
+            url: url.into(),
+            username: Some(username.into()),
+            credential: Some(credential.into()),
+        }
+    }
+
+    /// Whether this is a TURN server.
+    pub fn is_turn(&self) -> bool {
+        let u = self.url.to_ascii_lowercase();
+        u.starts_with("turn:") || u.starts_with("turns:")
+    }
+
+    fn to_rtc(&self) -> RTCIceServer {
+        RTCIceServer {
+            urls: vec![self.url.clone()],
+            username: self.username.clone().unwrap_or_default(),
+            credential: self.credential.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Check the server with webrtc-rs's rules, and refuse what its TURN client skips
+    /// silently (TLS and TCP transports): such a server would quietly never relay.
+    pub fn validate(&self) -> Result<(), IceConfigError> {
+        use rtc::ice::url::{ProtoType, SchemeType};
+        let url = match rtc::ice::url::Url::parse_url(&self.url) {
+            Ok(u) => u,
+            Err(source) => {
+                return Err(IceConfigError::BadUrl {
+                    url: self.url.clone(),
+                    source,
+                });
+            }
+        };
+        match url.scheme {
+            SchemeType::Stun => Ok(()),
+            SchemeType::Turn => {
+                let empty = |s: &Option<String>| s.as_deref().is_none_or(str::is_empty);
+                if empty(&self.username) || empty(&self.credential) {
+                    return Err(IceConfigError::MissingCredentials {
+                        url: self.url.clone(),
+                    });
+                }
+                if url.proto != ProtoType::Udp {
+                    return Err(IceConfigError::Unsupported {
+                        url: self.url.clone(),
+                        why: "only TURN over UDP is supported (use ?transport=udp)",
+                    });
+                }
+                Ok(())
+            }
+            _ => Err(IceConfigError::Unsupported {
+                url: self.url.clone(),
+                why: "stuns: and turns: (TLS) are not supported; use stun: or turn:",
+            }),
+        }
+    }
+}
+
+/// How a connection's media travels, from the types of the selected candidate pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IcePath {
+    /// Host to host: same network, or a public address.
+    Direct,
+    /// Through a NAT mapping learnt from STUN or from the checks themselves (hole punched).
+    HolePunched,
+    /// Through a TURN relay.
+    Turn,
+    /// The stack did not say.
+    Unknown,
+}
+
+impl std::fmt::Display for IcePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IcePath::Direct => "direct",
+            IcePath::HolePunched => "hole-punched",
+            IcePath::Turn => "turn",
+            IcePath::Unknown => "unknown",
+        })
+    }
+}
+
+/// Something about ICE that a user should see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IceNotice {
+    /// A TURN server was configured but gave no relay candidate before gathering ended: it
+    /// refused the credentials, or it cannot be reached.
+    TurnUnavailable {
+        /// The server's URL.
+        url: String,
+    },
+    /// Gathering was cut by [`MediaConfig::gathering_deadline`]: a STUN or TURN server is slow
+    /// or unreachable; the description went out with the candidates found so far.
+    GatheringIncomplete {
+        /// The deadline.
+        after: Duration,
+    },
+    /// ICE connectivity checks failed: no candidate pair works between the two peers.
+    Failed {
+        /// Candidate types this side offered (`host`, `srflx`, `relay`).
+        local: Vec<String>,
+        /// Candidate types the other side offered.
+        remote: Vec<String>,
+    },
+    /// Connected over this path.
+    Connected {
+        /// The path.
+        path: IcePath,
+    },
+}
+
+/// Where [`IceNotice`]s go: a bounded channel; notices are dropped when it is full.
+#[derive(Clone, Debug)]
+pub struct IceNotices(pub mpsc::Sender<IceNotice>);
+
+impl PartialEq for IceNotices {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.same_channel(&other.0)
+    }
+}
+
+impl Eq for IceNotices {}
+
+impl IceNotices {
+    fn send(&self, n: IceNotice) {
+        if self.0.try_send(n).is_err() {
+            tracing::trace!("ICE notice dropped: the receiver is full or gone");
+        }
+    }
+}
+
 /// Settings of every peer connection a node makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaConfig {
-    /// STUN/TURN URLs (`stun:host:port`). Empty in tests and on a LAN.
-    pub ice_servers: Vec<String>,
+    /// STUN and TURN servers. Empty in tests and on a LAN.
+    pub ice_servers: Vec<IceServer>,
     /// Local address the UDP sockets bind to. `127.0.0.1` for loopback tests; `0.0.0.0` gathers
     /// every interface but skips loopback.
     pub udp_bind: IpAddr,
@@ -42,6 +256,15 @@ pub struct MediaConfig {
     pub mdns_candidates: bool,
     /// Longest wait for ICE gathering before the description is sent as it is.
     pub gathering_deadline: Duration,
+    /// Where to report [`IceNotice`]s (none by default).
+    pub notices: Option<IceNotices>,
+}
+
+impl MediaConfig {
+    /// Check every ICE server (see [`IceServer::validate`]).
+    pub fn validate(&self) -> Result<(), IceConfigError> {
+        self.ice_servers.iter().try_for_each(IceServer::validate)
+    }
 }
 
 impl Default for MediaConfig {
@@ -51,6 +274,7 @@ impl Default for MediaConfig {
             udp_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             mdns_candidates: false,
             gathering_deadline: Duration::from_secs(2),
+            notices: None,
         }
     }
 }
@@ -91,6 +315,9 @@ pub enum PeerError {
     /// No local description after gathering.
     #[error("no local description")]
     NoLocalDescription,
+    /// An unusable ICE server.
+    #[error(transparent)]
+    IceConfig(#[from] IceConfigError),
 }
 
 /// What a connection reports to its owner.
@@ -120,6 +347,113 @@ pub const PEER_EVENT_QUEUE: usize = 64;
 struct Handler {
     gathered: watch::Sender<bool>,
     events: mpsc::Sender<PeerEvent>,
+    /// Set once the connection exists: the ICE state handler reads stats and SDPs from it.
+    pc: std::sync::OnceLock<std::sync::Weak<dyn PeerConnection>>,
+    notices: Option<IceNotices>,
+    /// Candidate types of the local and the remote description as exchanged, for a failure
+    /// report (webrtc-rs's own descriptions lack the gathered candidates).
+    candidates: std::sync::Mutex<(Vec<String>, Vec<String>)>,
+}
+
+impl Handler {
+    /// Report the path of a connected pair, or the candidates of a failed one.
+    async fn report_ice(&self, state: RTCPeerConnectionState) {
+        let Some(notices) = &self.notices else { return };
+        let Some(pc) = self.pc.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        match state {
+            RTCPeerConnectionState::Connected => {
+                // Not on the driver task that runs this callback: reading the transport needs
+                // it, and the pair may be readable only a moment later.
+                let notices = notices.clone();
+                tokio::spawn(async move {
+                    let mut path = IcePath::Unknown;
+                    for _ in 0..PATH_TRIES {
+                        path = selected_path(pc.as_ref()).await;
+                        if path != IcePath::Unknown {
+                            break;
+                        }
+                        tokio::time::sleep(PATH_RETRY).await;
+                    }
+                    notices.send(IceNotice::Connected { path });
+                });
+            }
+            RTCPeerConnectionState::Failed => {
+                let (local, remote) = self
+                    .candidates
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                notices.send(IceNotice::Failed { local, remote });
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads of the selected pair after "connected" before the path is reported unknown.
+const PATH_TRIES: usize = 10;
+const PATH_RETRY: Duration = Duration::from_millis(100);
+
+/// The path of the selected candidate pair, read from the ICE transport (reached through a
+/// sender or a receiver: a viewer has only receivers, the root only senders).
+async fn selected_path(pc: &dyn PeerConnection) -> IcePath {
+    use webrtc::peer_connection::RTCIceCandidateType as T;
+    let mut dtls = None;
+    for s in pc.get_senders().await {
+        if let Ok(Some(t)) = s.transport().await {
+            dtls = Some(t);
+            break;
+        }
+    }
+    if dtls.is_none()
+        && let Some(sctp) = pc.sctp().await
+    {
+        dtls = Some(sctp.transport());
+    }
+    if dtls.is_none() {
+        for r in pc.get_receivers().await {
+            if let Ok(Some(t)) = r.transport().await {
+                dtls = Some(t);
+                break;
+            }
+        }
+    }
+    let Some(dtls) = dtls else {
+        return IcePath::Unknown;
+    };
+    let Ok(Some(pair)) = dtls.ice_transport().get_selected_candidate_pair().await else {
+        return IcePath::Unknown;
+    };
+    match (pair.local().typ, pair.remote().typ) {
+        (T::Relay, _) | (_, T::Relay) => IcePath::Turn,
+        (T::Host, T::Host) => IcePath::Direct,
+        (T::Unspecified, _) | (_, T::Unspecified) => IcePath::Unknown,
+        _ => IcePath::HolePunched,
+    }
+}
+
+/// Candidate types an SDP offers, each once, in order of appearance.
+pub fn candidate_types(sdp: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in sdp.lines() {
+        let Some(rest) = line.trim().strip_prefix("a=candidate:") else {
+            continue;
+        };
+        let mut it = rest.split_whitespace();
+        while let Some(w) = it.next() {
+            if w == "typ" {
+                if let Some(t) = it.next()
+                    && !out.iter().any(|o| o == t)
+                {
+                    out.push(t.to_owned());
+                }
+                break;
+            }
+        }
+    }
+    out
 }
 
 #[async_trait::async_trait]
@@ -131,6 +465,7 @@ impl PeerConnectionEventHandler for Handler {
     }
 
     async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        self.report_ice(state).await;
         // Awaited: state changes must not be lost; the owner drains this queue promptly.
         let _ = self.events.send(PeerEvent::State(state)).await;
     }
@@ -150,6 +485,9 @@ pub struct Peer {
     pub pc: Arc<dyn PeerConnection>,
     gathered: watch::Receiver<bool>,
     deadline: Duration,
+    turn_urls: Vec<String>,
+    notices: Option<IceNotices>,
+    handler: Arc<Handler>,
 }
 
 impl Peer {
@@ -171,47 +509,82 @@ impl Peer {
         let setting_engine = SettingEngineBuilder::new()
             .with_multicast_dns_mode(mode)
             .build();
+        config.validate()?;
         let rtc_config = RTCConfigurationBuilder::new()
-            .with_ice_servers(if config.ice_servers.is_empty() {
-                vec![]
-            } else {
-                vec![RTCIceServer {
-                    urls: config.ice_servers.clone(),
-                    ..Default::default()
-                }]
-            })
+            .with_ice_servers(config.ice_servers.iter().map(IceServer::to_rtc).collect())
             .build();
         let (gtx, grx) = watch::channel(false);
         let handler = Arc::new(Handler {
             gathered: gtx,
             events,
+            pc: std::sync::OnceLock::new(),
+            notices: config.notices.clone(),
+            candidates: std::sync::Mutex::new((Vec::new(), Vec::new())),
         });
         let pc = PeerConnectionBuilder::new()
             .with_configuration(rtc_config)
             .with_media_engine(media_engine)
             .with_interceptor_registry(registry)
             .with_setting_engine(setting_engine)
-            .with_handler(handler as Arc<dyn PeerConnectionEventHandler>)
+            .with_handler(handler.clone() as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![SocketAddr::new(config.udp_bind, 0)])
             .build()
             .await?;
+        let pc: Arc<dyn PeerConnection> = Arc::new(pc);
+        let _ = handler.pc.set(Arc::downgrade(&pc));
         Ok(Peer {
-            pc: Arc::new(pc),
+            pc,
             gathered: grx,
             deadline: config.gathering_deadline,
+            turn_urls: config
+                .ice_servers
+                .iter()
+                .filter(|s| s.is_turn())
+                .map(|s| s.url.clone())
+                .collect(),
+            notices: config.notices.clone(),
+            handler,
         })
+    }
+
+    fn note_candidates(&self, sdp: &str, local: bool) {
+        let types = candidate_types(sdp);
+        let mut c = self
+            .handler
+            .candidates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if local { c.0 = types } else { c.1 = types }
     }
 
     async fn local_blob(&self, kind: SdpKind) -> Result<SignalBlob, PeerError> {
         let mut g = self.gathered.clone();
         // Non-trickle with a deadline: gathering normally completes in milliseconds on a
         // host-only setup; the deadline covers unreachable STUN/TURN servers.
-        let _ = tokio::time::timeout(self.deadline, g.wait_for(|done| *done)).await;
+        let complete = tokio::time::timeout(self.deadline, g.wait_for(|done| *done))
+            .await
+            .is_ok();
         let desc = self
             .pc
             .local_description()
             .await
             .ok_or(PeerError::NoLocalDescription)?;
+        self.note_candidates(&desc.sdp, true);
+        if let Some(n) = &self.notices {
+            if !complete {
+                n.send(IceNotice::GatheringIncomplete {
+                    after: self.deadline,
+                });
+            }
+            // One relay candidate per TURN server at most; none means none of them relays.
+            if !self.turn_urls.is_empty()
+                && !candidate_types(&desc.sdp).iter().any(|t| t == "relay")
+            {
+                for url in &self.turn_urls {
+                    n.send(IceNotice::TurnUnavailable { url: url.clone() });
+                }
+            }
+        }
         Ok(SignalBlob {
             kind,
             sdp: desc.sdp,
@@ -228,6 +601,7 @@ impl Peer {
     /// Applies a remote offer and returns the gathered answer.
     pub async fn accept_offer(&self, offer: &SignalBlob) -> Result<SignalBlob, PeerError> {
         check_blob(offer, SdpKind::Offer)?;
+        self.note_candidates(&offer.sdp, false);
         let desc = RTCSessionDescription::offer(offer.sdp.clone())?;
         self.pc.set_remote_description(desc).await?;
         let answer = self.pc.create_answer(None).await?;
@@ -238,6 +612,7 @@ impl Peer {
     /// Applies the remote answer to our offer.
     pub async fn apply_answer(&self, answer: &SignalBlob) -> Result<(), PeerError> {
         check_blob(answer, SdpKind::Answer)?;
+        self.note_candidates(&answer.sdp, false);
         let desc = RTCSessionDescription::answer(answer.sdp.clone())?;
         debug_assert_eq!(desc.sdp_type, RTCSdpType::Answer);
         self.pc.set_remote_description(desc).await?;

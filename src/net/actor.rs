@@ -4,6 +4,10 @@
 //! `ConnectionId`) and are completed by the matching swarm event; a housekeeping tick enforces
 //! `get_record` deadlines, retries queued gossip, forgets unanswered inbound requests and lifts
 //! expired bans. Every map is bounded (see the constants in [`super`]).
+//!
+//! Reachability, relays, bootstrap retries and hole punching live in [`reach`].
+
+mod reach;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -12,20 +16,20 @@ use std::{
 
 use futures::StreamExt;
 use libp2p::{
-    Multiaddr, PeerId, Swarm, autonat, gossipsub, identify,
+    Multiaddr, PeerId, Swarm, gossipsub, identify,
     kad::{self, GetRecordOk, QueryId, QueryResult, Quorum, Record, RecordKey, store::RecordStore},
     mdns,
     multiaddr::Protocol,
     request_response::{self, InboundRequestId, OutboundRequestId, ResponseChannel},
     swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::{
     MAX_GOSSIP_BYTES, MAX_PENDING_INBOUND, MAX_PENDING_QUERIES, MAX_STRIKES, NetConfig, NetError,
-    NetEvent, NetStatus, PENDING_PUBLISH_PER_TOPIC, PENDING_PUBLISH_TOPICS, PENDING_PUBLISH_TTL,
-    PUBLIC_KAD_PROTOCOL, Published, RecordValidator, ResponseHandle, Result,
+    NetEvent, NetNotice, NetStatus, PENDING_PUBLISH_PER_TOPIC, PENDING_PUBLISH_TOPICS,
+    PENDING_PUBLISH_TTL, PUBLIC_KAD_PROTOCOL, Published, RecordValidator, ResponseHandle, Result,
     WATERFALL_KAD_PROTOCOL,
     behaviour::{Behaviour, BehaviourEvent, build_swarm},
     codec::Body,
@@ -51,6 +55,7 @@ const MAX_IDENTIFY_ADDRS: usize = 16;
 
 pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Addrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<PeerId>>,
@@ -156,6 +161,7 @@ pub(crate) struct Actor {
     lan_peers: HashMap<PeerId, LanPeer>,
     kad_bootstrapped: bool,
     dropped_events: u64,
+    reach: reach::Reach,
 }
 
 impl Actor {
@@ -164,7 +170,9 @@ impl Actor {
         cmd_rx: mpsc::Receiver<Command>,
         cmd_weak: mpsc::WeakSender<Command>,
         events: mpsc::Sender<NetEvent>,
+        notices: broadcast::Sender<NetNotice>,
     ) -> Result<Self> {
+        let reach = reach::Reach::new(&config, notices);
         let mut swarm = build_swarm(&config)?;
         for addr in &config.listen {
             swarm
@@ -202,6 +210,7 @@ impl Actor {
             lan_peers: HashMap::new(),
             kad_bootstrapped: false,
             dropped_events: 0,
+            reach,
         };
         for addr in &config.bootstrap {
             if let Some(peer) = peer_id_of(addr) {
@@ -211,10 +220,11 @@ impl Actor {
                     .kad
                     .add_address(&peer, addr.clone());
             }
-            if let Err(e) = actor.swarm.dial(addr.clone()) {
-                warn!(%addr, error = %e, "bootstrap dial failed");
-            }
         }
+        for addr in &config.external_addrs {
+            actor.confirm_external(addr.clone());
+        }
+        actor.dial_bootstrap();
         Ok(actor)
     }
 
@@ -269,6 +279,9 @@ impl Actor {
         match cmd {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.listen_addrs.clone());
+            }
+            Command::Addrs(reply) => {
+                let _ = reply.send(self.advertised_addrs());
             }
             Command::Dial { addr, reply } => self.dial(addr, reply),
             Command::ConnectedPeers(reply) => {
@@ -378,6 +391,10 @@ impl Actor {
                     dht_peers,
                     dht_records,
                     topics,
+                    reachability: self.reach.reachability(),
+                    external_addrs: self.swarm.external_addresses().cloned().collect(),
+                    relays: self.reach.reserved_relays(),
+                    relay_serving: self.reach.serving(),
                 });
             }
             Command::Shutdown => unreachable!("handled in run"),
@@ -616,6 +633,7 @@ impl Actor {
         if !self.lan_peers.is_empty() {
             self.dial_lan_peers();
         }
+        self.reach_housekeeping();
         self.inbound
             .retain(|_, p| now.duration_since(p.since) < INBOUND_TTL);
         self.inbound_ids
@@ -691,6 +709,7 @@ impl Actor {
     // ----- swarm events -----
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
+        self.reach_on_swarm_event(&ev);
         match ev {
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -796,14 +815,15 @@ impl Actor {
             }
             BehaviourEvent::Gossipsub(ev) => self.on_gossip(ev),
             BehaviourEvent::Rr(ev) => self.on_request_response(ev),
-            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
-                info!(?old, ?new, "NAT status changed");
-            }
+            BehaviourEvent::Autonat(ev) => self.on_autonat(ev),
+            BehaviourEvent::Dcutr(ev) => self.on_dcutr(ev),
+            BehaviourEvent::Relay(ev) => self.on_relay_client(ev),
             _ => {}
         }
     }
 
     fn on_identify(&mut self, peer: PeerId, info: identify::Info) {
+        self.reach_on_identify(peer, &info);
         let has = |p: &str| info.protocols.iter().any(|s| s.as_ref() == p);
         let waterfall = has(WATERFALL_KAD_PROTOCOL);
         let public = self.public && has(PUBLIC_KAD_PROTOCOL);

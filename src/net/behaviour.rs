@@ -6,6 +6,16 @@
 //! - `StoreInserts::FilterBoth`: inbound puts are handed to the actor, which validates them
 //!   ([`super::records`]) before storing; kad's own periodic publication is off because the actor
 //!   republishes its own live records itself (and only those);
+//! - AutoNAT v2 replaces v1: its server dials back from a fresh port, so a hole-punched or
+//!   port-reused connection cannot fake reachability; every node also serves it (bounded by the
+//!   crate: one dial-back at a time per request, and a client must pay in bytes to have an
+//!   address other than its observed one tested);
+//! - the relay server is present only when [`RelayMode`] is not `Off`; its advertisement
+//!   status (whether it speaks the hop protocol at all) is set by the actor: always in `On`
+//!   mode, in `Auto` mode only while a direct address is confirmed (the crate's own automatic
+//!   rule would also count relayed addresses). Circuits carry tree control and signalling, so
+//!   they are far larger and longer than the crate's 128 KiB / 2 min defaults, but bounded in
+//!   number, size and duration;
 //! - gossipsub mesh sizes 1/3/6 with `mesh_outbound_min` 0 so a room of two peers forms a mesh;
 //!   flood publishing so a message reaches every subscribed neighbour even before the mesh
 //!   settles; strict signing and manual validation so nothing is forwarded before the
@@ -26,7 +36,7 @@ use libp2p::{
 
 use super::{
     IDENTIFY_PROTOCOL_VERSION, MAX_GOSSIP_BYTES, MAX_RECORD_BYTES, NetConfig, NetError,
-    PUBLIC_KAD_PROTOCOL, REQUEST_PROTOCOL, WATERFALL_KAD_PROTOCOL, codec::BytesCodec,
+    PUBLIC_KAD_PROTOCOL, REQUEST_PROTOCOL, RelayMode, WATERFALL_KAD_PROTOCOL, codec::BytesCodec,
 };
 
 /// Records a node stores for others at most (8 KiB each: 32 MiB worst case).
@@ -37,8 +47,19 @@ const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections without traffic stay open this long (gossip and kad need standing connections).
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(300);
-/// Connections per peer (one per transport plus a dcutr upgrade).
-const MAX_CONNECTIONS_PER_PEER: u32 = 4;
+/// Connections per peer: one per transport, a DCUtR upgrade, and AutoNAT dial-backs (each a
+/// new connection, which then idles until the idle timeout). A denied dial-back would read as
+/// "not reachable".
+const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+/// Relay server: peers holding a reservation at once.
+const RELAY_MAX_RESERVATIONS: usize = 128;
+/// Relay server: relayed connections at once, and per peer.
+const RELAY_MAX_CIRCUITS: usize = 64;
+const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
+/// Relay server: one circuit lasts at most this long and carries at most this much; the peers
+/// reconnect (or have hole-punched long before).
+const RELAY_CIRCUIT_DURATION: Duration = Duration::from_secs(30 * 60);
+const RELAY_CIRCUIT_BYTES: u64 = 32 * 1024 * 1024;
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -46,8 +67,10 @@ pub(crate) struct Behaviour {
     pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
-    pub autonat: autonat::Behaviour,
+    pub autonat: autonat::v2::client::Behaviour,
+    pub autonat_server: autonat::v2::server::Behaviour,
     pub relay: relay::client::Behaviour,
+    pub relay_server: Toggle<relay::Behaviour>,
     pub dcutr: dcutr::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub kad: kad::Behaviour<MemoryStore>,
@@ -99,11 +122,38 @@ fn public_kad(keypair: &Keypair) -> kad::Behaviour<MemoryStore> {
     cfg.set_query_timeout(KAD_QUERY_TIMEOUT);
     // Value records of others are never accepted from the public DHT: we only provide.
     cfg.set_record_filtering(kad::StoreInserts::FilterBoth);
-    kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), cfg)
+    let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::new(peer_id), cfg);
+    // Client until AutoNAT confirms a direct address (the actor switches it): kad's own rule
+    // would also count relayed addresses, and a relayed server is a poor routing-table entry.
+    kad.set_mode(Some(kad::Mode::Client));
+    kad
+}
+
+/// The relay server, with our limits (the crate's rate limiters per peer and IP stay) and the
+/// advertisement status of `mode`.
+fn relay_server(peer_id: libp2p::PeerId, mode: RelayMode) -> relay::Behaviour {
+    let cfg = relay::Config {
+        max_reservations: RELAY_MAX_RESERVATIONS,
+        max_circuits: RELAY_MAX_CIRCUITS,
+        max_circuits_per_peer: RELAY_MAX_CIRCUITS_PER_PEER,
+        max_circuit_duration: RELAY_CIRCUIT_DURATION,
+        max_circuit_bytes: RELAY_CIRCUIT_BYTES,
+        ..relay::Config::default()
+    };
+    let mut relay = relay::Behaviour::new(peer_id, cfg);
+    relay.set_status(Some(if mode == RelayMode::On {
+        relay::Status::Enable
+    } else {
+        relay::Status::Disable
+    }));
+    relay
 }
 
 pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     let gossip_cfg = gossip_config(config)?;
+    let relay_mode = config.relay;
+    let autonat_cfg =
+        autonat::v2::client::Config::default().with_probe_interval(config.autonat_interval);
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(config.max_connections))
         .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
@@ -156,8 +206,15 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
                             .with_push_listen_addr_updates(true),
                     ),
                     ping: ping::Behaviour::default(),
-                    autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+                    autonat: autonat::v2::client::Behaviour::new(
+                        rand::make_rng::<rand::rngs::StdRng>(),
+                        autonat_cfg,
+                    ),
+                    autonat_server: autonat::v2::server::Behaviour::default(),
                     relay,
+                    relay_server: Toggle::from(
+                        (relay_mode != RelayMode::Off).then(|| relay_server(peer_id, relay_mode)),
+                    ),
                     dcutr: dcutr::Behaviour::new(peer_id),
                     mdns: Toggle::from(mdns),
                     kad: waterfall_kad(key),

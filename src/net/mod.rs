@@ -17,11 +17,21 @@
 //! injects a [`RecordValidator`] and a [`GossipValidator`] (in waterfall: envelope signature and
 //! seal checks from `crypto`/`wire`).
 //!
-//! Protocols ([`behaviour`]): TCP + QUIC, noise, yamux, identify, ping, autonat, relay client +
-//! dcutr, connection limits, a block list, optional mDNS, two Kademlia instances (the waterfall DHT
+//! Protocols ([`behaviour`]): TCP + QUIC, noise, yamux, identify, ping, AutoNAT v2 (client and
+//! server), circuit relay v2 (client, and a bounded server per [`RelayMode`]) + DCUtR, connection
+//! limits, a block list, optional mDNS, two Kademlia instances (the waterfall DHT
 //! `/waterfall/kad/1.0.0` in server mode with validated inserts, and the opt-in public Amino DHT
 //! for provider records only), gossipsub with strict signing and manual validation, and
 //! request-response `/waterfall/req/1.0.0` (raw bytes, size-limited, [`codec`]).
+//!
+//! Reachability (`actor/reach.rs`): identify's observed addresses are candidates that AutoNAT v2
+//! tests by dialling back from a fresh port; only what passes becomes an external address. A
+//! node that is not confirmed reachable reserves a slot on relay-capable bootstrap peers and
+//! advertises the `/p2p-circuit` address it gets; DCUtR then tries to upgrade relayed
+//! connections to direct ones. [`Net::addrs`] is what others can dial, in that order: confirmed
+//! direct addresses, relayed ones, then listen addresses (loopback ones only when nothing else
+//! exists). What a user must know (bootstrap failures, reachability, relay reservations, hole
+//! punching) is broadcast as [`NetNotice`]s ([`Net::notices`]), not only logged.
 //!
 //! Misbehaviour: a peer that sends an invalid record, an invalid gossip message or an oversized
 //! request earns a strike; at [`MAX_STRIKES`] it is disconnected and blocked for
@@ -40,6 +50,116 @@ use tokio::sync::{mpsc, oneshot};
 use crate::proto::NodeId;
 
 pub use records::{CLOCK_SKEW, MAX_RECORD_BYTES, MAX_RECORD_LIFETIME};
+
+/// Notices kept for a lagging [`Net::notices`] receiver (older ones are dropped).
+pub const NOTICE_CAPACITY: usize = 64;
+
+/// Whether a node serves circuit relay v2 for others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RelayMode {
+    /// Never.
+    #[default]
+    Off,
+    /// Once AutoNAT v2 confirmed a direct external address: only a reachable node is a useful
+    /// relay.
+    Auto,
+    /// Always (a host known to be public).
+    On,
+}
+
+/// What this node knows about how others can reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Reachability {
+    /// Nothing tested yet (no AutoNAT server among the peers, or too early).
+    #[default]
+    Unknown,
+    /// A direct address passed an AutoNAT dial-back.
+    Public,
+    /// Dial-backs failed and no relay holds a slot for us: only peers we dial reach us.
+    BehindNat,
+    /// Not directly reachable, but reachable through a relay.
+    Relayed,
+}
+
+impl fmt::Display for Reachability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reachability::Unknown => "unknown",
+            Reachability::Public => "public",
+            Reachability::BehindNat => "behind NAT",
+            Reachability::Relayed => "relayed",
+        })
+    }
+}
+
+/// Something about connectivity a user should see (an embedder prints or shows these; the
+/// CLI prints each as a message and a `--json` event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NetNotice {
+    /// Connected to a bootstrap peer.
+    BootstrapConnected { peer: PeerId, addr: Multiaddr },
+    /// Dialling a bootstrap address failed (retried with backoff).
+    BootstrapFailed { addr: Multiaddr, error: String },
+    /// Reachability changed.
+    Reachability(Reachability),
+    /// An address was confirmed as dialable by others (AutoNAT v2 or a relay reservation).
+    AddressConfirmed(Multiaddr),
+    /// A confirmed address is no longer valid.
+    AddressExpired(Multiaddr),
+    /// A relay holds a slot for us: we are reachable at `addr`.
+    RelayReserved { relay: PeerId, addr: Multiaddr },
+    /// A relay refused or lost our reservation (retried with backoff).
+    RelayFailed { relay: PeerId, error: String },
+    /// Not directly reachable and no relay-capable peer is known: peers outside this network
+    /// cannot reach this node.
+    NoRelay,
+    /// A relayed connection was upgraded to a direct one (DCUtR).
+    HolePunched { peer: PeerId },
+    /// Hole punching with a peer failed: the connection stays relayed.
+    HolePunchFailed { peer: PeerId, error: String },
+    /// A public DHT operation failed (bootstrap, provide or lookup).
+    PublicDhtFailed { what: &'static str, error: String },
+}
+
+impl fmt::Display for NetNotice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetNotice::BootstrapConnected { peer, addr } => {
+                write!(f, "connected to bootstrap peer {peer} at {addr}")
+            }
+            NetNotice::BootstrapFailed { addr, error } => {
+                write!(f, "bootstrap peer {addr} unreachable: {error}")
+            }
+            NetNotice::Reachability(r) => write!(f, "reachability: {r}"),
+            NetNotice::AddressConfirmed(a) => write!(f, "reachable at {a}"),
+            NetNotice::AddressExpired(a) => write!(f, "no longer reachable at {a}"),
+            NetNotice::RelayReserved { relay, addr } => {
+                write!(f, "relay {relay} holds a slot for us: reachable at {addr}")
+            }
+            NetNotice::RelayFailed { relay, error } => {
+                write!(f, "relay {relay} refused or lost our reservation: {error}")
+            }
+            NetNotice::NoRelay => f.write_str(
+                "behind a NAT and no relay is known: peers outside this network cannot reach \
+                 this node (give --bootstrap a public waterfall node)",
+            ),
+            NetNotice::HolePunched { peer } => {
+                write!(f, "hole punched: direct connection to {peer}")
+            }
+            NetNotice::HolePunchFailed { peer, error } => {
+                write!(
+                    f,
+                    "hole punching to {peer} failed ({error}): staying relayed"
+                )
+            }
+            NetNotice::PublicDhtFailed { what, error } => {
+                write!(f, "public DHT {what} failed: {error}")
+            }
+        }
+    }
+}
 
 /// Protocol of the waterfall DHT.
 pub const WATERFALL_KAD_PROTOCOL: &str = "/waterfall/kad/1.0.0";
@@ -133,6 +253,16 @@ pub struct NetConfig {
     pub event_capacity: usize,
     /// Gossipsub heartbeat (mesh maintenance) interval.
     pub gossip_heartbeat: Duration,
+    /// Whether to serve circuit relay v2 for others.
+    pub relay: RelayMode,
+    /// Reserve a slot on relay-capable bootstrap peers while not directly reachable.
+    pub use_relays: bool,
+    /// How often AutoNAT v2 tests untested address candidates.
+    pub autonat_interval: Duration,
+    /// Addresses known to be reachable from outside (an operator's port forwarding or public
+    /// IP), confirmed at start without a test. AutoNAT v2 only asks peers this node dialled,
+    /// so a public node that never dials out would otherwise stay unconfirmed.
+    pub external_addrs: Vec<Multiaddr>,
 }
 
 impl NetConfig {
@@ -165,6 +295,10 @@ impl NetConfig {
             ban_duration: Duration::from_secs(10 * 60),
             event_capacity: 1024,
             gossip_heartbeat: Duration::from_millis(500),
+            relay: RelayMode::Off,
+            use_relays: true,
+            autonat_interval: Duration::from_secs(5),
+            external_addrs: Vec::new(),
         }
     }
 }
@@ -178,6 +312,8 @@ impl fmt::Debug for NetConfig {
             .field("mdns", &self.mdns)
             .field("public", &self.public)
             .field("max_connections", &self.max_connections)
+            .field("relay", &self.relay)
+            .field("use_relays", &self.use_relays)
             .finish_non_exhaustive()
     }
 }
@@ -254,6 +390,14 @@ pub struct NetStatus {
     pub dht_records: usize,
     /// Subscribed gossip topics.
     pub topics: Vec<String>,
+    /// How others can reach this node.
+    pub reachability: Reachability,
+    /// Confirmed external addresses (direct and relayed).
+    pub external_addrs: Vec<Multiaddr>,
+    /// Relays holding a slot for us.
+    pub relays: Vec<PeerId>,
+    /// Whether this node currently accepts relay reservations.
+    pub relay_serving: bool,
 }
 
 /// What happens on the network, delivered on the receiver returned by [`Net::spawn`].
@@ -322,6 +466,10 @@ impl ResponseHandle {
 pub struct Net {
     cmd: mpsc::Sender<actor::Command>,
     local_peer_id: PeerId,
+    notices: tokio::sync::broadcast::Sender<NetNotice>,
+    /// A receiver subscribed at spawn, handed to the first caller of [`Net::notices`]: what
+    /// happens while the node starts (a bootstrap failure) must not be lost.
+    first_notices: Arc<std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<NetNotice>>>>,
 }
 
 /// How long [`Net::spawn`] waits for the listeners to report their addresses.
@@ -336,7 +484,8 @@ impl Net {
         let listeners = config.listen.len();
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_CAPACITY);
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity.max(1));
-        let actor = actor::Actor::new(config, cmd_rx, cmd_tx.downgrade(), ev_tx)?;
+        let (notices, first_notices) = tokio::sync::broadcast::channel(NOTICE_CAPACITY);
+        let actor = actor::Actor::new(config, cmd_rx, cmd_tx.downgrade(), ev_tx, notices.clone())?;
         // Instrumented, not entered: a span guard held across awaits would tag other tasks
         // running on the same worker thread with this node's span.
         let span = actor.span();
@@ -344,6 +493,8 @@ impl Net {
         let net = Net {
             cmd: cmd_tx,
             local_peer_id,
+            notices,
+            first_notices: Arc::new(std::sync::Mutex::new(Some(first_notices))),
         };
         let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
         while net.listen_addrs().await?.len() < listeners && tokio::time::Instant::now() < deadline
@@ -369,6 +520,39 @@ impl Net {
     /// Addresses the listeners are bound to.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
         self.call(actor::Command::ListenAddrs).await
+    }
+
+    /// Addresses others can dial, best first: confirmed direct external addresses, relayed
+    /// `/p2p-circuit` addresses, then listen addresses (loopback ones only when there is
+    /// nothing else). Without `/p2p/<own id>`.
+    pub async fn addrs(&self) -> Result<Vec<Multiaddr>> {
+        self.call(actor::Command::Addrs).await
+    }
+
+    /// Connectivity notices (see [`NetNotice`]): the first caller gets them from the node's
+    /// start, later callers from now on; a lagging receiver loses the oldest.
+    pub fn notices(&self) -> tokio::sync::broadcast::Receiver<NetNotice> {
+        self.first_notices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| self.notices.subscribe())
+    }
+
+    /// Wait until this node knows how it is reachable (publicly, or through a relay), at most
+    /// `timeout`; returns the reachability then. A broadcaster waits before printing its
+    /// ticket, so that the ticket carries addresses a remote viewer can dial.
+    pub async fn settle(&self, timeout: Duration) -> Result<Reachability> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let r = self.status().await?.reachability;
+            if matches!(r, Reachability::Public | Reachability::Relayed)
+                || tokio::time::Instant::now() >= deadline
+            {
+                return Ok(r);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Dial `addr` and wait until the connection is established; returns the remote peer id.
