@@ -414,6 +414,26 @@ impl Node {
         keys: &RoomKeys,
         record: &RoomRecord,
     ) -> Result<Envelope, NodeError> {
+        // Our addresses change as AutoNAT confirms them or relays take us in: every refresh
+        // carries the current ones.
+        let mut record = record.clone();
+        if record.broadcaster == self.inner.identity.node_id() {
+            record.addrs = self.addrs().await?.iter().map(|a| a.to_string()).collect();
+        }
+        if self.inner.public {
+            // Room members find the broadcaster among the providers of the room's key while
+            // the room lives (see `lookup_room`).
+            let key = public_room_key(keys);
+            let r = if record.expires_ms > now_ms() {
+                self.inner.net.provide_public(key).await
+            } else {
+                self.inner.net.stop_providing_public(key).await.map(|_| ())
+            };
+            if let Err(e) = r {
+                tracing::warn!("public DHT: providing the room failed: {e}");
+            }
+        }
+        let record = &record;
         let sealed = keys.seal(Kind::RoomRecord, &wire::encode(record));
         let env = self.inner.identity.seal_envelope(
             Kind::RoomRecord,
@@ -438,6 +458,32 @@ impl Node {
     /// the answer is the same signed, sealed envelope the DHT stores).
     async fn fetch_record_direct(&self, keys: &RoomKeys, broadcaster: NodeId) -> Option<Vec<u8>> {
         let peer = crate::net::peer_of(broadcaster)?;
+        self.fetch_record_from(keys, peer).await
+    }
+
+    /// The public DHT path of a lookup by name: the providers of the room's key, asked for the
+    /// record directly (they are dialled as the lookup finds them). Every candidate is
+    /// returned; `lookup_room` verifies them like DHT copies.
+    async fn lookup_via_providers(&self, keys: &RoomKeys) -> Result<Vec<Vec<u8>>, NetError> {
+        let providers = self
+            .inner
+            .net
+            .find_providers_public(public_room_key(keys), LOOKUP_TIMEOUT)
+            .await?;
+        let mut found = Vec::new();
+        for peer in providers {
+            if let Some(v) = self.fetch_record_from(keys, peer).await {
+                found.push(v);
+            }
+        }
+        if found.is_empty() {
+            Err(NetError::NotFound)
+        } else {
+            Ok(found)
+        }
+    }
+
+    async fn fetch_record_from(&self, keys: &RoomKeys, peer: PeerId) -> Option<Vec<u8>> {
         let env = self.inner.identity.seal_envelope(
             Kind::RoomRecord,
             now_ms(),
@@ -491,6 +537,14 @@ impl Node {
                     .get_record(keys.locator().to_vec(), LOOKUP_TIMEOUT)
                     .await
             }
+        };
+        // Nodes that share only public DHT peers have no waterfall DHT in common: look for the
+        // broadcaster among the providers of the room's key.
+        let looked_up = match looked_up {
+            Err(NetError::NotFound | NetError::Timeout) if self.inner.public => {
+                self.lookup_via_providers(keys).await
+            }
+            other => other,
         };
         let values = match looked_up {
             Ok(v) => v,
@@ -617,6 +671,15 @@ fn open_record(
         return Err(RecordError::WrongSigner);
     }
     Ok((env, rec))
+}
+
+/// What a broadcaster provides on the public DHT for its room (the net layer announces its
+/// sha2-256 multihash). Derived from the locator: only who knows name and password can
+/// compute it, and it says nothing more about the room than the locator does.
+fn public_room_key(keys: &RoomKeys) -> Vec<u8> {
+    let mut k = b"/waterfall/v1/room/".to_vec();
+    k.extend_from_slice(keys.locator());
+    k
 }
 
 /// The 8-byte password check a ticket carries.

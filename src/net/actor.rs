@@ -5,8 +5,10 @@
 //! `get_record` deadlines, retries queued gossip, forgets unanswered inbound requests and lifts
 //! expired bans. Every map is bounded (see the constants in [`super`]).
 //!
-//! Reachability, relays, bootstrap retries and hole punching live in [`reach`].
+//! Reachability, relays, bootstrap retries and hole punching live in [`reach`]; the public
+//! Amino DHT (provider records) in [`public`].
 
+mod public;
 mod reach;
 
 use std::{
@@ -102,6 +104,15 @@ pub(crate) enum Command {
         key: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
     },
+    StopProvidingPublic {
+        key: Vec<u8>,
+        reply: oneshot::Sender<bool>,
+    },
+    FindProviders {
+        key: Vec<u8>,
+        timeout: Duration,
+        reply: oneshot::Sender<oneshot::Receiver<Result<Vec<PeerId>>>>,
+    },
     Status(oneshot::Sender<NetStatus>),
     Shutdown,
 }
@@ -149,7 +160,6 @@ pub(crate) struct Actor {
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId>>>,
     puts: HashMap<QueryId, oneshot::Sender<Result<()>>>,
     gets: HashMap<QueryId, PendingGet>,
-    provides: HashMap<QueryId, oneshot::Sender<Result<()>>>,
     requests: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>>>>,
     inbound: HashMap<u64, PendingInbound>,
     inbound_ids: HashMap<InboundRequestId, u64>,
@@ -162,6 +172,7 @@ pub(crate) struct Actor {
     kad_bootstrapped: bool,
     dropped_events: u64,
     reach: reach::Reach,
+    amino: public::Public,
 }
 
 impl Actor {
@@ -198,7 +209,6 @@ impl Actor {
             dials: HashMap::new(),
             puts: HashMap::new(),
             gets: HashMap::new(),
-            provides: HashMap::new(),
             requests: HashMap::new(),
             inbound: HashMap::new(),
             inbound_ids: HashMap::new(),
@@ -211,6 +221,7 @@ impl Actor {
             kad_bootstrapped: false,
             dropped_events: 0,
             reach,
+            amino: public::Public::new(),
         };
         for addr in &config.bootstrap {
             if let Some(peer) = peer_id_of(addr) {
@@ -367,18 +378,19 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Command::ProvidePublic { key, reply } => {
-                let Some(kad) = self.swarm.behaviour_mut().public_kad.as_mut() else {
-                    let _ = reply.send(Err(NetError::PublicDhtDisabled));
-                    return;
-                };
-                match kad.start_providing(RecordKey::new(&key)) {
-                    Ok(id) => {
-                        self.provides.insert(id, reply);
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(NetError::Provide(e.to_string())));
-                    }
-                }
+                let _ = reply.send(self.public_provide(&key));
+            }
+            Command::StopProvidingPublic { key, reply } => {
+                let _ = reply.send(self.public_stop(&key));
+            }
+            Command::FindProviders {
+                key,
+                timeout,
+                reply,
+            } => {
+                let (tx, rx) = oneshot::channel();
+                let _ = reply.send(rx);
+                self.public_find(&key, timeout, tx);
             }
             Command::Status(reply) => {
                 let b = self.swarm.behaviour_mut();
@@ -634,6 +646,7 @@ impl Actor {
             self.dial_lan_peers();
         }
         self.reach_housekeeping();
+        self.public_housekeeping();
         self.inbound
             .retain(|_, p| now.duration_since(p.since) < INBOUND_TTL);
         self.inbound_ids
@@ -802,17 +815,7 @@ impl Actor {
                 }
             }
             BehaviourEvent::Kad(ev) => self.on_kad(ev),
-            BehaviourEvent::PublicKad(ev) => {
-                if let kad::Event::OutboundQueryProgressed {
-                    id,
-                    result: QueryResult::StartProviding(r),
-                    ..
-                } = ev
-                    && let Some(reply) = self.provides.remove(&id)
-                {
-                    let _ = reply.send(r.map(|_| ()).map_err(|e| NetError::Provide(e.to_string())));
-                }
-            }
+            BehaviourEvent::PublicKad(ev) => self.on_public_kad(ev),
             BehaviourEvent::Gossipsub(ev) => self.on_gossip(ev),
             BehaviourEvent::Rr(ev) => self.on_request_response(ev),
             BehaviourEvent::Autonat(ev) => self.on_autonat(ev),
@@ -839,6 +842,9 @@ impl Actor {
         if waterfall && !self.kad_bootstrapped {
             // First DHT peer: look ourselves up so the routing table fills beyond the bootstrap.
             self.kad_bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+        }
+        if public {
+            self.public_peer_found();
         }
     }
 

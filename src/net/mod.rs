@@ -644,10 +644,40 @@ impl Net {
             .await?
     }
 
-    /// Announce `key` as provided by this node on the public DHT (needs [`NetConfig::public`]).
+    /// Keep announcing this node as a provider of `key` on the public DHT (needs
+    /// [`NetConfig::public`]), under the sha2-256 multihash of `key` as Amino nodes expect:
+    /// once the routing table has peers, again when our confirmed addresses change (provider
+    /// records carry them), and every few minutes, until [`Net::stop_providing_public`].
+    /// Returns once registered; failures of the announcements are [`NetNotice`]s.
     pub async fn provide_public(&self, key: Vec<u8>) -> Result<()> {
         self.call(|reply| actor::Command::ProvidePublic { key, reply })
             .await?
+    }
+
+    /// Stop announcing `key`; returns whether it was provided.
+    pub async fn stop_providing_public(&self, key: Vec<u8>) -> Result<bool> {
+        self.call(|reply| actor::Command::StopProvidingPublic { key, reply })
+            .await
+    }
+
+    /// Find providers of `key` on the public DHT and start dialling them (their records'
+    /// addresses are usable only while the lookup runs). [`NetError::NotFound`] when none.
+    pub async fn find_providers_public(
+        &self,
+        key: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<PeerId>> {
+        let rx = self
+            .call(|reply| actor::Command::FindProviders {
+                key,
+                timeout,
+                reply,
+            })
+            .await?;
+        match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
+            Ok(r) => r.map_err(|_| NetError::Closed)?,
+            Err(_) => Err(NetError::Timeout),
+        }
     }
 
     pub async fn status(&self) -> Result<NetStatus> {

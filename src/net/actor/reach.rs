@@ -146,7 +146,7 @@ impl Reach {
             .collect()
     }
 
-    fn tell(&self, n: NetNotice) {
+    pub(super) fn tell(&self, n: NetNotice) {
         info!("{n}");
         // No receiver is fine: nobody asked.
         let _ = self.notices.send(n);
@@ -459,10 +459,12 @@ impl Actor {
                 self.reach
                     .tell(NetNotice::AddressConfirmed(address.clone()));
                 self.update_reachability();
+                self.public_addresses_changed();
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 self.reach.tell(NetNotice::AddressExpired(address.clone()));
                 self.update_reachability();
+                self.public_addresses_changed();
             }
             _ => {}
         }
@@ -477,6 +479,7 @@ impl Actor {
         self.swarm.add_external_address(addr.clone());
         self.reach.tell(NetNotice::AddressConfirmed(addr));
         self.update_reachability();
+        self.public_addresses_changed();
     }
 
     /// Derive reachability from the confirmed addresses and act on a change.
