@@ -35,7 +35,7 @@
 //! Signatures, sealing and the notice's bytes are the shell's business: this layer only learns
 //! that a notice was verified, never sees a key.
 //!
-//! The file is one concern (the room's rules) of about 600 lines; the rest is its tests, kept
+//! The file is one concern (the room's rules): about 700 lines with their docs, then the tests, kept
 //! beside the rules they pin down.
 //!
 //! # Call order
