@@ -1,6 +1,6 @@
 //! The relay: fan-out of RTP and data to children, and the viewer's local playback.
 //!
-//! **Fan-out.** Every node (broadcaster or viewer) owns one [`Hub`]. Upstream packets enter
+//! **Fan-out.** Every node (broadcaster or viewer) owns one `Hub`. Upstream packets enter
 //! it once (`forward`) and are copied, by reference-counted `Bytes`, into one bounded queue per
 //! child with `try_send`. A child whose queue is full is *cut*: removed from the fan-out and its
 //! connection closed, so a slow peer can never stall its siblings or the upstream. Each child

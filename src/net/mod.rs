@@ -1,6 +1,6 @@
 //! The libp2p network actor: DHT records, gossip and direct requests, payload-agnostic.
 //!
-//! One tokio task (the *actor*, [`actor`]) owns the libp2p `Swarm` and `select!`s over swarm
+//! One tokio task (the *actor*, `actor`) owns the libp2p `Swarm` and `select!`s over swarm
 //! events, a bounded command channel and a housekeeping tick — the shape of rust-libp2p's
 //! `examples/file-sharing` and iroh-gossip's `net.rs`. [`Net`] is a cheap `Clone` handle whose
 //! async methods send a command carrying a `oneshot` reply; long operations (DHT queries,
@@ -17,12 +17,12 @@
 //! injects a [`RecordValidator`] and a [`GossipValidator`] (in waterfall: envelope signature and
 //! seal checks from `crypto`/`wire`).
 //!
-//! Protocols ([`behaviour`]): TCP + QUIC, noise, yamux, identify, ping, AutoNAT v2 (client and
+//! Protocols (`behaviour`): TCP + QUIC, noise, yamux, identify, ping, AutoNAT v2 (client and
 //! server), circuit relay v2 (client, and a bounded server per [`RelayMode`]) + DCUtR, connection
 //! limits, a block list, optional mDNS, two Kademlia instances (the waterfall DHT
 //! `/waterfall/kad/1.0.0` in server mode with validated inserts, and the opt-in public Amino DHT
 //! for provider records only), gossipsub with strict signing and manual validation, and
-//! request-response `/waterfall/req/1.0.0` (raw bytes, size-limited, [`codec`]).
+//! request-response `/waterfall/req/1.0.0` (raw bytes, size-limited, `codec`).
 //!
 //! Reachability (`actor/reach.rs`): identify's observed addresses are candidates that AutoNAT v2
 //! tests by dialling back from a fresh port; only what passes becomes an external address. A
