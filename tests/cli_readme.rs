@@ -283,3 +283,46 @@ fn node_status_line_is_never_cut_by_log_lines() {
         "{statuses} statuses, {logs} log lines"
     );
 }
+
+/// The end of a broadcast reaches `watch`, which says so and exits 0 by itself (no Ctrl-C): the
+/// broadcaster plays its clip once and leaves, its signed end notice comes down the tree.
+#[test]
+fn watch_exits_by_itself_when_the_broadcast_ends() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    std::fs::copy(fixture("f.ivf"), h.join("talk.ivf")).unwrap();
+    std::fs::write(h.join("pw.txt"), "secret\n").unwrap();
+    let mut b = Proc::spawn(&mut user_command(
+        h,
+        "waterfall broadcast --room ending --password-file pw.txt --video talk.ivf \
+         --no-mdns --data-dir b",
+        None,
+    ));
+    let ticket = wait_line(&b.out, "the ticket", Duration::from_secs(60), |l| {
+        l.starts_with("wf1")
+    });
+    let mut w = Proc::spawn(&mut user_command(
+        h,
+        "waterfall watch wf1... --password-file pw.txt --video out.ivf --no-mdns --data-dir w",
+        Some(&ticket),
+    ));
+    let st = w
+        .wait(Duration::from_secs(90))
+        .expect("the viewer exits by itself once the broadcast ends");
+    let err = w.stderr();
+    assert!(st.success(), "viewer exit: {st:?}\n{}", err.join("\n"));
+    assert!(
+        err.iter().any(|l| l.contains("the broadcast ended")),
+        "the viewer says why it stops:\n{}",
+        err.join("\n")
+    );
+    assert_eq!(
+        support::frames(&h.join("out.ivf")),
+        support::frames(&h.join("talk.ivf")),
+        "every frame before the end"
+    );
+    let st = b
+        .wait(Duration::from_secs(20))
+        .expect("the broadcaster exits");
+    assert!(st.success(), "broadcaster exit: {st:?}");
+}
