@@ -98,9 +98,11 @@ fn frames_arrive(v: &Wf, video: &std::path::Path) -> String {
     let connected = wait_line(&v.out, "ICE connected", Duration::from_secs(60), |l| {
         l.contains("\"ice_connected\"")
     });
-    wait_line(&v.out, "first video frame", Duration::from_secs(60), |l| {
+    let first = wait_line(&v.out, "first video frame", Duration::from_secs(60), |l| {
         l.contains("first_frame") && l.contains("video")
     });
+    // A figure, not a check: time from the parent connection's start to the first frame.
+    eprintln!("first frame: {first}");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while frames(video) < MIN_FRAMES {
         assert!(
