@@ -50,9 +50,15 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(8);
 /// The key every waterfall node provides on the public DHT (`--public`), so that waterfall nodes
 /// can find each other among the IPFS peers. Only provider records go there, never values.
 pub const PUBLIC_NODES_KEY: &[u8] = b"/waterfall/v1/nodes";
-/// Public IPFS bootstrap peers reachable without DNS (used with `--public` and no `--bootstrap`).
-pub const PUBLIC_BOOTSTRAP: &[&str] =
-    &["/ip4/104.131.131.82/tcp/4001/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ"];
+/// The Amino DHT's bootstrap peers (as kubo and helia list them; the `/dnsaddr` ones resolve
+/// through DNS), used with `--public` and no `--bootstrap`.
+pub const PUBLIC_BOOTSTRAP: &[&str] = &[
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN",
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmbLHAnMoJPWSCR5Zhtx6BHJX9KiKNN6tpvbUcqanj75Nb",
+    "/dnsaddr/bootstrap.libp2p.io/p2p/QmcZf59bWwK5XFi76CZX8cbJ4BhTzzA3gU1ZjYZcYW3dwt",
+    "/ip4/104.131.131.82/tcp/4001/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ",
+    "/ip4/104.131.131.82/udp/4001/quic-v1/p2p/QmaCpDMGvV2BGHeYERUEnRQAwe3N8SzbUtfsmvsqQLuvuJ",
+];
 
 /// Errors of the node API.
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,10 @@
 //!    ICE hole punching with coturn as STUN;
 //! 3. broadcaster behind a cone NAT, viewer behind a symmetric NAT: media must go through TURN
 //!    (coturn, long-term credentials from the environment); the broadcaster's TURN password is
-//!    wrong, which it must report while its connection still works.
+//!    wrong, which it must report while its connection still works;
+//! 4. a tree across three cone NATs: the broadcaster takes one child, so the second viewer
+//!    joins below the first, a relay behind another NAT (tree control over relayed or
+//!    hole-punched libp2p connections, media by ICE hole punching).
 
 mod natlab;
 
@@ -90,17 +93,19 @@ fn viewer(
 }
 
 /// Wait until the viewer joined and wrote `MIN_FRAMES` frames; returns the ICE path it
-/// reported for its parent connection.
-fn frames_arrive(v: &Wf, video: &std::path::Path) -> String {
-    wait_line(&v.out, "viewer joined", Duration::from_secs(120), |l| {
+/// reported for its parent connection and its `joined` event.
+fn frames_arrive(v: &Wf, video: &std::path::Path) -> (String, String) {
+    let joined = wait_line(&v.out, "viewer joined", Duration::from_secs(120), |l| {
         l.contains("\"joined\"")
     });
     let connected = wait_line(&v.out, "ICE connected", Duration::from_secs(60), |l| {
         l.contains("\"ice_connected\"")
     });
-    wait_line(&v.out, "first video frame", Duration::from_secs(60), |l| {
+    let first = wait_line(&v.out, "first video frame", Duration::from_secs(60), |l| {
         l.contains("first_frame") && l.contains("video")
     });
+    // A figure, not a check: time from the parent connection's start to the first frame.
+    eprintln!("first frame: {first}");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while frames(video) < MIN_FRAMES {
         assert!(
@@ -111,7 +116,7 @@ fn frames_arrive(v: &Wf, video: &std::path::Path) -> String {
         std::thread::sleep(Duration::from_millis(250));
     }
     let v: serde_json::Value = serde_json::from_str(&connected).unwrap();
-    v["path"].as_str().unwrap_or_default().to_owned()
+    (v["path"].as_str().unwrap_or_default().to_owned(), joined)
 }
 
 /// A public `waterfall node` called `name` on `host`, listening on port 4001 (TCP and QUIC);
@@ -154,7 +159,7 @@ fn public_broadcaster_viewer_behind_a_cone_nat() {
         "the ticket carries the public address only (no loopback): {addrs:?}"
     );
     let (v, video) = viewer(&mut lab, &home, "viewer", &ticket, &[], &[]);
-    let path = frames_arrive(&v, &video);
+    let (path, _) = frames_arrive(&v, &video);
     eprintln!("viewer path: {path}");
     assert!(path == "direct" || path == "hole-punched", "path {path}");
     natlab::ffmpeg_decodes(&video);
@@ -196,7 +201,7 @@ fn broadcaster_and_viewer_behind_two_cone_nats_meet_through_the_relay() {
         "the ticket's first address is the relayed one: {addrs:?}"
     );
     let (v, video) = viewer(&mut lab, &b, "viewer", &ticket, &net, &[]);
-    let path = frames_arrive(&v, &video);
+    let (path, _) = frames_arrive(&v, &video);
     eprintln!("viewer path: {path}");
     assert_eq!(
         path, "hole-punched",
@@ -248,7 +253,7 @@ fn viewer_behind_a_symmetric_nat_gets_media_through_turn() {
         &vnet,
         &[("WATERFALL_TURN_CREDENTIAL", &turn.password)],
     );
-    let path = frames_arrive(&v, &video);
+    let (path, _) = frames_arrive(&v, &video);
     assert_eq!(path, "turn", "a symmetric NAT leaves only the TURN path");
     wait_line(
         &bc.out,
@@ -257,4 +262,40 @@ fn viewer_behind_a_symmetric_nat_gets_media_through_turn() {
         |l| l.contains("\"turn_unavailable\""),
     );
     natlab::ffmpeg_decodes(&video);
+}
+
+#[test]
+fn a_tree_across_three_nats_relays_behind_nats_serve_children_behind_others() {
+    let Some(mut lab) = Lab::new() else { return };
+    let public = lab.public_host();
+    let Some(turn) = lab.turn_server(&public) else {
+        return;
+    };
+    let (_relay, boot) = public_node(&mut lab, &public, "relay", &["--relay"]);
+    let a = lab.nat_host(NatKind::Cone);
+    let b = lab.nat_host(NatKind::Cone);
+    let c = lab.nat_host(NatKind::Cone);
+    let mut net = boot.clone();
+    net.extend(args(&["--stun", &turn.stun_url]));
+    // One child per node: the second viewer must join below the first.
+    let mut bnet = net.clone();
+    bnet.extend(args(&["--max-children", "1"]));
+    let (_bc, ticket, _) = broadcaster(&mut lab, &a, &bnet);
+    let (v1, video1) = viewer(&mut lab, &b, "viewer1", &ticket, &bnet, &[]);
+    frames_arrive(&v1, &video1);
+    let (v2, video2) = viewer(&mut lab, &c, "viewer2", &ticket, &net, &[]);
+    let (path, joined) = frames_arrive(&v2, &video2);
+    assert!(
+        joined.contains("\"depth\":2"),
+        "the second viewer joins below the first: {joined}"
+    );
+    wait_line(
+        &v1.out,
+        "viewer1 took a child",
+        Duration::from_secs(5),
+        |l| l.contains("\"child_added\""),
+    );
+    eprintln!("viewer2 path: {path}");
+    assert_ne!(path, "turn", "cone NATs need no TURN");
+    natlab::ffmpeg_decodes(&video2);
 }

@@ -91,10 +91,11 @@ async fn kad_node() {
     loop {
         tokio::select! {
             _ = &mut end => break,
-            ev = swarm.select_next_some() => match ev {
-                SwarmEvent::Behaviour(DhtNodeEvent::Kad(kad::Event::InboundRequest {
+            ev = swarm.select_next_some() => {
+                if let SwarmEvent::Behaviour(DhtNodeEvent::Kad(kad::Event::InboundRequest {
                     request: kad::InboundRequest::AddProvider { record: Some(r) },
-                })) => {
+                })) = ev
+                {
                     let addrs: Vec<String> = r.addresses.iter().map(|a| a.to_string()).collect();
                     println!(
                         "\nprovider {} {} {}",
@@ -107,7 +108,6 @@ async fn kad_node() {
                         r,
                     );
                 }
-                _ => {}
             }
         }
     }

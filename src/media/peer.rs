@@ -697,3 +697,56 @@ impl Interceptor for KeyframeRequestForwarder {
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ice_servers_are_checked_up_front() {
+        assert!(IceServer::stun("stun:203.0.113.10:3478").validate().is_ok());
+        assert!(
+            IceServer::turn("turn:203.0.113.10:3478?transport=udp", "u", "p")
+                .validate()
+                .is_ok()
+        );
+        assert!(matches!(
+            IceServer::stun("turn:203.0.113.10:3478").validate(),
+            Err(IceConfigError::MissingCredentials { .. })
+        ));
+        assert!(matches!(
+            IceServer::turn("turn:203.0.113.10:3478", "u", "").validate(),
+            Err(IceConfigError::MissingCredentials { .. })
+        ));
+        assert!(matches!(
+            IceServer::turn("turns:203.0.113.10:5349", "u", "p").validate(),
+            Err(IceConfigError::Unsupported { .. })
+        ));
+        assert!(matches!(
+            IceServer::turn("turn:203.0.113.10:3478?transport=tcp", "u", "p").validate(),
+            Err(IceConfigError::Unsupported { .. })
+        ));
+        assert!(matches!(
+            IceServer::stun("http://example.org").validate(),
+            Err(IceConfigError::BadUrl { .. })
+        ));
+        // The credential never shows in logs.
+        let dbg = format!("{:?}", IceServer::turn("turn:h:1", "u", "s3cret"));
+        assert!(!dbg.contains("s3cret"), "{dbg}");
+        let cfg = MediaConfig {
+            ice_servers: vec![IceServer::stun("stun:h:1"), IceServer::stun("turn:h:1")],
+            ..MediaConfig::default()
+        };
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn candidate_types_come_from_the_sdp() {
+        let sdp = "v=0\r\na=candidate:1 1 udp 2130706431 192.168.1.2 5000 typ host\r\n\
+                   a=candidate:2 1 udp 1694498815 203.0.113.101 5000 typ srflx raddr 0.0.0.0 rport 5000\r\n\
+                   a=candidate:3 1 udp 2130706431 10.0.0.2 5001 typ host\r\n\
+                   a=candidate:4 1 udp 16777215 203.0.113.10 49152 typ relay raddr 1.2.3.4 rport 1\r\n";
+        assert_eq!(candidate_types(sdp), ["host", "srflx", "relay"]);
+        assert!(candidate_types("v=0\r\n").is_empty());
+    }
+}

@@ -162,7 +162,58 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
     let mdns_on = config.mdns;
     let public_on = config.public;
     let (max_req, max_resp) = (config.max_request_bytes, config.max_response_bytes);
-    let swarm = SwarmBuilder::with_existing_identity(config.keypair.clone())
+    let make = move |key: &Keypair,
+                     relay: relay::client::Behaviour|
+          -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+        let peer_id = key.public().to_peer_id();
+        let mdns = if mdns_on {
+            Some(mdns::tokio::Behaviour::new(
+                mdns::Config::default(),
+                peer_id,
+            )?)
+        } else {
+            None
+        };
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_cfg,
+        )?;
+        let codec = BytesCodec {
+            max_request: max_req,
+            max_response: max_resp,
+        };
+        let rr = request_response::Behaviour::with_codec(
+            codec,
+            [(StreamProtocol::new(REQUEST_PROTOCOL), ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
+        );
+        Ok(Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
+            blocked: allow_block_list::Behaviour::default(),
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
+                    .with_agent_version(format!("waterfall/{}", env!("CARGO_PKG_VERSION")))
+                    .with_push_listen_addr_updates(true),
+            ),
+            ping: ping::Behaviour::default(),
+            autonat: autonat::v2::client::Behaviour::new(
+                rand::make_rng::<rand::rngs::StdRng>(),
+                autonat_cfg,
+            ),
+            autonat_server: autonat::v2::server::Behaviour::default(),
+            relay,
+            relay_server: Toggle::from(
+                (relay_mode != RelayMode::Off).then(|| relay_server(peer_id, relay_mode)),
+            ),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            mdns: Toggle::from(mdns),
+            kad: waterfall_kad(key),
+            public_kad: Toggle::from(public_on.then(|| public_kad(key))),
+            gossipsub,
+            rr,
+        })
+    };
+    let base = SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
@@ -170,62 +221,25 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
             yamux::Config::default,
         )
         .map_err(|e| NetError::Build(format!("tcp: {e}")))?
-        .with_quic()
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| NetError::Build(format!("relay client: {e}")))?
-        .with_behaviour(
-            |key, relay| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-                let peer_id = key.public().to_peer_id();
-                let mdns = if mdns_on {
-                    Some(mdns::tokio::Behaviour::new(
-                        mdns::Config::default(),
-                        peer_id,
-                    )?)
-                } else {
-                    None
-                };
-                let gossipsub = gossipsub::Behaviour::new(
-                    gossipsub::MessageAuthenticity::Signed(key.clone()),
-                    gossip_cfg,
-                )?;
-                let codec = BytesCodec {
-                    max_request: max_req,
-                    max_response: max_resp,
-                };
-                let rr = request_response::Behaviour::with_codec(
-                    codec,
-                    [(StreamProtocol::new(REQUEST_PROTOCOL), ProtocolSupport::Full)],
-                    request_response::Config::default().with_request_timeout(REQUEST_TIMEOUT),
-                );
-                Ok(Behaviour {
-                    limits: connection_limits::Behaviour::new(limits),
-                    blocked: allow_block_list::Behaviour::default(),
-                    identify: identify::Behaviour::new(
-                        identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
-                            .with_agent_version(format!("waterfall/{}", env!("CARGO_PKG_VERSION")))
-                            .with_push_listen_addr_updates(true),
-                    ),
-                    ping: ping::Behaviour::default(),
-                    autonat: autonat::v2::client::Behaviour::new(
-                        rand::make_rng::<rand::rngs::StdRng>(),
-                        autonat_cfg,
-                    ),
-                    autonat_server: autonat::v2::server::Behaviour::default(),
-                    relay,
-                    relay_server: Toggle::from(
-                        (relay_mode != RelayMode::Off).then(|| relay_server(peer_id, relay_mode)),
-                    ),
-                    dcutr: dcutr::Behaviour::new(peer_id),
-                    mdns: Toggle::from(mdns),
-                    kad: waterfall_kad(key),
-                    public_kad: Toggle::from(public_on.then(|| public_kad(key))),
-                    gossipsub,
-                    rr,
-                })
-            },
-        )
-        .map_err(|e| NetError::Build(format!("behaviour: {e}")))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
-        .build();
+        .with_quic();
+    // DNS names (the public bootstrap list is `/dnsaddr/...`) only with the public DHT: the
+    // system resolver is read at start, and nothing else needs it.
+    let swarm = if public_on {
+        base.with_dns()
+            .map_err(|e| NetError::Build(format!("dns: {e}")))?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| NetError::Build(format!("relay client: {e}")))?
+            .with_behaviour(make)
+            .map_err(|e| NetError::Build(format!("behaviour: {e}")))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+            .build()
+    } else {
+        base.with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| NetError::Build(format!("relay client: {e}")))?
+            .with_behaviour(make)
+            .map_err(|e| NetError::Build(format!("behaviour: {e}")))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_CONNECTION_TIMEOUT))
+            .build()
+    };
     Ok(swarm)
 }

@@ -324,3 +324,19 @@ impl Actor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_keys_are_sha2_256_multihashes() {
+        let k = amino_key(b"/waterfall/v1/nodes");
+        // 0x12 = sha2-256, 0x20 = 32 bytes, then the digest (checked against Python's hashlib).
+        assert_eq!(
+            hex::encode(k.as_ref()),
+            "122002da25b88ef89e864632ebfe7282c88e11379e1a59f71ab9055dda0c5efae02f"
+        );
+        assert_ne!(amino_key(b"a"), amino_key(b"b"));
+    }
+}

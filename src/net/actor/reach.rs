@@ -544,3 +544,28 @@ impl Actor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_up_to_the_cap() {
+        assert_eq!(backoff(1), RETRY_FIRST);
+        assert_eq!(backoff(2), RETRY_FIRST * 2);
+        assert_eq!(backoff(3), RETRY_FIRST * 4);
+        assert_eq!(backoff(30), RETRY_MAX);
+        assert!((1..40).all(|n| backoff(n) <= backoff(n + 1)));
+    }
+
+    #[test]
+    fn relayed_and_loopback_addresses_are_told_apart() {
+        let relayed: Multiaddr = "/ip4/203.0.113.10/tcp/4001/p2p/12D3KooWD4B1Q8JCLcpiUXYW5mkyyMQtaoiv1bT3xZEwYdz5Bx7K/p2p-circuit"
+            .parse()
+            .unwrap();
+        let direct: Multiaddr = "/ip4/203.0.113.10/tcp/4001".parse().unwrap();
+        let lo: Multiaddr = "/ip4/127.0.0.1/udp/1/quic-v1".parse().unwrap();
+        assert!(is_relayed(&relayed) && !is_relayed(&direct));
+        assert!(is_loopback(&lo) && !is_loopback(&direct));
+    }
+}
