@@ -269,13 +269,16 @@ fn node_status_line_is_never_cut_by_log_lines() {
         if shown.contains("dht records") {
             statuses += 1;
             let s = shown.trim_start_matches("\x1b[K").trim_end();
-            assert!(
-                s.starts_with("peers")
-                    && s.split("rooms")
-                        .nth(1)
-                        .is_some_and(|r| { r.trim().chars().all(|c| c.is_ascii_digit()) }),
-                "a status line with something else on it: {shown:?}"
-            );
+            // `peers N  dht records N  rooms N  reachability WORD[  relaying]` and nothing else.
+            let (counts, reach) = s.split_once("  reachability ").unwrap_or((s, ""));
+            let words: Vec<&str> = counts.split_whitespace().collect();
+            let reach = reach.trim_end_matches("  relaying");
+            let whole = matches!(
+                words.as_slice(),
+                ["peers", p, "dht", "records", d, "rooms", r]
+                    if [p, d, r].iter().all(|n| n.chars().all(|c| c.is_ascii_digit()))
+            ) && ["unknown", "public", "behind NAT", "relayed"].contains(&reach);
+            assert!(whole, "a status line with something else on it: {shown:?}");
         }
     }
     assert!(
