@@ -103,6 +103,32 @@ fn a_refused_moves_hints_do_not_hide_the_directory() {
     assert!(moves_to(&s, 62), "{s:?}");
 }
 
+/// A node that leaves keeps no deadline, the promotion timers included: a shell that sleeps
+/// until `poll_timeout` must not wake for a node that is gone.
+#[test]
+fn leaving_clears_the_promotion_timers_too() {
+    let mut g = TreeNode::new_root(id(0), cfg(2), 9);
+    g.handle_message(id(1), join_req(JoinKind::New, 2, None, None), Millis(0));
+    g.handle_message(id(3), join_req(JoinKind::New, 4, None, None), Millis(0));
+    g.handle_update(
+        id(1),
+        TreeUpdate {
+            capacity: 2,
+            ..update(1, &[0], &[2])
+        },
+        Millis(0),
+    );
+    g.handle_message(
+        id(2),
+        join_req(JoinKind::Promote, 8, Some(0), Some(id(1))),
+        Millis(10),
+    );
+    drain(&mut g);
+    assert!(g.deadline(Timer::PromotionEnd).is_some(), "promotion granted");
+    g.leave(Millis(20));
+    assert_eq!(g.poll_timeout(), None);
+}
+
 /// A grandparent puts a child's more capable child in the child's place: one over capacity
 /// until the former parent has moved under it, or the deadline hands it over.
 #[test]
