@@ -642,6 +642,9 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
             json!({"event": "source_ended",
             "kind": format!("{kind:?}").to_lowercase(), "error": error})
         }
+        // The broadcaster's end, before the files are finalized (`ended` follows): a script
+        // tells a broadcast that is over from a watcher that was stopped.
+        RoomEvent::BroadcastEnded => json!({"event": "broadcast_ended"}),
         RoomEvent::Ended => json!({"event": "ended"}),
         _ => return None,
     })
@@ -940,4 +943,22 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     room.leave().await;
     node.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_broadcast_has_a_json_event_of_its_own() {
+        let line = |ev| json_event(&ev).map(|v| v.to_string());
+        assert_eq!(
+            line(RoomEvent::BroadcastEnded).as_deref(),
+            Some(r#"{"event":"broadcast_ended"}"#)
+        );
+        assert_eq!(
+            line(RoomEvent::Ended).as_deref(),
+            Some(r#"{"event":"ended"}"#)
+        );
+    }
 }

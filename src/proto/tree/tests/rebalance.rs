@@ -124,7 +124,10 @@ fn leaving_clears_the_promotion_timers_too() {
         Millis(10),
     );
     drain(&mut g);
-    assert!(g.deadline(Timer::PromotionEnd).is_some(), "promotion granted");
+    assert!(
+        g.deadline(Timer::PromotionEnd).is_some(),
+        "promotion granted"
+    );
     g.leave(Millis(20));
     assert_eq!(g.poll_timeout(), None);
 }
