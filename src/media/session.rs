@@ -193,6 +193,11 @@ fn spawn_stats(hub: &Arc<Hub>) {
     hub.track_task(h.abort_handle());
 }
 
+/// Both roles show their tracks (keys, sources and sinks stay out of logs).
+fn fmt_session(f: &mut std::fmt::Formatter<'_>, role: &str, hub: &Hub) -> std::fmt::Result {
+    f.debug_struct(role).field("tracks", &hub.tracks()).finish()
+}
+
 // ------------------------------------------------------------------ broadcaster
 
 /// The root of a tree: packetizes its sources' frames (encrypted) and fans them out.
@@ -204,9 +209,7 @@ pub struct Broadcaster {
 
 impl std::fmt::Debug for Broadcaster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broadcaster")
-            .field("tracks", &self.hub.tracks())
-            .finish()
+        fmt_session(f, "Broadcaster", &self.hub)
     }
 }
 
@@ -412,9 +415,7 @@ pub struct Viewer {
 
 impl std::fmt::Debug for Viewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Viewer")
-            .field("tracks", &self.hub.tracks())
-            .finish()
+        fmt_session(f, "Viewer", &self.hub)
     }
 }
 
