@@ -391,6 +391,22 @@ pub struct Signal {
     pub ts_ms: u64,
 }
 
+impl Signal {
+    /// The notice that tells the recipient this signal waits in the DHT under `blob_key`: the
+    /// same exchange, the same two ends.
+    pub fn notice(&self, blob_key: [u8; 32]) -> Notice {
+        Notice {
+            v: self.v,
+            room: self.room,
+            from: self.from,
+            to: self.to,
+            nonce: self.nonce,
+            kind: self.kind,
+            blob_key,
+        }
+    }
+}
+
 /// Tells the other side of an exchange that a blob waits in the DHT under `blob_key`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notice {

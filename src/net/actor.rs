@@ -303,11 +303,7 @@ impl Actor {
                 key,
                 timeout,
                 reply,
-            } => {
-                let (tx, rx) = oneshot::channel();
-                let _ = reply.send(rx);
-                self.get_record(key, timeout, tx);
-            }
+            } => self.get_record(key, timeout, answer_later(reply)),
             Command::RemoveRecord { key, reply } => {
                 let removed = self.own.remove(&key).is_some();
                 if removed {
@@ -387,11 +383,7 @@ impl Actor {
                 key,
                 timeout,
                 reply,
-            } => {
-                let (tx, rx) = oneshot::channel();
-                let _ = reply.send(rx);
-                self.public_find(&key, timeout, tx);
-            }
+            } => self.public_find(&key, timeout, answer_later(reply)),
             Command::Status(reply) => {
                 let b = self.swarm.behaviour_mut();
                 let dht_records = b.kad.store_mut().records().count();
@@ -1058,6 +1050,14 @@ impl Actor {
 }
 
 /// Complete a get: the collected records sorted by descending sequence, else `empty`.
+/// For a query that ends later: the caller gets the receiver at once (it does not wait while
+/// the actor serves other commands), and the query keeps the sender it answers on.
+fn answer_later<T>(reply: oneshot::Sender<oneshot::Receiver<T>>) -> oneshot::Sender<T> {
+    let (tx, rx) = oneshot::channel();
+    let _ = reply.send(rx);
+    tx
+}
+
 fn finish_get(mut g: PendingGet, empty: Result<Vec<Vec<u8>>>) {
     let r = if g.found.is_empty() {
         empty
