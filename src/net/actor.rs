@@ -534,6 +534,19 @@ impl Actor {
         );
     }
 
+    /// One gossipsub publish (gossipsub takes the data; ours stays queued if it fails).
+    fn gossip(
+        &mut self,
+        topic: &str,
+        data: &[u8],
+    ) -> std::result::Result<gossipsub::MessageId, gossipsub::PublishError> {
+        let t = gossipsub::IdentTopic::new(topic);
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(t, data.to_vec())
+    }
+
     fn publish(&mut self, topic: String, data: Vec<u8>) -> Result<Published> {
         if data.len() > MAX_GOSSIP_BYTES {
             return Err(NetError::TooLarge {
@@ -541,13 +554,7 @@ impl Actor {
                 max: MAX_GOSSIP_BYTES,
             });
         }
-        let t = gossipsub::IdentTopic::new(topic.clone());
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(t, data.clone())
-        {
+        match self.gossip(&topic, &data) {
             Ok(_) => Ok(Published::Sent),
             Err(
                 gossipsub::PublishError::NoPeersSubscribedToTopic
@@ -590,13 +597,7 @@ impl Actor {
             };
             q.retain(|(_, at)| now.duration_since(*at) < PENDING_PUBLISH_TTL);
             while let Some((data, at)) = q.pop_front() {
-                let t = gossipsub::IdentTopic::new(topic.clone());
-                match self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .publish(t, data.clone())
-                {
+                match self.gossip(&topic, &data) {
                     Ok(_) => trace!(%topic, "queued message published"),
                     Err(
                         gossipsub::PublishError::NoPeersSubscribedToTopic
