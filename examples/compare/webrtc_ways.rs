@@ -42,6 +42,25 @@ async fn idle_video() -> anyhow::Result<Box<dyn MediaSource>> {
     Ok(Box::new(src))
 }
 
+/// Wait at most `within` for an event that satisfies `pred`; `None` if the events end or the
+/// time passes first.
+async fn first_event<E>(
+    mut events: impl futures::Stream<Item = E> + Unpin,
+    within: Duration,
+    pred: impl Fn(&E) -> bool,
+) -> Option<()> {
+    use futures::StreamExt;
+    let found = async {
+        while let Some(e) = events.next().await {
+            if pred(&e) {
+                return Some(());
+            }
+        }
+        None
+    };
+    timeout(within, found).await.ok().flatten()
+}
+
 fn window_copies(recv: &Recv, w: (u64, u64)) -> u64 {
     recv.snapshot()
         .iter()
@@ -74,17 +93,11 @@ async fn star_viewer(
     let offer = viewer.connect_parent().await?;
     let (_id, answer) = bc.attach_child(&offer).await?;
     viewer.parent_answer(&answer).await?;
-    timeout(Duration::from_secs(30), async {
-        while let Some(e) = ev.recv().await {
-            if matches!(e, MediaEvent::ParentConnected) {
-                return true;
-            }
-        }
-        false
+    let events = futures::stream::poll_fn(|cx| ev.poll_recv(cx));
+    first_event(events, Duration::from_secs(30), |e| {
+        matches!(e, MediaEvent::ParentConnected)
     })
     .await
-    .ok()
-    .filter(|ok| *ok)
     .context("viewer connects within 30 s")?;
     tokio::spawn(async move { while ev.recv().await.is_some() {} });
     Ok(StarViewer {
@@ -243,17 +256,10 @@ async fn tree_viewer(
                 .tree(tree_cfg()),
         )
         .await?;
-    timeout(Duration::from_secs(40), async {
-        while let Some(e) = ev.recv().await {
-            if matches!(e, RoomEvent::Media(MediaEvent::ParentConnected)) {
-                return true;
-            }
-        }
-        false
+    first_event(&mut ev, Duration::from_secs(40), |e| {
+        matches!(e, RoomEvent::Media(MediaEvent::ParentConnected))
     })
     .await
-    .ok()
-    .filter(|ok| *ok)
     .context("viewer connects to a parent within 40 s")?;
     let rejoins = Arc::new(Mutex::new(Vec::new()));
     let rj = rejoins.clone();
