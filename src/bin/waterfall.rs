@@ -349,12 +349,10 @@ impl NetArgs {
     )> {
         let (identity, held) = claim_identity(self.data_dir.as_ref())?;
         let (ice_tx, ice_rx) = tokio::sync::mpsc::channel(ICE_NOTICE_QUEUE);
-        let media = MediaConfig {
-            ice_servers: self.ice_servers()?,
-            udp_bind: self.udp_bind,
-            notices: Some(IceNotices(ice_tx)),
-            ..MediaConfig::default()
-        };
+        let media = MediaConfig::default()
+            .ice_servers(self.ice_servers()?)
+            .udp_bind(self.udp_bind)
+            .notices(IceNotices(ice_tx));
         let relay = if self.no_relay {
             RelayMode::Off
         } else if self.relay {
