@@ -10,9 +10,11 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let node = Node::builder().spawn().await?; // on loopback, without mDNS: the defaults
     if let [ticket, out] = &args[..] {
-        let mut sinks = Sinks::default();
-        sinks.video = Some(SinkTarget::File(out.into()));
-        let cfg = WatchConfig::new().sinks(sinks);
+        let video = Some(SinkTarget::File(out.into()));
+        let cfg = WatchConfig::new().sinks(Sinks {
+            video,
+            ..Default::default()
+        });
         let (watch, mut events) = node.watch(ticket.parse::<Ticket>()?, cfg).await?;
         while let Some(ev) = events.next().await.filter(|e| !matches!(e, BroadcastEnded)) {
             println!("{ev:?}");

@@ -43,7 +43,7 @@
 //! down), `end.rs` (leaving, the end notice, the record check), `timer.rs` (the timer table),
 //! `replay.rs` (the replay window), `output.rs` (what the room tells its shell).
 //!
-//! [`RoomOutput`] restates five of the tree's outputs ([`Output`](super::tree::Output)) rather
+//! [`RoomOutput`] restates five of the tree's outputs ([`Output`]) rather
 //! than wrapping them: the shell and the simulator match one flat enum whose contract is the
 //! room's (a `SendControl` is sealed and signed; `AcceptChild` starts the connect deadline).
 //!
