@@ -408,6 +408,11 @@ impl Signal {
 }
 
 /// Tells the other side of an exchange that a blob waits in the DHT under `blob_key`.
+///
+/// Its first fields are those of the [`Signal`] it announces ([`Signal::notice`] makes one),
+/// written out rather than shared: a nested or `#[serde(flatten)]`ed header would change the
+/// encoding (another map level, or an indefinite-length map) that the CDDL and the golden
+/// vectors fix.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Notice {
     /// Wire version.

@@ -250,6 +250,10 @@ impl Broadcaster {
         ))
     }
 
+    // `attach_child` and `detach_child` are the same one-line delegations to the hub in both
+    // roles (`Viewer` has them too): sharing them would take a public trait over the private
+    // hub, more code than the two it saves.
+
     /// Accepts a child's offer; returns its id and the answer to send back.
     pub async fn attach_child(
         &self,
