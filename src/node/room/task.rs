@@ -182,6 +182,16 @@ impl RoomTask {
         }
     }
 
+    /// What a task answering a child's offer takes along: the signalling context, the media
+    /// session that attaches the child, and the way back to this loop.
+    fn answering(&self) -> (SignalCtx, Media, mpsc::Sender<Input>) {
+        (
+            self.signal_ctx(),
+            self.media.clone(),
+            self.inputs_tx.clone(),
+        )
+    }
+
     pub(super) async fn run(
         mut self,
         mut inputs: mpsc::Receiver<Input>,
@@ -668,11 +678,7 @@ impl RoomTask {
                     tracing::debug!(?child, "replayed signalling notice ignored");
                     return;
                 }
-                let (cx, media, tx) = (
-                    self.signal_ctx(),
-                    self.media.clone(),
-                    self.inputs_tx.clone(),
-                );
+                let (cx, media, tx) = self.answering();
                 self.spawn(async move {
                     match signal::answer_from_dht(&cx, &media, child, notice.blob_key).await {
                         Ok(Some(id)) => {
@@ -767,11 +773,7 @@ impl RoomTask {
             let _ = reply.respond(refusal(&Refusal::Busy)).await;
             return;
         }
-        let (cx, media, tx) = (
-            self.signal_ctx(),
-            self.media.clone(),
-            self.inputs_tx.clone(),
-        );
+        let (cx, media, tx) = self.answering();
         self.spawn(async move {
             match signal::answer_offer(&cx, &media, &offer).await {
                 Ok((id, answer_env)) => {

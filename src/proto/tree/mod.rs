@@ -536,13 +536,9 @@ impl TreeNode {
         self.up.parent = None;
         self.up.path = None;
         self.repair.orphan = None;
-        self.timers.clear(Timer::Retry);
-        self.timers.clear(Timer::Publish);
-        self.timers.clear(Timer::Summary);
-        self.timers.clear(Timer::Directory);
-        self.timers.clear(Timer::Rebalance);
-        self.timers.clear(Timer::UpstreamGrace);
-        // Promotion timers are left as they were (handle_timeout ignores a node that left).
+        // Every deadline, the promotion timers included: a node that left has nothing to wait
+        // for, and a shell sleeping until `poll_timeout` must not wake for it.
+        self.timers = TimerTable::default();
         let _ = now;
     }
 
