@@ -646,6 +646,8 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
             "old": old.map(|p| p.to_string()), "new": new.to_string()}),
         RoomEvent::DepthChanged { depth } => json!({"event": "depth", "depth": depth}),
         RoomEvent::Orphaned { lost } => json!({"event": "orphaned", "lost": lost.to_string()}),
+        RoomEvent::ParentUnreachable { parent, timed_out } => json!({"event": "parent_unreachable",
+            "parent": parent.to_string(), "timed_out": timed_out}),
         RoomEvent::Rejoined { parent, outage_ms } => json!({"event": "rejoined",
             "parent": parent.to_string(), "outage_ms": outage_ms}),
         RoomEvent::ChildAdded(c) => json!({"event": "child_added", "peer": c.to_string()}),
@@ -920,8 +922,16 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             _ = &mut stop => break,
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
-                if let RoomEvent::Media(MediaEvent::DecryptFailed(e)) = &ev {
-                    say!("media does not decrypt ({e}): wrong password?");
+                match &ev {
+                    RoomEvent::Media(MediaEvent::DecryptFailed(e)) => {
+                        say!("media does not decrypt ({e}): wrong password?");
+                    }
+                    RoomEvent::ParentUnreachable { parent, timed_out } => say!(
+                        "no media path to parent {} ({}): trying another parent",
+                        short(parent),
+                        if *timed_out { "not connected in time" } else { "WebRTC connection failed" }
+                    ),
+                    _ => {}
                 }
                 if args.json {
                     if let Some(j) = json_event(&ev) { println!("{j}"); }
