@@ -329,3 +329,51 @@ fn watch_exits_by_itself_when_the_broadcast_ends() {
         .expect("the broadcaster exits");
     assert!(st.success(), "broadcaster exit: {st:?}");
 }
+
+/// The README's first command, the main job: the demo as `cargo run` starts it (the words after
+/// `--`), in a fresh directory, must end by itself with every viewer's files identical to the
+/// source. The line is read from the README so the test follows the text.
+#[test]
+fn readme_first_command_runs_the_demo() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let block = readme
+        .split("## Two commands")
+        .nth(1)
+        .and_then(|s| s.split("```").nth(1))
+        .expect("README has a \"## Two commands\" code block");
+    let line = block
+        .lines()
+        .map(|l| l.split(" #").next().unwrap_or("").trim())
+        .find(|l| l.starts_with("cargo run"))
+        .expect("a `cargo run` line");
+    let args: Vec<&str> = line
+        .split_once(" -- ")
+        .map(|(_, a)| a.split_whitespace().collect())
+        .unwrap_or_default();
+    assert_eq!(args.first(), Some(&"demo"), "{line}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cli_support::waterfall();
+    c.args(&args).current_dir(dir.path()).env("HOME", dir.path());
+    let mut p = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while p.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = p.kill();
+            let _ = p.wait();
+            panic!("the demo did not end within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = p.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {err}");
+    assert!(
+        err.contains("every viewer holds every frame of the source, byte for byte"),
+        "{err}"
+    );
+    let files = std::fs::read_dir(dir.path().join("waterfall-demo"))
+        .unwrap()
+        .count();
+    assert!(files >= 12, "{files} files in waterfall-demo/");
+}
