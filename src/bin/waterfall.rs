@@ -98,8 +98,9 @@ struct SimArgs {
 /// Network options shared by every command that runs a node.
 #[derive(Args, Debug, Clone)]
 struct NetArgs {
-    /// Listen address (repeatable). Default: loopback TCP and QUIC on random ports.
-    #[arg(long)]
+    /// Listen address (repeatable, or comma-separated in $WATERFALL_LISTEN). Default: TCP and
+    /// QUIC on every interface, random ports (/ip4/127.0.0.1/tcp/0 stays on this machine).
+    #[arg(long, env = "WATERFALL_LISTEN", value_delimiter = ',')]
     listen: Vec<Multiaddr>,
     /// Peer to dial at start (repeatable), e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     #[arg(long)]
@@ -135,8 +136,9 @@ struct NetArgs {
     /// port), advertised at once instead of waiting for AutoNAT to confirm one.
     #[arg(long)]
     external_addr: Vec<Multiaddr>,
-    /// Address WebRTC binds its UDP sockets to (0.0.0.0 for every interface).
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address WebRTC binds its UDP sockets to: every interface by default, 127.0.0.1 to stay
+    /// on this machine.
+    #[arg(long, env = "WATERFALL_UDP_BIND", default_value = "0.0.0.0")]
     udp_bind: std::net::IpAddr,
     /// Children this node relays to at most.
     #[arg(long)]
@@ -369,9 +371,17 @@ impl NetArgs {
             .relay(relay)
             .external_addrs(self.external_addr.clone())
             .media(media);
-        if !self.listen.is_empty() {
-            b = b.listen(self.listen.clone());
-        }
+        // A real node listens on every interface (the library's default is loopback, for
+        // tests and embedders that choose their own).
+        let listen = if self.listen.is_empty() {
+            vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            ]
+        } else {
+            self.listen.clone()
+        };
+        b = b.listen(listen);
         if let Some(n) = self.max_children {
             b = b.max_children(n);
         }
