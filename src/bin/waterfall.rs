@@ -98,8 +98,9 @@ struct SimArgs {
 /// Network options shared by every command that runs a node.
 #[derive(Args, Debug, Clone)]
 struct NetArgs {
-    /// Listen address (repeatable). Default: loopback TCP and QUIC on random ports.
-    #[arg(long)]
+    /// Listen address (repeatable, or comma-separated in $WATERFALL_LISTEN). Default: TCP and
+    /// QUIC on every interface, random ports (/ip4/127.0.0.1/tcp/0 stays on this machine).
+    #[arg(long, env = "WATERFALL_LISTEN", value_delimiter = ',')]
     listen: Vec<Multiaddr>,
     /// Peer to dial at start (repeatable), e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     #[arg(long)]
@@ -135,8 +136,9 @@ struct NetArgs {
     /// port), advertised at once instead of waiting for AutoNAT to confirm one.
     #[arg(long)]
     external_addr: Vec<Multiaddr>,
-    /// Address WebRTC binds its UDP sockets to (0.0.0.0 for every interface).
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address WebRTC binds its UDP sockets to: every interface by default, 127.0.0.1 to stay
+    /// on this machine.
+    #[arg(long, env = "WATERFALL_UDP_BIND", default_value = "0.0.0.0")]
     udp_bind: std::net::IpAddr,
     /// Children this node relays to at most.
     #[arg(long)]
@@ -369,9 +371,17 @@ impl NetArgs {
             .relay(relay)
             .external_addrs(self.external_addr.clone())
             .media(media);
-        if !self.listen.is_empty() {
-            b = b.listen(self.listen.clone());
-        }
+        // A real node listens on every interface (the library's default is loopback, for
+        // tests and embedders that choose their own).
+        let listen = if self.listen.is_empty() {
+            vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            ]
+        } else {
+            self.listen.clone()
+        };
+        b = b.listen(listen);
         if let Some(n) = self.max_children {
             b = b.max_children(n);
         }
@@ -646,6 +656,8 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
             "old": old.map(|p| p.to_string()), "new": new.to_string()}),
         RoomEvent::DepthChanged { depth } => json!({"event": "depth", "depth": depth}),
         RoomEvent::Orphaned { lost } => json!({"event": "orphaned", "lost": lost.to_string()}),
+        RoomEvent::ParentUnreachable { parent, timed_out } => json!({"event": "parent_unreachable",
+            "parent": parent.to_string(), "timed_out": timed_out}),
         RoomEvent::Rejoined { parent, outage_ms } => json!({"event": "rejoined",
             "parent": parent.to_string(), "outage_ms": outage_ms}),
         RoomEvent::ChildAdded(c) => json!({"event": "child_added", "peer": c.to_string()}),
@@ -920,8 +932,16 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             _ = &mut stop => break,
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
-                if let RoomEvent::Media(MediaEvent::DecryptFailed(e)) = &ev {
-                    say!("media does not decrypt ({e}): wrong password?");
+                match &ev {
+                    RoomEvent::Media(MediaEvent::DecryptFailed(e)) => {
+                        say!("media does not decrypt ({e}): wrong password?");
+                    }
+                    RoomEvent::ParentUnreachable { parent, timed_out } => say!(
+                        "no media path to parent {} ({}): trying another parent",
+                        short(parent),
+                        if *timed_out { "not connected in time" } else { "WebRTC connection failed" }
+                    ),
+                    _ => {}
                 }
                 if args.json {
                     if let Some(j) = json_event(&ev) { println!("{j}"); }

@@ -31,7 +31,7 @@ use crate::media::session::CutReason;
 use crate::media::{ChildId, MediaEvent};
 use crate::net::{Net, ResponseHandle, node_of, peer_of};
 use crate::node::{Node, ROOM_LIVENESS, ROOM_REFRESH};
-use crate::proto::room::RoomEvent as CoreEvent;
+use crate::proto::room::{LinkCause, RoomEvent as CoreEvent};
 use crate::proto::{Millis, NodeId, RoomNode, RoomOutput, Snapshot, TreeEvent, TreeUpdate};
 use crate::wire::{
     self, BroadcastEnd, Control, Envelope, Notice, RoomId, RoomRecord, RoomRequest, SdpKind,
@@ -305,8 +305,14 @@ impl RoomTask {
         let now = self.now();
         match &ev {
             MediaEvent::ParentLost => {
+                // Before the media was ever up this is a path the room avoids, not a lost parent.
                 if let Some(p) = self.room.tree().parent() {
                     self.room.handle_link_down(p, now);
+                }
+            }
+            MediaEvent::ParentConnected => {
+                if let Some(p) = self.room.tree().parent() {
+                    self.room.handle_parent_connected(p, now);
                 }
             }
             MediaEvent::ChildCut { id, reason } => {
@@ -455,6 +461,13 @@ impl RoomTask {
                 tracing::info!(?cause, "the broadcast ended");
                 Some(RoomEvent::BroadcastEnded)
             }
+            CoreEvent::LinkDown {
+                peer: p,
+                cause: cause @ (LinkCause::ParentConnectFailed | LinkCause::ParentNeverConnected),
+            } => peer(p).map(|parent| RoomEvent::ParentUnreachable {
+                parent,
+                timed_out: cause == LinkCause::ParentNeverConnected,
+            }),
             CoreEvent::LinkDown { peer, cause } => {
                 tracing::debug!(?peer, ?cause, "link declared down");
                 None

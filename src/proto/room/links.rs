@@ -40,8 +40,14 @@ impl RoomNode {
     }
 
     /// The media transport lost `peer` (connection failed or closed, or no RTCP for too long).
+    /// A parent whose media never came up was not lost: the path to it failed (ICE), see
+    /// [`RoomNode::handle_parent_connect_failed`].
     pub fn handle_link_down(&mut self, peer: NodeId, now: Millis) {
         if self.closed {
+            return;
+        }
+        if self.connecting_parent == Some(peer) {
+            self.parent_unreachable(peer, LinkCause::ParentConnectFailed, now);
             return;
         }
         self.timers.cancel(RoomTimer::Probe(peer));
@@ -58,12 +64,42 @@ impl RoomNode {
         self.declare_down(child, LinkCause::TooSlow, now);
     }
 
-    /// The media connection to `parent` could not be set up.
+    /// The media connection to `parent` could not be set up (ICE failed, signalling refused).
     pub fn handle_parent_connect_failed(&mut self, parent: NodeId, now: Millis) {
+        self.parent_unreachable(parent, LinkCause::ParentConnectFailed, now);
+    }
+
+    /// The media connection to our parent is up: its connect deadline is met.
+    pub fn handle_parent_connected(&mut self, parent: NodeId, _now: Millis) {
+        if self.connecting_parent == Some(parent) {
+            self.connecting_parent = None;
+            self.timers.cancel(RoomTimer::ParentConnect(parent));
+        }
+    }
+
+    /// Our media cannot reach `parent`: the path fails, not (as far as we know) the parent. We
+    /// tell it we go (it frees our slot now rather than at its own connect deadline), and the
+    /// tree repairs elsewhere without accusing it and avoids it for
+    /// [`RoomTimings::unreachable_memory_ms`](super::RoomTimings::unreachable_memory_ms).
+    pub(super) fn parent_unreachable(&mut self, parent: NodeId, cause: LinkCause, now: Millis) {
+        if self.connecting_parent == Some(parent) {
+            self.connecting_parent = None;
+            self.timers.cancel(RoomTimer::ParentConnect(parent));
+        }
         if self.closed || self.tree.parent() != Some(parent) {
             return;
         }
-        self.declare_down(parent, LinkCause::ParentConnectFailed, now);
+        self.out.push_back(RoomOutput::SendControl {
+            to: parent,
+            msg: TreeMsg::Leave { successor: None },
+        });
+        let until = now.plus(self.timings.unreachable_memory_ms);
+        self.tree.handle_parent_unreachable(parent, until, now);
+        self.emit(RoomEvent::LinkDown {
+            peer: parent,
+            cause,
+        });
+        self.pump(now);
     }
 
     /// A child's media connection is up. A child the tree no longer lists (it left while we
@@ -101,6 +137,10 @@ impl RoomNode {
             self.out.push_back(RoomOutput::Disconnect { peer });
         }
         self.media_up.remove(&peer);
+        if self.connecting_parent == Some(peer) {
+            self.connecting_parent = None;
+            self.timers.cancel(RoomTimer::ParentConnect(peer));
+        }
         // The tree also gives up a join request pending at `peer` (transport evidence only).
         if neighbour || cause == LinkCause::Transport {
             self.tree.handle_link_down(peer, now);

@@ -9,6 +9,14 @@
 //!   Leave) was lost, or vanished before it offered; without the deadline its slot stays taken and
 //!   the tree lists a child that is not there. Expired, it is declared down
 //!   ([`LinkCause::NeverConnected`]) and its slot is freed.
+//! - **The parent-connect deadline.** The child's side of the same rule: the media to a new
+//!   parent must be up within [`RoomTimings::parent_connect_ms`] (10 s, before the parent's own
+//!   deadline). A parent we cannot reach (ICE fails or never completes: two NATs that defeat hole
+//!   punching and no TURN) is usually alive, and the path is what fails; so the child tells it
+//!   it goes (a Leave), repairs elsewhere without asking the grandparent to evict it
+//!   ([`LinkCause::ParentConnectFailed`], [`LinkCause::ParentNeverConnected`]), and does not try
+//!   that parent again for [`RoomTimings::unreachable_memory_ms`] (5 min), so it picks another
+//!   slot instead of coming back to a path that does not work.
 //! - **The probe before a link is declared down.** When the control connection to a tree
 //!   neighbour closes ([`RoomNode::handle_peer_disconnected`]) the neighbour may have crashed, or
 //!   the connection was merely closed while idle and reopens on the next message. The room asks
@@ -104,6 +112,21 @@ pub struct RoomTimings {
     pub snapshot_ms: u64,
     /// While an orphan has no path to the root, it checks the room record this often.
     pub record_check_ms: u64,
+    /// A new parent whose media has not connected after this is given up (shorter than the
+    /// parent's `child_connect_ms`, so the child leaves first and says so).
+    #[serde(default = "default_parent_connect_ms")]
+    pub parent_connect_ms: u64,
+    /// A parent our media could not reach is not tried again for this long.
+    #[serde(default = "default_unreachable_memory_ms")]
+    pub unreachable_memory_ms: u64,
+}
+
+fn default_parent_connect_ms() -> u64 {
+    10_000
+}
+
+fn default_unreachable_memory_ms() -> u64 {
+    300_000
 }
 
 impl Default for RoomTimings {
@@ -113,6 +136,8 @@ impl Default for RoomTimings {
             probe_ms: 1_500,
             snapshot_ms: 6_000,
             record_check_ms: 5_000,
+            parent_connect_ms: default_parent_connect_ms(),
+            unreachable_memory_ms: default_unreachable_memory_ms(),
         }
     }
 }
@@ -130,6 +155,8 @@ pub struct RoomNode {
     timers: TimerTable,
     /// Children whose media connection is up (a subset of the tree's children).
     media_up: BTreeSet<NodeId>,
+    /// The parent whose media connection is being set up (its deadline armed), if any.
+    connecting_parent: Option<NodeId>,
     record_check_inflight: bool,
     replay: ReplayWindow,
     closed: bool,
@@ -145,6 +172,7 @@ impl RoomNode {
             timings,
             timers: TimerTable::default(),
             media_up: BTreeSet::new(),
+            connecting_parent: None,
             record_check_inflight: false,
             replay: ReplayWindow::default(),
             closed: false,
@@ -255,6 +283,9 @@ impl RoomNode {
                     }
                 }
                 RoomTimer::Probe(peer) => self.declare_down(peer, LinkCause::ProbeTimeout, now),
+                RoomTimer::ParentConnect(parent) => {
+                    self.parent_unreachable(parent, LinkCause::ParentNeverConnected, now)
+                }
                 RoomTimer::Snapshot => {
                     // As if the request had failed: the tree retries with jitter.
                     self.tree.handle_snapshot(Snapshot::default(), now);
@@ -287,6 +318,14 @@ impl RoomNode {
                     self.out.push_back(RoomOutput::Publish { update, to })
                 }
                 Output::ConnectParent { peer } => {
+                    // One media connection to a parent at a time: the deadline follows it.
+                    if let Some(old) = self.connecting_parent.replace(peer) {
+                        self.timers.cancel(RoomTimer::ParentConnect(old));
+                    }
+                    self.timers.set(
+                        RoomTimer::ParentConnect(peer),
+                        now.plus(self.timings.parent_connect_ms),
+                    );
                     self.out.push_back(RoomOutput::ConnectParent { peer })
                 }
                 Output::AcceptChild { peer } => {

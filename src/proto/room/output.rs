@@ -21,8 +21,11 @@ pub enum LinkCause {
     NeverConnected,
     /// The media session cut a child that could not keep up (it is alive, and told to go).
     TooSlow,
-    /// Connecting the media to a new parent failed.
+    /// Connecting the media to a new parent failed (ICE failed; signalling refused).
     ParentConnectFailed,
+    /// The media to a new parent was not up within
+    /// [`RoomTimings::parent_connect_ms`](super::RoomTimings::parent_connect_ms).
+    ParentNeverConnected,
 }
 
 /// How a viewer learnt that the broadcast is over.

@@ -293,3 +293,61 @@ fn an_orphan_checks_the_record_and_ends_when_it_says_so() {
     );
     assert_eq!(out.last(), Some(&RoomOutput::Close));
 }
+
+#[test]
+fn a_parent_whose_media_never_connects_is_left_and_not_asked_again() {
+    // Attached to the root at 30 ms; its media connection never comes up.
+    let mut r = attached_viewer();
+    let out = run_until(&mut r, Millis(10_029));
+    assert!(downs(&out).is_empty(), "{out:?}");
+    let out = run_until(&mut r, Millis(10_030));
+    assert_eq!(downs(&out), vec![(id(1), LinkCause::ParentNeverConnected)]);
+    // The parent is told (it frees the slot now), and the half-open media session closes.
+    assert!(out.contains(&RoomOutput::SendControl {
+        to: id(1),
+        msg: TreeMsg::Leave { successor: None }
+    }));
+    assert!(out.contains(&RoomOutput::Disconnect { peer: id(1) }));
+    assert_eq!(r.tree().parent(), None);
+    // Offered that parent and another one, it joins the other.
+    let mut snap = root_slot();
+    snap.candidates.push(SlotAd {
+        peer: id(7),
+        depth: 1,
+        free: 2,
+        capacity: 4,
+    });
+    r.handle_snapshot(snap, Millis(10_100));
+    let out = run_until(&mut r, Millis(12_000));
+    let joins: Vec<NodeId> = out
+        .iter()
+        .filter_map(|o| match o {
+            RoomOutput::SendControl {
+                to,
+                msg: TreeMsg::Join { .. },
+            } => Some(*to),
+            _ => None,
+        })
+        .collect();
+    assert!(joins.contains(&id(7)), "{out:?}");
+    assert!(
+        !joins.contains(&id(1)),
+        "asked the unreachable parent again: {out:?}"
+    );
+}
+
+#[test]
+fn a_transport_failure_before_the_media_is_up_avoids_the_parent_without_accusing_it() {
+    let mut r = attached_viewer();
+    r.handle_link_down(id(1), Millis(2_000));
+    let out = drain(&mut r);
+    assert_eq!(downs(&out), vec![(id(1), LinkCause::ParentConnectFailed)]);
+    // The repair's join to a grandparent (none here) would not carry `parent_gone`: nothing
+    // says the parent is dead. Once connected, a transport failure is a lost parent as before.
+    let mut r = attached_viewer();
+    r.handle_parent_connected(id(1), Millis(500));
+    let out = run_until(&mut r, Millis(30_000));
+    assert!(downs(&out).is_empty(), "{out:?}");
+    r.handle_link_down(id(1), Millis(30_001));
+    assert_eq!(downs(&drain(&mut r)), vec![(id(1), LinkCause::Transport)]);
+}

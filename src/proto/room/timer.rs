@@ -10,6 +10,8 @@ use super::super::{Millis, NodeId};
 pub enum RoomTimer {
     /// An accepted child must have connected its media by now.
     ChildConnect(NodeId),
+    /// The media connection to this new parent must be up by now.
+    ParentConnect(NodeId),
     /// A probed neighbour must have answered by now.
     Probe(NodeId),
     /// The snapshot request in flight must have been answered by now.
@@ -19,7 +21,8 @@ pub enum RoomTimer {
 }
 
 /// Pending deadlines. Bounded: one per accepted child (the tree bounds those by its capacity,
-/// plus one during a promotion), one per probed neighbour (parent and children), two more.
+/// plus one during a promotion), one per probed neighbour (parent and children), one for the parent being connected, two
+/// more.
 #[derive(Clone, Debug, Default)]
 pub(super) struct TimerTable {
     at: BTreeMap<RoomTimer, Millis>,
