@@ -370,25 +370,40 @@ pub enum SdpKind {
     Answer,
 }
 
-/// A WebRTC session description for one (child, parent, nonce) exchange. Sealed, then signed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Signal {
-    /// Wire version.
-    pub v: u8,
-    /// The room.
-    pub room: RoomId,
-    /// Sender.
-    pub from: NodeId,
-    /// Recipient.
-    pub to: NodeId,
-    /// Names the exchange; replays of a used nonce are rejected.
-    pub nonce: Nonce16,
-    /// Offer or answer.
-    pub kind: SdpKind,
-    /// The SDP text.
-    pub sdp: String,
-    /// When made, ms since the Unix epoch; stale blobs are rejected.
-    pub ts_ms: u64,
+/// The two messages of a signalling exchange ([`Signal`] and the [`Notice`] announcing it) begin
+/// with the same fields: this writes them once. They stay fields of each struct (not a nested or
+/// `#[serde(flatten)]`ed header, which would change the encoding the CDDL and golden vectors fix:
+/// another map level, or an indefinite-length map).
+macro_rules! exchange_message {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $name {
+            /// Wire version.
+            pub v: u8,
+            /// The room.
+            pub room: RoomId,
+            /// Sender.
+            pub from: NodeId,
+            /// Recipient.
+            pub to: NodeId,
+            /// Names the exchange; replays of a used nonce are rejected.
+            pub nonce: Nonce16,
+            /// Offer or answer.
+            pub kind: SdpKind,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+    };
+}
+
+exchange_message! {
+    /// A WebRTC session description for one (child, parent, nonce) exchange. Sealed, then signed.
+    Signal {
+        /// The SDP text.
+        sdp: String,
+        /// When made, ms since the Unix epoch; stale blobs are rejected.
+        ts_ms: u64,
+    }
 }
 
 impl Signal {
@@ -407,29 +422,14 @@ impl Signal {
     }
 }
 
-/// Tells the other side of an exchange that a blob waits in the DHT under `blob_key`.
-///
-/// Its first fields are those of the [`Signal`] it announces ([`Signal::notice`] makes one),
-/// written out rather than shared: a nested or `#[serde(flatten)]`ed header would change the
-/// encoding (another map level, or an indefinite-length map) that the CDDL and the golden
-/// vectors fix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notice {
-    /// Wire version.
-    pub v: u8,
-    /// The room.
-    pub room: RoomId,
-    /// Sender.
-    pub from: NodeId,
-    /// Recipient.
-    pub to: NodeId,
-    /// The exchange.
-    pub nonce: Nonce16,
-    /// Offer or answer.
-    pub kind: SdpKind,
-    /// DHT key of the sealed, signed [`Signal`].
-    #[serde(with = "serde_bytes")]
-    pub blob_key: [u8; 32],
+exchange_message! {
+    /// Tells the other side of an exchange that a blob waits in the DHT under `blob_key`
+    /// ([`Signal::notice`] makes one).
+    Notice {
+        /// DHT key of the sealed, signed [`Signal`].
+        #[serde(with = "serde_bytes")]
+        blob_key: [u8; 32],
+    }
 }
 
 /// The broadcaster's notice that its broadcast is over: the sealed payload of a

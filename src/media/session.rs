@@ -213,6 +213,23 @@ impl std::fmt::Debug for Broadcaster {
     }
 }
 
+/// `attach_child` and `detach_child`, the same in both roles: each hands the child to the hub.
+macro_rules! child_methods {
+    ($attach_doc:literal) => {
+        #[doc = $attach_doc]
+        pub async fn attach_child(
+            &self,
+            offer: &SignalBlob,
+        ) -> Result<(ChildId, SignalBlob), SessionError> {
+            self.hub.attach_child(offer).await
+        }
+
+        /// Disconnects a child. Returns whether it existed.
+        pub fn detach_child(&self, id: ChildId) -> bool {
+            self.hub.remove_child(id)
+        }
+    };
+}
 impl Broadcaster {
     /// A broadcaster of `sources` (at most one video and one audio). Media flows once
     /// [`start`](Self::start) is called, so children attached before it get every frame.
@@ -250,22 +267,7 @@ impl Broadcaster {
         ))
     }
 
-    // `attach_child` and `detach_child` are the same one-line delegations to the hub in both
-    // roles (`Viewer` has them too): sharing them would take a public trait over the private
-    // hub, more code than the two it saves.
-
-    /// Accepts a child's offer; returns its id and the answer to send back.
-    pub async fn attach_child(
-        &self,
-        offer: &SignalBlob,
-    ) -> Result<(ChildId, SignalBlob), SessionError> {
-        self.hub.attach_child(offer).await
-    }
-
-    /// Disconnects a child. Returns whether it existed.
-    pub fn detach_child(&self, id: ChildId) -> bool {
-        self.hub.remove_child(id)
-    }
+    child_methods!("Accepts a child's offer; returns its id and the answer to send back.");
 
     /// Starts reading the sources (once; later calls do nothing).
     pub fn start(&self) {
@@ -563,18 +565,7 @@ impl Viewer {
         Ok(())
     }
 
-    /// Accepts a child's offer (requires the parent's answer to have been applied).
-    pub async fn attach_child(
-        &self,
-        offer: &SignalBlob,
-    ) -> Result<(ChildId, SignalBlob), SessionError> {
-        self.hub.attach_child(offer).await
-    }
-
-    /// Disconnects a child. Returns whether it existed.
-    pub fn detach_child(&self, id: ChildId) -> bool {
-        self.hub.remove_child(id)
-    }
+    child_methods!("Accepts a child's offer (requires the parent's answer to have been applied).");
 
     /// Current counters.
     pub fn stats(&self) -> MediaStats {
