@@ -262,6 +262,15 @@ fn viewer_behind_a_symmetric_nat_gets_media_through_turn() {
         |l| l.contains("\"turn_unavailable\""),
     );
     natlab::ffmpeg_decodes(&video);
+    // The refusal is told in our words only (webrtc-rs's own ERROR for it is filtered out),
+    // and nothing else is logged.
+    let berr = natlab::rest(&bc.err);
+    assert!(
+        berr.iter().any(|l| l.contains("gave no relay candidate")),
+        "the broadcaster said nothing about TURN: {berr:?}"
+    );
+    natlab::assert_quiet("broadcaster", &berr);
+    natlab::assert_quiet("viewer", &natlab::rest(&v.err));
 }
 
 #[test]

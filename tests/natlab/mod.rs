@@ -676,3 +676,23 @@ impl Lab {
         }
     }
 }
+
+/// Every line still queued on `rx` (those a `wait_line` passed over are gone).
+pub fn rest(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    rx.try_iter().collect()
+}
+
+/// No log line of another crate (or a warning of ours) among `lines`: what a user sees on
+/// stderr in a working setup is our messages and notices, nothing else. webrtc-rs reports a
+/// refused TURN allocation as an `ERROR` and libp2p's AutoNAT warns about routine timeouts;
+/// the CLI's default filter silences both (our own notices say what matters in words).
+pub fn assert_quiet(who: &str, lines: &[String]) {
+    for l in lines {
+        let t = l.trim_start();
+        assert!(
+            !(t.starts_with("ERROR") || t.starts_with("WARN") || t.contains("libp2p_")),
+            "{who} printed log noise: {l:?}\nall of its stderr:\n{}",
+            lines.join("\n")
+        );
+    }
+}
