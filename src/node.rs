@@ -39,7 +39,8 @@ pub use room::{
 
 /// How long a room record says the broadcast is live; the broadcaster refreshes it well before.
 pub const ROOM_LIVENESS: Duration = Duration::from_secs(120);
-/// How often the broadcaster refreshes its room record.
+/// How often the broadcaster refreshes its room record (and at once, at most every
+/// [`ADDR_REPUBLISH_MIN`], when its addresses change).
 pub const ROOM_REFRESH: Duration = Duration::from_secs(40);
 /// How long the envelope of a room record stays storable in the DHT (after the broadcast ended,
 /// so that viewers can still be told "ended" rather than "not found").

@@ -30,6 +30,9 @@ use natlab::{Host, Lab, NatKind, Wf, args, broadcaster, public_node, try_wait_li
 
 /// The window over which relay and TURN costs are sampled.
 const WINDOW: Duration = Duration::from_secs(20);
+/// Wait before each window, so that start-up traffic (DHT bootstrap, AutoNAT probes, the
+/// first record puts, ICE checks) stays out of it.
+const SETTLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 struct Sample {
@@ -44,7 +47,11 @@ struct Sample {
 #[derive(Debug, Clone, Copy, Default)]
 struct Cost {
     cpu_s: f64,
+    /// Everything on the host's interface.
     bytes: u64,
+    /// Only what went between the relay and the broadcaster's NAT (nft counters): the
+    /// broadcaster's own connection to the relay, plus its leg of a circuit when one is open.
+    bcast_bytes: u64,
 }
 
 /// Follow a viewer's `--json` events until its first video frame (2 min at most); then a few
@@ -158,12 +165,68 @@ fn if_bytes(lab: &Lab, host: &Host) -> u64 {
         .sum()
 }
 
+/// Count, in `host`'s namespace, the bytes exchanged with `peer` (read by [`peer_bytes`]).
+fn count_peer(lab: &Lab, host: &Host, peer: std::net::Ipv4Addr) {
+    let peer = peer.to_string();
+    let rules: [&[&str]; 5] = [
+        &["add", "table", "inet", "wfbench"],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "wfbench",
+            "in",
+            "{ type filter hook input priority 0 ; }",
+        ],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "wfbench",
+            "out",
+            "{ type filter hook output priority 0 ; }",
+        ],
+        &[
+            "add", "rule", "inet", "wfbench", "in", "ip", "saddr", &peer, "counter",
+        ],
+        &[
+            "add", "rule", "inet", "wfbench", "out", "ip", "daddr", &peer, "counter",
+        ],
+    ];
+    for r in rules {
+        let out = lab.output(host, "nft", r);
+        assert!(
+            out.status.success(),
+            "nft {r:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Bytes counted so far by [`count_peer`]'s rules.
+fn peer_bytes(lab: &Lab, host: &Host) -> u64 {
+    let out = lab.output(host, "nft", &["-j", "list", "table", "inet", "wfbench"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["nftables"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| i["rule"]["expr"].as_array())
+                .flatten()
+                .filter_map(|e| e["counter"]["bytes"].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn cost(lab: &Lab, host: &Host, pid: u32, during: impl FnOnce()) -> Cost {
-    let (c0, b0) = (cpu_s(pid), if_bytes(lab, host));
+    let (c0, b0, p0) = (cpu_s(pid), if_bytes(lab, host), peer_bytes(lab, host));
     during();
     Cost {
         cpu_s: cpu_s(pid) - c0,
         bytes: if_bytes(lab, host) - b0,
+        bcast_bytes: peer_bytes(lab, host) - p0,
     }
 }
 
@@ -188,7 +251,9 @@ fn symmetric() -> (Vec<Sample>, Option<[Cost; 3]>) {
     std::fs::write(&cred, format!("{}\n", turn.password)).unwrap();
     bnet.push("--turn-credential-file".into());
     bnet.push(cred.to_string_lossy().into_owned());
+    count_peer(&lab, &p0, a.nat_ip.expect("behind a NAT"));
     let (_bc, ticket, _) = broadcaster(&mut lab, &a, &bnet);
+    std::thread::sleep(SETTLE);
     let idle = cost(&lab, &p0, relay_pid, || std::thread::sleep(WINDOW));
     let t = Instant::now();
     let (v, _) = viewer(&mut lab, &b, "viewer", &ticket, &net, &env);
@@ -198,12 +263,14 @@ fn symmetric() -> (Vec<Sample>, Option<[Cost; 3]>) {
     let turn_pid = std::fs::read_to_string(lab.path("turn.pid"))
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok());
+    std::thread::sleep(SETTLE);
     let (t0, tb0) = (turn_pid.map(cpu_s), if_bytes(&lab, &p1));
     let busy = cost(&lab, &p0, relay_pid, || std::thread::sleep(WINDOW));
     let turn_cost = match (turn_pid, t0) {
         (Some(pid), Some(c0)) => Cost {
             cpu_s: cpu_s(pid) - c0,
             bytes: if_bytes(&lab, &p1) - tb0,
+            bcast_bytes: 0,
         },
         _ => Cost::default(),
     };
@@ -294,37 +361,56 @@ fn nat_traversal_figures() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
+    // `NATBENCH_CASES=3` (say) runs only the listed cases.
+    let cases = std::env::var("NATBENCH_CASES").unwrap_or_else(|_| "1234".into());
     let (mut c1, mut c2, mut c3, mut t1, mut t2) = (vec![], vec![], vec![], vec![], vec![]);
     let mut costs = Vec::new();
     for i in 0..runs {
         eprintln!("=== run {} of {runs}", i + 1);
-        c1.extend(cone());
-        c2.extend(two_cones());
-        let (s, c) = symmetric();
-        c3.extend(s);
-        costs.extend(c);
-        let (a, b) = tree();
-        t1.extend(a);
-        t2.extend(b);
+        if cases.contains('1') {
+            c1.extend(cone());
+        }
+        if cases.contains('2') {
+            c2.extend(two_cones());
+        }
+        if cases.contains('3') {
+            let (s, c) = symmetric();
+            c3.extend(s);
+            costs.extend(c);
+        }
+        if cases.contains('4') {
+            let (a, b) = tree();
+            t1.extend(a);
+            t2.extend(b);
+        }
     }
     println!("\nNAT traversal, {runs} runs per case (median (min–max))\n");
     println!(
         "| case | runs with a first frame | time to first frame | of which from parent connection start | media path (ICE) | control path (libp2p to the parent) |"
     );
     println!("|---|---|---|---|---|---|");
-    row("1. public broadcaster, viewer behind a cone NAT", runs, &c1);
-    row("2. broadcaster and viewer behind two cone NATs", runs, &c2);
-    row("3. viewer behind a symmetric NAT (TURN)", runs, &c3);
-    row(
-        "4. tree across three NATs: first viewer (depth 1)",
-        runs,
-        &t1,
-    );
-    row(
-        "4. tree across three NATs: second viewer (depth 2, parent behind a NAT)",
-        runs,
-        &t2,
-    );
+    let ran = |c: char| cases.contains(c);
+    if ran('1') {
+        row("1. public broadcaster, viewer behind a cone NAT", runs, &c1);
+    }
+    if ran('2') {
+        row("2. broadcaster and viewer behind two cone NATs", runs, &c2);
+    }
+    if ran('3') {
+        row("3. viewer behind a symmetric NAT (TURN)", runs, &c3);
+    }
+    if ran('4') {
+        row(
+            "4. tree across three NATs: first viewer (depth 1)",
+            runs,
+            &t1,
+        );
+        row(
+            "4. tree across three NATs: second viewer (depth 2, parent behind a NAT)",
+            runs,
+            &t2,
+        );
+    }
     if !costs.is_empty() {
         let w = WINDOW.as_secs_f64();
         let col = |f: &dyn Fn(&[Cost; 3]) -> f64| -> (f64, f64, f64) {
@@ -351,10 +437,19 @@ fn nat_traversal_figures() {
             fmt(col(&|c| c[1].bytes as f64 / w / 1000.0), "kB/s"),
         );
         println!(
-            "| relay, difference (per circuit) | {} | {} |",
+            "| relay, difference (the circuit and the viewer's own connection to the relay) | {} | {} |",
             fmt(col(&|c| (c[1].cpu_s - c[0].cpu_s) / w * 100.0), "%"),
             fmt(
                 col(&|c| (c[1].bytes as f64 - c[0].bytes as f64) / w / 1000.0),
+                "kB/s"
+            ),
+        );
+        println!(
+            "| relay ↔ broadcaster only, idle / with the circuit / difference (the circuit's broadcaster leg) | — | {} / {} / {} |",
+            fmt(col(&|c| c[0].bcast_bytes as f64 / w / 1000.0), "kB/s"),
+            fmt(col(&|c| c[1].bcast_bytes as f64 / w / 1000.0), "kB/s"),
+            fmt(
+                col(&|c| (c[1].bcast_bytes as f64 - c[0].bcast_bytes as f64) / w / 1000.0),
                 "kB/s"
             ),
         );

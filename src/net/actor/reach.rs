@@ -9,6 +9,10 @@
 //!    candidates, and AutoNAT v2 asks a peer to dial each one back from a fresh port. A pass
 //!    makes it an external address (the swarm's confirmed list, which identify and Kademlia
 //!    then advertise); a failure means a NAT or firewall filters unsolicited traffic.
+//!    Only peers we dialled can be asked: libp2p-autonat 0.16's v2 client puts its
+//!    dial-request handler on outbound connections only (inbound ones get the dial-back
+//!    handler), so a public node that never dials out stays untested until it does, or is
+//!    told its address ([`NetConfig::external_addrs`]).
 //! 3. While no direct address is confirmed, the node reserves a slot on up to [`MAX_RELAYS`]
 //!    peers that speak the relay hop protocol (listening on `<relay addr>/p2p-circuit`).
 //!    Candidates are every connected peer whose identify lists the hop protocol (bootstrap
