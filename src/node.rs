@@ -13,6 +13,7 @@
 //! password can compute. A viewer with the right password finds and opens it; with a ticket it can
 //! tell a wrong password (the ticket's check does not match) from a room that is gone.
 
+pub(crate) mod addrs;
 pub mod datadir;
 pub mod records;
 pub mod room;
@@ -31,13 +32,15 @@ use crate::net::{Net, NetConfig, NetError, NetEvent, RelayMode};
 use crate::proto::NodeId;
 use crate::wire::{self, Envelope, RoomId, RoomRecord, Ticket, WireError};
 
+pub use addrs::ADDR_REPUBLISH_MIN;
 pub use room::{
     Broadcast, RoomConfig, RoomEvent, RoomEvents, RoomStatus, Watch, WatchConfig, WatchTarget,
 };
 
 /// How long a room record says the broadcast is live; the broadcaster refreshes it well before.
 pub const ROOM_LIVENESS: Duration = Duration::from_secs(120);
-/// How often the broadcaster refreshes its room record.
+/// How often the broadcaster refreshes its room record (and at once, at most every
+/// [`ADDR_REPUBLISH_MIN`], when its addresses change).
 pub const ROOM_REFRESH: Duration = Duration::from_secs(40);
 /// How long the envelope of a room record stays storable in the DHT (after the broadcast ended,
 /// so that viewers can still be told "ended" rather than "not found").
@@ -394,6 +397,19 @@ impl Node {
             .into_iter()
             .map(|a| a.with_p2p(me).unwrap_or_else(|a| a))
             .collect())
+    }
+
+    /// The ticket of a room this node broadcasts, with its current addresses (the ticket a
+    /// [`Broadcast`] was created with carries the addresses of that moment;
+    /// [`RoomEvent::TicketChanged`] tells when they changed).
+    pub async fn ticket(&self, keys: &RoomKeys) -> Result<Ticket, NodeError> {
+        Ok(Ticket {
+            v: wire::VERSION,
+            room: keys.name().to_owned(),
+            broadcaster: self.inner.identity.node_id(),
+            addrs: self.addrs().await?.iter().map(|a| a.to_string()).collect(),
+            check: ticket_check(keys),
+        })
     }
 
     /// Dial a peer.

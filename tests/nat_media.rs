@@ -17,80 +17,13 @@ mod natlab;
 
 use std::time::Duration;
 
-use natlab::{Lab, NatKind, Wf, fixture, frames, listen_all, try_wait_line, wait_line};
+use natlab::{
+    Lab, NatKind, Wf, args, broadcaster, frames, public_node, ticket_addrs, try_wait_line, viewer,
+    wait_line,
+};
 
 /// Frames the viewer must have written (the clip is 30 fps; 2 s of video).
 const MIN_FRAMES: usize = 60;
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
-fn write_password(lab: &Lab) -> String {
-    let pw = lab.path("pw.txt");
-    std::fs::write(&pw, "nat-secret\n").unwrap();
-    pw.to_string_lossy().into_owned()
-}
-
-/// Start a broadcaster of the looping clip on `host`; returns it, its ticket and the lines it
-/// printed before the ticket.
-fn broadcaster(lab: &mut Lab, host: &natlab::Host, extra: &[String]) -> (Wf, String, Vec<String>) {
-    let pw = write_password(lab);
-    let video = fixture("f.ivf").to_string_lossy().into_owned();
-    let mut a = args(&[
-        "broadcast",
-        "--room",
-        "nat-room",
-        "--password-file",
-        &pw,
-        "--video",
-        &video,
-        "--loop",
-        "--json",
-    ]);
-    a.extend(listen_all(0));
-    a.extend_from_slice(extra);
-    let b = lab.waterfall(host, "bcast", &a, &[]);
-    let seen = std::cell::RefCell::new(Vec::new());
-    let ticket = wait_line(&b.out, "ticket", Duration::from_secs(90), |l| {
-        seen.borrow_mut().push(l.to_owned());
-        l.starts_with("wf1")
-    });
-    (b, ticket, seen.into_inner())
-}
-
-/// The addresses a ticket carries.
-fn ticket_addrs(ticket: &str) -> Vec<String> {
-    ticket
-        .parse::<waterfall::wire::Ticket>()
-        .expect("a valid ticket")
-        .addrs
-}
-
-/// Start a viewer of `ticket` on `host` writing `name.ivf`.
-fn viewer(
-    lab: &mut Lab,
-    host: &natlab::Host,
-    name: &str,
-    ticket: &str,
-    extra: &[String],
-    env: &[(&str, &str)],
-) -> (Wf, std::path::PathBuf) {
-    let pw = lab.path("pw.txt").to_string_lossy().into_owned();
-    let video = lab.path(&format!("{name}.ivf"));
-    let mut a = args(&[
-        "watch",
-        ticket,
-        "--password-file",
-        &pw,
-        "--video",
-        &video.to_string_lossy(),
-        "--json",
-    ]);
-    a.extend(listen_all(0));
-    a.extend_from_slice(extra);
-    (lab.waterfall(host, name, &a, env), video)
-}
 
 /// Wait until the viewer joined and wrote `MIN_FRAMES` frames; returns the ICE path it
 /// reported for its parent connection and its `joined` event.
@@ -117,34 +50,6 @@ fn frames_arrive(v: &Wf, video: &std::path::Path) -> (String, String) {
     }
     let v: serde_json::Value = serde_json::from_str(&connected).unwrap();
     (v["path"].as_str().unwrap_or_default().to_owned(), joined)
-}
-
-/// A public `waterfall node` called `name` on `host`, listening on port 4001 (TCP and QUIC);
-/// returns it and its bootstrap flags (both transports: AutoNAT learns a QUIC address of ours
-/// only over a QUIC connection, and only a QUIC dial-back fails fast enough to tell).
-fn public_node(
-    lab: &mut Lab,
-    host: &natlab::Host,
-    name: &str,
-    extra: &[&str],
-) -> (Wf, Vec<String>) {
-    let dir = lab.path(name);
-    let id = lab.peer_id(&dir);
-    let mut a = args(&["node"]);
-    a.extend(listen_all(4001));
-    a.extend(args(extra));
-    let r = lab.waterfall(host, name, &a, &[]);
-    wait_line(&r.err, "node listening", Duration::from_secs(30), |l| {
-        l.starts_with("listening:")
-    });
-    let ip = host.ip;
-    let boot = vec![
-        "--bootstrap".into(),
-        format!("/ip4/{ip}/tcp/4001/p2p/{id}"),
-        "--bootstrap".into(),
-        format!("/ip4/{ip}/udp/4001/quic-v1/p2p/{id}"),
-    ];
-    (r, boot)
 }
 
 #[test]
@@ -262,6 +167,15 @@ fn viewer_behind_a_symmetric_nat_gets_media_through_turn() {
         |l| l.contains("\"turn_unavailable\""),
     );
     natlab::ffmpeg_decodes(&video);
+    // The refusal is told in our words only (webrtc-rs's own ERROR for it is filtered out),
+    // and nothing else is logged.
+    let berr = natlab::rest(&bc.err);
+    assert!(
+        berr.iter().any(|l| l.contains("gave no relay candidate")),
+        "the broadcaster said nothing about TURN: {berr:?}"
+    );
+    natlab::assert_quiet("broadcaster", &berr);
+    natlab::assert_quiet("viewer", &natlab::rest(&v.err));
 }
 
 #[test]

@@ -184,6 +184,7 @@ fn two_nodes_sharing_only_a_public_dht_node_find_the_room_by_name() {
     );
 
     // The viewer knows only the room's name and password, and the DHT node.
+    let viewer_id = lab.peer_id(&lab.path("viewer"));
     let video = lab.path("viewer.ivf");
     let mut vargs = args(&["watch", "--room", "amino-room", "--password-file", &pw]);
     vargs.extend(args(&["--json", "--video", &video.to_string_lossy()]));
@@ -202,4 +203,33 @@ fn two_nodes_sharing_only_a_public_dht_node_find_the_room_by_name() {
         std::thread::sleep(Duration::from_millis(250));
     }
     natlab::ffmpeg_decodes(&video);
+
+    // Only what a lookup asks for is provided: the viewer announces the well-known key of
+    // waterfall nodes and nothing of the room (lookups by name ask for the broadcaster's key).
+    let nodes_key = "122002da25b88ef89e864632ebfe7282c88e11379e1a59f71ab9055dda0c5efae02f";
+    let from_viewer =
+        |l: &str| l.starts_with("provider ") && l.split(' ').nth(2) == Some(viewer_id.as_str());
+    let seen = std::cell::RefCell::new(Vec::new());
+    let first = wait_line(
+        &kout,
+        "the viewer's announcement of the nodes key",
+        Duration::from_secs(60),
+        |l| {
+            seen.borrow_mut().push(l.to_owned());
+            from_viewer(l) && l.split(' ').nth(1) == Some(nodes_key)
+        },
+    );
+    let mut seen = seen.into_inner();
+    eprintln!("viewer provided {first}");
+    // Its announcements come together (all due at once): a room key would be here by now.
+    std::thread::sleep(Duration::from_secs(5));
+    seen.extend(kout.try_iter());
+    let others: Vec<&String> = seen
+        .iter()
+        .filter(|l| from_viewer(l) && l.split(' ').nth(1) != Some(nodes_key))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "the viewer provided room keys: {others:?}"
+    );
 }

@@ -716,6 +716,7 @@ impl Actor {
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         self.reach_on_swarm_event(&ev);
+        let addrs_may_change = reach::changes_addrs(&ev);
         match ev {
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -761,6 +762,9 @@ impl Actor {
                 }
             }
             _ => {}
+        }
+        if addrs_may_change {
+            self.addrs_maybe_changed();
         }
     }
 

@@ -26,8 +26,8 @@
 //!
 //! Reachability (`actor/reach.rs`): identify's observed addresses are candidates that AutoNAT v2
 //! tests by dialling back from a fresh port; only what passes becomes an external address. A
-//! node that is not confirmed reachable reserves a slot on relay-capable bootstrap peers and
-//! advertises the `/p2p-circuit` address it gets; DCUtR then tries to upgrade relayed
+//! node that is not confirmed reachable reserves a slot on relay-capable peers (bootstrap
+//! peers first, then any connected peer that serves the relay protocol) and advertises the `/p2p-circuit` address it gets; DCUtR then tries to upgrade relayed
 //! connections to direct ones. [`Net::addrs`] is what others can dial, in that order: confirmed
 //! direct addresses, relayed ones, then listen addresses (loopback ones only when nothing else
 //! exists). What a user must know (bootstrap failures, reachability, relay reservations, hole
@@ -255,7 +255,8 @@ pub struct NetConfig {
     pub gossip_heartbeat: Duration,
     /// Whether to serve circuit relay v2 for others.
     pub relay: RelayMode,
-    /// Reserve a slot on relay-capable bootstrap peers while not directly reachable.
+    /// Reserve a slot on relay-capable peers (bootstrap peers first) while not directly
+    /// reachable.
     pub use_relays: bool,
     /// How often AutoNAT v2 tests untested address candidates.
     pub autonat_interval: Duration,
@@ -470,6 +471,8 @@ pub struct Net {
     /// A receiver subscribed at spawn, handed to the first caller of [`Net::notices`]: what
     /// happens while the node starts (a bootstrap failure) must not be lost.
     first_notices: Arc<std::sync::Mutex<Option<tokio::sync::broadcast::Receiver<NetNotice>>>>,
+    /// The actor's [`Net::addrs`], kept current (see [`Net::addrs_watch`]).
+    addrs: tokio::sync::watch::Receiver<Vec<Multiaddr>>,
 }
 
 /// How long [`Net::spawn`] waits for the listeners to report their addresses.
@@ -486,6 +489,7 @@ impl Net {
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity.max(1));
         let (notices, first_notices) = tokio::sync::broadcast::channel(NOTICE_CAPACITY);
         let actor = actor::Actor::new(config, cmd_rx, cmd_tx.downgrade(), ev_tx, notices.clone())?;
+        let addrs = actor.addrs_watch();
         // Instrumented, not entered: a span guard held across awaits would tag other tasks
         // running on the same worker thread with this node's span.
         let span = actor.span();
@@ -495,6 +499,7 @@ impl Net {
             local_peer_id,
             notices,
             first_notices: Arc::new(std::sync::Mutex::new(Some(first_notices))),
+            addrs,
         };
         let deadline = tokio::time::Instant::now() + LISTEN_WAIT;
         while net.listen_addrs().await?.len() < listeners && tokio::time::Instant::now() < deadline
@@ -542,6 +547,13 @@ impl Net {
     /// nothing else). Without `/p2p/<own id>`.
     pub async fn addrs(&self) -> Result<Vec<Multiaddr>> {
         self.call(actor::Command::Addrs).await
+    }
+
+    /// [`Net::addrs`] as a watch: `changed()` fires when the addresses others can dial change
+    /// (an address confirmed or expired, a relay reservation made or lost, a listener opened
+    /// or closed). A broadcaster republishes its room record and ticket on it.
+    pub fn addrs_watch(&self) -> tokio::sync::watch::Receiver<Vec<Multiaddr>> {
+        self.addrs.clone()
     }
 
     /// Connectivity notices (see [`NetNotice`]): the first caller gets them from the node's

@@ -676,3 +676,120 @@ impl Lab {
         }
     }
 }
+
+/// Every line still queued on `rx` (those a `wait_line` passed over are gone).
+pub fn rest(rx: &mpsc::Receiver<String>) -> Vec<String> {
+    rx.try_iter().collect()
+}
+
+/// No log line of another crate (or a warning of ours) among `lines`: what a user sees on
+/// stderr in a working setup is our messages and notices, nothing else. webrtc-rs reports a
+/// refused TURN allocation as an `ERROR` and libp2p's AutoNAT warns about routine timeouts;
+/// the CLI's default filter silences both (our own notices say what matters in words).
+pub fn assert_quiet(who: &str, lines: &[String]) {
+    for l in lines {
+        let t = l.trim_start();
+        assert!(
+            !(t.starts_with("ERROR") || t.starts_with("WARN") || t.contains("libp2p_")),
+            "{who} printed log noise: {l:?}\nall of its stderr:\n{}",
+            lines.join("\n")
+        );
+    }
+}
+
+// ----- the waterfall roles of the NAT cases (nat_media.rs, nat_bench.rs) -----
+
+/// Owned strings of `list`.
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// The room password every NAT case uses, in a file; returns its path.
+pub fn write_password(lab: &Lab) -> String {
+    let pw = lab.path("pw.txt");
+    std::fs::write(&pw, "nat-secret\n").unwrap();
+    pw.to_string_lossy().into_owned()
+}
+
+/// Start a broadcaster of the looping clip on `host`; returns it, its ticket and the lines it
+/// printed before the ticket.
+pub fn broadcaster(lab: &mut Lab, host: &Host, extra: &[String]) -> (Wf, String, Vec<String>) {
+    let pw = write_password(lab);
+    let video = fixture("f.ivf").to_string_lossy().into_owned();
+    let mut a = args(&[
+        "broadcast",
+        "--room",
+        "nat-room",
+        "--password-file",
+        &pw,
+        "--video",
+        &video,
+        "--loop",
+        "--json",
+    ]);
+    a.extend(listen_all(0));
+    a.extend_from_slice(extra);
+    let b = lab.waterfall(host, "bcast", &a, &[]);
+    let seen = std::cell::RefCell::new(Vec::new());
+    let ticket = wait_line(&b.out, "ticket", Duration::from_secs(90), |l| {
+        seen.borrow_mut().push(l.to_owned());
+        l.starts_with("wf1")
+    });
+    (b, ticket, seen.into_inner())
+}
+
+/// The addresses a ticket carries.
+pub fn ticket_addrs(ticket: &str) -> Vec<String> {
+    ticket
+        .parse::<waterfall::wire::Ticket>()
+        .expect("a valid ticket")
+        .addrs
+}
+
+/// Start a viewer of `ticket` on `host` writing `name.ivf`.
+pub fn viewer(
+    lab: &mut Lab,
+    host: &Host,
+    name: &str,
+    ticket: &str,
+    extra: &[String],
+    env: &[(&str, &str)],
+) -> (Wf, std::path::PathBuf) {
+    let pw = lab.path("pw.txt").to_string_lossy().into_owned();
+    let video = lab.path(&format!("{name}.ivf"));
+    let mut a = args(&[
+        "watch",
+        ticket,
+        "--password-file",
+        &pw,
+        "--video",
+        &video.to_string_lossy(),
+        "--json",
+    ]);
+    a.extend(listen_all(0));
+    a.extend_from_slice(extra);
+    (lab.waterfall(host, name, &a, env), video)
+}
+
+/// A public `waterfall node` called `name` on `host`, listening on port 4001 (TCP and QUIC);
+/// returns it and its bootstrap flags (both transports: AutoNAT learns a QUIC address of ours
+/// only over a QUIC connection, and only a QUIC dial-back fails fast enough to tell).
+pub fn public_node(lab: &mut Lab, host: &Host, name: &str, extra: &[&str]) -> (Wf, Vec<String>) {
+    let dir = lab.path(name);
+    let id = lab.peer_id(&dir);
+    let mut a = args(&["node"]);
+    a.extend(listen_all(4001));
+    a.extend(args(extra));
+    let r = lab.waterfall(host, name, &a, &[]);
+    wait_line(&r.err, "node listening", Duration::from_secs(30), |l| {
+        l.starts_with("listening:")
+    });
+    let ip = host.ip;
+    let boot = vec![
+        "--bootstrap".into(),
+        format!("/ip4/{ip}/tcp/4001/p2p/{id}"),
+        "--bootstrap".into(),
+        format!("/ip4/{ip}/udp/4001/quic-v1/p2p/{id}"),
+    ];
+    (r, boot)
+}

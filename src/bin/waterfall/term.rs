@@ -20,8 +20,12 @@ use std::time::{Duration, Instant};
 /// How often the status is written when stderr is not a terminal.
 const PLAIN_STATUS_EVERY: Duration = Duration::from_secs(10);
 
-/// The default log filter: our warnings, everyone else's errors only.
-pub const DEFAULT_FILTER: &str = "error,waterfall=warn";
+/// The default log filter: our warnings, everyone else's errors only, except two webrtc-rs
+/// modules whose errors are routine: the TURN relayer logs every refused allocation (our ICE
+/// notices say it in words), and the peer connection driver logs each RTP packet that arrives
+/// before its track is set up or after it closed (normal at the start and end of a call).
+pub const DEFAULT_FILTER: &str = "error,waterfall=warn,\
+    webrtc::peer_connection::transport::turn_relayer=off,webrtc::peer_connection::driver=off";
 
 /// Whether a status line is on screen without its newline.
 static STATUS_OPEN: AtomicBool = AtomicBool::new(false);

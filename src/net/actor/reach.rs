@@ -9,10 +9,18 @@
 //!    candidates, and AutoNAT v2 asks a peer to dial each one back from a fresh port. A pass
 //!    makes it an external address (the swarm's confirmed list, which identify and Kademlia
 //!    then advertise); a failure means a NAT or firewall filters unsolicited traffic.
+//!    Only peers we dialled can be asked: libp2p-autonat 0.16's v2 client puts its
+//!    dial-request handler on outbound connections only (inbound ones get the dial-back
+//!    handler), so a public node that never dials out stays untested until it does, or is
+//!    told its address ([`NetConfig::external_addrs`]).
 //! 3. While no direct address is confirmed, the node reserves a slot on up to [`MAX_RELAYS`]
-//!    bootstrap peers that speak the relay hop protocol (listening on
-//!    `<relay addr>/p2p-circuit`). The relay client confirms the circuit address as external
-//!    once the relay accepts. Refusals and losses are announced and retried with backoff.
+//!    peers that speak the relay hop protocol (listening on `<relay addr>/p2p-circuit`).
+//!    Candidates are every connected peer whose identify lists the hop protocol (bootstrap
+//!    peers, and peers met through the DHT or a room), at most [`MAX_RELAY_CANDIDATES`];
+//!    bootstrap peers are chosen first. The relay client confirms the circuit address as
+//!    external once the relay accepts. Refusals and losses are announced and retried with
+//!    backoff; a relay that is not a bootstrap peer and failed [`RELAY_GIVE_UP`] times, or
+//!    is gone, hands its slot to the next candidate.
 //! 4. Once a direct address is confirmed, relay reservations are dropped, the public DHT
 //!    switches to server mode, and (in [`RelayMode::Auto`]) the relay server starts to
 //!    advertise the hop protocol (identify pushes the change to connected peers).
@@ -38,7 +46,7 @@ use libp2p::{
         dial_opts::{DialOpts, PeerCondition},
     },
 };
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tracing::{debug, info, warn};
 
 use super::{Actor, BehaviourEvent, peer_id_of};
@@ -49,6 +57,11 @@ const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Relays a node behind a NAT reserves on at once.
 pub(crate) const MAX_RELAYS: usize = 2;
+/// Relay-capable peers remembered as candidates (bootstrap peers or any other peer).
+const MAX_RELAY_CANDIDATES: usize = 16;
+/// Reservations refused or lost in a row after which a relay that is not a bootstrap peer
+/// gives its slot to another candidate.
+const RELAY_GIVE_UP: u32 = 3;
 /// Bootstrap addresses followed (more are ignored).
 const MAX_BOOTSTRAP: usize = 64;
 
@@ -58,6 +71,16 @@ struct Bootstrap {
     /// When to dial again; `None` while connected or dialling.
     next: Option<Instant>,
     attempts: u32,
+}
+
+/// A peer that speaks the relay hop protocol (identify told us), and where to reach it.
+struct Candidate {
+    addr: Multiaddr,
+    bootstrap: bool,
+    /// Not chosen again before this (it failed us).
+    not_before: Option<Instant>,
+    /// Order of arrival: among equals, the oldest is chosen first and dropped last.
+    seq: u64,
 }
 
 struct Relay {
@@ -79,10 +102,14 @@ pub(crate) struct Reach {
     bootstrap_dials: HashMap<ConnectionId, usize>,
     bootstrap_connected: HashSet<PeerId>,
     relays: HashMap<PeerId, Relay>,
+    candidates: HashMap<PeerId, Candidate>,
+    candidate_seq: u64,
     reachability: Reachability,
     /// AutoNAT saw a dial-back to one of our direct candidates fail.
     nat_seen: bool,
     no_relay_told: bool,
+    /// What [`Actor::advertised_addrs`] returned last, for [`crate::net::Net::addrs_watch`].
+    addrs: watch::Sender<Vec<Multiaddr>>,
 }
 
 fn backoff(attempts: u32) -> Duration {
@@ -96,6 +123,16 @@ pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
         Protocol::Ip6(ip) => ip.is_loopback(),
         _ => false,
     })
+}
+
+/// Where to reach a relay that is not a bootstrap peer, from the addresses it listens on:
+/// a direct one, not loopback unless it has nothing else.
+fn relay_addr(listen: &[Multiaddr]) -> Option<Multiaddr> {
+    let direct = || listen.iter().filter(|a| !is_relayed(a));
+    direct()
+        .find(|a| !is_loopback(a))
+        .or_else(|| direct().next())
+        .cloned()
 }
 
 /// Whether `addr` goes through a relay.
@@ -124,9 +161,12 @@ impl Reach {
             bootstrap_dials: HashMap::new(),
             bootstrap_connected: HashSet::new(),
             relays: HashMap::new(),
+            candidates: HashMap::new(),
+            candidate_seq: 0,
             reachability: Reachability::Unknown,
             nat_seen: false,
             no_relay_told: false,
+            addrs: watch::Sender::new(Vec::new()),
         }
     }
 
@@ -164,7 +204,37 @@ impl Reach {
     }
 }
 
+/// Whether a swarm event can change what [`Actor::advertised_addrs`] returns.
+pub(super) fn changes_addrs(ev: &SwarmEvent<BehaviourEvent>) -> bool {
+    matches!(
+        ev,
+        SwarmEvent::NewListenAddr { .. }
+            | SwarmEvent::ExpiredListenAddr { .. }
+            | SwarmEvent::ListenerClosed { .. }
+            | SwarmEvent::ExternalAddrConfirmed { .. }
+            | SwarmEvent::ExternalAddrExpired { .. }
+    )
+}
+
 impl Actor {
+    /// A receiver of [`Actor::advertised_addrs`], updated whenever they change.
+    pub(crate) fn addrs_watch(&self) -> watch::Receiver<Vec<Multiaddr>> {
+        self.reach.addrs.subscribe()
+    }
+
+    /// Tell the watchers of our addresses if they changed (order included: best first).
+    pub(super) fn addrs_maybe_changed(&mut self) {
+        let now = self.advertised_addrs();
+        self.reach.addrs.send_if_modified(|cur| {
+            if *cur == now {
+                return false;
+            }
+            debug!(addrs = ?now, "advertised addresses changed");
+            *cur = now;
+            true
+        });
+    }
+
     /// Addresses others can dial, best first (see [`crate::net::Net::addrs`]).
     pub(super) fn advertised_addrs(&self) -> Vec<Multiaddr> {
         let external: Vec<&Multiaddr> = self.swarm.external_addresses().collect();
@@ -274,24 +344,28 @@ impl Actor {
         }
     }
 
+    /// A peer identified itself: if it serves relay v2 (any peer, not only a bootstrap one),
+    /// it becomes a relay candidate, and empty relay slots are filled.
     pub(super) fn reach_on_identify(&mut self, peer: PeerId, info: &identify::Info) {
         let hop = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
         debug!(%peer, hop, observed = %info.observed_addr, "identified");
-        if !self.reach.use_relays
-            || !hop
-            || self.reach.reachability == Reachability::Public
-            || self.reach.relays.contains_key(&peer)
-            || self.reach.relays.len() >= MAX_RELAYS
-        {
+        if !hop {
+            // It stopped serving (identify pushes protocol changes): no longer a candidate;
+            // a reservation held there fails by itself.
+            self.reach.candidates.remove(&peer);
             return;
         }
-        let Some(addr) = self
+        if !self.reach.use_relays {
+            return;
+        }
+        let boot = self
             .reach
             .bootstrap
             .iter()
             .find(|b| b.peer == Some(peer))
-            .map(|b| b.addr.clone())
-        else {
+            .map(|b| b.addr.clone());
+        let bootstrap = boot.is_some();
+        let Some(addr) = boot.or_else(|| relay_addr(&info.listen_addrs)) else {
             return;
         };
         let addr = if peer_id_of(&addr).is_some() {
@@ -299,17 +373,89 @@ impl Actor {
         } else {
             addr.with(Protocol::P2p(peer))
         };
-        self.reach.relays.insert(
-            peer,
-            Relay {
-                addr,
-                listener: None,
-                reserved: None,
-                next: None,
-                attempts: 0,
-            },
-        );
-        self.reserve(peer);
+        let seq = self.reach.candidate_seq;
+        self.reach.candidate_seq += 1;
+        if !self.reach.candidates.contains_key(&peer)
+            && self.reach.candidates.len() >= MAX_RELAY_CANDIDATES
+        {
+            // Full: the newest non-bootstrap candidate that holds no slot makes room.
+            let victim = self
+                .reach
+                .candidates
+                .iter()
+                .filter(|(p, c)| !c.bootstrap && !self.reach.relays.contains_key(p))
+                .max_by_key(|(_, c)| c.seq)
+                .map(|(p, _)| *p);
+            let Some(v) = victim else {
+                return;
+            };
+            self.reach.candidates.remove(&v);
+        }
+        let c = self.reach.candidates.entry(peer).or_insert(Candidate {
+            addr: addr.clone(),
+            bootstrap,
+            not_before: None,
+            seq,
+        });
+        c.addr = addr;
+        self.fill_relays();
+    }
+
+    /// Reserve on candidates until [`MAX_RELAYS`] relays hold (or try to hold) a slot for us:
+    /// bootstrap peers first, then the others in the order they turned up. Nothing while we
+    /// are directly reachable.
+    fn fill_relays(&mut self) {
+        if !self.reach.use_relays || self.reach.reachability == Reachability::Public {
+            return;
+        }
+        let now = Instant::now();
+        while self.reach.relays.len() < MAX_RELAYS {
+            let Some((peer, addr)) = self
+                .reach
+                .candidates
+                .iter()
+                .filter(|(p, c)| {
+                    !self.reach.relays.contains_key(p) && c.not_before.is_none_or(|t| t <= now)
+                })
+                .min_by_key(|(_, c)| (!c.bootstrap, c.seq))
+                .map(|(p, c)| (*p, c.addr.clone()))
+            else {
+                return;
+            };
+            debug!(relay = %peer, "relay candidate chosen");
+            self.reach.relays.insert(
+                peer,
+                Relay {
+                    addr,
+                    listener: None,
+                    reserved: None,
+                    next: None,
+                    attempts: 0,
+                },
+            );
+            self.reserve(peer);
+        }
+    }
+
+    /// A relay that is not a bootstrap peer failed us [`RELAY_GIVE_UP`] times, or is gone:
+    /// give its slot to another candidate (it may come back after [`RETRY_MAX`]).
+    fn maybe_replace_relay(&mut self, peer: PeerId) {
+        let Some(r) = self.reach.relays.get(&peer) else {
+            return;
+        };
+        if self.reach.is_bootstrap_peer(&peer)
+            || (r.attempts < RELAY_GIVE_UP && self.swarm.is_connected(&peer))
+        {
+            return;
+        }
+        if let Some(l) = r.listener {
+            self.swarm.remove_listener(l);
+        }
+        self.reach.relays.remove(&peer);
+        if let Some(c) = self.reach.candidates.get_mut(&peer) {
+            c.not_before = Some(Instant::now() + RETRY_MAX);
+        }
+        self.fill_relays();
     }
 
     pub(super) fn on_relay_client(&mut self, ev: relay::client::Event) {
@@ -448,6 +594,7 @@ impl Actor {
                         };
                         self.reach
                             .tell(NetNotice::RelayFailed { relay: peer, error });
+                        self.maybe_replace_relay(peer);
                     }
                     self.update_reachability();
                 }
@@ -480,6 +627,7 @@ impl Actor {
         self.reach.tell(NetNotice::AddressConfirmed(addr));
         self.update_reachability();
         self.public_addresses_changed();
+        self.addrs_maybe_changed();
     }
 
     /// Derive reachability from the confirmed addresses and act on a change.
@@ -536,6 +684,10 @@ impl Actor {
             for l in listeners {
                 self.swarm.remove_listener(l);
             }
+        }
+        if !public {
+            // Relay slots given up while we were reachable are needed again.
+            self.fill_relays();
         }
         if r == Reachability::BehindNat && self.reach.relays.is_empty() && !self.reach.no_relay_told
         {

@@ -187,6 +187,10 @@ pub enum RoomEvent {
     /// The broadcaster ended the broadcast (its signed notice arrived, or the room record says
     /// so). The room closes: [`RoomEvent::Ended`] follows once the files are finalized.
     BroadcastEnded,
+    /// The addresses in this broadcaster's ticket changed (an address confirmed, a relay
+    /// reservation made or lost): the room record already carries them; hand the new ticket
+    /// to viewers who have not joined yet (old tickets still work while their addresses do).
+    TicketChanged(Ticket),
     /// The room ended (we left, or the broadcast is over); the files are finalized.
     Ended,
 }
@@ -319,7 +323,9 @@ impl Broadcast {
         )
     }
 
-    /// The ticket viewers paste to watch (it pins this broadcaster and carries its addresses).
+    /// The ticket viewers paste to watch (it pins this broadcaster and carries its addresses
+    /// as they were when the broadcast started; [`RoomEvent::TicketChanged`] carries later
+    /// ones).
     pub fn ticket(&self) -> &Ticket {
         &self.ticket
     }

@@ -30,6 +30,7 @@ use crate::crypto::{Kind, RoomKeys, now_ms};
 use crate::media::session::CutReason;
 use crate::media::{ChildId, MediaEvent};
 use crate::net::{Net, ResponseHandle, node_of, peer_of};
+use crate::node::addrs::{AddrChanges, next_change};
 use crate::node::{Node, ROOM_LIVENESS, ROOM_REFRESH};
 use crate::proto::room::{LinkCause, RoomEvent as CoreEvent};
 use crate::proto::{Millis, NodeId, RoomNode, RoomOutput, Snapshot, TreeEvent, TreeUpdate};
@@ -126,11 +127,18 @@ pub(super) struct RoomTask {
     tasks: JoinSet<()>,
     /// The room layer closed the room: leave.
     closing: bool,
+    /// At the broadcaster: our addresses, so the record and ticket follow them.
+    addr_changes: Option<AddrChanges>,
 }
 
 impl RoomTask {
     pub(super) fn new(p: TaskParts) -> Self {
         RoomTask {
+            // Before `record` and `node` move.
+            addr_changes: p
+                .record
+                .is_some()
+                .then(|| AddrChanges::new(p.node.inner.net.addrs_watch())),
             net: p.node.inner.net.clone(),
             me: p.node.inner.identity.node_id(),
             node: p.node,
@@ -197,15 +205,8 @@ impl RoomTask {
         mut inputs: mpsc::Receiver<Input>,
         mut media_events: mpsc::Receiver<MediaEvent>,
     ) {
-        if self.node.inner.public {
-            // Room members are findable on the public DHT under a key only members can compute.
-            let (net, key) = (self.net.clone(), self.keys.derived_key(b"members", &[]));
-            self.spawn(async move {
-                if let Err(e) = net.provide_public(key.to_vec()).await {
-                    tracing::warn!("providing the room on the public DHT failed: {e}");
-                }
-            });
-        }
+        // On the public DHT only the broadcaster provides the room (`Node::publish_record`,
+        // withdrawn when the record ends): that is the key a lookup by name asks for.
         let now = self.now();
         if matches!(self.media, Media::Viewer(_)) {
             self.room.start(now);
@@ -237,6 +238,13 @@ impl RoomTask {
                     self.room.handle_timeout(now);
                 }
                 _ = refresh.tick(), if self.record.is_some() => self.refresh_record().await,
+                _ = next_change(&mut self.addr_changes) => {
+                    self.refresh_record().await;
+                    match self.node.ticket(&self.keys).await {
+                        Ok(t) => self.emit(RoomEvent::TicketChanged(t)),
+                        Err(e) => tracing::debug!("no new ticket: {e}"),
+                    }
+                }
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Err(e) = done && e.is_panic() {
                         tracing::warn!("a room subtask panicked: {e}");
