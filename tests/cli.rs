@@ -370,3 +370,21 @@ fn help_names_the_password_variable() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("--start-now"), "{help}");
 }
+
+/// A reader that goes away (`waterfall ... --json | head -1`) costs the lines, not the process:
+/// stdout closed before the report is written, the command still ends normally (a `println!`
+/// would panic with "failed printing to stdout", exit 101).
+#[test]
+fn a_closed_stdout_does_not_crash_the_command() {
+    let mut c = cli_support::waterfall();
+    c.args(["sim", "--nodes", "30", "--duration", "20", "--json"]);
+    let mut child = c.spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

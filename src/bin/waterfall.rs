@@ -32,7 +32,7 @@ use waterfall::node::datadir::{Claim, DataDir};
 use waterfall::{Node, NodeBuilder, RoomConfig, RoomEvent, WatchConfig, WatchTarget};
 
 use input::{Role, open_source, parse_ticket};
-use term::say;
+use term::{out, say};
 
 /// How long the broadcaster lets a new viewer's media path settle before it starts its files.
 const START_GRACE: Duration = Duration::from_millis(500);
@@ -491,22 +491,22 @@ fn spawn_notices(
             tokio::select! {
                 n = net.recv() => match n {
                     Ok(n) => {
-                        eprintln!("\n{n}");
+                        say!("{n}");
                         if json {
-                            println!("{}", json_notice(&n));
+                            out!("{}", json_notice(&n));
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
-                        eprintln!("\n({k} network notices skipped)");
+                        say!("({k} network notices skipped)");
                     }
                     Err(_) => break,
                 },
                 n = ice.recv(), if ice_open => match n {
                     Some(n) => {
                         let (msg, j) = ice_notice(&n);
-                        eprintln!("\n{msg}");
+                        say!("{msg}");
                         if json {
-                            println!("{j}");
+                            out!("{j}");
                         }
                     }
                     None => ice_open = false,
@@ -568,8 +568,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = data_dir.unwrap_or_else(default_data_dir);
             let id = Identity::load_or_create(&dir)
                 .with_context(|| format!("loading identity from {}", dir.display()))?;
-            eprintln!("identity: {}", dir.join("identity.key").display());
-            println!("{}", id.peer_id());
+            say!("identity: {}", dir.join("identity.key").display());
+            out!("{}", id.peer_id());
             Ok(())
         }
         Command::Sim(args) => {
@@ -582,18 +582,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 link_latency_ms: args.latency_ms,
                 ..Default::default()
             };
-            eprintln!(
+            say!(
                 "simulating {} nodes, fanout {}, {} s ...",
-                args.nodes, args.fanout, args.duration
+                args.nodes,
+                args.fanout,
+                args.duration
             );
             let started = std::time::Instant::now();
             let report = waterfall::proto::sim::run(&cfg);
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                println!("{report}");
+                out!("{report}");
             }
-            eprintln!("wall time {:.1} s", started.elapsed().as_secs_f64());
+            say!("wall time {:.1} s", started.elapsed().as_secs_f64());
             if report.violations.total() > 0 {
                 bail!("{} invariant violations", report.violations.total());
             }
@@ -680,6 +682,7 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
         // The broadcaster's end, before the files are finalized (`ended` follows): a script
         // tells a broadcast that is over from a watcher that was stopped.
         RoomEvent::BroadcastEnded => json!({"event": "broadcast_ended"}),
+        RoomEvent::TicketChanged(t) => json!({"event": "ticket", "ticket": t.to_string()}),
         RoomEvent::Ended => json!({"event": "ended"}),
         _ => return None,
     })
@@ -791,7 +794,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     let ticket = room.ticket().to_string();
     say!("peer id: {}", node.peer_id());
     say!("ticket (give it to viewers with the password):");
-    println!("{ticket}");
+    out!("{ticket}");
     if wait_for_viewer {
         say!("waiting for the first viewer before playing (--start-now plays at once)");
     }
@@ -843,6 +846,12 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                     {
                         start_at = Some(tokio::time::Instant::now() + START_GRACE);
                     }
+                    // Our dialable addresses changed (a relay slot, a confirmed external
+                    // address): the record is republished; new viewers need the new ticket.
+                    RoomEvent::TicketChanged(t) if !args.json => {
+                        say!("our addresses changed: new ticket (the old one may no longer reach us):");
+                        out!("{t}");
+                    }
                     RoomEvent::Media(MediaEvent::SourceEnded { error, kind }) => {
                         say!("{kind:?} source ended{}", error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
                         ended_sources += 1;
@@ -850,7 +859,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                     _ => {}
                 }
                 if args.json {
-                    if let Some(j) = json_event(&ev) { println!("{j}"); }
+                    if let Some(j) = json_event(&ev) { out!("{j}"); }
                 } else {
                     status.update(&ev);
                     status.depth = Some(0);
@@ -944,7 +953,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                     _ => {}
                 }
                 if args.json {
-                    if let Some(j) = json_event(&ev) { println!("{j}"); }
+                    if let Some(j) = json_event(&ev) { out!("{j}"); }
                 } else {
                     status.update(&ev);
                     status.print();

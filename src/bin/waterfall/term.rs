@@ -35,7 +35,7 @@ static LAST_PLAIN: Mutex<Option<Instant>> = Mutex::new(None);
 /// Ends an open status line, so that the next write starts on a line of its own.
 pub fn end_status() {
     if STATUS_OPEN.swap(false, Ordering::SeqCst) {
-        eprintln!();
+        let _ = writeln!(std::io::stderr().lock());
     }
 }
 
@@ -52,18 +52,30 @@ pub fn status(line: &str) {
     let mut last = LAST_PLAIN.lock().unwrap_or_else(|p| p.into_inner());
     if last.is_none_or(|t| t.elapsed() >= PLAIN_STATUS_EVERY) {
         *last = Some(Instant::now());
-        eprintln!("{line}");
+        let _ = writeln!(std::io::stderr().lock(), "{line}");
     }
 }
 
-/// `eprintln!` that first ends an open status line.
+/// A line on stderr that first ends an open status line. Unlike `eprintln!` it never panics: a
+/// closed stderr loses the line, not the node (which may be relaying to others).
 macro_rules! say {
     ($($arg:tt)*) => {{
+        use std::io::Write as _;
         $crate::term::end_status();
-        eprintln!($($arg)*);
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
     }};
 }
 pub(crate) use say;
+
+/// A line on stdout (tickets, `--json` events). Unlike `println!` it never panics when the
+/// reader has gone (`waterfall watch --json | head -1`): the line is lost, the node goes on.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+pub(crate) use out;
 
 /// stderr for the tracing subscriber: each event starts on a line of its own.
 pub struct Stderr;
