@@ -5,9 +5,12 @@
 //! (it can be sealed and put into the DHT as one record) and an unreachable STUN server delays
 //! a join by the deadline at most (webrtc-rs waits ~11 s for it otherwise).
 //!
-//! Every connection gets the default interceptors (NACK generator and responder, RTCP
+//! Every connection gets webrtc's default interceptors (NACK generator and responder, RTCP
 //! reports, TWCC receiver) plus [`KeyframeRequestForwarder`], which marks inbound PLI/FIR for
-//! the application: that is the only way a relay learns that a child wants a keyframe.
+//! the application: that is the only way a relay learns that a child wants a keyframe. NACK is
+//! tuned for a relay tree and offered for audio as well (see [`NACK_INTERVAL`]), and SRTP's
+//! replay window is widened so late retransmissions are not discarded
+//! ([`SRTP_REPLAY_WINDOW`]).
 //!
 //! ICE servers are typed ([`IceServer`]): a `stun:` URL, or a `turn:` URL with its username and
 //! credential. [`MediaConfig::validate`] checks them once, up front, with webrtc-rs's own URL
@@ -37,7 +40,6 @@ use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionState,
     RTCSdpType, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
 };
 
 /// One STUN or TURN server for ICE.
@@ -498,7 +500,7 @@ impl Peer {
     ) -> Result<Peer, PeerError> {
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+        let registry = media_interceptors(Registry::new(), &mut media_engine)?;
         // Application-most, so the NACK responder and the report interceptors see all RTCP.
         let registry = registry.with(Slot::from(14_000), KeyframeRequestForwarder::default());
         let mode = if config.mdns_candidates {
@@ -508,6 +510,7 @@ impl Peer {
         };
         let setting_engine = SettingEngineBuilder::new()
             .with_multicast_dns_mode(mode)
+            .with_srtp_replay_protection_window(SRTP_REPLAY_WINDOW)
             .build();
         config.validate()?;
         let rtc_config = RTCConfigurationBuilder::new()
@@ -633,6 +636,70 @@ fn check_blob(b: &SignalBlob, kind: SdpKind) -> Result<(), PeerError> {
         return Err(PeerError::BadBlob("SDP too large"));
     }
     Ok(())
+}
+
+/// NACK rounds per second: a missing packet is asked for again every interval until it arrives
+/// or [`NACK_MAX_PER_PACKET`] asks were made. webrtc's default (100 ms, unlimited) repairs one
+/// hop; down a relay tree a packet lost near the root is repaired hop by hop, and every round
+/// a retransmission is itself lost costs an interval, so the interval is halved.
+pub const NACK_INTERVAL: Duration = Duration::from_millis(50);
+/// Asks per missing packet (with [`NACK_INTERVAL`], 1.5 s of asking): bounded, so a packet the
+/// parent no longer holds is not asked for forever.
+pub const NACK_MAX_PER_PACKET: u16 = 30;
+/// Packets each side keeps for retransmission, per stream (a power of two): about 20 s of the
+/// busiest stream at 800 kbit/s, far beyond the longest NACK chain.
+const NACK_HISTORY: u16 = 2048;
+/// Packets the receive log tracks for NACKs (a power of two; the generator's window).
+const NACK_RECEIVE_LOG: u16 = 1024;
+/// SRTP's replay window in packets. A retransmission keeps the original sequence number, and
+/// one repaired two or three hops up arrives well after later packets: with SRTP's default
+/// window (64 packets, ~1 s of video) it would be discarded as too old.
+pub const SRTP_REPLAY_WINDOW: usize = 2048;
+
+/// The interceptors of every connection: webrtc's defaults (RTCP reports, the TWCC receiver,
+/// the simulcast header extensions) with NACK generation and response tuned for a relay tree
+/// ([`NACK_INTERVAL`], [`NACK_MAX_PER_PACKET`], [`NACK_HISTORY`]) and offered for audio too: an
+/// Opus packet lost on one hop is as repairable as a video one, and a relay forwards whatever
+/// it receives, retransmissions included, so a repair made near the root reaches every child.
+fn media_interceptors(
+    registry: Registry,
+    media_engine: &mut MediaEngine,
+) -> Result<Registry, PeerError> {
+    use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder};
+    use rtc::peer_connection::configuration::interceptor_registry as reg;
+    use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RtpCodecKind};
+    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+        media_engine.register_feedback(
+            RTCPFeedback {
+                typ: "nack".to_owned(),
+                parameter: String::new(),
+            },
+            kind,
+        );
+    }
+    media_engine.register_feedback(
+        RTCPFeedback {
+            typ: "nack".to_owned(),
+            parameter: "pli".to_owned(),
+        },
+        RtpCodecKind::Video,
+    );
+    let registry = registry
+        .with(
+            Slot::NackResponder,
+            NackResponderBuilder::new().with_size(NACK_HISTORY).build(),
+        )
+        .with(
+            Slot::NackGenerator,
+            NackGeneratorBuilder::new()
+                .with_size(NACK_RECEIVE_LOG)
+                .with_interval(NACK_INTERVAL)
+                .with_max_nacks_per_packet(NACK_MAX_PER_PACKET)
+                .build(),
+        );
+    reg::configure_simulcast_extension_headers(media_engine)?;
+    let registry = reg::configure_twcc_receiver_only(registry, media_engine)?;
+    Ok(reg::configure_rtcp_reports(registry))
 }
 
 /// Marks inbound keyframe requests (PLI, FIR) for delivery to the application and drops other

@@ -17,8 +17,8 @@
 //! sent upstream at most once per [`KEYFRAME_REQUEST_INTERVAL`]; attaching a child requests one
 //! too, so it can start decoding quickly.
 //!
-//! **Playback.** A viewer's packets also go to a playback task: a small reorder buffer (bounded
-//! in packets and waiting time), depacketization into frames, decryption, then the sinks. VP8
+//! **Playback.** A viewer's packets also go to a playback task: a reorder buffer (bounded in
+//! packets, its wait for a missing packet learnt from how late repairs arrive), depacketization into frames, decryption, then the sinks. VP8
 //! and VP9 descriptors mark the first packet of a frame; for H.264 and AV1 a frame is the
 //! packets of one RTP timestamp after the previous marker. After any gap, video frames are
 //! dropped until the next keyframe of the codec (and one is requested), so files never contain
@@ -506,16 +506,41 @@ where
 
 // ------------------------------------------------------------------ playback
 
-/// Packets waited for before a gap is declared.
-const REORDER_PACKETS: usize = 128;
-/// Longest wait for a missing packet (NACK repairs arrive within an RTT or two).
-const REORDER_WAIT: Duration = Duration::from_millis(250);
+/// Packets held while waiting for a missing one (beyond it, the gap is declared at once).
+const REORDER_PACKETS: usize = 1024;
+/// The wait for a missing packet adapts between these bounds (see [`Reorder`]).
+const REORDER_WAIT_MIN: Duration = Duration::from_millis(250);
+const REORDER_WAIT_MAX: Duration = Duration::from_secs(2);
+/// The wait a viewer starts with: a few NACK rounds (`peer::NACK_INTERVAL`) at a depth or two.
+const REORDER_WAIT_START: Duration = Duration::from_millis(600);
+/// Gaps (single packets) remembered after they were given up, to learn from late arrivals.
+const GIVEN_UP_MEMORY: usize = 256;
+/// A longer run of missing packets is a jump (a new parent, a stall), not loss to learn from.
+const LEARN_GAP_MAX: u64 = 64;
+/// How often the wait may shrink towards what repairs actually took.
+const REORDER_DECAY_WINDOW: Duration = Duration::from_secs(20);
 
 /// In-order delivery of a packet stream with bounded waiting for missing packets.
+///
+/// The wait is measured, not fixed: how long a repair takes depends on the round-trip time of
+/// every hop above the viewer and on how many NACK rounds a lossy hop needs, which nobody
+/// configures. A packet given up and then arriving late shows the wait was too short: the wait
+/// grows to cover that repair with a margin (up to [`REORDER_WAIT_MAX`]). Every
+/// [`REORDER_DECAY_WINDOW`] without such a late arrival, the wait shrinks a quarter of the way
+/// towards 1.5 times the slowest repair that arrived in time (never below
+/// [`REORDER_WAIT_MIN`]), so a viewer that moved up the tree or whose links got better stops
+/// paying for the old delay. The wait only delays local playback: relaying never waits.
 pub(crate) struct Reorder {
     next: Option<u64>,
     buf: BTreeMap<u64, rtp::Packet>,
     waiting_since: Option<Instant>,
+    wait: Duration,
+    /// Packets given up as lost, with the instant their wait began (bounded).
+    given_up: VecDeque<(u64, Instant)>,
+    /// The slowest repair that arrived in time in this decay window.
+    slowest_repair: Duration,
+    window_start: Option<Instant>,
+    late_in_window: bool,
 }
 
 impl Reorder {
@@ -524,7 +549,17 @@ impl Reorder {
             next: None,
             buf: BTreeMap::new(),
             waiting_since: None,
+            wait: REORDER_WAIT_START,
+            given_up: VecDeque::new(),
+            slowest_repair: Duration::ZERO,
+            window_start: None,
+            late_in_window: false,
         }
+    }
+
+    /// The current wait for a missing packet.
+    pub fn wait(&self) -> Duration {
+        self.wait
     }
 
     fn unwrap_seq(&self, seq: u16) -> u64 {
@@ -541,14 +576,47 @@ impl Reorder {
     pub fn push(&mut self, p: rtp::Packet, now: Instant) -> Vec<(rtp::Packet, bool)> {
         let ext = self.unwrap_seq(p.header.sequence_number);
         if self.next.is_some_and(|n| ext < n) {
-            return Vec::new(); // duplicate or too late
+            // Duplicate, or too late: if it was given up, the wait was too short.
+            if let Some(i) = self.given_up.iter().position(|(s, _)| *s == ext) {
+                let (_, since) = self.given_up.remove(i).expect("index just found");
+                let needed = now.duration_since(since);
+                let want = (needed + needed / 4 + Duration::from_millis(50)).min(REORDER_WAIT_MAX);
+                if want > self.wait {
+                    debug!(wait_ms = want.as_millis() as u64, "reorder wait raised");
+                    self.wait = want;
+                }
+                self.late_in_window = true;
+            }
+            return Vec::new();
+        }
+        if self.next == Some(ext)
+            && let Some(since) = self.waiting_since
+        {
+            self.slowest_repair = self.slowest_repair.max(now.duration_since(since));
         }
         self.buf.insert(ext, p);
         self.drain(now)
     }
 
+    fn decay(&mut self, now: Instant) {
+        let start = *self.window_start.get_or_insert(now);
+        if now.duration_since(start) < REORDER_DECAY_WINDOW {
+            return;
+        }
+        if !self.late_in_window {
+            let target = (self.slowest_repair * 3 / 2).max(REORDER_WAIT_MIN);
+            if target < self.wait {
+                self.wait -= (self.wait - target) / 4;
+            }
+        }
+        self.window_start = Some(now);
+        self.slowest_repair = Duration::ZERO;
+        self.late_in_window = false;
+    }
+
     /// Releases packets whose wait expired.
     pub fn drain(&mut self, now: Instant) -> Vec<(rtp::Packet, bool)> {
+        self.decay(now);
         let mut out = Vec::new();
         let mut gap = false;
         while let Some((&first, _)) = self.buf.first_key_value() {
@@ -562,8 +630,17 @@ impl Reorder {
                 continue;
             }
             let since = *self.waiting_since.get_or_insert(now);
-            if self.buf.len() > REORDER_PACKETS || now.duration_since(since) >= REORDER_WAIT {
+            if self.buf.len() > REORDER_PACKETS || now.duration_since(since) >= self.wait {
+                if first - expected <= LEARN_GAP_MAX {
+                    for seq in expected..first {
+                        if self.given_up.len() == GIVEN_UP_MEMORY {
+                            self.given_up.pop_front();
+                        }
+                        self.given_up.push_back((seq, since));
+                    }
+                }
                 self.next = Some(first);
+                self.waiting_since = None;
                 gap = true;
                 continue;
             }
@@ -936,12 +1013,36 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(!out[0].1 && !out[1].1);
         assert!(r.push(pkt(3, 0, false, b"e"), t0).is_empty()); // 2 missing
-        let out = r.drain(t0 + REORDER_WAIT);
+        let wait = r.wait();
+        let out = r.drain(t0 + wait);
         assert_eq!(out.len(), 1);
         assert!(out[0].1, "gap flagged");
+        // The missing packet comes after it was given up: dropped, and the wait grows to
+        // cover such a repair next time.
+        let late = t0 + wait + Duration::from_millis(400);
         assert!(
-            r.push(pkt(2, 0, false, b"late"), t0).is_empty(),
+            r.push(pkt(2, 0, false, b"late"), late).is_empty(),
             "late dropped"
+        );
+        assert!(
+            r.wait() >= wait + Duration::from_millis(400),
+            "{:?}",
+            r.wait()
+        );
+        assert!(r.wait() <= REORDER_WAIT_MAX);
+        // Later, with repairs arriving quickly, it shrinks back towards them.
+        let grown = r.wait();
+        let mut t = late;
+        let mut seq = 4u16;
+        for _ in 0..10 {
+            t += REORDER_DECAY_WINDOW;
+            assert_eq!(r.push(pkt(seq, 0, false, b"x"), t).len(), 1);
+            seq += 1;
+        }
+        assert!(
+            r.wait() < grown && r.wait() >= REORDER_WAIT_MIN,
+            "{:?}",
+            r.wait()
         );
     }
 
@@ -1068,7 +1169,11 @@ mod tests {
                     continue;
                 }
                 // A lost packet is declared a gap once its wait expires.
-                for (p, gap) in r.push(p, t0).into_iter().chain(r.drain(t0 + REORDER_WAIT)) {
+                for (p, gap) in r
+                    .push(p, t0)
+                    .into_iter()
+                    .chain(r.drain(t0 + REORDER_WAIT_MAX))
+                {
                     if let Some(fr) = b.push(&p, gap) {
                         let plain = key.decrypt_frame(codec, &fr.data).ok();
                         out.push((plain, fr.after_gap, fr.uncertain, fr.rtp_ts / 3000));
