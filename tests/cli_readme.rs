@@ -354,7 +354,9 @@ fn readme_first_command_runs_the_demo() {
     assert_eq!(args.first(), Some(&"demo"), "{line}");
     let dir = tempfile::tempdir().unwrap();
     let mut c = cli_support::waterfall();
-    c.args(&args).current_dir(dir.path()).env("HOME", dir.path());
+    c.args(&args)
+        .current_dir(dir.path())
+        .env("HOME", dir.path());
     let mut p = c.spawn().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while p.try_wait().unwrap().is_none() {

@@ -38,9 +38,11 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The video clip: 10 s of VP8 at ~500 kbit/s, 320x240 at 30 fps, a keyframe every 2 s (made
-/// with ffmpeg, as the runs had it); the committed 3 s fixture where ffmpeg is missing.
-fn clip(lab: &LinkLab) -> PathBuf {
+/// The video clip: 10 s of VP8 at ~500 kbit/s, 320x240 at 30 fps, a keyframe every `gop`
+/// frames (made with ffmpeg, as the runs had it); the committed 3 s fixture (a keyframe
+/// a second) where ffmpeg is missing. A file source cannot make a keyframe when a viewer asks,
+/// so after a repair a viewer waits for the next one in the file.
+fn clip(lab: &LinkLab, gop: u32) -> PathBuf {
     let out = lab.path("clip.ivf");
     let made = Command::new("ffmpeg")
         .args([
@@ -59,7 +61,7 @@ fn clip(lab: &LinkLab) -> PathBuf {
             "-b:v",
             "500k",
             "-g",
-            "60",
+            &gop.to_string(),
             "-y",
         ])
         .arg(&out)
@@ -82,12 +84,23 @@ struct Viewer {
     first_frame: bool,
     /// Packets playback gave up on (the last stats event).
     gaps: u64,
+    /// Its peer id (from its stderr).
+    id: String,
+    /// Its parent's peer id, as its events last said.
+    parent: Option<String>,
+    /// Children, as its events last said.
+    children: i64,
     lines: Vec<(Instant, String)>,
 }
 
 impl Viewer {
     /// Reads the events printed so far.
     fn pump(&mut self) {
+        while let Ok(l) = self.wf.err.try_recv() {
+            if let Some(id) = l.strip_prefix("peer id: ") {
+                self.id = id.trim().to_owned();
+            }
+        }
         while let Ok(l) = self.wf.out.try_recv() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(&l) else {
                 continue;
@@ -95,8 +108,18 @@ impl Viewer {
             match v["event"].as_str() {
                 // An orphan reports no depth: the last one known stays (viewers stopped together
                 // are orphaned as their parents leave).
-                Some("joined" | "depth") if v["depth"].is_u64() => self.depth = v["depth"].as_u64(),
+                Some("depth") if v["depth"].is_u64() => self.depth = v["depth"].as_u64(),
                 Some("first_frame") if v["kind"] == "video" => self.first_frame = true,
+                Some("joined" | "rejoined") => {
+                    self.parent = v["parent"].as_str().map(str::to_owned);
+                    if let Some(d) = v["depth"].as_u64() {
+                        self.depth = Some(d);
+                    }
+                }
+                Some("parent_changed") => self.parent = v["new"].as_str().map(str::to_owned),
+                Some("orphaned") => self.parent = None,
+                Some("child_added") => self.children += 1,
+                Some("child_removed") => self.children -= 1,
                 Some("stats") => {
                     self.gaps = v["gaps"].as_u64().unwrap_or(self.gaps);
                     continue;
@@ -121,14 +144,14 @@ struct Room {
 /// A lab of `1 + viewers` nodes with `loss` percent each way on every link, and a broadcaster
 /// of the clip (looping, with the Opus fixture) taking `fanout` children; `None` where the lab
 /// cannot be made.
-fn room(viewers: usize, fanout: u32, loss: u8) -> Option<Room> {
+fn room(viewers: usize, fanout: u32, loss: u8, gop: u32) -> Option<Room> {
     let mut lab = LinkLab::new()?;
     let nodes: Vec<Node> = (0..=viewers).map(|_| lab.add_node()).collect();
     lab.set_loss_everywhere(loss);
     let pw = lab.path("pw.txt");
     std::fs::write(&pw, "links-secret\n").unwrap();
     let pw = pw.to_string_lossy().into_owned();
-    let video = clip(&lab);
+    let video = clip(&lab, gop);
     let audio = fixture("f.ogg");
     let mut a = args(&["broadcast", "--room", "links", "--password-file", &pw]);
     a.extend(args(&[
@@ -179,6 +202,9 @@ impl Room {
             depth: None,
             first_frame: false,
             gaps: 0,
+            id: String::new(),
+            parent: None,
+            children: 0,
             lines: Vec::new(),
         });
     }
@@ -206,23 +232,27 @@ impl Room {
         }
     }
 
-    /// Stops every viewer as a user would (Ctrl-C), so each file is closed valid.
-    fn stop_viewers(&mut self) {
+    /// Stops every viewer as a user would (Ctrl-C), so each file is closed valid; returns the
+    /// names of those that had not exited 30 s later (they are killed with the lab; their files
+    /// stay readable up to their last frame).
+    fn stop_viewers(&mut self) -> Vec<String> {
         for v in &self.viewers {
             if self.lab.running(v.wf.idx) {
                 self.lab.signal(v.wf.idx, "INT");
             }
         }
+        let mut stuck = Vec::new();
         for v in &self.viewers {
-            assert!(
-                self.lab
-                    .wait_exit(v.wf.idx, Duration::from_secs(15))
-                    .is_some(),
-                "{} did not exit on SIGINT",
-                v.name
-            );
+            if self
+                .lab
+                .wait_exit(v.wf.idx, Duration::from_secs(30))
+                .is_none()
+            {
+                stuck.push(v.name.clone());
+            }
         }
         self.viewers.iter_mut().for_each(Viewer::pump);
+        stuck
     }
 }
 
@@ -241,14 +271,14 @@ fn loss_through_the_tree_12_viewers() {
     let loss: u8 = env_or("REAL_LINKS_LOSS", 5);
     let secs: u64 = env_or("REAL_LINKS_SECS", 30);
     let (n, fanout) = (12, 3);
-    let Some(mut room) = room(n, fanout, loss) else {
+    let Some(mut room) = room(n, fanout, loss, 60) else {
         return;
     };
     let no_video = room.fill(n, fanout);
     eprintln!("viewers without video after 60 s: {no_video:?}");
     let dropped_before = room.lab.dropped();
     std::thread::sleep(Duration::from_secs(secs));
-    room.stop_viewers();
+    let stuck = room.stop_viewers();
     let dropped = room.lab.dropped() - dropped_before;
     eprintln!(
         "loss {loss}% each way on every link; the bridge dropped {dropped} packets in {secs} s"
@@ -284,6 +314,10 @@ fn loss_through_the_tree_12_viewers() {
         );
     }
     assert!(dropped > 0, "the loss rules dropped nothing");
+    assert!(
+        stuck.is_empty(),
+        "{stuck:?} did not exit within 30 s of SIGINT"
+    );
     for v in &room.viewers {
         ffmpeg_decodes(&v.video);
     }
@@ -291,6 +325,121 @@ fn loss_through_the_tree_12_viewers() {
         assert!(
             *share >= 0.99,
             "{name} at depth {depth} holds {got} of {sent} frames"
+        );
+    }
+}
+
+/// Frame counts of `paths` sampled every 100 ms for `span`: (time since `t0`, counts).
+fn sample_frames(paths: &[PathBuf], t0: Instant, span: Duration) -> Vec<(Duration, Vec<usize>)> {
+    let mut out = Vec::new();
+    while t0.elapsed() < span {
+        let counts = paths.iter().map(|p| natlab::frames(p)).collect();
+        out.push((t0.elapsed(), counts));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    out
+}
+
+/// When viewer `i`'s frames started to grow again after a pause of at least 300 ms that began
+/// after `t0` (the time since `t0`), from samples of [`sample_frames`].
+fn resumed_at(samples: &[(Duration, Vec<usize>)], i: usize) -> Option<Duration> {
+    let mut flat_since: Option<Duration> = None;
+    for w in samples.windows(2) {
+        let ((_, a), (t, b)) = (&w[0], &w[1]);
+        if b[i] == a[i] {
+            flat_since.get_or_insert(w[0].0);
+        } else {
+            if let Some(f) = flat_since
+                && *t - f >= Duration::from_millis(300)
+            {
+                return Some(*t);
+            }
+            flat_since = None;
+        }
+    }
+    None
+}
+
+#[test]
+fn a_frozen_relay_is_replaced() {
+    // Fanout 2 everywhere: 6 viewers fill depths 1 and 2. A keyframe every 0.5 s, so a
+    // repaired viewer is not held back by the file source (which cannot make one on demand).
+    let (n, fanout) = (6, 2);
+    let Some(mut room) = room(n, fanout, 0, 15) else {
+        return;
+    };
+    let no_video = room.fill(n, fanout);
+    assert!(no_video.is_empty(), "no video at {no_video:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    room.viewers.iter_mut().for_each(Viewer::pump);
+    let relay = room
+        .viewers
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.depth == Some(1))
+        .max_by_key(|(_, v)| v.children)
+        .map(|(i, _)| i)
+        .expect("a viewer at depth 1");
+    let relay_id = room.viewers[relay].id.clone();
+    let kids: Vec<usize> = (0..room.viewers.len())
+        .filter(|&i| room.viewers[i].parent.as_deref() == Some(relay_id.as_str()))
+        .collect();
+    assert!(
+        !kids.is_empty(),
+        "the depth-1 relay {} has no children",
+        room.viewers[relay].name
+    );
+    let names: Vec<&str> = kids
+        .iter()
+        .map(|&i| room.viewers[i].name.as_str())
+        .collect();
+    eprintln!(
+        "stopping {} (depth 1) with children {names:?}",
+        room.viewers[relay].name
+    );
+    let paths: Vec<PathBuf> = kids
+        .iter()
+        .map(|&i| room.viewers[i].video.clone())
+        .collect();
+    let t0 = Instant::now();
+    room.lab.signal(room.viewers[relay].wf.idx, "STOP");
+    let samples = sample_frames(&paths, t0, Duration::from_secs(8));
+    let resumed: Vec<Option<Duration>> = (0..kids.len()).map(|i| resumed_at(&samples, i)).collect();
+    for (k, r) in kids.iter().zip(&resumed) {
+        eprintln!(
+            "{}: frames again {:?} after SIGSTOP of its parent",
+            room.viewers[*k].name, r
+        );
+    }
+    // The relay comes back: the tree must stay sane (nobody exits, everybody's video flows).
+    room.lab.signal(room.viewers[relay].wf.idx, "CONT");
+    std::thread::sleep(Duration::from_secs(5));
+    let all: Vec<PathBuf> = room.viewers.iter().map(|v| v.video.clone()).collect();
+    let before: Vec<usize> = all.iter().map(|p| natlab::frames(p)).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    for (v, b) in room.viewers.iter().zip(&before) {
+        assert!(room.lab.running(v.wf.idx), "{} exited", v.name);
+        let now = natlab::frames(&v.video);
+        assert!(
+            now >= b + 30,
+            "{}: {b} -> {now} frames in 3 s after SIGCONT",
+            v.name
+        );
+    }
+    let stuck = room.stop_viewers();
+    assert!(
+        stuck.is_empty(),
+        "{stuck:?} did not exit within 30 s of SIGINT"
+    );
+    for v in &room.viewers {
+        ffmpeg_decodes(&v.video);
+    }
+    for (k, r) in kids.iter().zip(&resumed) {
+        let name = &room.viewers[*k].name;
+        let r = r.unwrap_or_else(|| panic!("{name} never got frames again"));
+        assert!(
+            r <= Duration::from_secs(2),
+            "{name} resumed only after {r:?}"
         );
     }
 }

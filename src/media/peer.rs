@@ -26,6 +26,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
@@ -490,6 +491,14 @@ pub struct Peer {
     turn_urls: Vec<String>,
     notices: Option<IceNotices>,
     handler: Arc<Handler>,
+    /// Milliseconds after [`heard_epoch`] plus one of the last inbound packet, 0 for none.
+    heard: Arc<AtomicU64>,
+}
+
+/// The origin of the `heard` timestamps (an `Instant` does not fit an atomic).
+fn heard_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Peer {
@@ -502,7 +511,14 @@ impl Peer {
         media_engine.register_default_codecs()?;
         let registry = media_interceptors(Registry::new(), &mut media_engine)?;
         // Application-most, so the NACK responder and the report interceptors see all RTCP.
-        let registry = registry.with(Slot::from(14_000), KeyframeRequestForwarder::default());
+        let heard = Arc::new(AtomicU64::new(0));
+        let registry = registry.with(
+            Slot::from(14_000),
+            KeyframeRequestForwarder {
+                heard: Some(Arc::clone(&heard)),
+                ..Default::default()
+            },
+        );
         let mode = if config.mdns_candidates {
             rtc::ice::mdns::MulticastDnsMode::QueryAndGather
         } else {
@@ -547,7 +563,18 @@ impl Peer {
                 .collect(),
             notices: config.notices.clone(),
             handler,
+            heard,
         })
+    }
+
+    /// When the last RTP or RTCP packet arrived from the other side (`None`: none yet). A live
+    /// sender reports every [`SENDER_REPORT_INTERVAL`] even without media, so a long silence
+    /// means the other side is frozen, dead or cut off.
+    pub fn heard_at(&self) -> Option<Instant> {
+        match self.heard.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(heard_epoch() + Duration::from_millis(ms - 1)),
+        }
     }
 
     fn note_candidates(&self, sdp: &str, local: bool) {
@@ -656,6 +683,12 @@ const NACK_RECEIVE_LOG: u16 = 1024;
 /// window (64 packets, ~1 s of video) it would be discarded as too old.
 pub const SRTP_REPLAY_WINDOW: usize = 2048;
 
+/// How often a sender reports (RTCP SR) on each stream it sends. A parent that is alive sends
+/// these even when it has no media to forward (its own parent is gone, its source paused), so a
+/// child can tell a parent that is silent because it starves from one that is frozen or dead
+/// (see [`Peer::heard_at`]); webrtc's default is 1 s.
+pub const SENDER_REPORT_INTERVAL: Duration = Duration::from_millis(250);
+
 /// The interceptors of every connection: webrtc's defaults (RTCP reports, the TWCC receiver,
 /// the simulcast header extensions) with NACK generation and response tuned for a relay tree
 /// ([`NACK_INTERVAL`], [`NACK_MAX_PER_PACKET`], [`NACK_HISTORY`]) and offered for audio too: an
@@ -665,7 +698,9 @@ fn media_interceptors(
     registry: Registry,
     media_engine: &mut MediaEngine,
 ) -> Result<Registry, PeerError> {
-    use rtc::interceptor::{NackGeneratorBuilder, NackResponderBuilder};
+    use rtc::interceptor::{
+        NackGeneratorBuilder, NackResponderBuilder, ReceiverReportBuilder, SenderReportBuilder,
+    };
     use rtc::peer_connection::configuration::interceptor_registry as reg;
     use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RtpCodecKind};
     for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
@@ -699,15 +734,24 @@ fn media_interceptors(
         );
     reg::configure_simulcast_extension_headers(media_engine)?;
     let registry = reg::configure_twcc_receiver_only(registry, media_engine)?;
-    Ok(reg::configure_rtcp_reports(registry))
+    Ok(registry
+        .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build())
+        .with(
+            Slot::SenderReport,
+            SenderReportBuilder::new()
+                .with_interval(SENDER_REPORT_INTERVAL)
+                .build(),
+        ))
 }
 
 /// Marks inbound keyframe requests (PLI, FIR) for delivery to the application and drops other
-/// inbound RTCP at this point (the interceptors below it have already acted on it).
+/// inbound RTCP at this point (the interceptors below it have already acted on it). It also
+/// notes when anything last arrived ([`Peer::heard_at`]).
 #[derive(Default)]
 pub struct KeyframeRequestForwarder {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
+    heard: Option<Arc<AtomicU64>>,
 }
 
 /// Bound on the forwarder's queues (each is drained by the chain right after it is filled).
@@ -721,6 +765,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestForwarder {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Some(h) = &self.heard {
+            let ms = msg.now.saturating_duration_since(heard_epoch()).as_millis() as u64;
+            h.store(ms + 1, Ordering::Relaxed);
+        }
         if let Packet::Rtcp(packets) = &msg.message.packet {
             let wanted: Vec<Box<dyn rtc::rtcp::Packet>> = packets
                 .iter()

@@ -40,7 +40,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
@@ -54,6 +54,21 @@ use super::{Codec, MediaKind};
 pub const CHILD_QUEUE: usize = 1024;
 /// Minimum spacing of keyframe requests sent upstream.
 pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// Media queued for a child longer than this is dropped, not sent late: after this node was
+/// stopped or starved, a burst of stale packets would only make the child's playback stutter
+/// (its reorder buffer has given them up) and flood its link.
+pub const STALE_AFTER: Duration = Duration::from_secs(1);
+/// A parent from which nothing (no RTP, no RTCP report) arrived for this long is frozen, dead or
+/// cut off: the child repairs ([`MediaEvent::ParentStalled`]). A live parent that merely has no
+/// media to forward still sends a report every `peer::SENDER_REPORT_INTERVAL` (250 ms).
+pub const PARENT_SILENT: Duration = Duration::from_millis(800);
+/// A new parent from which nothing at all arrived this long after the offer is given up.
+pub const PARENT_NEVER_HEARD: Duration = Duration::from_secs(10);
+/// How often the parent watchdog looks.
+const WATCHDOG_TICK: Duration = Duration::from_millis(100);
+/// A watchdog tick this late means this process was not running (stopped, or starved of CPU):
+/// packets may be waiting unread in its own sockets, so the parent's silence is not evidence.
+const WATCHDOG_LATE: Duration = Duration::from_millis(200);
 /// Data messages held for a child whose data channel is not open yet.
 const PENDING_DATA: usize = 256;
 
@@ -80,7 +95,8 @@ pub(crate) struct Counters {
 }
 
 struct ChildSlot {
-    queue: mpsc::Sender<Item>,
+    /// Items with the instant they were queued (see [`STALE_AFTER`]).
+    queue: mpsc::Sender<(Instant, Item)>,
     peer: Arc<Peer>,
     tasks: Vec<AbortHandle>,
 }
@@ -163,10 +179,11 @@ impl Hub {
     /// Copies an item to every child; cuts children whose queue is full.
     pub fn forward(&self, item: Item) {
         let mut cut = Vec::new();
+        let now = Instant::now();
         {
             let mut children = self.children.lock().expect("hub lock");
             for (id, c) in children.iter() {
-                match c.queue.try_send(item.clone()) {
+                match c.queue.try_send((now, item.clone())) {
                     Ok(()) => {
                         self.counters
                             .packets_forwarded
@@ -404,11 +421,20 @@ struct ChildWriter {
 }
 
 impl ChildWriter {
-    async fn run(mut self, mut queue: mpsc::Receiver<Item>, mut events: mpsc::Receiver<PeerEvent>) {
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<(Instant, Item)>,
+        mut events: mpsc::Receiver<PeerEvent>,
+    ) {
         loop {
             tokio::select! {
                 item = queue.recv() => {
-                    let Some(item) = item else { return };
+                    let Some((queued, item)) = item else { return };
+                    // Media that waited this long (this process was stopped or starved) is
+                    // dropped rather than burst out late; data stays (ordered, reliable).
+                    if matches!(item, Item::Rtp(..)) && queued.elapsed() > STALE_AFTER {
+                        continue;
+                    }
                     self.write(item).await;
                 }
                 ev = events.recv() => {
@@ -479,6 +505,54 @@ impl ChildWriter {
             && let Err(e) = dc.send(BytesMut::from(&b[..])).await
         {
             debug!(child = self.id.0, "data send: {e}");
+        }
+    }
+}
+
+/// Watches one parent connection: emits [`MediaEvent::ParentStalled`] once (and returns) when
+/// nothing arrived from the parent for [`PARENT_SILENT`] after something did, or for
+/// [`PARENT_NEVER_HEARD`] after the offer. It returns quietly when the connection is replaced
+/// (`current` turns false) or gone. Armed only while the room carries media (a data-only room
+/// has no reports to hear). A tick that comes late by more than the bound means this process
+/// itself was not running (stopped, starved; see [`WATCHDOG_LATE`]): the silence is then not
+/// the parent's fault, and the count restarts.
+pub(crate) async fn parent_watchdog(
+    peer: std::sync::Weak<Peer>,
+    hub: std::sync::Weak<Hub>,
+    current: impl Fn() -> bool,
+) {
+    let start = Instant::now();
+    let mut last_tick = start;
+    let mut baseline = start;
+    loop {
+        tokio::time::sleep(WATCHDOG_TICK).await;
+        let now = Instant::now();
+        if now.duration_since(last_tick) > WATCHDOG_TICK + WATCHDOG_LATE {
+            baseline = now;
+        }
+        last_tick = now;
+        if !current() {
+            return;
+        }
+        let (Some(hub), Some(peer)) = (hub.upgrade(), peer.upgrade()) else {
+            return;
+        };
+        if hub.tracks().is_empty() {
+            baseline = now;
+            continue;
+        }
+        let (since, bound) = match peer.heard_at() {
+            Some(t) => (Instant::from_std(t).max(baseline), PARENT_SILENT),
+            None => (start.max(baseline), PARENT_NEVER_HEARD),
+        };
+        let silent = now.duration_since(since);
+        if silent > bound {
+            warn!(
+                silent_ms = silent.as_millis() as u64,
+                "parent silent: repairing"
+            );
+            hub.emit(MediaEvent::ParentStalled { silent });
+            return;
         }
     }
 }
@@ -558,6 +632,7 @@ impl Reorder {
     }
 
     /// The current wait for a missing packet.
+    #[cfg(test)]
     pub fn wait(&self) -> Duration {
         self.wait
     }

@@ -299,6 +299,12 @@ impl RoomTask {
                     self.room.handle_link_down(p, now);
                 }
             }
+            // A frozen parent's transport has not failed (yet): its silence is the evidence.
+            MediaEvent::ParentStalled { .. } => {
+                if let Some(p) = self.room.tree().parent() {
+                    self.room.handle_link_down(p, now);
+                }
+            }
             MediaEvent::ChildCut { id, reason } => {
                 if let Some((&child, _)) = self.children.iter().find(|(_, c)| *c == id) {
                     self.children.remove(&child);
