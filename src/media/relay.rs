@@ -547,7 +547,7 @@ pub(crate) async fn parent_watchdog(
         };
         let silent = now.duration_since(since);
         if silent > bound {
-            warn!(
+            info!(
                 silent_ms = silent.as_millis() as u64,
                 "parent silent: repairing"
             );
