@@ -135,7 +135,7 @@ impl Viewer {
 struct Room {
     lab: LinkLab,
     nodes: Vec<Node>,
-    _bcast: Wf,
+    bcast: Wf,
     ticket: String,
     pw: String,
     viewers: Vec<Viewer>,
@@ -171,7 +171,7 @@ fn room(viewers: usize, fanout: u32, loss: u8, gop: u32) -> Option<Room> {
     Some(Room {
         lab,
         nodes,
-        _bcast: bcast,
+        bcast,
         ticket,
         pw,
         viewers: Vec::new(),
@@ -441,5 +441,55 @@ fn a_frozen_relay_is_replaced() {
             r <= Duration::from_secs(2),
             "{name} resumed only after {r:?}"
         );
+    }
+}
+
+/// Exit code of `watch` when the broadcaster vanished (`waterfall watch --help`).
+const EXIT_BROADCASTER_LOST: i32 = 3;
+/// How soon every viewer must have given up on a crashed broadcaster and exited: media silent
+/// 3 s, the broadcaster unreachable for its 8 s grace (probes take up to 3 s each), then the
+/// leave (files finalized, the node shut down), on a loaded machine.
+const CRASH_BOUND: Duration = Duration::from_secs(45);
+
+#[test]
+fn a_crashed_broadcaster_ends_every_viewer() {
+    let (n, fanout) = (7, 2);
+    let Some(mut room) = room(n, fanout, 0, 30) else {
+        return;
+    };
+    let no_video = room.fill(n, fanout);
+    assert!(no_video.is_empty(), "no video at {no_video:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    room.lab.signal(room.bcast.idx, "KILL");
+    let mut exits: Vec<Option<(Duration, Option<i32>)>> = vec![None; room.viewers.len()];
+    while t0.elapsed() < CRASH_BOUND && exits.iter().any(Option::is_none) {
+        for (i, v) in room.viewers.iter().enumerate() {
+            if exits[i].is_none()
+                && let Some(st) = room.lab.wait_exit(v.wf.idx, Duration::ZERO)
+            {
+                exits[i] = Some((t0.elapsed(), st.code()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    room.viewers.iter_mut().for_each(Viewer::pump);
+    for (v, e) in room.viewers.iter().zip(&exits) {
+        let said = v.lines.iter().any(|(_, l)| l.contains("broadcaster_lost"));
+        eprintln!(
+            "{} (depth {:?}): exit {e:?} after SIGKILL, event seen: {said}",
+            v.name, v.depth
+        );
+    }
+    for (v, e) in room.viewers.iter().zip(&exits) {
+        let (_, code) =
+            e.unwrap_or_else(|| panic!("{} still runs {CRASH_BOUND:?} after the crash", v.name));
+        assert_eq!(code, Some(EXIT_BROADCASTER_LOST), "{} exit code", v.name);
+        assert!(
+            v.lines.iter().any(|(_, l)| l.contains("broadcaster_lost")),
+            "{} printed no broadcaster_lost event",
+            v.name
+        );
+        ffmpeg_decodes(&v.video);
     }
 }

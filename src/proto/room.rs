@@ -178,6 +178,10 @@ pub enum EndCause {
     Notice,
     /// The room record says the broadcast ended (the fallback of an orphan).
     Record,
+    /// The broadcaster vanished without a word: no media from the source and the broadcaster
+    /// unreachable for the shell's grace period (a crash; see
+    /// [`RoomNode::handle_broadcaster_lost`]).
+    BroadcasterLost,
 }
 
 /// What happened in the room, for the shell and the application.
@@ -528,6 +532,16 @@ impl RoomNode {
             return;
         }
         self.end(EndCause::Record, now);
+    }
+
+    /// The shell found the broadcaster gone (its media silent and the broadcaster itself
+    /// unreachable for a grace period): the room ends as for a notice, with
+    /// [`EndCause::BroadcasterLost`]. The root ignores it.
+    pub fn handle_broadcaster_lost(&mut self, now: Millis) {
+        if self.closed || self.tree.is_root() {
+            return;
+        }
+        self.end(EndCause::BroadcasterLost, now);
     }
 
     /// Leave: at the root, the end notice goes to the children before the Leave messages.

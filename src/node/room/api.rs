@@ -183,6 +183,10 @@ pub enum RoomEvent {
     /// The broadcaster ended the broadcast (its signed notice arrived, or the room record says
     /// so). The room closes: [`RoomEvent::Ended`] follows once the files are finalized.
     BroadcastEnded,
+    /// The broadcaster vanished without ending the broadcast (it crashed, or is cut off): no
+    /// media from it and no answer from it for a grace period. The room closes:
+    /// [`RoomEvent::Ended`] follows once the files are finalized.
+    BroadcasterLost,
     /// The room ended (we left, or the broadcast is over); the files are finalized.
     Ended,
 }
