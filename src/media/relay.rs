@@ -1108,11 +1108,9 @@ mod tests {
         // Later, with repairs arriving quickly, it shrinks back towards them.
         let grown = r.wait();
         let mut t = late;
-        let mut seq = 4u16;
-        for _ in 0..10 {
+        for seq in 4u16..14 {
             t += REORDER_DECAY_WINDOW;
             assert_eq!(r.push(pkt(seq, 0, false, b"x"), t).len(), 1);
-            seq += 1;
         }
         assert!(
             r.wait() < grown && r.wait() >= REORDER_WAIT_MIN,
