@@ -23,6 +23,13 @@
 //! packets of one RTP timestamp after the previous marker. After any gap, video frames are
 //! dropped until the next keyframe of the codec (and one is requested), so files never contain
 //! undecodable frames.
+//!
+//! **Liveness.** [`parent_watchdog`] tells a frozen or dead parent (nothing at all arrives, not
+//! even the reports a live sender makes without media) from a starving one, and
+//! [`STALE_AFTER`] keeps media that waited out a stall of this node from reaching children late.
+//!
+//! The file is long (about half of it tests over real payloads) because fan-out, playback and
+//! their liveness rules share the hub's types and counters; splitting them would expose those.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
