@@ -1,45 +1,41 @@
-//! Hello, waterfall: Alice broadcasts a clip, Bob watches it by ticket and writes it to a file.
-//! Both nodes run here, on loopback (the builder's default). `cargo run --example hello`
-use std::time::Duration;
-use waterfall::MediaEvent::{ParentConnected, SourceEnded};
-use waterfall::RoomEvent::{self, BroadcastEnded, Ended, Media};
-use waterfall::{FileSource, Node, RoomConfig, RoomEvents, SinkTarget, Sinks, SourceOptions};
-
-/// Prints `who`'s events until one matches `last` (at most 20 s apart).
-async fn until(who: &str, events: &mut RoomEvents, last: impl Fn(&RoomEvent) -> bool) {
-    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
-        println!("{who}: {ev:?}");
-        if last(&ev) {
-            break;
-        }
-    }
-}
+//! Hello, waterfall: `hello FILE.ivf` broadcasts a video file and prints a ticket; `hello TICKET
+//! OUT.ivf`, in another terminal, watches it into a file. `cargo run --example hello -- ARGS`.
+use futures::StreamExt;
+use waterfall::MediaEvent::{ChildConnected, SourceEnded};
+use waterfall::RoomEvent::{BroadcastEnded, Media};
+use waterfall::{FileSource, Node, RoomConfig, SinkTarget, Sinks, Ticket, WatchConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let clip = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/f.ivf");
-    let source = Box::new(FileSource::open(clip, SourceOptions::default()).await?);
-    let alice = Node::builder().spawn().await?;
-    let cfg = RoomConfig::new("hello").source(source).autostart(false);
-    let (room, mut alice_events) = alice.broadcast(cfg).await?;
-    let bob = Node::builder().spawn().await?;
-    let out = std::env::temp_dir().join("waterfall-hello.ivf");
-    let sinks = Sinks {
-        video: Some(SinkTarget::File(out.clone())),
-        ..Sinks::default()
-    };
-    let cfg = waterfall::WatchConfig::new().sinks(sinks);
-    let (watch, mut events) = bob.watch(room.ticket().clone(), cfg).await?;
-    until("bob", &mut events, |e| matches!(e, Media(ParentConnected))).await;
-    room.start(); // once Bob is connected, so that he gets the whole clip
-    until("alice", &mut alice_events, |e| {
-        matches!(e, Media(SourceEnded { .. }))
-    })
-    .await;
-    room.leave().await; // the clip is over: Alice ends the broadcast, Bob is told
-    until("bob", &mut events, |e| matches!(e, BroadcastEnded | Ended)).await;
-    watch.leave().await;
-    let bytes = std::fs::metadata(&out)?.len();
-    println!("bob wrote {bytes} bytes to {}", out.display());
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let node = Node::builder().spawn().await?; // on loopback, without mDNS: the defaults
+    if let [ticket, out] = &args[..] {
+        let video = Some(SinkTarget::File(out.into()));
+        let cfg = WatchConfig::new().sinks(Sinks {
+            video,
+            ..Default::default()
+        });
+        let (watch, mut events) = node.watch(ticket.parse::<Ticket>()?, cfg).await?;
+        while let Some(ev) = events.next().await.filter(|e| !matches!(e, BroadcastEnded)) {
+            println!("{ev:?}");
+        }
+        watch.leave().await; // the file is closed valid
+    } else if let [file] = &args[..] {
+        let clip = Box::new(FileSource::open(file, Default::default()).await?);
+        // Played once a viewer is connected, so that it sees the whole file.
+        let cfg = RoomConfig::new("hello").source(clip).autostart(false);
+        let (room, mut events) = node.broadcast(cfg).await?;
+        println!("ticket: {}", room.ticket());
+        let playing = |e: &_| !matches!(e, Media(SourceEnded { .. }));
+        while let Some(ev) = events.next().await.filter(playing) {
+            if matches!(ev, Media(ChildConnected(_))) {
+                room.start();
+            }
+        }
+        room.leave().await; // the viewer is told that the broadcast is over
+    } else {
+        anyhow::bail!("usage: hello FILE.ivf | hello TICKET OUT.ivf");
+    }
+    node.shutdown().await;
     Ok(())
 }

@@ -167,10 +167,7 @@ async fn spawn_node(args: &Args, bootstrap: Vec<Multiaddr>) -> anyhow::Result<No
         b = b
             .mdns(true)
             .listen(vec![format!("/{proto}/{ip}/tcp/0").parse()?])
-            .media(MediaConfig {
-                udp_bind: ip,
-                ..MediaConfig::default()
-            });
+            .media(MediaConfig::default().udp_bind(ip));
     } else {
         b = b.bootstrap(bootstrap);
     }
@@ -197,11 +194,8 @@ async fn join(node: &Node, args: &Args, ticket: &Ticket) -> anyhow::Result<(Watc
 }
 
 fn tree_config() -> waterfall::proto::Config {
-    waterfall::proto::Config {
-        // A demo of a stable tree: no make-before-break moves while it is printed.
-        rebalance_interval_ms: 0,
-        ..Default::default()
-    }
+    // A demo of a stable tree: no make-before-break moves while it is printed.
+    waterfall::proto::Config::default().rebalance_interval_ms(0)
 }
 
 async fn wait_until(

@@ -170,11 +170,8 @@ fn clock_ticks_per_sec() -> f64 {
 // Nodes and rooms
 
 fn tree_cfg() -> waterfall::proto::Config {
-    waterfall::proto::Config {
-        // Measure joins, not make-before-break moves.
-        rebalance_interval_ms: 0,
-        ..Default::default()
-    }
+    // Measure joins, not make-before-break moves.
+    waterfall::proto::Config::default().rebalance_interval_ms(0)
 }
 
 async fn node(max_children: Option<u16>, boot: Vec<Multiaddr>) -> anyhow::Result<Node> {

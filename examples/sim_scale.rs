@@ -28,10 +28,10 @@ fn main() {
         cfg.crash_fraction = v;
     }
     if let Some(v) = env("REBALANCE_MS") {
-        cfg.tree.rebalance_interval_ms = v as u64;
+        cfg.tree = cfg.tree.rebalance_interval_ms(v as u64);
     }
     if let Some(v) = env("REPAIR_TIMEOUT_MS") {
-        cfg.tree.repair_timeout_ms = v as u64;
+        cfg.tree = cfg.tree.repair_timeout_ms(v as u64);
     }
     if env("FIXED").is_some_and(|v| v > 0.0) {
         cfg.capacity = waterfall::proto::sim::CapacityDist::Fixed;

@@ -36,7 +36,8 @@
 //! # }
 //! ```
 //!
-//! `examples/hello.rs` is the same as a program that runs.
+//! `examples/hello.rs` runs the two halves as two processes: `hello FILE.ivf` broadcasts and
+//! prints the ticket, `hello TICKET OUT.ivf` watches it into a file.
 //!
 //! # Layers
 //!

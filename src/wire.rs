@@ -65,6 +65,35 @@ pub trait Message: Serialize + DeserializeOwned {
     const MAX_LEN: usize;
 }
 
+/// Implements [`Message`] for each type of the table.
+macro_rules! messages {
+    ($($ty:ty => $name:literal, $max:expr;)*) => {
+        $(impl Message for $ty {
+            const NAME: &'static str = $name;
+            const MAX_LEN: usize = $max;
+        })*
+    };
+}
+
+// Every top-level message, its name in errors and its largest accepted encoding, in one table:
+// the limits are read side by side, and a new message is one row. A tree update is the tree's
+// own `TreeUpdate` with the version in front ([`Versioned`]), its `ts_ms` in wall-clock ms since
+// the Unix epoch, set by the node when it signs.
+messages! {
+    Envelope => "envelope", 16 * 1024;
+    RoomRecord => "room record", 8 * 1024;
+    Versioned<TreeUpdate> => "tree update", 8 * 1024;
+    SnapshotRequest => "snapshot request", 256;
+    SnapshotResponse => "snapshot response", 16 * 1024;
+    Control => "tree control", 16 * 1024;
+    RoomRequest => "room request", 20 * 1024;
+    RoomResponse => "room response", 24 * 1024;
+    Signal => "signal", 12 * 1024;
+    Notice => "notice", 1024;
+    BroadcastEnd => "broadcast end", 256;
+    Ticket => "ticket", 4 * 1024;
+}
+
 /// Encode a message (infallible for the types in this module).
 pub fn encode<T: Message>(msg: &T) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
@@ -175,11 +204,6 @@ impl<'de> Deserialize<'de> for Nonce16 {
 // Messages
 // ---------------------------------------------------------------------------------------------
 
-impl Message for Envelope {
-    const NAME: &'static str = "envelope";
-    const MAX_LEN: usize = 16 * 1024;
-}
-
 /// What kind of media a track carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -227,11 +251,6 @@ pub struct RoomRecord {
     pub seq: u64,
 }
 
-impl Message for RoomRecord {
-    const NAME: &'static str = "room record";
-    const MAX_LEN: usize = 8 * 1024;
-}
-
 /// A message of the core ([`crate::proto`]) as a top-level message: its own CBOR map with the
 /// version field `v` in front, the way every top-level message begins. Nested in another message
 /// (a [`TreeUpdate`] inside an Accept) the same type goes without it.
@@ -277,14 +296,6 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Versioned<T> {
     }
 }
 
-/// A member's announcement of its place in the tree: the signed payload of a
-/// [`Kind::TreeUpdate`] envelope is the tree's own [`TreeUpdate`] (with `ts_ms` in wall-clock
-/// milliseconds since the Unix epoch, set by the node when it signs).
-impl Message for Versioned<TreeUpdate> {
-    const NAME: &'static str = "tree update";
-    const MAX_LEN: usize = 8 * 1024;
-}
-
 /// A newcomer asks a member for join candidates.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRequest {
@@ -294,11 +305,6 @@ pub struct SnapshotRequest {
     pub room: RoomId,
     /// Entries wanted at most.
     pub max: u16,
-}
-
-impl Message for SnapshotRequest {
-    const NAME: &'static str = "snapshot request";
-    const MAX_LEN: usize = 256;
 }
 
 /// Join candidates near the top with free slots, shallowest first. The responder is a room
@@ -312,11 +318,6 @@ pub struct SnapshotResponse {
     pub room: RoomId,
     /// Candidate parents: free slots, `peer` at `depth` takes `free` more children.
     pub candidates: Vec<SlotAd>,
-}
-
-impl Message for SnapshotResponse {
-    const NAME: &'static str = "snapshot response";
-    const MAX_LEN: usize = 16 * 1024;
 }
 
 /// A tree control message between two members (join, accept, refuse, leave, summary,
@@ -335,11 +336,6 @@ pub struct Control {
     pub msg: crate::proto::TreeMsg,
 }
 
-impl Message for Control {
-    const NAME: &'static str = "tree control";
-    const MAX_LEN: usize = 16 * 1024;
-}
-
 /// A direct request between members: the room in clear (to route it), the rest in a signed
 /// envelope whose kind says what it carries: a sealed [`SnapshotRequest`], [`Control`],
 /// [`TreeUpdate`], [`Signal`] or [`BroadcastEnd`], or a room record request.
@@ -353,11 +349,6 @@ pub struct RoomRequest {
     pub env: Envelope,
 }
 
-impl Message for RoomRequest {
-    const NAME: &'static str = "room request";
-    const MAX_LEN: usize = 20 * 1024;
-}
-
 /// The answer to a [`RoomRequest`]: an envelope (a snapshot or an answer signal) or a refusal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomResponse {
@@ -367,11 +358,6 @@ pub struct RoomResponse {
     pub env: Option<Envelope>,
     /// Why the request was refused, if it was.
     pub error: Option<String>,
-}
-
-impl Message for RoomResponse {
-    const NAME: &'static str = "room response";
-    const MAX_LEN: usize = 24 * 1024;
 }
 
 /// Offer or answer.
@@ -384,55 +370,66 @@ pub enum SdpKind {
     Answer,
 }
 
-/// A WebRTC session description for one (child, parent, nonce) exchange. Sealed, then signed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Signal {
-    /// Wire version.
-    pub v: u8,
-    /// The room.
-    pub room: RoomId,
-    /// Sender.
-    pub from: NodeId,
-    /// Recipient.
-    pub to: NodeId,
-    /// Names the exchange; replays of a used nonce are rejected.
-    pub nonce: Nonce16,
-    /// Offer or answer.
-    pub kind: SdpKind,
-    /// The SDP text.
-    pub sdp: String,
-    /// When made, ms since the Unix epoch; stale blobs are rejected.
-    pub ts_ms: u64,
+/// The two messages of a signalling exchange ([`Signal`] and the [`Notice`] announcing it) begin
+/// with the same fields: this writes them once. They stay fields of each struct (not a nested or
+/// `#[serde(flatten)]`ed header, which would change the encoding the CDDL and golden vectors fix:
+/// another map level, or an indefinite-length map).
+macro_rules! exchange_message {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $name {
+            /// Wire version.
+            pub v: u8,
+            /// The room.
+            pub room: RoomId,
+            /// Sender.
+            pub from: NodeId,
+            /// Recipient.
+            pub to: NodeId,
+            /// Names the exchange; replays of a used nonce are rejected.
+            pub nonce: Nonce16,
+            /// Offer or answer.
+            pub kind: SdpKind,
+            $($(#[$fmeta])* pub $field: $ty,)*
+        }
+    };
 }
 
-impl Message for Signal {
-    const NAME: &'static str = "signal";
-    const MAX_LEN: usize = 12 * 1024;
+exchange_message! {
+    /// A WebRTC session description for one (child, parent, nonce) exchange. Sealed, then signed.
+    Signal {
+        /// The SDP text.
+        sdp: String,
+        /// When made, ms since the Unix epoch; stale blobs are rejected.
+        ts_ms: u64,
+    }
 }
 
-/// Tells the other side of an exchange that a blob waits in the DHT under `blob_key`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Notice {
-    /// Wire version.
-    pub v: u8,
-    /// The room.
-    pub room: RoomId,
-    /// Sender.
-    pub from: NodeId,
-    /// Recipient.
-    pub to: NodeId,
-    /// The exchange.
-    pub nonce: Nonce16,
-    /// Offer or answer.
-    pub kind: SdpKind,
-    /// DHT key of the sealed, signed [`Signal`].
-    #[serde(with = "serde_bytes")]
-    pub blob_key: [u8; 32],
+impl Signal {
+    /// The notice that tells the recipient this signal waits in the DHT under `blob_key`: the
+    /// same exchange, the same two ends.
+    pub fn notice(&self, blob_key: [u8; 32]) -> Notice {
+        Notice {
+            v: self.v,
+            room: self.room,
+            from: self.from,
+            to: self.to,
+            nonce: self.nonce,
+            kind: self.kind,
+            blob_key,
+        }
+    }
 }
 
-impl Message for Notice {
-    const NAME: &'static str = "notice";
-    const MAX_LEN: usize = 1024;
+exchange_message! {
+    /// Tells the other side of an exchange that a blob waits in the DHT under `blob_key`
+    /// ([`Signal::notice`] makes one).
+    Notice {
+        /// DHT key of the sealed, signed [`Signal`].
+        #[serde(with = "serde_bytes")]
+        blob_key: [u8; 32],
+    }
 }
 
 /// The broadcaster's notice that its broadcast is over: the sealed payload of a
@@ -448,11 +445,6 @@ pub struct BroadcastEnd {
     /// The ended broadcast: its room record's `created_ms` (an older broadcast's notice, replayed,
     /// does not end a newer one).
     pub created_ms: u64,
-}
-
-impl Message for BroadcastEnd {
-    const NAME: &'static str = "broadcast end";
-    const MAX_LEN: usize = 256;
 }
 
 /// What `broadcast` prints and `watch` takes: names the room, pins the broadcaster, and says where
@@ -471,11 +463,6 @@ pub struct Ticket {
     /// It reveals nothing the locator in the DHT does not already reveal to whoever knows the name.
     #[serde(with = "serde_bytes")]
     pub check: Vec<u8>,
-}
-
-impl Message for Ticket {
-    const NAME: &'static str = "ticket";
-    const MAX_LEN: usize = 4 * 1024;
 }
 
 const TICKET_PREFIX: &str = "wf1";

@@ -133,7 +133,7 @@ fn wrong_password_and_bad_ticket_are_clear_errors() {
     let d = dir.path();
     let (_b, ticket) = broadcaster(d, "2");
     std::fs::write(d.join("wrong.txt"), "guess\n").unwrap();
-    let out = Command::new(BIN)
+    let out = cli_support::waterfall()
         .arg("watch")
         .arg(&ticket)
         .arg("--password-file")
@@ -145,7 +145,7 @@ fn wrong_password_and_bad_ticket_are_clear_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("wrong password"), "{err}");
-    let out = Command::new(BIN)
+    let out = cli_support::waterfall()
         .args([
             "watch",
             "wf1notaticket",

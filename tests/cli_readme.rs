@@ -42,11 +42,48 @@ fn using_it() -> Vec<String> {
         .collect()
 }
 
-/// `waterfall ARGS` as a user in `home` runs it: default data directory under `home`.
-fn user_command(home: &Path, line: &str, ticket: Option<&str>) -> Command {
+/// A network namespace with only loopback up, where the README's commands run: they keep mDNS
+/// on (the README's lines do not turn it off), and libp2p's mDNS speaks on every non-loopback
+/// interface, so from a test it must find none. Deleted when dropped.
+struct LoopbackOnly(String);
+
+impl LoopbackOnly {
+    fn new(tag: &str) -> Result<LoopbackOnly, String> {
+        let ns = LoopbackOnly(format!("wf-readme-{tag}-{}", std::process::id()));
+        support::netns::ip(&["netns", "add", &ns.0])?;
+        support::netns::ip(&["-n", &ns.0, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for LoopbackOnly {
+    fn drop(&mut self) {
+        let _ = support::netns::ip(&["netns", "del", &self.0]);
+    }
+}
+
+/// `waterfall ARGS` as a user in `home` runs it (default data directory under `home`), inside
+/// `ns` (`ip netns exec` execs the binary: the pid is the node's).
+fn user_command(home: &Path, ns: &LoopbackOnly, line: &str, ticket: Option<&str>) -> Command {
     let mut words = line.split_whitespace();
     assert_eq!(words.next(), Some("waterfall"), "{line}");
     let mut c = cli_support::waterfall();
+    let mut wrapped = Command::new("ip");
+    wrapped.args(["netns", "exec", &ns.0, cli_support::BIN]);
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    // The README's commands with their real defaults (every interface: here, loopback only).
+    wrapped
+        .env_remove("WATERFALL_LISTEN")
+        .env_remove("WATERFALL_UDP_BIND")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    c = wrapped;
     for w in words {
         match (w, ticket) {
             ("wf1...", Some(t)) => c.arg(t),
@@ -76,13 +113,20 @@ fn readme_using_it_broadcast_and_watch_in_two_terminals() {
             "README's \"Using it\" no longer has the line {cmd:?}: update this test with it"
         );
     }
+    let ns = match LoopbackOnly::new("using-it") {
+        Ok(ns) => ns,
+        Err(e) => {
+            eprintln!("skipped: the README's commands run mDNS, only in a namespace: {e}");
+            return;
+        }
+    };
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     // The media files the README's commands name.
     std::fs::copy(fixture("f.ivf"), h.join("talk.ivf")).unwrap();
     std::fs::copy(fixture("f.ogg"), h.join("talk.ogg")).unwrap();
 
-    let mut keygen = Proc::spawn(&mut user_command(h, KEYGEN, None));
+    let mut keygen = Proc::spawn(&mut user_command(h, &ns, KEYGEN, None));
     let peer = wait_line(
         &keygen.out,
         "keygen's peer id",
@@ -98,7 +142,7 @@ fn readme_using_it_broadcast_and_watch_in_two_terminals() {
     std::fs::write(h.join("pw.txt"), "secret\n").unwrap();
 
     // Terminal 1.
-    let mut b = Proc::spawn(&mut user_command(h, BROADCAST, None));
+    let mut b = Proc::spawn(&mut user_command(h, &ns, BROADCAST, None));
     let ticket = wait_line(&b.out, "the ticket", Duration::from_secs(60), |l| {
         l.starts_with("wf1")
     });
@@ -116,7 +160,7 @@ fn readme_using_it_broadcast_and_watch_in_two_terminals() {
     std::thread::sleep(Duration::from_secs(4));
 
     // Terminal 2, same machine, same (default) data directory.
-    let mut w = Proc::spawn(&mut user_command(h, WATCH, Some(&ticket)));
+    let mut w = Proc::spawn(&mut user_command(h, &ns, WATCH, Some(&ticket)));
     let notice = wait_line(
         &w.err,
         "the temporary identity notice",
@@ -213,6 +257,8 @@ fn node_on_a_terminal(home: &Path, rust_log: Option<&str>) -> Option<String> {
     let mut c = Command::new("script");
     c.args(["-qfec", &cmd, "/dev/null"])
         .current_dir(home)
+        .env("WATERFALL_LISTEN", "/ip4/127.0.0.1/tcp/0")
+        .env("WATERFALL_UDP_BIND", "127.0.0.1")
         .env_remove("RUST_LOG")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -291,12 +337,20 @@ fn node_status_line_is_never_cut_by_log_lines() {
 /// broadcaster plays its clip once and leaves, its signed end notice comes down the tree.
 #[test]
 fn watch_exits_by_itself_when_the_broadcast_ends() {
+    let ns = match LoopbackOnly::new("ending") {
+        Ok(ns) => ns,
+        Err(e) => {
+            eprintln!("skipped: needs a network namespace: {e}");
+            return;
+        }
+    };
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     std::fs::copy(fixture("f.ivf"), h.join("talk.ivf")).unwrap();
     std::fs::write(h.join("pw.txt"), "secret\n").unwrap();
     let mut b = Proc::spawn(&mut user_command(
         h,
+        &ns,
         "waterfall broadcast --room ending --password-file pw.txt --video talk.ivf \
          --no-mdns --data-dir b",
         None,
@@ -306,6 +360,7 @@ fn watch_exits_by_itself_when_the_broadcast_ends() {
     });
     let mut w = Proc::spawn(&mut user_command(
         h,
+        &ns,
         "waterfall watch wf1... --password-file pw.txt --video out.ivf --no-mdns --data-dir w",
         Some(&ticket),
     ));

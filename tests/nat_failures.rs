@@ -66,6 +66,9 @@ fn unreachable_and_wrong_bootstrap_peers_are_reported() {
 
     let started = std::time::Instant::now();
     let mut watch = Command::new(BIN)
+        // The CLI listens on every interface by default; this test stays on loopback.
+        .env("WATERFALL_LISTEN", "/ip4/127.0.0.1/tcp/0")
+        .env("WATERFALL_UDP_BIND", "127.0.0.1")
         .args([
             "watch",
             "--room",

@@ -73,10 +73,7 @@ async fn lan_node(addr: &str) -> Node {
         .listen(vec![
             format!("/ip4/{addr}/tcp/0").parse().expect("multiaddr"),
         ])
-        .media(MediaConfig {
-            udp_bind: ip,
-            ..MediaConfig::default()
-        })
+        .media(MediaConfig::default().udp_bind(ip))
         .spawn()
         .await
         .expect("node starts")

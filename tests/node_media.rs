@@ -17,11 +17,8 @@ use waterfall::{
 };
 
 fn tree_cfg() -> waterfall::proto::Config {
-    waterfall::proto::Config {
-        // Byte-identical delivery is asserted: no make-before-break moves during the test.
-        rebalance_interval_ms: 0,
-        ..Default::default()
-    }
+    // Byte-identical delivery is asserted: no make-before-break moves during the test.
+    waterfall::proto::Config::default().rebalance_interval_ms(0)
 }
 
 struct Watcher {

@@ -566,3 +566,60 @@ fn a_neighbour_that_does_not_answer_the_probe_is_declared_down() {
         direct.outage_crash_ms.p50
     );
 }
+
+/// A tenth of the (child, parent) pairs cannot carry media (ICE never completes; both peers and
+/// their control traffic are fine). The child gives such a parent up at its connect deadline,
+/// tells it (so its slot frees at once), repairs elsewhere and does not come back to it: every
+/// live viewer ends attached, nobody retries a pair it found unreachable. Without the child's
+/// deadline the parent's own (later) deadline still frees the slot, but the child forgets the
+/// path and comes back to it.
+#[test]
+fn a_parent_whose_media_never_connects_is_left_and_avoided() {
+    let cfg = SimConfig {
+        nodes: 300,
+        duration_secs: 240.0,
+        churn_mean_secs: Some(120.0),
+        join_rate_per_sec: 20.0,
+        unreachable_pair_fraction: 0.1,
+        seed: 23,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    eprintln!("{r}");
+    assert_eq!(r.violations.total(), 0, "{:?}", r.violations);
+    assert!(r.unreachable_attempts >= 20, "{}", r.unreachable_attempts);
+    let given_up = r
+        .links_down
+        .get("ParentNeverConnected")
+        .copied()
+        .unwrap_or(0);
+    assert!(given_up >= 20, "parents given up: {:?}", r.links_down);
+    assert_eq!(
+        r.unreachable_repeats, 0,
+        "a child came back to a path that failed"
+    );
+    assert_eq!(r.stale_children_at_end, 0);
+    // Arrivals go on to the end (churn): a newcomer may be mid-join at the last instant, but
+    // nobody stays detached past the repair bound (`violations.unrepaired` above).
+    assert!(
+        r.live_at_end - r.attached_at_end <= 3,
+        "{} of {} attached",
+        r.attached_at_end,
+        r.live_at_end
+    );
+
+    let without = run(&SimConfig {
+        room: RoomTimings {
+            parent_connect_ms: 1_000_000_000,
+            unreachable_memory_ms: 0,
+            ..RoomTimings::default()
+        },
+        ..cfg
+    });
+    eprintln!("{without}");
+    assert_eq!(without.links_down.get("ParentNeverConnected"), None);
+    assert!(
+        without.unreachable_repeats > 0,
+        "without the rule children come back to failed paths"
+    );
+}

@@ -42,6 +42,25 @@ async fn idle_video() -> anyhow::Result<Box<dyn MediaSource>> {
     Ok(Box::new(src))
 }
 
+/// Wait at most `within` for an event that satisfies `pred`; `None` if the events end or the
+/// time passes first.
+async fn first_event<E>(
+    mut events: impl futures::Stream<Item = E> + Unpin,
+    within: Duration,
+    pred: impl Fn(&E) -> bool,
+) -> Option<()> {
+    use futures::StreamExt;
+    let found = async {
+        while let Some(e) = events.next().await {
+            if pred(&e) {
+                return Some(());
+            }
+        }
+        None
+    };
+    timeout(within, found).await.ok().flatten()
+}
+
 fn window_copies(recv: &Recv, w: (u64, u64)) -> u64 {
     recv.snapshot()
         .iter()
@@ -74,17 +93,11 @@ async fn star_viewer(
     let offer = viewer.connect_parent().await?;
     let (_id, answer) = bc.attach_child(&offer).await?;
     viewer.parent_answer(&answer).await?;
-    timeout(Duration::from_secs(30), async {
-        while let Some(e) = ev.recv().await {
-            if matches!(e, MediaEvent::ParentConnected) {
-                return true;
-            }
-        }
-        false
+    let events = futures::stream::poll_fn(|cx| ev.poll_recv(cx));
+    first_event(events, Duration::from_secs(30), |e| {
+        matches!(e, MediaEvent::ParentConnected)
     })
     .await
-    .ok()
-    .filter(|ok| *ok)
     .context("viewer connects within 30 s")?;
     tokio::spawn(async move { while ev.recv().await.is_some() {} });
     Ok(StarViewer {
@@ -243,17 +256,10 @@ async fn tree_viewer(
                 .tree(tree_cfg()),
         )
         .await?;
-    timeout(Duration::from_secs(40), async {
-        while let Some(e) = ev.recv().await {
-            if matches!(e, RoomEvent::Media(MediaEvent::ParentConnected)) {
-                return true;
-            }
-        }
-        false
+    first_event(&mut ev, Duration::from_secs(40), |e| {
+        matches!(e, RoomEvent::Media(MediaEvent::ParentConnected))
     })
     .await
-    .ok()
-    .filter(|ok| *ok)
     .context("viewer connects to a parent within 40 s")?;
     let rejoins = Arc::new(Mutex::new(Vec::new()));
     let rj = rejoins.clone();
@@ -293,6 +299,37 @@ async fn join_tree(
     viewers
 }
 
+/// A tree run's broadcaster, sending paced data messages, and the viewers joined under it.
+struct PacedTree {
+    /// The broadcaster's node and room (the pacer's sender holds the room too).
+    _broadcaster: (Node, Arc<Broadcast>),
+    /// Messages sent so far.
+    seq: Arc<std::sync::atomic::AtomicU64>,
+    /// Stops the pacer.
+    stop: tokio::sync::watch::Sender<bool>,
+    viewers: Vec<TreeViewer>,
+    /// What went wrong while joining.
+    notes: Vec<String>,
+}
+
+async fn paced_tree(n: usize, dir: &Path) -> anyhow::Result<PacedTree> {
+    let (node, room, ticket, boot) = tree_root().await?;
+    let room = Arc::new(room);
+    let r2 = room.clone();
+    let (seq, stop) = spawn_pacer(move |m| {
+        let _ = r2.send_data(&m);
+    });
+    let mut notes = Vec::new();
+    let viewers = join_tree(n, dir, &boot, &ticket, &mut notes).await;
+    Ok(PacedTree {
+        _broadcaster: (node, room),
+        seq,
+        stop,
+        viewers,
+        notes,
+    })
+}
+
 async fn depth_of(v: &TreeViewer) -> Option<u16> {
     match &v.room {
         Some(r) => r.status().await.ok().and_then(|s| s.depth),
@@ -304,14 +341,13 @@ async fn depth_of(v: &TreeViewer) -> Option<u16> {
 pub async fn tree(n: usize, secs: u64) -> anyhow::Result<RunResult> {
     let t0 = Instant::now();
     let dir = tempfile::tempdir()?;
-    let (_b, room, ticket, boot) = tree_root().await?;
-    let room = Arc::new(room);
-    let r2 = room.clone();
-    let (seq, stop) = spawn_pacer(move |m| {
-        let _ = r2.send_data(&m);
-    });
-    let mut notes = Vec::new();
-    let viewers = join_tree(n, dir.path(), &boot, &ticket, &mut notes).await;
+    let PacedTree {
+        _broadcaster,
+        seq,
+        stop,
+        viewers,
+        notes,
+    } = paced_tree(n, dir.path()).await?;
     let setup_s = t0.elapsed().as_secs_f64();
     let ((w0, w1), procs) = measure(&seq, &stop, secs).await;
     let mut outcomes = Vec::new();
@@ -381,14 +417,13 @@ pub async fn churn(n: usize, secs: u64) -> anyhow::Result<ChurnResult> {
     const INTERVAL: u64 = 10;
     const GAP_MS: f64 = 250.0;
     let dir = tempfile::tempdir()?;
-    let (_b, room, ticket, boot) = tree_root().await?;
-    let room = Arc::new(room);
-    let r2 = room.clone();
-    let (seq, stop) = spawn_pacer(move |m| {
-        let _ = r2.send_data(&m);
-    });
-    let mut notes = Vec::new();
-    let mut viewers = join_tree(n, dir.path(), &boot, &ticket, &mut notes).await;
+    let PacedTree {
+        _broadcaster,
+        seq,
+        stop,
+        mut viewers,
+        notes,
+    } = paced_tree(n, dir.path()).await?;
     tokio::time::sleep(SETTLE).await;
     let w0 = seq.load(std::sync::atomic::Ordering::SeqCst);
     let start = Instant::now();

@@ -102,8 +102,9 @@ struct SimArgs {
 /// Network options shared by every command that runs a node.
 #[derive(Args, Debug, Clone)]
 struct NetArgs {
-    /// Listen address (repeatable). Default: loopback TCP and QUIC on random ports.
-    #[arg(long)]
+    /// Listen address (repeatable, or comma-separated in $WATERFALL_LISTEN). Default: TCP and
+    /// QUIC on every interface, random ports (/ip4/127.0.0.1/tcp/0 stays on this machine).
+    #[arg(long, env = "WATERFALL_LISTEN", value_delimiter = ',')]
     listen: Vec<Multiaddr>,
     /// Peer to dial at start (repeatable), e.g. /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     #[arg(long)]
@@ -139,8 +140,9 @@ struct NetArgs {
     /// port), advertised at once instead of waiting for AutoNAT to confirm one.
     #[arg(long)]
     external_addr: Vec<Multiaddr>,
-    /// Address WebRTC binds its UDP sockets to (0.0.0.0 for every interface).
-    #[arg(long, default_value = "127.0.0.1")]
+    /// Address WebRTC binds its UDP sockets to: every interface by default, 127.0.0.1 to stay
+    /// on this machine.
+    #[arg(long, env = "WATERFALL_UDP_BIND", default_value = "0.0.0.0")]
     udp_bind: std::net::IpAddr,
     /// Children this node relays to at most.
     #[arg(long)]
@@ -163,23 +165,42 @@ struct PasswordArgs {
     no_password: bool,
 }
 
+/// The streams of a room, each a file or `-` for the standard stream: what `broadcast` reads
+/// and what `watch` writes (each command gives the options their help text).
 #[derive(Args, Debug)]
+struct Tracks {
+    #[arg(long)]
+    video: Option<String>,
+    #[arg(long)]
+    audio: Option<String>,
+    #[arg(long)]
+    data: Option<String>,
+}
+
+impl Tracks {
+    /// How many streams use stdin or stdout (`-`): one process has one of each.
+    fn std_users(&self) -> usize {
+        [&self.video, &self.audio, &self.data]
+            .iter()
+            .filter(|s| s.as_deref() == Some("-"))
+            .count()
+    }
+}
+
+#[derive(Args, Debug)]
+#[command(mut_arg("video", |a| a.help(
+    "Video: an IVF (VP8/VP9/AV1) or H.264 Annex-B file, or - for stdin (IVF or Annex-B, \
+     recognised from its first bytes)")))]
+#[command(mut_arg("audio", |a| a.help("Audio: an Ogg Opus file, or - for Ogg Opus on stdin")))]
+#[command(mut_arg("data", |a| a.help("Send stdin lines as data-channel messages (`--data -`)")))]
 struct BroadcastArgs {
     /// Room name.
     #[arg(long)]
     room: String,
     #[command(flatten)]
     password: PasswordArgs,
-    /// Video: an IVF (VP8/VP9/AV1) or H.264 Annex-B file, or - for stdin (IVF or Annex-B,
-    /// recognised from its first bytes).
-    #[arg(long)]
-    video: Option<String>,
-    /// Audio: an Ogg Opus file, or - for Ogg Opus on stdin.
-    #[arg(long)]
-    audio: Option<String>,
-    /// Send stdin lines as data-channel messages (`--data -`).
-    #[arg(long)]
-    data: Option<String>,
+    #[command(flatten)]
+    tracks: Tracks,
     /// Loop file sources.
     #[arg(long = "loop")]
     looped: bool,
@@ -197,6 +218,9 @@ struct BroadcastArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(mut_arg("video", |a| a.help("Write video here (IVF), - for stdout")))]
+#[command(mut_arg("audio", |a| a.help("Write audio here (Ogg Opus), - for stdout")))]
+#[command(mut_arg("data", |a| a.help("Write data-channel messages here as lines, - for stdout")))]
 struct WatchArgs {
     /// A ticket printed by `broadcast` (or use --room).
     ticket: Option<String>,
@@ -205,15 +229,8 @@ struct WatchArgs {
     room: Option<String>,
     #[command(flatten)]
     password: PasswordArgs,
-    /// Write video here (IVF), - for stdout.
-    #[arg(long)]
-    video: Option<String>,
-    /// Write audio here (Ogg Opus), - for stdout.
-    #[arg(long)]
-    audio: Option<String>,
-    /// Write data-channel messages here as lines, - for stdout.
-    #[arg(long)]
-    data: Option<String>,
+    #[command(flatten)]
+    tracks: Tracks,
     /// Also keep a recording while watching: PREFIX.ivf (video) and PREFIX.ogg (audio).
     #[arg(long)]
     record: Option<PathBuf>,
@@ -314,17 +331,34 @@ impl NetArgs {
         Ok(ice)
     }
 
+    /// Start the node these flags describe, with its notices printed (as JSON events too with
+    /// `json`). Every command that runs a node starts it here.
+    async fn start(&self, json: bool) -> anyhow::Result<Running> {
+        let (builder, data_dir, ice) = self.builder()?;
+        let node = builder.spawn().await?;
+        let notices = spawn_notices(&node, ice, json);
+        Ok(Running {
+            node,
+            _data_dir: data_dir,
+            _notices: notices,
+        })
+    }
+
     /// The node builder, the data directory it claimed (keep it until the node stops) and the
     /// receiver of the ICE notices its connections will report.
-    fn builder(&self, mdns_default: bool) -> anyhow::Result<NodeParts> {
+    fn builder(
+        &self,
+    ) -> anyhow::Result<(
+        NodeBuilder,
+        Option<DataDir>,
+        tokio::sync::mpsc::Receiver<IceNotice>,
+    )> {
         let (identity, held) = claim_identity(self.data_dir.as_ref())?;
         let (ice_tx, ice_rx) = tokio::sync::mpsc::channel(ICE_NOTICE_QUEUE);
-        let media = MediaConfig {
-            ice_servers: self.ice_servers()?,
-            udp_bind: self.udp_bind,
-            notices: Some(IceNotices(ice_tx)),
-            ..MediaConfig::default()
-        };
+        let media = MediaConfig::default()
+            .ice_servers(self.ice_servers()?)
+            .udp_bind(self.udp_bind)
+            .notices(IceNotices(ice_tx));
         let relay = if self.no_relay {
             RelayMode::Off
         } else if self.relay {
@@ -335,33 +369,37 @@ impl NetArgs {
         let mut b = Node::builder()
             .identity(identity)
             .bootstrap(self.bootstrap.clone())
-            .mdns(mdns_default && !self.no_mdns)
+            .mdns(!self.no_mdns)
             .public(self.public)
             .kdf(KdfParams::STRONG)
             .relay(relay)
             .external_addrs(self.external_addr.clone())
             .media(media);
-        if !self.listen.is_empty() {
-            b = b.listen(self.listen.clone());
-        }
+        // A real node listens on every interface (the library's default is loopback, for
+        // tests and embedders that choose their own).
+        let listen = if self.listen.is_empty() {
+            vec![
+                "/ip4/0.0.0.0/tcp/0".parse()?,
+                "/ip4/0.0.0.0/udp/0/quic-v1".parse()?,
+            ]
+        } else {
+            self.listen.clone()
+        };
+        b = b.listen(listen);
         if let Some(n) = self.max_children {
             b = b.max_children(n);
         }
-        Ok(NodeParts {
-            builder: b,
-            _data_dir: held,
-            ice: ice_rx,
-        })
+        Ok((b, held, ice_rx))
     }
 }
 
-/// What [`NetArgs::builder`] prepares.
-struct NodeParts {
-    builder: NodeBuilder,
+/// A node that [`NetArgs::start`] started, with what lives as long as it does.
+struct Running {
+    node: Node,
     /// The claimed data directory: held until the process ends.
     _data_dir: Option<DataDir>,
-    /// ICE notices from the node's connections, for the user.
-    ice: tokio::sync::mpsc::Receiver<IceNotice>,
+    /// The task printing the node's notices (it ends with the node).
+    _notices: tokio::task::JoinHandle<()>,
 }
 
 /// A network notice as a `--json` event.
@@ -588,13 +626,8 @@ async fn run_async(cmd: Command) -> anyhow::Result<()> {
 }
 
 async fn run_node(net: NetArgs) -> anyhow::Result<()> {
-    let NodeParts {
-        builder,
-        _data_dir,
-        ice,
-    } = net.builder(true)?;
-    let node = builder.spawn().await?;
-    let _notices = spawn_notices(&node, ice, false);
+    let running = net.start(false).await?;
+    let node = &running.node;
     say!("peer id: {}", node.peer_id());
     for a in node.addrs().await? {
         say!("listening: {a}");
@@ -629,6 +662,8 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
             "old": old.map(|p| p.to_string()), "new": new.to_string()}),
         RoomEvent::DepthChanged { depth } => json!({"event": "depth", "depth": depth}),
         RoomEvent::Orphaned { lost } => json!({"event": "orphaned", "lost": lost.to_string()}),
+        RoomEvent::ParentUnreachable { parent, timed_out } => json!({"event": "parent_unreachable",
+            "parent": parent.to_string(), "timed_out": timed_out}),
         RoomEvent::Rejoined { parent, outage_ms } => json!({"event": "rejoined",
             "parent": parent.to_string(), "outage_ms": outage_ms}),
         RoomEvent::ChildAdded(c) => json!({"event": "child_added", "peer": c.to_string()}),
@@ -649,6 +684,9 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
             "kind": format!("{kind:?}").to_lowercase(), "error": error})
         }
         RoomEvent::BroadcasterLost => json!({"event": "broadcaster_lost"}),
+        // The broadcaster's end, before the files are finalized (`ended` follows): a script
+        // tells a broadcast that is over from a watcher that was stopped.
+        RoomEvent::BroadcastEnded => json!({"event": "broadcast_ended"}),
         RoomEvent::Ended => json!({"event": "ended"}),
         _ => return None,
     })
@@ -705,38 +743,29 @@ fn short(p: &libp2p::PeerId) -> String {
 }
 
 async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
-    let stdin_users = [&args.video, &args.audio, &args.data]
-        .iter()
-        .filter(|s| s.as_deref() == Some("-"))
-        .count();
-    if stdin_users > 1 {
+    if args.tracks.std_users() > 1 {
         bail!("only one of --video, --audio and --data can read stdin (-)");
     }
-    if args.video.is_none() && args.audio.is_none() && args.data.is_none() {
+    if args.tracks.video.is_none() && args.tracks.audio.is_none() && args.tracks.data.is_none() {
         bail!("nothing to broadcast: give --video, --audio or --data");
     }
     let password = args.password.read()?;
     // Open the inputs before the node starts: a missing file or a wrong format fails at once.
     let mut sources = Vec::new();
-    if let Some(v) = &args.video {
+    if let Some(v) = &args.tracks.video {
         sources.push(open_source(v, Role::Video, args.looped).await?);
     }
-    if let Some(a) = &args.audio {
+    if let Some(a) = &args.tracks.audio {
         sources.push(open_source(a, Role::Audio, args.looped).await?);
     }
     let media_sources = sources.len();
     // Files wait for the first viewer; a live pipe cannot wait.
-    let files = [&args.video, &args.audio]
+    let files = [&args.tracks.video, &args.tracks.audio]
         .iter()
         .any(|s| s.as_deref().is_some_and(|s| s != "-"));
     let wait_for_viewer = files && !args.start_now;
-    let NodeParts {
-        builder,
-        _data_dir,
-        ice,
-    } = args.net.builder(true)?;
-    let node = builder.spawn().await?;
-    let _notices = spawn_notices(&node, ice, args.json);
+    let running = args.net.start(args.json).await?;
+    let node = &running.node;
     if !args.net.bootstrap.is_empty() {
         // Learn how viewers can reach us (a direct address, or a relay slot) before the ticket
         // is printed: the ticket carries the addresses.
@@ -751,7 +780,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
     }
     let mut cfg = RoomConfig::new(&args.room)
         .fanout(args.fanout)
-        .data(args.data.is_some())
+        .data(args.tracks.data.is_some())
         .autostart(!wait_for_viewer);
     if let Some(pw) = password {
         cfg = cfg.password(pw);
@@ -774,7 +803,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
         say!("waiting for the first viewer before playing (--start-now plays at once)");
     }
     let (line_tx, mut line_rx) = tokio::sync::mpsc::channel::<String>(256);
-    if args.data.as_deref() == Some("-") {
+    if args.tracks.data.as_deref() == Some("-") {
         tokio::spawn(async move {
             use tokio::io::AsyncBufReadExt;
             let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -835,7 +864,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
                     status.children = children;
                     status.print();
                 }
-                if media_sources > 0 && ended_sources >= media_sources && args.data.is_none() {
+                if media_sources > 0 && ended_sources >= media_sources && args.tracks.data.is_none() {
                     say!("all sources ended");
                     break;
                 }
@@ -866,9 +895,9 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         })
     };
     let mut sinks = Sinks {
-        video: target_of(&args.video),
-        audio: target_of(&args.audio),
-        data: target_of(&args.data),
+        video: target_of(&args.tracks.video),
+        audio: target_of(&args.tracks.audio),
+        data: target_of(&args.tracks.data),
     };
     if let Some(prefix) = &args.record {
         // Keep a recording beside whatever the viewer plays: PREFIX.ivf and PREFIX.ogg.
@@ -882,29 +911,13 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         sinks.video = rec("ivf", sinks.video.take());
         sinks.audio = rec("ogg", sinks.audio.take());
     }
-    fn to_stdout(t: &Option<SinkTarget>) -> bool {
-        match t {
-            Some(SinkTarget::Stdout) => true,
-            Some(SinkTarget::Tee(a, b)) => {
-                to_stdout(&Some((**a).clone())) || to_stdout(&Some((**b).clone()))
-            }
-            _ => false,
-        }
-    }
-    let stdout_users = [&sinks.video, &sinks.audio, &sinks.data]
-        .iter()
-        .filter(|s| to_stdout(s))
-        .count();
+    // The recording goes to files only: what uses stdout is what the flags say.
+    let stdout_users = args.tracks.std_users();
     if stdout_users > 1 || (stdout_users == 1 && args.json) {
         bail!("only one output can go to stdout");
     }
-    let NodeParts {
-        builder,
-        _data_dir,
-        ice,
-    } = args.net.builder(true)?;
-    let node = builder.spawn().await?;
-    let _notices = spawn_notices(&node, ice, args.json);
+    let running = args.net.start(args.json).await?;
+    let node = &running.node;
     say!("peer id: {}", node.peer_id());
     let (room, mut events) = node
         .watch(
@@ -927,8 +940,16 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
             _ = &mut stop => break,
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
-                if let RoomEvent::Media(MediaEvent::DecryptFailed(e)) = &ev {
-                    say!("media does not decrypt ({e}): wrong password?");
+                match &ev {
+                    RoomEvent::Media(MediaEvent::DecryptFailed(e)) => {
+                        say!("media does not decrypt ({e}): wrong password?");
+                    }
+                    RoomEvent::ParentUnreachable { parent, timed_out } => say!(
+                        "no media path to parent {} ({}): trying another parent",
+                        short(parent),
+                        if *timed_out { "not connected in time" } else { "WebRTC connection failed" }
+                    ),
+                    _ => {}
                 }
                 if args.json {
                     if let Some(j) = json_event(&ev) { println!("{j}"); }
@@ -967,3 +988,21 @@ struct BroadcasterLost;
 
 /// Exit code of `watch` when the broadcaster vanished without ending the broadcast.
 const EXIT_BROADCASTER_LOST: u8 = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_end_of_a_broadcast_has_a_json_event_of_its_own() {
+        let line = |ev| json_event(&ev).map(|v| v.to_string());
+        assert_eq!(
+            line(RoomEvent::BroadcastEnded).as_deref(),
+            Some(r#"{"event":"broadcast_ended"}"#)
+        );
+        assert_eq!(
+            line(RoomEvent::Ended).as_deref(),
+            Some(r#"{"event":"ended"}"#)
+        );
+    }
+}

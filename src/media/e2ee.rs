@@ -363,6 +363,23 @@ fn structured_aad(label: &[u8], units: &[Unit<'_>], last_len: usize) -> Vec<u8> 
     aad
 }
 
+/// `bytes` cut the way `units` are: every unit's piece as long as its payload, the last piece
+/// whatever remains (sealed, the last payload also carries tag and nonce; opened, it does not).
+fn split_like<'b>(bytes: &'b [u8], units: &[Unit<'_>]) -> Vec<&'b [u8]> {
+    let mut pieces = Vec::with_capacity(units.len());
+    let mut at = 0;
+    for (i, u) in units.iter().enumerate() {
+        let end = if i + 1 == units.len() {
+            bytes.len()
+        } else {
+            (at + u.payload.len()).min(bytes.len())
+        };
+        pieces.push(&bytes[at..end]);
+        at = end;
+    }
+    pieces
+}
+
 impl MediaKey {
     /// One AEAD over the concatenated unit payloads; returns the ciphertext cut back into the
     /// units' lengths, the last one extended by tag and nonce.
@@ -384,20 +401,12 @@ impl MediaKey {
                 },
             )
             .map_err(|_| E2eeError::Encrypt)?;
-        let mut pieces = Vec::with_capacity(units.len());
-        let mut at = 0;
-        for (i, u) in units.iter().enumerate() {
-            let end = if i + 1 == units.len() {
-                ct.len()
-            } else {
-                at + u.payload.len()
-            };
-            let mut piece = ct[at..end].to_vec();
-            if i + 1 == units.len() {
-                piece.extend_from_slice(&nonce_bytes);
-            }
-            pieces.push(piece);
-            at = end;
+        let mut pieces: Vec<Vec<u8>> = split_like(&ct, units)
+            .into_iter()
+            .map(<[u8]>::to_vec)
+            .collect();
+        if let Some(last) = pieces.last_mut() {
+            last.extend_from_slice(&nonce_bytes);
         }
         Ok(pieces)
     }
@@ -471,27 +480,16 @@ impl MediaKey {
         }
         let plain = self.open_units(b"/h264", &units)?;
         let mut out = Vec::with_capacity(plain.len() + units.len() * 5);
-        let mut at = 0;
-        for (i, u) in units.iter().enumerate() {
-            let len = if i + 1 == units.len() {
-                plain.len() - at
-            } else {
-                u.payload.len()
-            };
+        for (u, piece) in units.iter().zip(split_like(&plain, &units)) {
             out.extend_from_slice(&[0, 0, 0, 1]);
             out.extend_from_slice(&u.header);
-            out.extend_from_slice(&plain[at..at + len]);
-            at += len;
+            out.extend_from_slice(piece);
         }
         Ok(Bytes::from(out))
     }
 
     fn encrypt_av1(&self, frame: &[u8]) -> Result<Bytes, E2eeError> {
-        let units: Vec<Unit<'_>> = parse_obus(frame)
-            .ok_or(E2eeError::Malformed(Codec::Av1, "bad OBU syntax"))?
-            .into_iter()
-            .filter(|u| av1_carried(u.header[0]))
-            .collect();
+        let units = av1_units(frame)?;
         if units.is_empty() {
             return Err(E2eeError::Malformed(Codec::Av1, "no OBU to carry"));
         }
@@ -504,25 +502,14 @@ impl MediaKey {
     }
 
     fn decrypt_av1(&self, protected: &[u8]) -> Result<Bytes, E2eeError> {
-        let units: Vec<Unit<'_>> = parse_obus(protected)
-            .ok_or(E2eeError::Malformed(Codec::Av1, "bad OBU syntax"))?
-            .into_iter()
-            .filter(|u| av1_carried(u.header[0]))
-            .collect();
+        let units = av1_units(protected)?;
         let plain = self.open_units(b"/av1", &units)?;
         let mut out = Vec::with_capacity(plain.len() + 2 + units.len() * 4);
         // Every temporal unit starts with a temporal delimiter (AV1 §7.5); the payloader drops
         // it, so the receiver puts it back.
         out.extend_from_slice(&[OBU_TEMPORAL_DELIMITER << 3 | OBU_HAS_SIZE, 0]);
-        let mut at = 0;
-        for (i, u) in units.iter().enumerate() {
-            let len = if i + 1 == units.len() {
-                plain.len() - at
-            } else {
-                u.payload.len()
-            };
-            write_obu(&mut out, &u.header, &plain[at..at + len]);
-            at += len;
+        for (u, piece) in units.iter().zip(split_like(&plain, &units)) {
+            write_obu(&mut out, &u.header, piece);
         }
         Ok(Bytes::from(out))
     }
@@ -535,6 +522,15 @@ const OBU_HAS_SIZE: u8 = 0x02;
 const OBU_HAS_EXTENSION: u8 = 0x04;
 /// Largest OBU accepted (guards the leb128 size against absurd values).
 const MAX_OBU: u64 = 1 << 26;
+
+/// The OBUs of a temporal unit that RTP carries (in clear or protected alike).
+fn av1_units(b: &[u8]) -> Result<Vec<Unit<'_>>, E2eeError> {
+    Ok(parse_obus(b)
+        .ok_or(E2eeError::Malformed(Codec::Av1, "bad OBU syntax"))?
+        .into_iter()
+        .filter(|u| av1_carried(u.header[0]))
+        .collect())
+}
 
 /// OBU types the RTP payloader keeps (it drops temporal delimiters, tile lists and padding).
 fn av1_carried(header: u8) -> bool {

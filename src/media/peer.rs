@@ -246,24 +246,51 @@ impl IceNotices {
     }
 }
 
-/// Settings of every peer connection a node makes.
+/// Settings of every peer connection a node makes: the defaults (loopback, no ICE servers, no
+/// mDNS candidates), changed through the builder methods, e.g.
+/// `MediaConfig::default().udp_bind(ip).ice_servers(servers)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaConfig {
-    /// STUN and TURN servers. Empty in tests and on a LAN.
-    pub ice_servers: Vec<IceServer>,
-    /// Local address the UDP sockets bind to. `127.0.0.1` for loopback tests; `0.0.0.0` gathers
-    /// every interface but skips loopback.
-    pub udp_bind: IpAddr,
-    /// Whether to use mDNS host candidates. Off by default: it joins a multicast group, which
-    /// fails on loopback-only hosts ("No such device").
-    pub mdns_candidates: bool,
-    /// Longest wait for ICE gathering before the description is sent as it is.
-    pub gathering_deadline: Duration,
-    /// Where to report [`IceNotice`]s (none by default).
-    pub notices: Option<IceNotices>,
+    ice_servers: Vec<IceServer>,
+    udp_bind: IpAddr,
+    mdns_candidates: bool,
+    gathering_deadline: Duration,
+    notices: Option<IceNotices>,
 }
 
 impl MediaConfig {
+    /// STUN and TURN servers. Empty in tests and on a LAN.
+    pub fn ice_servers(mut self, servers: Vec<IceServer>) -> Self {
+        self.ice_servers = servers;
+        self
+    }
+
+    /// Local address the UDP sockets bind to. `127.0.0.1` (the default) for loopback tests;
+    /// `0.0.0.0` gathers every interface but skips loopback.
+    pub fn udp_bind(mut self, addr: IpAddr) -> Self {
+        self.udp_bind = addr;
+        self
+    }
+
+    /// Whether to use mDNS host candidates. Off by default: it joins a multicast group, which
+    /// fails on loopback-only hosts ("No such device").
+    pub fn mdns_candidates(mut self, on: bool) -> Self {
+        self.mdns_candidates = on;
+        self
+    }
+
+    /// Longest wait for ICE gathering before the description is sent as it is (2 s).
+    pub fn gathering_deadline(mut self, deadline: Duration) -> Self {
+        self.gathering_deadline = deadline;
+        self
+    }
+
+    /// Where to report [`IceNotice`]s (nowhere by default).
+    pub fn notices(mut self, notices: IceNotices) -> Self {
+        self.notices = Some(notices);
+        self
+    }
+
     /// Check every ICE server (see [`IceServer::validate`]).
     pub fn validate(&self) -> Result<(), IceConfigError> {
         self.ice_servers.iter().try_for_each(IceServer::validate)
@@ -848,10 +875,10 @@ mod tests {
         // The credential never shows in logs.
         let dbg = format!("{:?}", IceServer::turn("turn:h:1", "u", "s3cret"));
         assert!(!dbg.contains("s3cret"), "{dbg}");
-        let cfg = MediaConfig {
-            ice_servers: vec![IceServer::stun("stun:h:1"), IceServer::stun("turn:h:1")],
-            ..MediaConfig::default()
-        };
+        let cfg = MediaConfig::default().ice_servers(vec![
+            IceServer::stun("stun:h:1"),
+            IceServer::stun("turn:h:1"),
+        ]);
         assert!(cfg.validate().is_err());
     }
 

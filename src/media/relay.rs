@@ -69,8 +69,10 @@ pub const STALE_AFTER: Duration = Duration::from_secs(1);
 /// cut off: the child repairs ([`MediaEvent::ParentStalled`]). A live parent that merely has no
 /// media to forward still sends a report every `peer::SENDER_REPORT_INTERVAL` (250 ms).
 pub const PARENT_SILENT: Duration = Duration::from_millis(800);
-/// A new parent from which nothing at all arrived this long after the offer is given up.
-pub const PARENT_NEVER_HEARD: Duration = Duration::from_secs(10);
+/// A new parent from which nothing at all arrived this long after the offer is given up (the
+/// room layer's own parent-connect deadline, 10 s, normally acts first and better: it also
+/// avoids that parent for a while).
+pub const PARENT_NEVER_HEARD: Duration = Duration::from_secs(15);
 /// How often the parent watchdog looks.
 const WATCHDOG_TICK: Duration = Duration::from_millis(100);
 /// A watchdog tick this late means this process was not running (stopped, or starved of CPU):

@@ -201,6 +201,11 @@ fn spawn_stats(hub: &Arc<Hub>) {
     hub.track_task(h.abort_handle());
 }
 
+/// Both roles show their tracks (keys, sources and sinks stay out of logs).
+fn fmt_session(f: &mut std::fmt::Formatter<'_>, role: &str, hub: &Hub) -> std::fmt::Result {
+    f.debug_struct(role).field("tracks", &hub.tracks()).finish()
+}
+
 // ------------------------------------------------------------------ broadcaster
 
 /// The root of a tree: packetizes its sources' frames (encrypted) and fans them out.
@@ -212,12 +217,27 @@ pub struct Broadcaster {
 
 impl std::fmt::Debug for Broadcaster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broadcaster")
-            .field("tracks", &self.hub.tracks())
-            .finish()
+        fmt_session(f, "Broadcaster", &self.hub)
     }
 }
 
+/// `attach_child` and `detach_child`, the same in both roles: each hands the child to the hub.
+macro_rules! child_methods {
+    ($attach_doc:literal) => {
+        #[doc = $attach_doc]
+        pub async fn attach_child(
+            &self,
+            offer: &SignalBlob,
+        ) -> Result<(ChildId, SignalBlob), SessionError> {
+            self.hub.attach_child(offer).await
+        }
+
+        /// Disconnects a child. Returns whether it existed.
+        pub fn detach_child(&self, id: ChildId) -> bool {
+            self.hub.remove_child(id)
+        }
+    };
+}
 impl Broadcaster {
     /// A broadcaster of `sources` (at most one video and one audio). Media flows once
     /// [`start`](Self::start) is called, so children attached before it get every frame.
@@ -255,18 +275,7 @@ impl Broadcaster {
         ))
     }
 
-    /// Accepts a child's offer; returns its id and the answer to send back.
-    pub async fn attach_child(
-        &self,
-        offer: &SignalBlob,
-    ) -> Result<(ChildId, SignalBlob), SessionError> {
-        self.hub.attach_child(offer).await
-    }
-
-    /// Disconnects a child. Returns whether it existed.
-    pub fn detach_child(&self, id: ChildId) -> bool {
-        self.hub.remove_child(id)
-    }
+    child_methods!("Accepts a child's offer; returns its id and the answer to send back.");
 
     /// Starts reading the sources (once; later calls do nothing).
     pub fn start(&self) {
@@ -420,9 +429,7 @@ pub struct Viewer {
 
 impl std::fmt::Debug for Viewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Viewer")
-            .field("tracks", &self.hub.tracks())
-            .finish()
+        fmt_session(f, "Viewer", &self.hub)
     }
 }
 
@@ -578,18 +585,7 @@ impl Viewer {
         Ok(())
     }
 
-    /// Accepts a child's offer (requires the parent's answer to have been applied).
-    pub async fn attach_child(
-        &self,
-        offer: &SignalBlob,
-    ) -> Result<(ChildId, SignalBlob), SessionError> {
-        self.hub.attach_child(offer).await
-    }
-
-    /// Disconnects a child. Returns whether it existed.
-    pub fn detach_child(&self, id: ChildId) -> bool {
-        self.hub.remove_child(id)
-    }
+    child_methods!("Accepts a child's offer (requires the parent's answer to have been applied).");
 
     /// Current counters.
     pub fn stats(&self) -> MediaStats {

@@ -303,11 +303,7 @@ impl Actor {
                 key,
                 timeout,
                 reply,
-            } => {
-                let (tx, rx) = oneshot::channel();
-                let _ = reply.send(rx);
-                self.get_record(key, timeout, tx);
-            }
+            } => self.get_record(key, timeout, answer_later(reply)),
             Command::RemoveRecord { key, reply } => {
                 let removed = self.own.remove(&key).is_some();
                 if removed {
@@ -387,11 +383,7 @@ impl Actor {
                 key,
                 timeout,
                 reply,
-            } => {
-                let (tx, rx) = oneshot::channel();
-                let _ = reply.send(rx);
-                self.public_find(&key, timeout, tx);
-            }
+            } => self.public_find(&key, timeout, answer_later(reply)),
             Command::Status(reply) => {
                 let b = self.swarm.behaviour_mut();
                 let dht_records = b.kad.store_mut().records().count();
@@ -542,6 +534,19 @@ impl Actor {
         );
     }
 
+    /// One gossipsub publish (gossipsub takes the data; ours stays queued if it fails).
+    fn gossip(
+        &mut self,
+        topic: &str,
+        data: &[u8],
+    ) -> std::result::Result<gossipsub::MessageId, gossipsub::PublishError> {
+        let t = gossipsub::IdentTopic::new(topic);
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(t, data.to_vec())
+    }
+
     fn publish(&mut self, topic: String, data: Vec<u8>) -> Result<Published> {
         if data.len() > MAX_GOSSIP_BYTES {
             return Err(NetError::TooLarge {
@@ -549,13 +554,7 @@ impl Actor {
                 max: MAX_GOSSIP_BYTES,
             });
         }
-        let t = gossipsub::IdentTopic::new(topic.clone());
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(t, data.clone())
-        {
+        match self.gossip(&topic, &data) {
             Ok(_) => Ok(Published::Sent),
             Err(
                 gossipsub::PublishError::NoPeersSubscribedToTopic
@@ -598,13 +597,7 @@ impl Actor {
             };
             q.retain(|(_, at)| now.duration_since(*at) < PENDING_PUBLISH_TTL);
             while let Some((data, at)) = q.pop_front() {
-                let t = gossipsub::IdentTopic::new(topic.clone());
-                match self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .publish(t, data.clone())
-                {
+                match self.gossip(&topic, &data) {
                     Ok(_) => trace!(%topic, "queued message published"),
                     Err(
                         gossipsub::PublishError::NoPeersSubscribedToTopic
@@ -1058,6 +1051,14 @@ impl Actor {
 }
 
 /// Complete a get: the collected records sorted by descending sequence, else `empty`.
+/// For a query that ends later: the caller gets the receiver at once (it does not wait while
+/// the actor serves other commands), and the query keeps the sender it answers on.
+fn answer_later<T>(reply: oneshot::Sender<oneshot::Receiver<T>>) -> oneshot::Sender<T> {
+    let (tx, rx) = oneshot::channel();
+    let _ = reply.send(rx);
+    tx
+}
+
 fn finish_get(mut g: PendingGet, empty: Result<Vec<Vec<u8>>>) {
     let r = if g.found.is_empty() {
         empty

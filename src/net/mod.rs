@@ -513,6 +513,21 @@ impl Net {
         rx.await.map_err(|_| NetError::Closed)
     }
 
+    /// A DHT lookup: the actor hands back at once a receiver that is answered when the query
+    /// ends. The actor enforces `timeout` (with its tick's granularity); the margin here only
+    /// guards against a wedged actor.
+    async fn lookup<T>(
+        &self,
+        timeout: Duration,
+        make: impl FnOnce(oneshot::Sender<oneshot::Receiver<Result<T>>>) -> actor::Command,
+    ) -> Result<T> {
+        let rx = self.call(make).await?;
+        match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
+            Ok(r) => r.map_err(|_| NetError::Closed)?,
+            Err(_) => Err(NetError::Timeout),
+        }
+    }
+
     pub fn local_peer_id(&self) -> PeerId {
         self.local_peer_id
     }
@@ -585,19 +600,12 @@ impl Net {
     /// otherwise hold the query until Kademlia's own timeout). [`NetError::NotFound`] when the lookup
     /// finished without a valid record, [`NetError::Timeout`] when `timeout` passed first.
     pub async fn get_record(&self, key: Vec<u8>, timeout: Duration) -> Result<Vec<Vec<u8>>> {
-        let rx = self
-            .call(|reply| actor::Command::GetRecord {
-                key,
-                timeout,
-                reply,
-            })
-            .await?;
-        // The actor enforces `timeout` (with the tick's granularity); the margin only guards
-        // against a wedged actor.
-        match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
-            Ok(r) => r.map_err(|_| NetError::Closed)?,
-            Err(_) => Err(NetError::Timeout),
-        }
+        self.lookup(timeout, |reply| actor::Command::GetRecord {
+            key,
+            timeout,
+            reply,
+        })
+        .await
     }
 
     /// Remove one of our own records locally and stop republishing it (copies elsewhere expire).
@@ -667,17 +675,12 @@ impl Net {
         key: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<PeerId>> {
-        let rx = self
-            .call(|reply| actor::Command::FindProviders {
-                key,
-                timeout,
-                reply,
-            })
-            .await?;
-        match tokio::time::timeout(timeout + Duration::from_secs(2), rx).await {
-            Ok(r) => r.map_err(|_| NetError::Closed)?,
-            Err(_) => Err(NetError::Timeout),
-        }
+        self.lookup(timeout, |reply| actor::Command::FindProviders {
+            key,
+            timeout,
+            reply,
+        })
+        .await
     }
 
     pub async fn status(&self) -> Result<NetStatus> {

@@ -176,6 +176,11 @@ pub struct SimConfig {
     /// timeouts, NAT rebinding): both ends probe each other, and the edge must survive.
     #[serde(default)]
     pub connection_drops_per_edge_per_hour: f64,
+    /// Share of (child, parent) pairs whose media never connects, both peers alive and their
+    /// control traffic fine (two NATs that defeat hole punching, no TURN): the ICE checks go
+    /// unanswered and neither side hears of the other's media. Drawn per pair from the seed.
+    #[serde(default)]
+    pub unreachable_pair_fraction: f64,
 }
 
 impl Default for SimConfig {
@@ -202,6 +207,7 @@ impl Default for SimConfig {
             crash_detection: CrashDetection::Transport,
             ghost_joiner_fraction: 0.0,
             connection_drops_per_edge_per_hour: 0.0,
+            unreachable_pair_fraction: 0.0,
         }
     }
 }
@@ -345,6 +351,14 @@ pub struct SimReport {
     /// the repair bound: slots lost to ghosts.
     #[serde(default)]
     pub stale_children_at_end: u64,
+    /// Media connections attempted over an unreachable pair (see
+    /// [`SimConfig::unreachable_pair_fraction`]), and of them, attempts a child made again to a
+    /// parent it had already failed to reach.
+    #[serde(default)]
+    pub unreachable_attempts: u64,
+    /// Repeated attempts to a parent already found unreachable.
+    #[serde(default)]
+    pub unreachable_repeats: u64,
 }
 
 impl fmt::Display for SimReport {
@@ -479,7 +493,15 @@ impl fmt::Display for SimReport {
             f,
             "\n  room rules       links down {:?}; {} probes, {} answered; {} stale children at end",
             self.links_down, self.probes, self.probes_answered, self.stale_children_at_end
-        )
+        )?;
+        if self.unreachable_attempts > 0 {
+            write!(
+                f,
+                "\n  unreachable      {} media attempts over unreachable pairs, {} of them repeated",
+                self.unreachable_attempts, self.unreachable_repeats
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -677,6 +699,10 @@ struct Sim<'a> {
     crashes: u64,
     arrivals: u64,
     links_down: std::collections::BTreeMap<String, u64>,
+    unreachable_attempts: u64,
+    unreachable_repeats: u64,
+    /// (child, parent) pairs whose media was found unreachable, for `unreachable_repeats`.
+    tried_unreachable: std::collections::HashSet<(u32, u32)>,
     probes: u64,
     probes_answered: u64,
 }
@@ -739,6 +765,9 @@ impl<'a> Sim<'a> {
             crashes: 0,
             arrivals: 0,
             links_down: Default::default(),
+            unreachable_attempts: 0,
+            unreachable_repeats: 0,
+            tried_unreachable: Default::default(),
             probes: 0,
             probes_answered: 0,
         };
@@ -826,6 +855,21 @@ impl<'a> Sim<'a> {
             seq: self.seq,
             ev,
         });
+    }
+
+    /// Whether the media from `parent` can never reach `child` (drawn once per pair; no draw
+    /// from the main generator, so runs without unreachable pairs are unchanged).
+    fn unreachable(&self, child: u32, parent: u32) -> bool {
+        if self.cfg.unreachable_pair_fraction <= 0.0 {
+            return false;
+        }
+        let (x, y) = if child < parent {
+            (child, parent)
+        } else {
+            (parent, child)
+        };
+        let mut r = SplitMix64::new(!self.cfg.seed ^ ((x as u64) << 32 | y as u64));
+        r.unit() < self.cfg.unreachable_pair_fraction
     }
 
     fn latency(&self, a: u32, b: u32) -> u64 {
@@ -951,6 +995,14 @@ impl<'a> Sim<'a> {
                 {
                     n.handle_child_connected(cid, now);
                     self.drain(parent);
+                }
+                // Both ends see the connection come up.
+                let pid = self.ids[parent as usize];
+                if self.alive[parent as usize]
+                    && let Some(n) = self.tn(child)
+                {
+                    n.handle_parent_connected(pid, now);
+                    self.drain(child);
                 }
             }
             Ev::ProbeReply { to, peer } => {
@@ -1239,7 +1291,13 @@ impl<'a> Sim<'a> {
                 }
                 RoomOutput::ConnectParent { peer } => {
                     let j = idx(peer);
-                    if (j as usize) < self.nodes.len() {
+                    if (j as usize) < self.nodes.len() && self.unreachable(i, j) {
+                        // The ICE checks go unanswered: nobody hears of this media.
+                        self.unreachable_attempts += 1;
+                        if !self.tried_unreachable.insert((i, j)) {
+                            self.unreachable_repeats += 1;
+                        }
+                    } else if (j as usize) < self.nodes.len() {
                         let t = self.now + 3 * self.latency(i, j);
                         self.push(
                             t,
@@ -1598,6 +1656,8 @@ impl<'a> Sim<'a> {
             refusals: std::mem::take(&mut self.refusals),
             join_requests: self.join_requests,
             links_down: std::mem::take(&mut self.links_down),
+            unreachable_attempts: self.unreachable_attempts,
+            unreachable_repeats: self.unreachable_repeats,
             probes: self.probes,
             probes_answered: self.probes_answered,
             stale_children_at_end,

@@ -18,13 +18,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_waterfall");
 /// what the user would see) and every stream piped.
 pub fn waterfall() -> Command {
     let mut c = Command::new(BIN);
-    c.env_remove("RUST_LOG")
-        .env_remove("WATERFALL_PASSWORD")
-        .env_remove("WATERFALL_DATA_DIR")
-        .env_remove("XDG_DATA_HOME")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    // The CLI listens on every interface by default; tests stay on loopback.
+    c.env(
+        "WATERFALL_LISTEN",
+        "/ip4/127.0.0.1/tcp/0,/ip4/127.0.0.1/udp/0/quic-v1",
+    )
+    .env("WATERFALL_UDP_BIND", "127.0.0.1")
+    .env_remove("RUST_LOG")
+    .env_remove("WATERFALL_PASSWORD")
+    .env_remove("WATERFALL_DATA_DIR")
+    .env_remove("XDG_DATA_HOME")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     c
 }
 

@@ -78,10 +78,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let a = FileSource::open(&clip_a, opts).await?;
     // Every viewer gets every frame: no rebalancing moves during the short demo, and the clip
     // starts once every viewer is attached.
-    let tree = waterfall::proto::Config {
-        rebalance_interval_ms: 0,
-        ..Default::default()
-    };
+    let tree = waterfall::proto::Config::default().rebalance_interval_ms(0);
     let cfg = RoomConfig::new("waterfall-demo")
         .password(password)
         .fanout(args.fanout)

@@ -152,6 +152,13 @@ impl Reach {
         let _ = self.notices.send(n);
     }
 
+    /// The relay whose reservation `listener` holds.
+    fn relay_listening_on(&mut self, listener: ListenerId) -> Option<(&PeerId, &mut Relay)> {
+        self.relays
+            .iter_mut()
+            .find(|(_, r)| r.listener == Some(listener))
+    }
+
     fn is_bootstrap_peer(&self, peer: &PeerId) -> bool {
         self.bootstrap.iter().any(|b| b.peer.as_ref() == Some(peer))
     }
@@ -407,11 +414,7 @@ impl Actor {
                 {
                     self.confirm_external(address.clone());
                 }
-                let relay = self
-                    .reach
-                    .relays
-                    .iter_mut()
-                    .find(|(_, r)| r.listener == Some(*listener_id));
+                let relay = self.reach.relay_listening_on(*listener_id);
                 if let Some((peer, r)) = relay {
                     // One listener reserves over each connection to the relay (TCP, QUIC):
                     // announce the first.
@@ -427,16 +430,13 @@ impl Actor {
                 reason,
                 ..
             } => {
-                let relay = self
-                    .reach
-                    .relays
-                    .iter_mut()
-                    .find(|(_, r)| r.listener == Some(*listener_id));
+                let public = self.reach.reachability == Reachability::Public;
+                let relay = self.reach.relay_listening_on(*listener_id);
                 if let Some((peer, r)) = relay {
                     let peer = *peer;
                     r.listener = None;
                     r.reserved = None;
-                    if self.reach.reachability == Reachability::Public {
+                    if public {
                         // We closed it ourselves: no longer needed.
                         self.reach.relays.remove(&peer);
                     } else {

@@ -174,6 +174,10 @@ pub enum RoomEvent {
     Orphaned { lost: PeerId },
     /// Attached again after an outage.
     Rejoined { parent: PeerId, outage_ms: u64 },
+    /// Our media could not reach this parent (ICE failed, or was not connected within the
+    /// room's bound): we leave it, repair elsewhere and do not try it again for a while.
+    /// `timed_out` tells the two apart.
+    ParentUnreachable { parent: PeerId, timed_out: bool },
     /// A child was accepted.
     ChildAdded(PeerId),
     /// A child left or was lost.

@@ -230,7 +230,7 @@ pub(super) async fn connect_parent(
                 Ok(()) | Err(NetError::NotReplicated) => {}
                 Err(e) => return Err(e.into()),
             }
-            signal_via_dht(cx, parent, nonce, blob_key).await?
+            signal_via_dht(cx, signal.notice(blob_key)).await?
         }
     };
     let answer = open_signal(&cx.keys, &answer_env, Kind::Answer, parent, cx.me)?;
@@ -247,21 +247,8 @@ pub(super) async fn connect_parent(
 }
 
 /// The slow signalling path: a notice on the room topic, then poll the DHT for the answer.
-async fn signal_via_dht(
-    cx: &SignalCtx,
-    parent: NodeId,
-    nonce: Nonce16,
-    blob_key: [u8; 32],
-) -> Result<Envelope, SignalError> {
-    let notice = Notice {
-        v: wire::VERSION,
-        room: cx.room,
-        from: cx.me,
-        to: parent,
-        nonce,
-        kind: SdpKind::Offer,
-        blob_key,
-    };
+async fn signal_via_dht(cx: &SignalCtx, notice: Notice) -> Result<Envelope, SignalError> {
+    let (parent, nonce) = (notice.to, notice.nonce);
     let env = cx.envelope(Kind::Notice, &notice);
     let net = &cx.node.inner.net;
     net.publish(cx.keys.topic().to_owned(), wire::encode(&env))

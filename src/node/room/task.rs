@@ -31,7 +31,7 @@ use crate::media::session::CutReason;
 use crate::media::{ChildId, MediaEvent};
 use crate::net::{Net, ResponseHandle, node_of, peer_of};
 use crate::node::{Node, ROOM_LIVENESS, ROOM_REFRESH};
-use crate::proto::room::{EndCause, RoomEvent as CoreEvent};
+use crate::proto::room::{EndCause, LinkCause, RoomEvent as CoreEvent};
 use crate::proto::{Millis, NodeId, RoomNode, RoomOutput, Snapshot, TreeEvent, TreeUpdate};
 use crate::wire::{
     self, BroadcastEnd, Control, Envelope, Notice, RoomId, RoomRecord, RoomRequest, SdpKind,
@@ -257,6 +257,16 @@ impl RoomTask {
         }
     }
 
+    /// What a task answering a child's offer takes along: the signalling context, the media
+    /// session that attaches the child, and the way back to this loop.
+    fn answering(&self) -> (SignalCtx, Media, mpsc::Sender<Input>) {
+        (
+            self.signal_ctx(),
+            self.media.clone(),
+            self.inputs_tx.clone(),
+        )
+    }
+
     pub(super) async fn run(
         mut self,
         mut inputs: mpsc::Receiver<Input>,
@@ -370,6 +380,7 @@ impl RoomTask {
         let now = self.now();
         match &ev {
             MediaEvent::ParentLost => {
+                // Before the media was ever up this is a path the room avoids, not a lost parent.
                 if let Some(p) = self.room.tree().parent() {
                     self.room.handle_link_down(p, now);
                 }
@@ -379,6 +390,11 @@ impl RoomTask {
             MediaEvent::ParentStalled { .. } => {
                 if let Some(p) = self.room.tree().parent() {
                     self.room.handle_link_down(p, now);
+                }
+            }
+            MediaEvent::ParentConnected => {
+                if let Some(p) = self.room.tree().parent() {
+                    self.room.handle_parent_connected(p, now);
                 }
             }
             MediaEvent::ChildCut { id, reason } => {
@@ -532,6 +548,13 @@ impl RoomTask {
                 tracing::info!(?cause, "the broadcast ended");
                 Some(RoomEvent::BroadcastEnded)
             }
+            CoreEvent::LinkDown {
+                peer: p,
+                cause: cause @ (LinkCause::ParentConnectFailed | LinkCause::ParentNeverConnected),
+            } => peer(p).map(|parent| RoomEvent::ParentUnreachable {
+                parent,
+                timed_out: cause == LinkCause::ParentNeverConnected,
+            }),
             CoreEvent::LinkDown { peer, cause } => {
                 tracing::debug!(?peer, ?cause, "link declared down");
                 None
@@ -755,11 +778,7 @@ impl RoomTask {
                     tracing::debug!(?child, "replayed signalling notice ignored");
                     return;
                 }
-                let (cx, media, tx) = (
-                    self.signal_ctx(),
-                    self.media.clone(),
-                    self.inputs_tx.clone(),
-                );
+                let (cx, media, tx) = self.answering();
                 self.spawn(async move {
                     match signal::answer_from_dht(&cx, &media, child, notice.blob_key).await {
                         Ok(Some(id)) => {
@@ -854,11 +873,7 @@ impl RoomTask {
             let _ = reply.respond(refusal(&Refusal::Busy)).await;
             return;
         }
-        let (cx, media, tx) = (
-            self.signal_ctx(),
-            self.media.clone(),
-            self.inputs_tx.clone(),
-        );
+        let (cx, media, tx) = self.answering();
         self.spawn(async move {
             match signal::answer_offer(&cx, &media, &offer).await {
                 Ok((id, answer_env)) => {

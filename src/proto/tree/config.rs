@@ -6,49 +6,83 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Tunables of the tree.
+/// Tunables of the tree: the defaults, changed through the builder methods (one per tunable,
+/// each named after it), e.g. `Config::default().max_children(Some(8)).rebalance_interval_ms(0)`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Config {
+    // Each tunable is documented on its builder method (`setters!` below).
+    pub(crate) max_children: Option<u16>,
+    pub(crate) uplink_kbps: u32,
+    pub(crate) stream_kbps: u32,
+    pub(crate) capacity_limit: u16,
+    pub(crate) summary_len: usize,
+    pub(crate) directory_len: usize,
+    pub(crate) summary_interval_ms: u64,
+    pub(crate) directory_interval_ms: u64,
+    pub(crate) publish_coalesce_ms: u64,
+    pub(crate) join_timeout_ms: u64,
+    pub(crate) retry_jitter_ms: u64,
+    pub(crate) repair_settle_ms: u64,
+    pub(crate) upstream_grace_ms: u64,
+    pub(crate) rebalance_interval_ms: u64,
+    pub(crate) refuse_memory_ms: u64,
+    #[serde(default = "default_repair_timeout_ms")]
+    pub(crate) repair_timeout_ms: u64,
+    #[serde(default = "default_summary_budget")]
+    pub(crate) summary_budget_bytes_per_sec: u32,
+}
+
+/// One builder method per tunable: it sets that tunable and returns the config.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty;)*) => {
+        impl Config {
+            $($(#[$doc])* pub fn $name(mut self, value: $ty) -> Self {
+                self.$name = value;
+                self
+            })*
+        }
+    };
+}
+
+setters! {
     /// Configured maximum children (`--max-children`); `None`: uplink ÷ stream bitrate.
-    pub max_children: Option<u16>,
+    max_children: Option<u16>;
     /// Measured or configured uplink.
-    pub uplink_kbps: u32,
+    uplink_kbps: u32;
     /// Bitrate of the stream.
-    pub stream_kbps: u32,
+    stream_kbps: u32;
     /// Upper bound of the capacity, whatever the uplink.
-    pub capacity_limit: u16,
+    capacity_limit: u16;
     /// Entries in a subtree summary.
-    pub summary_len: usize,
+    summary_len: usize;
     /// Entries in the directory.
-    pub directory_len: usize,
+    directory_len: usize;
     /// Minimum gap between two summaries to the parent.
-    pub summary_interval_ms: u64,
+    summary_interval_ms: u64;
     /// Minimum gap between two directories to the children.
-    pub directory_interval_ms: u64,
+    directory_interval_ms: u64;
     /// Delay to coalesce updates that only change the children list.
-    pub publish_coalesce_ms: u64,
+    publish_coalesce_ms: u64;
     /// A join request without answer after this is considered refused.
-    pub join_timeout_ms: u64,
+    join_timeout_ms: u64;
     /// Retries after a refusal wait a random delay below this.
-    pub retry_jitter_ms: u64,
+    retry_jitter_ms: u64;
     /// During this long after losing its parent a node only takes strictly shallower parents.
-    pub repair_settle_ms: u64,
+    repair_settle_ms: u64;
     /// Detached upstream for longer than this: repair ourselves.
-    pub upstream_grace_ms: u64,
+    upstream_grace_ms: u64;
     /// Mean gap between two rebalancing checks (0 disables rebalancing).
-    pub rebalance_interval_ms: u64,
+    rebalance_interval_ms: u64;
     /// A refusing candidate is not asked again for this long.
-    pub refuse_memory_ms: u64,
+    refuse_memory_ms: u64;
     /// A repair request (the stream is cut meanwhile) without answer after this (or 4 RTT of the
     /// target when measured, whichever is longer) is considered refused; a late accept is still
     /// taken or released.
-    #[serde(default = "default_repair_timeout_ms")]
-    pub repair_timeout_ms: u64,
+    repair_timeout_ms: u64;
     /// Summary bytes per second a parent receives from all its children together (0: no budget):
     /// a child of a parent with `c` slots sends at most `budget / c` bytes per second, and fewer
     /// entries to a parent with many slots.
-    #[serde(default = "default_summary_budget")]
-    pub summary_budget_bytes_per_sec: u32,
+    summary_budget_bytes_per_sec: u32;
 }
 
 fn default_summary_budget() -> u32 {

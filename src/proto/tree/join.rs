@@ -27,6 +27,9 @@ const MAX_HINTS: usize = 24;
 /// First-join attempts that ask for a slot at most one level below the chosen candidate.
 const NEW_BOUNDED_ATTEMPTS: u8 = 4;
 
+/// Unreachable parents remembered at once; past it the one remembered the shortest goes.
+pub(super) const MAX_UNREACHABLE: usize = 32;
+
 /// The joiner's state.
 #[derive(Debug, Default)]
 pub(super) struct Joiner {
@@ -40,6 +43,9 @@ pub(super) struct Joiner {
     pub(super) hints: Vec<SlotAd>,
     /// Candidates that refused or did not answer, not asked again until then.
     pub(super) refused: BTreeMap<NodeId, Millis>,
+    /// Parents our media could not reach, avoided until then (kept apart from `refused`, whose
+    /// short entries would overwrite these). At most [`MAX_UNREACHABLE`].
+    pub(super) unreachable: BTreeMap<NodeId, Millis>,
     /// Measured RTTs (tie-break between candidates).
     pub(super) rtt: BTreeMap<NodeId, u32>,
     /// First-join attempts so far (the first few are bounded in depth).
@@ -110,7 +116,7 @@ impl TreeNode {
             }
             return;
         };
-        if !self.acceptable(from, &upd, p.kind) {
+        if !self.acceptable(from, &upd, p.kind) || self.unreachable(from, now) {
             self.send(from, TreeMsg::Leave { successor: None });
             self.join
                 .refused
@@ -243,7 +249,7 @@ impl TreeNode {
     /// A candidate refused or did not answer: not again for a while, and out of our copies of
     /// the directory and hints (else a stale directory full of departed peers loops forever;
     /// once empty we ask for a fresh snapshot).
-    fn forget(&mut self, peer: NodeId, until: Millis) {
+    pub(super) fn forget(&mut self, peer: NodeId, until: Millis) {
         self.join.refused.insert(peer, until);
         self.join.hints.retain(|h| h.peer != peer);
         self.slots.directory.retain(|h| h.peer != peer);
@@ -283,7 +289,7 @@ impl TreeNode {
                 .orphan
                 .as_ref()
                 .is_none_or(|o| o.lost != Some(ad.peer))
-            && self.join.refused.get(&ad.peer).is_none_or(|t| *t <= now)
+            && !self.avoided(ad.peer, now)
             && !self.in_own_subtree(ad.peer)
     }
 
@@ -343,6 +349,7 @@ impl TreeNode {
             return;
         }
         self.join.refused.retain(|_, t| *t > now);
+        self.join.unreachable.retain(|_, t| *t > now);
         if let Some(o) = self.repair.orphan.clone() {
             self.attempt_repair(&o, now);
         } else if !self.join.joined_once {
@@ -379,9 +386,34 @@ impl TreeNode {
         if self.capacity == 0 {
             return None;
         }
-        self.join
-            .root_hint
-            .filter(|r| self.join.refused.get(r).is_none_or(|t| *t <= now))
+        self.join.root_hint.filter(|r| !self.avoided(*r, now))
+    }
+
+    /// Not to be asked now: it refused us lately, or our media cannot reach it.
+    pub(super) fn avoided(&self, peer: NodeId, now: Millis) -> bool {
+        self.join.refused.get(&peer).is_some_and(|t| *t > now) || self.unreachable(peer, now)
+    }
+
+    /// Our media could not reach it lately.
+    pub(super) fn unreachable(&self, peer: NodeId, now: Millis) -> bool {
+        self.join.unreachable.get(&peer).is_some_and(|t| *t > now)
+    }
+
+    /// Remember that our media cannot reach `peer` until `until` (bounded).
+    pub(super) fn remember_unreachable(&mut self, peer: NodeId, until: Millis, now: Millis) {
+        self.join.unreachable.retain(|_, t| *t > now);
+        if self.join.unreachable.len() >= MAX_UNREACHABLE
+            && !self.join.unreachable.contains_key(&peer)
+            && let Some(first) = self
+                .join
+                .unreachable
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(p, _)| *p)
+        {
+            self.join.unreachable.remove(&first);
+        }
+        self.join.unreachable.insert(peer, until);
     }
 
     pub(super) fn need_snapshot(&mut self, now: Millis) {

@@ -482,6 +482,23 @@ impl TreeNode {
         self.announce_timer();
     }
 
+    /// Our media could not reach `parent` (ICE failed, or never completed in time), although
+    /// the parent itself may be fine: the path between us is what fails (two NATs that defeat
+    /// hole punching, no TURN). Unlike [`TreeNode::handle_link_down`] this is not evidence
+    /// against the parent, so the repair that follows does not ask our grandparent to evict it;
+    /// the parent is not tried again before `until`, so the repair (and later moves) pick another
+    /// slot instead of coming back to a path that does not work.
+    pub fn handle_parent_unreachable(&mut self, parent: NodeId, until: Millis, now: Millis) {
+        if self.left || self.up.parent != Some(parent) {
+            return;
+        }
+        self.forget(parent, until);
+        self.remember_unreachable(parent, until, now);
+        self.out.push(Output::Disconnect { peer: parent });
+        self.parent_lost(None, false, now);
+        self.announce_timer();
+    }
+
     /// Serve the timers that have expired at `now`, in the order of [`Timer::ALL`].
     pub fn handle_timeout(&mut self, now: Millis) {
         if self.left {
@@ -536,13 +553,9 @@ impl TreeNode {
         self.up.parent = None;
         self.up.path = None;
         self.repair.orphan = None;
-        self.timers.clear(Timer::Retry);
-        self.timers.clear(Timer::Publish);
-        self.timers.clear(Timer::Summary);
-        self.timers.clear(Timer::Directory);
-        self.timers.clear(Timer::Rebalance);
-        self.timers.clear(Timer::UpstreamGrace);
-        // Promotion timers are left as they were (handle_timeout ignores a node that left).
+        // Every deadline, the promotion timers included: a node that left has nothing to wait
+        // for, and a shell sleeping until `poll_timeout` must not wake for it.
+        self.timers = TimerTable::default();
         let _ = now;
     }
 

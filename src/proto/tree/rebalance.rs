@@ -149,7 +149,7 @@ impl TreeNode {
             let anc = self.ancestors();
             if anc.len() >= 2 {
                 let g = anc[anc.len() - 2];
-                if self.join.refused.get(&g).is_none_or(|t| *t <= now) {
+                if !self.avoided(g, now) {
                     self.send_join(g, JoinKind::Promote, Some(d - 2), self.up.parent, now);
                 }
             }

@@ -255,7 +255,9 @@ impl TreeNode {
     /// backup, a shallower slot, the lost parent's parent, any slot once the settle time is
     /// over, and the root of a starved room; with none of them, a fresh snapshot.
     pub(super) fn attempt_repair(&mut self, o: &Orphan, now: Millis) {
-        if let Some(s) = o.successor {
+        // A successor our media cannot reach is no plan (a Leave naming it says nothing of
+        // the path between us).
+        if let Some(s) = o.successor.filter(|s| !self.unreachable(*s, now)) {
             self.join_successor(o, s, now);
             return;
         }
@@ -316,7 +318,7 @@ impl TreeNode {
         // subtrees to forward us to; a directory entry may be long gone.
         let grandparent = (o.lost_ancestors.len() >= 2)
             .then(|| o.lost_ancestors[o.lost_ancestors.len() - 2])
-            .filter(|g| *g != self.id && self.join.refused.get(g).is_none_or(|t| *t <= now));
+            .filter(|g| *g != self.id && !self.avoided(*g, now));
         let above = Some(o.old_depth.saturating_sub(1));
         if let Some(b) = backup {
             RepairTarget::Ask(b.peer, above)

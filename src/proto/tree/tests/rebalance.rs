@@ -103,28 +103,49 @@ fn a_refused_moves_hints_do_not_hide_the_directory() {
     assert!(moves_to(&s, 62), "{s:?}");
 }
 
+/// A full root (capacity 2) whose child 1 has a child 2 more capable than itself.
+fn grandparent() -> TreeNode {
+    let mut g = TreeNode::new_root(id(0), cfg(2), 9);
+    g.handle_message(id(1), join_req(JoinKind::New, 2, None, None), Millis(0));
+    g.handle_message(id(3), join_req(JoinKind::New, 4, None, None), Millis(0));
+    g.handle_update(
+        id(1),
+        TreeUpdate {
+            capacity: 2,
+            ..update(1, &[0], &[2])
+        },
+        Millis(0),
+    );
+    drain(&mut g);
+    g
+}
+
+/// A node that leaves keeps no deadline, the promotion timers included: a shell that sleeps
+/// until `poll_timeout` must not wake for a node that is gone.
+#[test]
+fn leaving_clears_the_promotion_timers_too() {
+    let mut g = grandparent();
+    g.handle_message(
+        id(2),
+        join_req(JoinKind::Promote, 8, Some(0), Some(id(1))),
+        Millis(10),
+    );
+    drain(&mut g);
+    assert!(
+        g.deadline(Timer::PromotionEnd).is_some(),
+        "promotion granted"
+    );
+    g.leave(Millis(20));
+    assert_eq!(g.poll_timeout(), None);
+}
+
 /// A grandparent puts a child's more capable child in the child's place: one over capacity
 /// until the former parent has moved under it, or the deadline hands it over.
 #[test]
 fn a_grandparent_grants_a_promotion_for_a_bounded_overlap() {
-    let setup = || {
-        let mut g = TreeNode::new_root(id(0), cfg(2), 9);
-        g.handle_message(id(1), join_req(JoinKind::New, 2, None, None), Millis(0));
-        g.handle_message(id(3), join_req(JoinKind::New, 4, None, None), Millis(0));
-        g.handle_update(
-            id(1),
-            TreeUpdate {
-                capacity: 2,
-                ..update(1, &[0], &[2])
-            },
-            Millis(0),
-        );
-        drain(&mut g);
-        g
-    };
     let promote = join_req(JoinKind::Promote, 8, Some(0), Some(id(1)));
 
-    let mut g = setup();
+    let mut g = grandparent();
     g.handle_message(id(2), promote.clone(), Millis(10));
     let s = sent(&drain(&mut g));
     assert!(accepts(&s, 2), "{s:?}");
@@ -136,7 +157,7 @@ fn a_grandparent_grants_a_promotion_for_a_bounded_overlap() {
     assert_eq!(g.over_capacity_allowance(), 0);
 
     // It did not move in time: handed over the hard way.
-    let mut g = setup();
+    let mut g = grandparent();
     g.handle_message(id(2), promote.clone(), Millis(10));
     drain(&mut g);
     assert!(
@@ -155,7 +176,7 @@ fn a_grandparent_grants_a_promotion_for_a_bounded_overlap() {
     assert_eq!(g.over_capacity_allowance(), 0);
 
     // Not for a peer that is not more capable than its parent: an ordinary (refused) move.
-    let mut g = setup();
+    let mut g = grandparent();
     g.handle_message(
         id(2),
         join_req(JoinKind::Promote, 2, Some(0), Some(id(1))),
@@ -165,7 +186,7 @@ fn a_grandparent_grants_a_promotion_for_a_bounded_overlap() {
     assert!(refused_first(&s), "{s:?}");
     assert_eq!(g.child_count(), 2);
     // Nor for a peer its child did not list.
-    let mut g = setup();
+    let mut g = grandparent();
     g.handle_message(id(6), promote, Millis(10));
     let s = sent(&drain(&mut g));
     assert!(refused_first(&s), "{s:?}");
