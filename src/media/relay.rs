@@ -68,7 +68,7 @@ pub const STALE_AFTER: Duration = Duration::from_secs(1);
 /// A parent from which nothing (no RTP, no RTCP report) arrived for this long is frozen, dead or
 /// cut off: the child repairs ([`MediaEvent::ParentStalled`]). A live parent that merely has no
 /// media to forward still sends a report every `peer::SENDER_REPORT_INTERVAL` (250 ms).
-pub const PARENT_SILENT: Duration = Duration::from_millis(800);
+pub const PARENT_SILENT: Duration = Duration::from_millis(600);
 /// A new parent from which nothing at all arrived this long after the offer is given up (the
 /// room layer's own parent-connect deadline, 10 s, normally acts first and better: it also
 /// avoids that parent for a while).
