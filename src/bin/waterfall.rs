@@ -58,6 +58,10 @@ enum Command {
     /// Broadcast media into a room; prints a ticket for viewers.
     Broadcast(BroadcastArgs),
     /// Watch a room: write what arrives to files or stdout.
+    ///
+    /// Exit status: 0 when stopped (Ctrl-C, --duration) or when the broadcast ends; 3 when the
+    /// broadcaster vanished without ending it (crashed or cut off: no media and no answer from
+    /// it for about ten seconds); 1 on an error.
     Watch(WatchArgs),
     /// Run the deterministic tree simulator.
     Sim(SimArgs),
@@ -553,6 +557,8 @@ fn main() -> std::process::ExitCode {
     term::init_tracing();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Said already, when it happened.
+        Err(e) if e.is::<BroadcasterLost>() => std::process::ExitCode::from(EXIT_BROADCASTER_LOST),
         Err(e) => {
             // The message and its causes on one line; a backtrace (anyhow's `{:?}` when
             // RUST_BACKTRACE is set) helps nobody who mistyped a file name.
@@ -679,6 +685,7 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
             json!({"event": "source_ended",
             "kind": format!("{kind:?}").to_lowercase(), "error": error})
         }
+        RoomEvent::BroadcasterLost => json!({"event": "broadcaster_lost"}),
         // The broadcaster's end, before the files are finalized (`ended` follows): a script
         // tells a broadcast that is over from a watcher that was stopped.
         RoomEvent::BroadcastEnded => json!({"event": "broadcast_ended"}),
@@ -928,6 +935,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         )
         .await?;
     let mut status = StatusLine::default();
+    let mut broadcaster_lost = false;
     let stop = async {
         match args.duration {
             Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
@@ -958,9 +966,16 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                     status.update(&ev);
                     status.print();
                 }
+                if matches!(ev, RoomEvent::BroadcasterLost) {
+                    broadcaster_lost = true;
+                }
                 if matches!(ev, RoomEvent::Ended) {
                     // We have not left, so the room ended under us: the broadcast is over.
-                    say!("the broadcast ended");
+                    if broadcaster_lost {
+                        say!("the broadcaster is gone (crashed or cut off): no media and no answer from it");
+                    } else {
+                        say!("the broadcast ended");
+                    }
                     break;
                 }
             }
@@ -969,8 +984,19 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     say!("leaving (files are closed valid)");
     room.leave().await;
     node.shutdown().await;
+    if broadcaster_lost {
+        return Err(BroadcasterLost.into());
+    }
     Ok(())
 }
+
+/// `watch` ended because the broadcaster vanished (exit code [`EXIT_BROADCASTER_LOST`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the broadcaster is gone")]
+struct BroadcasterLost;
+
+/// Exit code of `watch` when the broadcaster vanished without ending the broadcast.
+const EXIT_BROADCASTER_LOST: u8 = 3;
 
 #[cfg(test)]
 mod tests {

@@ -5,9 +5,12 @@
 //! (it can be sealed and put into the DHT as one record) and an unreachable STUN server delays
 //! a join by the deadline at most (webrtc-rs waits ~11 s for it otherwise).
 //!
-//! Every connection gets the default interceptors (NACK generator and responder, RTCP
+//! Every connection gets webrtc's default interceptors (NACK generator and responder, RTCP
 //! reports, TWCC receiver) plus [`KeyframeRequestForwarder`], which marks inbound PLI/FIR for
-//! the application: that is the only way a relay learns that a child wants a keyframe.
+//! the application: that is the only way a relay learns that a child wants a keyframe. NACK is
+//! tuned for a relay tree and offered for audio as well (see [`NACK_INTERVAL`]), and SRTP's
+//! replay window is widened so late retransmissions are not discarded
+//! ([`SRTP_REPLAY_WINDOW`]).
 //!
 //! ICE servers are typed ([`IceServer`]): a `stun:` URL, or a `turn:` URL with its username and
 //! credential. [`MediaConfig::validate`] checks them once, up front, with webrtc-rs's own URL
@@ -23,6 +26,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
@@ -37,7 +41,6 @@ use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
     RTCConfigurationBuilder, RTCIceGatheringState, RTCIceServer, RTCPeerConnectionState,
     RTCSdpType, RTCSessionDescription, Registry, SettingEngineBuilder,
-    register_default_interceptors,
 };
 
 /// One STUN or TURN server for ICE.
@@ -515,6 +518,14 @@ pub struct Peer {
     turn_urls: Vec<String>,
     notices: Option<IceNotices>,
     handler: Arc<Handler>,
+    /// Milliseconds after [`heard_epoch`] plus one of the last inbound packet, 0 for none.
+    heard: Arc<AtomicU64>,
+}
+
+/// The origin of the `heard` timestamps (an `Instant` does not fit an atomic).
+fn heard_epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl Peer {
@@ -525,9 +536,16 @@ impl Peer {
     ) -> Result<Peer, PeerError> {
         let mut media_engine = MediaEngine::default();
         media_engine.register_default_codecs()?;
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+        let registry = media_interceptors(Registry::new(), &mut media_engine)?;
         // Application-most, so the NACK responder and the report interceptors see all RTCP.
-        let registry = registry.with(Slot::from(14_000), KeyframeRequestForwarder::default());
+        let heard = Arc::new(AtomicU64::new(0));
+        let registry = registry.with(
+            Slot::from(14_000),
+            KeyframeRequestForwarder {
+                heard: Some(Arc::clone(&heard)),
+                ..Default::default()
+            },
+        );
         let mode = if config.mdns_candidates {
             rtc::ice::mdns::MulticastDnsMode::QueryAndGather
         } else {
@@ -535,6 +553,7 @@ impl Peer {
         };
         let setting_engine = SettingEngineBuilder::new()
             .with_multicast_dns_mode(mode)
+            .with_srtp_replay_protection_window(SRTP_REPLAY_WINDOW)
             .build();
         config.validate()?;
         let rtc_config = RTCConfigurationBuilder::new()
@@ -571,7 +590,18 @@ impl Peer {
                 .collect(),
             notices: config.notices.clone(),
             handler,
+            heard,
         })
+    }
+
+    /// When the last RTP or RTCP packet arrived from the other side (`None`: none yet). A live
+    /// sender reports every [`SENDER_REPORT_INTERVAL`] even without media, so a long silence
+    /// means the other side is frozen, dead or cut off.
+    pub fn heard_at(&self) -> Option<Instant> {
+        match self.heard.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(heard_epoch() + Duration::from_millis(ms - 1)),
+        }
     }
 
     fn note_candidates(&self, sdp: &str, local: bool) {
@@ -662,12 +692,93 @@ fn check_blob(b: &SignalBlob, kind: SdpKind) -> Result<(), PeerError> {
     Ok(())
 }
 
+/// NACK rounds per second: a missing packet is asked for again every interval until it arrives
+/// or [`NACK_MAX_PER_PACKET`] asks were made. webrtc's default (100 ms, unlimited) repairs one
+/// hop; down a relay tree a packet lost near the root is repaired hop by hop, and every round
+/// a retransmission is itself lost costs an interval, so the interval is halved.
+pub const NACK_INTERVAL: Duration = Duration::from_millis(50);
+/// Asks per missing packet (with [`NACK_INTERVAL`], 1.5 s of asking): bounded, so a packet the
+/// parent no longer holds is not asked for forever.
+pub const NACK_MAX_PER_PACKET: u16 = 30;
+/// Packets each side keeps for retransmission, per stream (a power of two): about 20 s of the
+/// busiest stream at 800 kbit/s, far beyond the longest NACK chain.
+const NACK_HISTORY: u16 = 2048;
+/// Packets the receive log tracks for NACKs (a power of two; the generator's window).
+const NACK_RECEIVE_LOG: u16 = 1024;
+/// SRTP's replay window in packets. A retransmission keeps the original sequence number, and
+/// one repaired two or three hops up arrives well after later packets: with SRTP's default
+/// window (64 packets, ~1 s of video) it would be discarded as too old.
+pub const SRTP_REPLAY_WINDOW: usize = 2048;
+
+/// How often a sender reports (RTCP SR) on each stream it sends. A parent that is alive sends
+/// these even when it has no media to forward (its own parent is gone, its source paused), so a
+/// child can tell a parent that is silent because it starves from one that is frozen or dead
+/// (see [`Peer::heard_at`]); webrtc's default is 1 s.
+pub const SENDER_REPORT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The interceptors of every connection: webrtc's defaults (RTCP reports, the TWCC receiver,
+/// the simulcast header extensions) with NACK generation and response tuned for a relay tree
+/// ([`NACK_INTERVAL`], [`NACK_MAX_PER_PACKET`], [`NACK_HISTORY`]) and offered for audio too: an
+/// Opus packet lost on one hop is as repairable as a video one, and a relay forwards whatever
+/// it receives, retransmissions included, so a repair made near the root reaches every child.
+fn media_interceptors(
+    registry: Registry,
+    media_engine: &mut MediaEngine,
+) -> Result<Registry, PeerError> {
+    use rtc::interceptor::{
+        NackGeneratorBuilder, NackResponderBuilder, ReceiverReportBuilder, SenderReportBuilder,
+    };
+    use rtc::peer_connection::configuration::interceptor_registry as reg;
+    use rtc::rtp_transceiver::rtp_sender::{RTCPFeedback, RtpCodecKind};
+    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+        media_engine.register_feedback(
+            RTCPFeedback {
+                typ: "nack".to_owned(),
+                parameter: String::new(),
+            },
+            kind,
+        );
+    }
+    media_engine.register_feedback(
+        RTCPFeedback {
+            typ: "nack".to_owned(),
+            parameter: "pli".to_owned(),
+        },
+        RtpCodecKind::Video,
+    );
+    let registry = registry
+        .with(
+            Slot::NackResponder,
+            NackResponderBuilder::new().with_size(NACK_HISTORY).build(),
+        )
+        .with(
+            Slot::NackGenerator,
+            NackGeneratorBuilder::new()
+                .with_size(NACK_RECEIVE_LOG)
+                .with_interval(NACK_INTERVAL)
+                .with_max_nacks_per_packet(NACK_MAX_PER_PACKET)
+                .build(),
+        );
+    reg::configure_simulcast_extension_headers(media_engine)?;
+    let registry = reg::configure_twcc_receiver_only(registry, media_engine)?;
+    Ok(registry
+        .with(Slot::ReceiverReport, ReceiverReportBuilder::new().build())
+        .with(
+            Slot::SenderReport,
+            SenderReportBuilder::new()
+                .with_interval(SENDER_REPORT_INTERVAL)
+                .build(),
+        ))
+}
+
 /// Marks inbound keyframe requests (PLI, FIR) for delivery to the application and drops other
-/// inbound RTCP at this point (the interceptors below it have already acted on it).
+/// inbound RTCP at this point (the interceptors below it have already acted on it). It also
+/// notes when anything last arrived ([`Peer::heard_at`]).
 #[derive(Default)]
 pub struct KeyframeRequestForwarder {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
+    heard: Option<Arc<AtomicU64>>,
 }
 
 /// Bound on the forwarder's queues (each is drained by the chain right after it is filled).
@@ -681,6 +792,10 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestForwarder {
     type Time = Instant;
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Some(h) = &self.heard {
+            let ms = msg.now.saturating_duration_since(heard_epoch()).as_millis() as u64;
+            h.store(ms + 1, Ordering::Relaxed);
+        }
         if let Packet::Rtcp(packets) = &msg.message.packet {
             let wanted: Vec<Box<dyn rtc::rtcp::Packet>> = packets
                 .iter()

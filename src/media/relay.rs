@@ -17,12 +17,19 @@
 //! sent upstream at most once per [`KEYFRAME_REQUEST_INTERVAL`]; attaching a child requests one
 //! too, so it can start decoding quickly.
 //!
-//! **Playback.** A viewer's packets also go to a playback task: a small reorder buffer (bounded
-//! in packets and waiting time), depacketization into frames, decryption, then the sinks. VP8
+//! **Playback.** A viewer's packets also go to a playback task: a reorder buffer (bounded in
+//! packets, its wait for a missing packet learnt from how late repairs arrive), depacketization into frames, decryption, then the sinks. VP8
 //! and VP9 descriptors mark the first packet of a frame; for H.264 and AV1 a frame is the
 //! packets of one RTP timestamp after the previous marker. After any gap, video frames are
 //! dropped until the next keyframe of the codec (and one is requested), so files never contain
 //! undecodable frames.
+//!
+//! **Liveness.** [`parent_watchdog`] tells a frozen or dead parent (nothing at all arrives, not
+//! even the reports a live sender makes without media) from a starving one, and
+//! [`STALE_AFTER`] keeps media that waited out a stall of this node from reaching children late.
+//!
+//! The file is long (about half of it tests over real payloads) because fan-out, playback and
+//! their liveness rules share the hub's types and counters; splitting them would expose those.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +47,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
@@ -54,6 +61,23 @@ use super::{Codec, MediaKind};
 pub const CHILD_QUEUE: usize = 1024;
 /// Minimum spacing of keyframe requests sent upstream.
 pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// Media queued for a child longer than this is dropped, not sent late: after this node was
+/// stopped or starved, a burst of stale packets would only make the child's playback stutter
+/// (its reorder buffer has given them up) and flood its link.
+pub const STALE_AFTER: Duration = Duration::from_secs(1);
+/// A parent from which nothing (no RTP, no RTCP report) arrived for this long is frozen, dead or
+/// cut off: the child repairs ([`MediaEvent::ParentStalled`]). A live parent that merely has no
+/// media to forward still sends a report every `peer::SENDER_REPORT_INTERVAL` (250 ms).
+pub const PARENT_SILENT: Duration = Duration::from_millis(600);
+/// A new parent from which nothing at all arrived this long after the offer is given up (the
+/// room layer's own parent-connect deadline, 10 s, normally acts first and better: it also
+/// avoids that parent for a while).
+pub const PARENT_NEVER_HEARD: Duration = Duration::from_secs(15);
+/// How often the parent watchdog looks.
+const WATCHDOG_TICK: Duration = Duration::from_millis(100);
+/// A watchdog tick this late means this process was not running (stopped, or starved of CPU):
+/// packets may be waiting unread in its own sockets, so the parent's silence is not evidence.
+const WATCHDOG_LATE: Duration = Duration::from_millis(200);
 /// Data messages held for a child whose data channel is not open yet.
 const PENDING_DATA: usize = 256;
 
@@ -80,7 +104,8 @@ pub(crate) struct Counters {
 }
 
 struct ChildSlot {
-    queue: mpsc::Sender<Item>,
+    /// Items with the instant they were queued (see [`STALE_AFTER`]).
+    queue: mpsc::Sender<(Instant, Item)>,
     peer: Arc<Peer>,
     tasks: Vec<AbortHandle>,
 }
@@ -163,10 +188,11 @@ impl Hub {
     /// Copies an item to every child; cuts children whose queue is full.
     pub fn forward(&self, item: Item) {
         let mut cut = Vec::new();
+        let now = Instant::now();
         {
             let mut children = self.children.lock().expect("hub lock");
             for (id, c) in children.iter() {
-                match c.queue.try_send(item.clone()) {
+                match c.queue.try_send((now, item.clone())) {
                     Ok(()) => {
                         self.counters
                             .packets_forwarded
@@ -404,11 +430,20 @@ struct ChildWriter {
 }
 
 impl ChildWriter {
-    async fn run(mut self, mut queue: mpsc::Receiver<Item>, mut events: mpsc::Receiver<PeerEvent>) {
+    async fn run(
+        mut self,
+        mut queue: mpsc::Receiver<(Instant, Item)>,
+        mut events: mpsc::Receiver<PeerEvent>,
+    ) {
         loop {
             tokio::select! {
                 item = queue.recv() => {
-                    let Some(item) = item else { return };
+                    let Some((queued, item)) = item else { return };
+                    // Media that waited this long (this process was stopped or starved) is
+                    // dropped rather than burst out late; data stays (ordered, reliable).
+                    if matches!(item, Item::Rtp(..)) && queued.elapsed() > STALE_AFTER {
+                        continue;
+                    }
                     self.write(item).await;
                 }
                 ev = events.recv() => {
@@ -483,6 +518,54 @@ impl ChildWriter {
     }
 }
 
+/// Watches one parent connection: emits [`MediaEvent::ParentStalled`] once (and returns) when
+/// nothing arrived from the parent for [`PARENT_SILENT`] after something did, or for
+/// [`PARENT_NEVER_HEARD`] after the offer. It returns quietly when the connection is replaced
+/// (`current` turns false) or gone. Armed only while the room carries media (a data-only room
+/// has no reports to hear). A tick that comes late by more than the bound means this process
+/// itself was not running (stopped, starved; see [`WATCHDOG_LATE`]): the silence is then not
+/// the parent's fault, and the count restarts.
+pub(crate) async fn parent_watchdog(
+    peer: std::sync::Weak<Peer>,
+    hub: std::sync::Weak<Hub>,
+    current: impl Fn() -> bool,
+) {
+    let start = Instant::now();
+    let mut last_tick = start;
+    let mut baseline = start;
+    loop {
+        tokio::time::sleep(WATCHDOG_TICK).await;
+        let now = Instant::now();
+        if now.duration_since(last_tick) > WATCHDOG_TICK + WATCHDOG_LATE {
+            baseline = now;
+        }
+        last_tick = now;
+        if !current() {
+            return;
+        }
+        let (Some(hub), Some(peer)) = (hub.upgrade(), peer.upgrade()) else {
+            return;
+        };
+        if hub.tracks().is_empty() {
+            baseline = now;
+            continue;
+        }
+        let (since, bound) = match peer.heard_at() {
+            Some(t) => (Instant::from_std(t).max(baseline), PARENT_SILENT),
+            None => (start.max(baseline), PARENT_NEVER_HEARD),
+        };
+        let silent = now.duration_since(since);
+        if silent > bound {
+            info!(
+                silent_ms = silent.as_millis() as u64,
+                "parent silent: repairing"
+            );
+            hub.emit(MediaEvent::ParentStalled { silent });
+            return;
+        }
+    }
+}
+
 /// Sends keyframe requests upstream, at most once per interval (coalescing).
 pub(crate) async fn keyframe_coalescer<F, Fut>(mut rx: mpsc::Receiver<()>, mut send: F)
 where
@@ -506,16 +589,41 @@ where
 
 // ------------------------------------------------------------------ playback
 
-/// Packets waited for before a gap is declared.
-const REORDER_PACKETS: usize = 128;
-/// Longest wait for a missing packet (NACK repairs arrive within an RTT or two).
-const REORDER_WAIT: Duration = Duration::from_millis(250);
+/// Packets held while waiting for a missing one (beyond it, the gap is declared at once).
+const REORDER_PACKETS: usize = 1024;
+/// The wait for a missing packet adapts between these bounds (see [`Reorder`]).
+const REORDER_WAIT_MIN: Duration = Duration::from_millis(250);
+const REORDER_WAIT_MAX: Duration = Duration::from_secs(2);
+/// The wait a viewer starts with: a few NACK rounds (`peer::NACK_INTERVAL`) at a depth or two.
+const REORDER_WAIT_START: Duration = Duration::from_millis(600);
+/// Gaps (single packets) remembered after they were given up, to learn from late arrivals.
+const GIVEN_UP_MEMORY: usize = 256;
+/// A longer run of missing packets is a jump (a new parent, a stall), not loss to learn from.
+const LEARN_GAP_MAX: u64 = 64;
+/// How often the wait may shrink towards what repairs actually took.
+const REORDER_DECAY_WINDOW: Duration = Duration::from_secs(20);
 
 /// In-order delivery of a packet stream with bounded waiting for missing packets.
+///
+/// The wait is measured, not fixed: how long a repair takes depends on the round-trip time of
+/// every hop above the viewer and on how many NACK rounds a lossy hop needs, which nobody
+/// configures. A packet given up and then arriving late shows the wait was too short: the wait
+/// grows to cover that repair with a margin (up to [`REORDER_WAIT_MAX`]). Every
+/// [`REORDER_DECAY_WINDOW`] without such a late arrival, the wait shrinks a quarter of the way
+/// towards 1.5 times the slowest repair that arrived in time (never below
+/// [`REORDER_WAIT_MIN`]), so a viewer that moved up the tree or whose links got better stops
+/// paying for the old delay. The wait only delays local playback: relaying never waits.
 pub(crate) struct Reorder {
     next: Option<u64>,
     buf: BTreeMap<u64, rtp::Packet>,
     waiting_since: Option<Instant>,
+    wait: Duration,
+    /// Packets given up as lost, with the instant their wait began (bounded).
+    given_up: VecDeque<(u64, Instant)>,
+    /// The slowest repair that arrived in time in this decay window.
+    slowest_repair: Duration,
+    window_start: Option<Instant>,
+    late_in_window: bool,
 }
 
 impl Reorder {
@@ -524,7 +632,18 @@ impl Reorder {
             next: None,
             buf: BTreeMap::new(),
             waiting_since: None,
+            wait: REORDER_WAIT_START,
+            given_up: VecDeque::new(),
+            slowest_repair: Duration::ZERO,
+            window_start: None,
+            late_in_window: false,
         }
+    }
+
+    /// The current wait for a missing packet.
+    #[cfg(test)]
+    pub fn wait(&self) -> Duration {
+        self.wait
     }
 
     fn unwrap_seq(&self, seq: u16) -> u64 {
@@ -541,14 +660,47 @@ impl Reorder {
     pub fn push(&mut self, p: rtp::Packet, now: Instant) -> Vec<(rtp::Packet, bool)> {
         let ext = self.unwrap_seq(p.header.sequence_number);
         if self.next.is_some_and(|n| ext < n) {
-            return Vec::new(); // duplicate or too late
+            // Duplicate, or too late: if it was given up, the wait was too short.
+            if let Some(i) = self.given_up.iter().position(|(s, _)| *s == ext) {
+                let (_, since) = self.given_up.remove(i).expect("index just found");
+                let needed = now.duration_since(since);
+                let want = (needed + needed / 4 + Duration::from_millis(50)).min(REORDER_WAIT_MAX);
+                if want > self.wait {
+                    debug!(wait_ms = want.as_millis() as u64, "reorder wait raised");
+                    self.wait = want;
+                }
+                self.late_in_window = true;
+            }
+            return Vec::new();
+        }
+        if self.next == Some(ext)
+            && let Some(since) = self.waiting_since
+        {
+            self.slowest_repair = self.slowest_repair.max(now.duration_since(since));
         }
         self.buf.insert(ext, p);
         self.drain(now)
     }
 
+    fn decay(&mut self, now: Instant) {
+        let start = *self.window_start.get_or_insert(now);
+        if now.duration_since(start) < REORDER_DECAY_WINDOW {
+            return;
+        }
+        if !self.late_in_window {
+            let target = (self.slowest_repair * 3 / 2).max(REORDER_WAIT_MIN);
+            if target < self.wait {
+                self.wait -= (self.wait - target) / 4;
+            }
+        }
+        self.window_start = Some(now);
+        self.slowest_repair = Duration::ZERO;
+        self.late_in_window = false;
+    }
+
     /// Releases packets whose wait expired.
     pub fn drain(&mut self, now: Instant) -> Vec<(rtp::Packet, bool)> {
+        self.decay(now);
         let mut out = Vec::new();
         let mut gap = false;
         while let Some((&first, _)) = self.buf.first_key_value() {
@@ -562,8 +714,17 @@ impl Reorder {
                 continue;
             }
             let since = *self.waiting_since.get_or_insert(now);
-            if self.buf.len() > REORDER_PACKETS || now.duration_since(since) >= REORDER_WAIT {
+            if self.buf.len() > REORDER_PACKETS || now.duration_since(since) >= self.wait {
+                if first - expected <= LEARN_GAP_MAX {
+                    for seq in expected..first {
+                        if self.given_up.len() == GIVEN_UP_MEMORY {
+                            self.given_up.pop_front();
+                        }
+                        self.given_up.push_back((seq, since));
+                    }
+                }
                 self.next = Some(first);
+                self.waiting_since = None;
                 gap = true;
                 continue;
             }
@@ -936,12 +1097,34 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(!out[0].1 && !out[1].1);
         assert!(r.push(pkt(3, 0, false, b"e"), t0).is_empty()); // 2 missing
-        let out = r.drain(t0 + REORDER_WAIT);
+        let wait = r.wait();
+        let out = r.drain(t0 + wait);
         assert_eq!(out.len(), 1);
         assert!(out[0].1, "gap flagged");
+        // The missing packet comes after it was given up: dropped, and the wait grows to
+        // cover such a repair next time.
+        let late = t0 + wait + Duration::from_millis(400);
         assert!(
-            r.push(pkt(2, 0, false, b"late"), t0).is_empty(),
+            r.push(pkt(2, 0, false, b"late"), late).is_empty(),
             "late dropped"
+        );
+        assert!(
+            r.wait() >= wait + Duration::from_millis(400),
+            "{:?}",
+            r.wait()
+        );
+        assert!(r.wait() <= REORDER_WAIT_MAX);
+        // Later, with repairs arriving quickly, it shrinks back towards them.
+        let grown = r.wait();
+        let mut t = late;
+        for seq in 4u16..14 {
+            t += REORDER_DECAY_WINDOW;
+            assert_eq!(r.push(pkt(seq, 0, false, b"x"), t).len(), 1);
+        }
+        assert!(
+            r.wait() < grown && r.wait() >= REORDER_WAIT_MIN,
+            "{:?}",
+            r.wait()
         );
     }
 
@@ -1068,7 +1251,11 @@ mod tests {
                     continue;
                 }
                 // A lost packet is declared a gap once its wait expires.
-                for (p, gap) in r.push(p, t0).into_iter().chain(r.drain(t0 + REORDER_WAIT)) {
+                for (p, gap) in r
+                    .push(p, t0)
+                    .into_iter()
+                    .chain(r.drain(t0 + REORDER_WAIT_MAX))
+                {
                     if let Some(fr) = b.push(&p, gap) {
                         let plain = key.decrypt_frame(codec, &fr.data).ok();
                         out.push((plain, fr.after_gap, fr.uncertain, fr.rtp_ts / 3000));

@@ -62,6 +62,14 @@ pub enum MediaEvent {
     ParentConnected,
     /// The connection to the parent failed or closed: time to [`Viewer::switch_parent`].
     ParentLost,
+    /// Nothing (no media, no RTCP report) arrived from the parent for a while although the
+    /// room carries media: the parent is frozen, dead or cut off (see
+    /// [`relay::PARENT_SILENT`](super::relay::PARENT_SILENT)). Time to switch parent, as for
+    /// [`MediaEvent::ParentLost`].
+    ParentStalled {
+        /// How long nothing arrived.
+        silent: Duration,
+    },
     /// The first frame of a kind was written, this long after the session started.
     FirstFrame {
         /// Audio or video.
@@ -531,6 +539,18 @@ impl Viewer {
             ))
             .abort_handle(),
         );
+        // A frozen or dead parent sends nothing, not even a failure: the watchdog notices.
+        {
+            let generation = Arc::clone(&self.generation);
+            tasks.push(
+                tokio::spawn(super::relay::parent_watchdog(
+                    Arc::downgrade(&peer),
+                    Arc::downgrade(&self.hub),
+                    move || generation.load(Ordering::SeqCst) == gen_id,
+                ))
+                .abort_handle(),
+            );
+        }
         let old = self.parent.lock().await.replace(ParentLink {
             peer,
             tasks,

@@ -191,6 +191,10 @@ pub enum RoomEvent {
     /// reservation made or lost): the room record already carries them; hand the new ticket
     /// to viewers who have not joined yet (old tickets still work while their addresses do).
     TicketChanged(Ticket),
+    /// The broadcaster vanished without ending the broadcast (it crashed, or is cut off): no
+    /// media from it and no answer from it for a grace period. The room closes:
+    /// [`RoomEvent::Ended`] follows once the files are finalized.
+    BroadcasterLost,
     /// The room ended (we left, or the broadcast is over); the files are finalized.
     Ended,
 }

@@ -32,7 +32,7 @@ use crate::media::{ChildId, MediaEvent};
 use crate::net::{Net, ResponseHandle, node_of, peer_of};
 use crate::node::addrs::{AddrChanges, next_change};
 use crate::node::{Node, ROOM_LIVENESS, ROOM_REFRESH};
-use crate::proto::room::{LinkCause, RoomEvent as CoreEvent};
+use crate::proto::room::{EndCause, LinkCause, RoomEvent as CoreEvent};
 use crate::proto::{Millis, NodeId, RoomNode, RoomOutput, Snapshot, TreeEvent, TreeUpdate};
 use crate::wire::{
     self, BroadcastEnd, Control, Envelope, Notice, RoomId, RoomRecord, RoomRequest, SdpKind,
@@ -82,6 +82,10 @@ pub(crate) enum Input {
     RecordChecked {
         live: bool,
     },
+    /// Whether the broadcaster answered a direct request (see [`SourceWatch`]).
+    BroadcasterProbed {
+        reachable: bool,
+    },
     Status(oneshot::Sender<RoomStatus>),
     Leave(oneshot::Sender<()>),
 }
@@ -129,6 +133,31 @@ pub(super) struct RoomTask {
     closing: bool,
     /// At the broadcaster: our addresses, so the record and ticket follow them.
     addr_changes: Option<AddrChanges>,
+    /// Is the broadcaster still there? (viewers)
+    source: SourceWatch,
+}
+
+/// Media silent this long (no packet reached this viewer) makes a viewer ask whether the
+/// broadcaster is still there.
+const SOURCE_SILENT: Duration = Duration::from_secs(3);
+/// The broadcaster silent and unreachable this long is gone: the room ends
+/// ([`RoomEvent::BroadcasterLost`]). A broadcaster that answers again within it (back from a
+/// network cut, or restarted with the same identity) keeps the room.
+const BROADCASTER_GRACE: Duration = Duration::from_secs(8);
+
+/// A viewer's view of the broadcaster's liveness. A crashed broadcaster sends no end notice,
+/// and its record stays live until it expires (minutes): the only fast evidence is that media
+/// stopped everywhere below it and that the broadcaster itself no longer answers. Media
+/// progress comes from the session's stats (once a second); while media is silent the
+/// broadcaster is asked directly for its record, at most one request at a time.
+#[derive(Default)]
+struct SourceWatch {
+    packets_in: u64,
+    /// When media last progressed (`None`: no media yet; a data-only room is never watched).
+    progressed: Option<Instant>,
+    /// Since when the broadcaster has not answered, media being silent.
+    unreachable_since: Option<Instant>,
+    probing: bool,
 }
 
 impl RoomTask {
@@ -158,6 +187,52 @@ impl RoomTask {
             seq: 0,
             tasks: JoinSet::new(),
             closing: false,
+            source: SourceWatch::default(),
+        }
+    }
+
+    /// Media progress from the session's stats: probes the broadcaster while media is silent.
+    fn watch_source(&mut self, packets_in: u64) {
+        if !matches!(self.media, Media::Viewer(_)) || self.room.tree().is_root() {
+            return;
+        }
+        let now = Instant::now();
+        let w = &mut self.source;
+        if packets_in > w.packets_in {
+            w.packets_in = packets_in;
+            w.progressed = Some(now);
+            w.unreachable_since = None;
+            return;
+        }
+        let silent = w
+            .progressed
+            .is_some_and(|t| now.duration_since(t) >= SOURCE_SILENT);
+        if !silent || w.probing {
+            return;
+        }
+        w.probing = true;
+        let (node, keys, tx) = (self.node.clone(), self.keys.clone(), self.inputs_tx.clone());
+        let broadcaster = self.room.broadcaster();
+        let spawned = self.spawn(async move {
+            let reachable = node.fetch_record_direct(&keys, broadcaster).await.is_some();
+            let _ = tx.send(Input::BroadcasterProbed { reachable }).await;
+        });
+        if !spawned {
+            self.source.probing = false;
+        }
+    }
+
+    fn on_broadcaster_probed(&mut self, reachable: bool, now: Millis) {
+        let w = &mut self.source;
+        w.probing = false;
+        if reachable {
+            w.unreachable_since = None;
+            return;
+        }
+        let since = *w.unreachable_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= BROADCASTER_GRACE {
+            tracing::info!("the broadcaster is silent and unreachable: it is gone");
+            self.room.handle_broadcaster_lost(now);
         }
     }
 
@@ -318,6 +393,13 @@ impl RoomTask {
                     self.room.handle_link_down(p, now);
                 }
             }
+            MediaEvent::Stats(st) => self.watch_source(st.packets_in),
+            // A frozen parent's transport has not failed (yet): its silence is the evidence.
+            MediaEvent::ParentStalled { .. } => {
+                if let Some(p) = self.room.tree().parent() {
+                    self.room.handle_link_down(p, now);
+                }
+            }
             MediaEvent::ParentConnected => {
                 if let Some(p) = self.room.tree().parent() {
                     self.room.handle_parent_connected(p, now);
@@ -373,6 +455,7 @@ impl RoomTask {
                 self.room.handle_child_connected(child, now);
             }
             Input::RecordChecked { live } => self.room.handle_record_checked(live, now),
+            Input::BroadcasterProbed { reachable } => self.on_broadcaster_probed(reachable, now),
             Input::Status(tx) => {
                 let tree = self.room.tree();
                 let _ = tx.send(RoomStatus {
@@ -465,6 +548,10 @@ impl RoomTask {
                 TreeEvent::ChildAdded(c) => peer(c).map(RoomEvent::ChildAdded),
                 TreeEvent::ChildRemoved(c) => peer(c).map(RoomEvent::ChildRemoved),
             },
+            CoreEvent::BroadcastEnded(EndCause::BroadcasterLost) => {
+                tracing::info!("the broadcaster is gone");
+                Some(RoomEvent::BroadcasterLost)
+            }
             CoreEvent::BroadcastEnded(cause) => {
                 tracing::info!(?cause, "the broadcast ended");
                 Some(RoomEvent::BroadcastEnded)

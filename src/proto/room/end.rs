@@ -30,6 +30,16 @@ impl RoomNode {
         self.end(EndCause::Record, now);
     }
 
+    /// The shell found the broadcaster gone (its media silent and the broadcaster itself
+    /// unreachable for a grace period): the room ends as for a notice, with
+    /// [`EndCause::BroadcasterLost`]. The root ignores it.
+    pub fn handle_broadcaster_lost(&mut self, now: Millis) {
+        if self.closed || self.tree.is_root() {
+            return;
+        }
+        self.end(EndCause::BroadcasterLost, now);
+    }
+
     /// Leave: at the root, the end notice goes to the children before the Leave messages.
     pub fn leave(&mut self, now: Millis) {
         if self.closed {

@@ -36,6 +36,10 @@ pub enum EndCause {
     Notice,
     /// The room record says the broadcast ended (the fallback of an orphan).
     Record,
+    /// The broadcaster vanished without a word: no media from the source and the broadcaster
+    /// unreachable for the shell's grace period (a crash; see
+    /// [`RoomNode::handle_broadcaster_lost`](super::RoomNode::handle_broadcaster_lost)).
+    BroadcasterLost,
 }
 
 /// What happened in the room, for the shell and the application.
