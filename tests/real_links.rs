@@ -266,8 +266,17 @@ fn frame_share(path: &Path) -> (usize, usize) {
     (frames.len(), (span * FPS).round() as usize + 1)
 }
 
+/// One room at a time: each test runs a dozen node processes, and two rooms at once on two cores
+/// would measure the machine, not the links.
+static ONE_ROOM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_room() -> std::sync::MutexGuard<'static, ()> {
+    ONE_ROOM.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[test]
 fn loss_through_the_tree_12_viewers() {
+    let _one = one_room();
     let loss: u8 = env_or("REAL_LINKS_LOSS", 5);
     let secs: u64 = env_or("REAL_LINKS_SECS", 30);
     let (n, fanout) = (12, 3);
@@ -362,6 +371,7 @@ fn resumed_at(samples: &[(Duration, Vec<usize>)], i: usize) -> Option<Duration> 
 
 #[test]
 fn a_frozen_relay_is_replaced() {
+    let _one = one_room();
     // Fanout 2 everywhere: 6 viewers fill depths 1 and 2. A keyframe every 0.5 s, so a
     // repaired viewer is not held back by the file source (which cannot make one on demand).
     let (n, fanout) = (6, 2);
@@ -453,6 +463,7 @@ const CRASH_BOUND: Duration = Duration::from_secs(45);
 
 #[test]
 fn a_crashed_broadcaster_ends_every_viewer() {
+    let _one = one_room();
     let (n, fanout) = (7, 2);
     let Some(mut room) = room(n, fanout, 0, 30) else {
         return;
