@@ -21,6 +21,7 @@
 //!   settles; strict signing and manual validation so nothing is forwarded before the
 //!   application accepted it.
 
+use super::relay_guard::RelayServer;
 use std::time::Duration;
 
 use libp2p::{
@@ -70,7 +71,7 @@ pub(crate) struct Behaviour {
     pub autonat: autonat::v2::client::Behaviour,
     pub autonat_server: autonat::v2::server::Behaviour,
     pub relay: relay::client::Behaviour,
-    pub relay_server: Toggle<relay::Behaviour>,
+    pub relay_server: Toggle<RelayServer>,
     pub dcutr: dcutr::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     pub kad: kad::Behaviour<MemoryStore>,
@@ -131,7 +132,7 @@ fn public_kad(keypair: &Keypair) -> kad::Behaviour<MemoryStore> {
 
 /// The relay server, with our limits (the crate's rate limiters per peer and IP stay) and the
 /// advertisement status of `mode`.
-fn relay_server(peer_id: libp2p::PeerId, mode: RelayMode) -> relay::Behaviour {
+fn relay_server(peer_id: libp2p::PeerId, mode: RelayMode) -> RelayServer {
     let cfg = relay::Config {
         max_reservations: RELAY_MAX_RESERVATIONS,
         max_circuits: RELAY_MAX_CIRCUITS,
@@ -146,7 +147,7 @@ fn relay_server(peer_id: libp2p::PeerId, mode: RelayMode) -> relay::Behaviour {
     } else {
         relay::Status::Disable
     }));
-    relay
+    RelayServer::new(relay)
 }
 
 pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {

@@ -41,6 +41,7 @@ mod actor;
 mod behaviour;
 mod codec;
 pub mod records;
+mod relay_guard;
 
 use std::{fmt, sync::Arc, time::Duration};
 
