@@ -24,7 +24,7 @@
 //! dropped until the next keyframe of the codec (and one is requested), so files never contain
 //! undecodable frames.
 //!
-//! **Liveness.** [`parent_watchdog`] tells a frozen or dead parent (nothing at all arrives, not
+//! **Liveness.** `parent_watchdog` tells a frozen or dead parent (nothing at all arrives, not
 //! even the reports a live sender makes without media) from a starving one, and
 //! [`STALE_AFTER`] keeps media that waited out a stall of this node from reaching children late.
 //!
