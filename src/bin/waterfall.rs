@@ -10,6 +10,9 @@
 //! A broadcaster playing files waits for its first viewer's media connection before it starts
 //! them, so that the viewer who joins right after the ticket is printed sees the start; a live
 //! stream on stdin starts at once (it cannot wait), and `--start-now` skips the wait.
+//!
+//! About 1,000 lines: the command-line options and one function per command; the terminal, the
+//! inputs and the demo are in `waterfall/`.
 
 #[path = "waterfall/demo.rs"]
 mod demo;

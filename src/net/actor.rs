@@ -7,6 +7,10 @@
 //!
 //! Reachability, relays, bootstrap retries and hole punching live in [`reach`]; the public
 //! Amino DHT (provider records) in [`public`].
+//!
+//! About 1,100 lines: the swarm loop and the handlers of every behaviour's events, which share
+//! the actor's pending-operation maps; reachability and relays (`reach`) and the public DHT
+//! (`public`) are in files of their own.
 
 mod public;
 mod reach;

@@ -13,6 +13,10 @@
 //! peer delays only its own messages. When the room ends (left, or the broadcast is over) the
 //! task tells its neighbours, waits a moment for the queues to drain, stops every subtask,
 //! finalizes the files, and only then reports [`RoomEvent::Ended`].
+//!
+//! About 900 lines: the loop, one executor per kind of room output, and the viewer's watch on the
+//! broadcaster's liveness, all working on the task's one state; split along outputs, each file
+//! would reach into the same struct.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
