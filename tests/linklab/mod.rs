@@ -32,13 +32,13 @@
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::natlab::{BIN, Wf, lines};
+use crate::natlab::{BIN, Wf, have, lines, remove_stale_namespaces, run};
 
 static LAB_LOCK: Mutex<()> = Mutex::new(());
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
@@ -80,66 +80,8 @@ pub struct LinkLab {
     _serial: MutexGuard<'static, ()>,
 }
 
-fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
-    let mut c = Command::new(prog);
-    c.args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().map_err(|e| format!("spawning {prog}: {e}"))?;
-    if let Some(s) = stdin {
-        use std::io::Write;
-        let mut w = child.stdin.take().expect("piped stdin");
-        w.write_all(s.as_bytes())
-            .map_err(|e| format!("writing to {prog}: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for {prog}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{prog} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 fn ip(args: &[&str]) {
     run("ip", args, None).unwrap_or_else(|e| panic!("{e}"));
-}
-
-fn have(prog: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {prog}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Namespaces of labs whose test process died without running `Drop`.
-fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some((pid, _)) = name.strip_prefix(PREFIX).and_then(|r| r.split_once('x')) else {
-            continue;
-        };
-        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip")
-                .args(["netns", "del", name])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
 }
 
 impl LinkLab {
@@ -158,7 +100,7 @@ impl LinkLab {
                 return None;
             }
         }
-        remove_stale_namespaces();
+        remove_stale_namespaces(PREFIX);
         let n = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{PREFIX}{}x{n}", std::process::id());
         let bridge = format!("{prefix}br");

@@ -102,6 +102,12 @@ fn ip(args: &[&str]) {
 }
 
 fn run_ok(prog: &str, args: &[&str], stdin: Option<&str>) {
+    run(prog, args, stdin).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Runs `prog ARGS` (with `stdin` written to it), its stderr in the error on failure.
+/// Shared with `linklab`.
+pub fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), String> {
     let mut c = Command::new(prog);
     c.args(args)
         .stdin(if stdin.is_some() {
@@ -111,32 +117,35 @@ fn run_ok(prog: &str, args: &[&str], stdin: Option<&str>) {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap_or_else(|e| panic!("spawning {prog}: {e}"));
+    let mut child = c.spawn().map_err(|e| format!("spawning {prog}: {e}"))?;
     if let Some(s) = stdin {
         use std::io::Write;
         let mut w = child.stdin.take().expect("piped stdin");
-        w.write_all(s.as_bytes()).expect("writing stdin");
+        w.write_all(s.as_bytes())
+            .map_err(|e| format!("writing to {prog}: {e}"))?;
     }
-    let out = child.wait_with_output().expect("waiting for command");
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("waiting for {prog}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{prog} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
-/// Namespaces of labs whose test process died without running `Drop` (killed by a signal):
-/// their names carry the dead process's pid.
-fn remove_stale_namespaces() {
+/// Namespaces named `PREFIX<pid>x...` of labs whose test process died without running `Drop`
+/// (killed by a signal). Shared with `linklab`.
+pub fn remove_stale_namespaces(prefix: &str) {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
         return;
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("wfnat") else {
-            continue;
-        };
-        let Some((pid, _)) = rest.split_once('x') else {
+        let Some((pid, _)) = name.strip_prefix(prefix).and_then(|r| r.split_once('x')) else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
@@ -148,7 +157,8 @@ fn remove_stale_namespaces() {
     }
 }
 
-fn have(prog: &str) -> bool {
+/// Whether `prog` is on the PATH. Shared with `linklab`.
+pub fn have(prog: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {prog}")])
         .stdout(Stdio::null())
@@ -173,7 +183,7 @@ impl Lab {
                 return None;
             }
         }
-        remove_stale_namespaces();
+        remove_stale_namespaces("wfnat");
         let n = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("wfnat{}x{n}", std::process::id());
         let mut lab = Lab {
