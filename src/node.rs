@@ -15,6 +15,7 @@
 
 pub(crate) mod addrs;
 pub mod datadir;
+pub(crate) mod netwatch;
 pub mod records;
 pub mod room;
 
@@ -281,7 +282,9 @@ impl NodeBuilder {
         }
         let (net, events) = Net::spawn(config).await?;
         let rooms = room::Rooms::default();
+        let interfaces = netwatch::Interfaces::watch(self.media.bind_ip());
         let inner = Arc::new(Inner {
+            interfaces,
             net: net.clone(),
             identity,
             topics,
@@ -310,6 +313,8 @@ impl NodeBuilder {
 
 pub(crate) struct Inner {
     pub(crate) net: Net,
+    /// This host's addresses: a change restarts ICE on the rooms' media connections.
+    pub(crate) interfaces: netwatch::Interfaces,
     pub(crate) identity: Identity,
     pub(crate) topics: records::TopicKeys,
     pub(crate) rooms: room::Rooms,

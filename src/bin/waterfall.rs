@@ -671,6 +671,12 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
             "parent": parent.to_string(), "timed_out": timed_out}),
         RoomEvent::Rejoined { parent, outage_ms } => json!({"event": "rejoined",
             "parent": parent.to_string(), "outage_ms": outage_ms}),
+        RoomEvent::IceRestart {
+            parent,
+            restarted,
+            error,
+        } => json!({"event": "ice_restart",
+            "parent": parent.to_string(), "restarted": restarted, "error": error}),
         RoomEvent::ChildAdded(c) => json!({"event": "child_added", "peer": c.to_string()}),
         RoomEvent::ChildRemoved(c) => json!({"event": "child_removed", "peer": c.to_string()}),
         RoomEvent::Media(MediaEvent::FirstFrame { kind, after }) => json!({"event": "first_frame",
@@ -956,6 +962,14 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                     RoomEvent::Media(MediaEvent::DecryptFailed(e)) => {
                         say!("media does not decrypt ({e}): wrong password?");
                     }
+                    RoomEvent::IceRestart { parent, restarted: true, .. } => say!(
+                        "network changed: media path to parent {} restarted",
+                        short(parent)
+                    ),
+                    RoomEvent::IceRestart { parent, error: Some(e), .. } => say!(
+                        "network changed: restarting the media path to parent {} failed ({e}): trying another parent",
+                        short(parent)
+                    ),
                     RoomEvent::ParentUnreachable { parent, timed_out } => say!(
                         "no media path to parent {} ({}): trying another parent",
                         short(parent),

@@ -294,6 +294,11 @@ impl MediaConfig {
         self
     }
 
+    /// The address WebRTC's sockets are bound to (unspecified: every interface).
+    pub fn bind_ip(&self) -> IpAddr {
+        self.udp_bind
+    }
+
     /// Check every ICE server (see [`IceServer::validate`]).
     pub fn validate(&self) -> Result<(), IceConfigError> {
         self.ice_servers.iter().try_for_each(IceServer::validate)
@@ -373,6 +378,10 @@ impl std::fmt::Debug for PeerEvent {
         }
     }
 }
+
+/// How long a connection may stay silent while an ICE restart runs (a signalling round trip,
+/// gathering from the new interfaces, connectivity checks) before its watchdog gives up on it.
+pub const ICE_RESTART_QUIET: Duration = Duration::from_secs(4);
 
 /// Capacity of a connection's event channel.
 pub const PEER_EVENT_QUEUE: usize = 64;
@@ -523,6 +532,9 @@ pub struct Peer {
     handler: Arc<Handler>,
     /// Milliseconds after [`heard_epoch`] plus one of the last inbound packet, 0 for none.
     heard: Arc<AtomicU64>,
+    /// Milliseconds after [`heard_epoch`] until which silence is expected (an ICE restart is
+    /// under way), 0 for none: see [`Peer::quiet_until`].
+    quiet: AtomicU64,
 }
 
 /// The origin of the `heard` timestamps (an `Instant` does not fit an atomic).
@@ -557,6 +569,9 @@ impl Peer {
         let setting_engine = SettingEngineBuilder::new()
             .with_multicast_dns_mode(mode)
             .with_srtp_replay_protection_window(SRTP_REPLAY_WINDOW)
+            // An ICE restart follows a network change: the sockets are bound again and the
+            // candidates gathered afresh, from the interfaces there are now.
+            .with_discard_local_candidates_during_ice_restart(true)
             .build();
         config.validate()?;
         let rtc_config = RTCConfigurationBuilder::new()
@@ -594,7 +609,33 @@ impl Peer {
             notices: config.notices.clone(),
             handler,
             heard,
+            quiet: AtomicU64::new(0),
         })
+    }
+
+    /// Silence from the other side is expected for `d` from now (an ICE restart is under way):
+    /// a watchdog counts silence from then at the earliest.
+    pub fn expect_quiet(&self, d: Duration) {
+        let until = (Instant::now() + d).duration_since(heard_epoch());
+        self.quiet
+            .store(until.as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// Until when silence is expected (see [`expect_quiet`](Self::expect_quiet)).
+    pub fn quiet_until(&self) -> Option<Instant> {
+        match self.quiet.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(heard_epoch() + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// The DTLS fingerprints of the other side's current description: a new offer with the
+    /// same ones comes from the same connection (an ICE restart), not from a new one.
+    pub async fn remote_fingerprints(&self) -> Vec<String> {
+        match self.pc.current_remote_description().await {
+            Some(d) => fingerprints(&d.sdp),
+            None => Vec::new(),
+        }
     }
 
     /// When the last RTP or RTCP packet arrived from the other side (`None`: none yet). A live
@@ -658,6 +699,24 @@ impl Peer {
         self.local_blob(SdpKind::Offer).await
     }
 
+    /// Restarts ICE (new credentials, sockets bound again, candidates gathered afresh) and
+    /// returns the offer that carries the restart; the other side answers it with
+    /// [`accept_restart`](Self::accept_restart). DTLS and the media streams are kept.
+    pub async fn restart_offer(&self) -> Result<SignalBlob, PeerError> {
+        self.handler.gathered.send_replace(false);
+        self.pc.restart_ice().await?;
+        self.create_offer().await
+    }
+
+    /// Answers an offer that restarts ICE on this (established) connection.
+    pub async fn accept_restart(&self, offer: &SignalBlob) -> Result<SignalBlob, PeerError> {
+        if fingerprints(&offer.sdp) != self.remote_fingerprints().await {
+            return Err(PeerError::BadBlob("not an offer of this connection"));
+        }
+        self.handler.gathered.send_replace(false);
+        self.accept_offer(offer).await
+    }
+
     /// Applies a remote offer and returns the gathered answer.
     pub async fn accept_offer(&self, offer: &SignalBlob) -> Result<SignalBlob, PeerError> {
         check_blob(offer, SdpKind::Offer)?;
@@ -683,6 +742,18 @@ impl Peer {
     pub async fn close(&self) {
         let _ = self.pc.close().await;
     }
+}
+
+/// The `a=fingerprint` values of an SDP, sorted (session or media level alike).
+fn fingerprints(sdp: &str) -> Vec<String> {
+    let mut f: Vec<String> = sdp
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("a=fingerprint:"))
+        .map(|v| v.trim().to_ascii_lowercase())
+        .collect();
+    f.sort();
+    f.dedup();
+    f
 }
 
 fn check_blob(b: &SignalBlob, kind: SdpKind) -> Result<(), PeerError> {

@@ -236,6 +236,21 @@ impl Hub {
         }
     }
 
+    /// Answers an offer that restarts ICE on a child's connection (its network changed): the
+    /// connection, its tracks and its place in the fan-out are kept.
+    pub async fn restart_child(
+        &self,
+        id: ChildId,
+        offer: &SignalBlob,
+    ) -> Result<SignalBlob, SessionError> {
+        let peer = {
+            let children = self.children.lock().expect("hub lock");
+            let slot = children.get(&id).ok_or(SessionError::NoSuchChild)?;
+            Arc::clone(&slot.peer)
+        };
+        Ok(peer.accept_restart(offer).await?)
+    }
+
     /// Accepts a child's offer: one connection, one local track per upstream kind.
     pub async fn attach_child(
         self: &Arc<Self>,
@@ -549,6 +564,10 @@ pub(crate) async fn parent_watchdog(
         if hub.tracks().is_empty() {
             baseline = now;
             continue;
+        }
+        // An ICE restart under way (see `Peer::expect_quiet`) silences the parent for a while.
+        if let Some(q) = peer.quiet_until() {
+            baseline = baseline.max(Instant::from_std(q));
         }
         let (since, bound) = match peer.heard_at() {
             Some(t) => (Instant::from_std(t).max(baseline), PARENT_SILENT),

@@ -143,6 +143,12 @@ pub enum SessionError {
     /// No parent connection is pending an answer.
     #[error("no parent offer is pending")]
     NoPendingParent,
+    /// No connected parent to restart ICE with.
+    #[error("no connected parent")]
+    NoParent,
+    /// No child with this id (gone, or cut).
+    #[error("no such child")]
+    NoSuchChild,
     /// The codec cannot be relayed end-to-end encrypted (see [`Codec::relayable`]).
     #[error("codec {0} cannot be relayed with end-to-end encryption yet")]
     UnsupportedCodec(Codec),
@@ -230,6 +236,16 @@ macro_rules! child_methods {
             offer: &SignalBlob,
         ) -> Result<(ChildId, SignalBlob), SessionError> {
             self.hub.attach_child(offer).await
+        }
+
+        /// Answers a child's offer that restarts ICE on its connection (see
+        /// [`Viewer::restart_parent`]).
+        pub async fn restart_child(
+            &self,
+            id: ChildId,
+            offer: &SignalBlob,
+        ) -> Result<SignalBlob, SessionError> {
+            self.hub.restart_child(id, offer).await
         }
 
         /// Disconnects a child. Returns whether it existed.
@@ -565,6 +581,23 @@ impl Viewer {
     /// Repair: the same as [`connect_parent`](Self::connect_parent), named for intent.
     pub async fn switch_parent(&self) -> Result<SignalBlob, SessionError> {
         self.connect_parent().await
+    }
+
+    /// Restarts ICE with the current parent (this node's network changed) and returns the offer
+    /// to send it; its answer goes to [`parent_answer`](Self::parent_answer). The connection
+    /// (DTLS, tracks, the children relayed from it) is kept, and the parent watchdog allows
+    /// [`ICE_RESTART_QUIET`](super::peer::ICE_RESTART_QUIET) of silence meanwhile: a restart
+    /// that does not bring media back within it ends in a repair as usual.
+    pub async fn restart_parent(&self) -> Result<SignalBlob, SessionError> {
+        let mut guard = self.parent.lock().await;
+        let link = guard.as_mut().ok_or(SessionError::NoParent)?;
+        if !link.answered {
+            return Err(SessionError::NoParent);
+        }
+        link.peer.expect_quiet(super::peer::ICE_RESTART_QUIET);
+        let offer = link.peer.restart_offer().await?;
+        link.answered = false;
+        Ok(offer)
     }
 
     /// Applies the parent's answer to the pending offer.

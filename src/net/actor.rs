@@ -161,6 +161,10 @@ pub(crate) struct Actor {
     max_response_bytes: usize,
     public: bool,
     listen_addrs: Vec<Multiaddr>,
+    /// Open connections that leave this host, with the local IP of those we accepted (a
+    /// dialled connection's local address is not known): see [`Actor::drop_dead_connections`].
+    /// As bounded as the swarm's connections.
+    remote_conns: HashMap<ConnectionId, Option<std::net::IpAddr>>,
     dials: HashMap<ConnectionId, oneshot::Sender<Result<PeerId>>>,
     puts: HashMap<QueryId, oneshot::Sender<Result<()>>>,
     gets: HashMap<QueryId, PendingGet>,
@@ -210,6 +214,7 @@ impl Actor {
             max_response_bytes: config.max_response_bytes,
             public: config.public,
             listen_addrs: Vec::new(),
+            remote_conns: HashMap::new(),
             dials: HashMap::new(),
             puts: HashMap::new(),
             gets: HashMap::new(),
@@ -718,6 +723,34 @@ impl Actor {
 
     // ----- swarm events -----
 
+    /// A listen address expired. When it was the last on its IP, that IP has left this host
+    /// (a network change): connections over it are dead but would look open until a timeout,
+    /// and requests sent on them would wait for it. Close them now; the next request dials
+    /// again from the addresses there are. Accepted connections are closed when they arrived
+    /// on that IP; dialled ones, whose local address is unknown, whenever they leave the host
+    /// (a multi-homed host losing one address redials some healthy connections: cheap).
+    fn drop_dead_connections(&mut self, expired: &Multiaddr) {
+        let Some(gone) = ip_of(expired) else {
+            return;
+        };
+        if gone.is_loopback() || self.listen_addrs.iter().any(|a| ip_of(a) == Some(gone)) {
+            return;
+        }
+        let dead: Vec<ConnectionId> = self
+            .remote_conns
+            .iter()
+            .filter(|(_, local)| local.is_none_or(|ip| ip == gone))
+            .map(|(id, _)| *id)
+            .collect();
+        if !dead.is_empty() {
+            info!(address = %gone, connections = dead.len(), "address gone: closing the connections that used it");
+        }
+        for id in dead {
+            self.remote_conns.remove(&id);
+            self.swarm.close_connection(id);
+        }
+    }
+
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) {
         self.reach_on_swarm_event(&ev);
         let addrs_may_change = reach::changes_addrs(&ev);
@@ -730,13 +763,24 @@ impl Actor {
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| a != &address);
+                self.drop_dead_connections(&address);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
                 num_established,
+                endpoint,
                 ..
             } => {
+                if ip_of(endpoint.get_remote_address()).is_some_and(|ip| !ip.is_loopback()) {
+                    let local = match &endpoint {
+                        libp2p::core::ConnectedPoint::Listener { local_addr, .. } => {
+                            ip_of(local_addr)
+                        }
+                        libp2p::core::ConnectedPoint::Dialer { .. } => None,
+                    };
+                    self.remote_conns.insert(connection_id, local);
+                }
                 if let Some(reply) = self.dials.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
@@ -748,10 +792,18 @@ impl Actor {
                 }
             }
             SwarmEvent::ConnectionClosed {
+                connection_id,
+                num_established,
+                ..
+            } if num_established > 0 => {
+                self.remote_conns.remove(&connection_id);
+            }
+            SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
                 ..
             } => {
+                self.remote_conns.remove(&connection_id);
                 // Strikes outlive the connection: reconnecting does not wash them away.
                 self.emit(NetEvent::PeerDisconnected(peer_id));
             }
@@ -1083,4 +1135,13 @@ fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
         Protocol::P2p(id) => Some(id),
         _ => None,
     })
+}
+
+/// The IP address a multiaddress starts with, if it does (not a DNS name, not a relay path).
+fn ip_of(a: &Multiaddr) -> Option<std::net::IpAddr> {
+    match a.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
 }

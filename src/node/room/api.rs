@@ -178,6 +178,14 @@ pub enum RoomEvent {
     /// room's bound): we leave it, repair elsewhere and do not try it again for a while.
     /// `timed_out` tells the two apart.
     ParentUnreachable { parent: PeerId, timed_out: bool },
+    /// This host's network changed (an address came or went): the media connection to the
+    /// parent restarted ICE in place (`restarted`), keeping this node's place and children; or
+    /// the restart failed (`error` says why) and the parent is repaired as if lost.
+    IceRestart {
+        parent: PeerId,
+        restarted: bool,
+        error: Option<String>,
+    },
     /// A child was accepted.
     ChildAdded(PeerId),
     /// A child left or was lost.

@@ -151,6 +151,35 @@ pub(super) async fn answer_offer(
         Media::Root(b) => b.attach_child(&blob).await,
         Media::Viewer(v) => v.attach_child(&blob).await,
     }?;
+    Ok((id, answer_envelope(cx, offer, answer)))
+}
+
+/// Answer an offer that restarts ICE on the connection of the attached child `id`; `None` when
+/// the offer is not one of that connection (the child made a new one: attach it instead).
+pub(super) async fn answer_restart(
+    cx: &SignalCtx,
+    media: &Media,
+    id: ChildId,
+    offer: &Signal,
+) -> Option<Result<Envelope, SignalError>> {
+    let blob = SignalBlob {
+        kind: MediaSdpKind::Offer,
+        sdp: offer.sdp.clone(),
+    };
+    let r = match media {
+        Media::Root(b) => b.restart_child(id, &blob).await,
+        Media::Viewer(v) => v.restart_child(id, &blob).await,
+    };
+    match r {
+        Ok(answer) => Some(Ok(answer_envelope(cx, offer, answer))),
+        Err(SessionError::NoSuchChild)
+        | Err(SessionError::Peer(crate::media::PeerError::BadBlob(_))) => None,
+        Err(e) => Some(Err(e.into())),
+    }
+}
+
+/// The signed, sealed answer to `offer`.
+fn answer_envelope(cx: &SignalCtx, offer: &Signal, answer: SignalBlob) -> Envelope {
     let signal = Signal {
         v: wire::VERSION,
         room: offer.room,
@@ -161,7 +190,7 @@ pub(super) async fn answer_offer(
         sdp: answer.sdp,
         ts_ms: now_ms(),
     };
-    Ok((id, cx.envelope(Kind::Answer, &signal)))
+    cx.envelope(Kind::Answer, &signal)
 }
 
 /// The child's side: offer to `parent`, apply its answer. The media session is the viewer's.
@@ -170,9 +199,32 @@ pub(super) async fn connect_parent(
     viewer: &crate::media::Viewer,
     parent: NodeId,
 ) -> Result<(), SignalError> {
+    let offer = viewer.connect_parent().await?;
+    offer_to_parent(cx, viewer, parent, offer).await
+}
+
+/// The child's side of an ICE restart (this node's network changed): the same exchange, with
+/// an offer of the existing connection. The parent tells it from a new connection by its DTLS
+/// fingerprint and restarts ICE on the connection it has (see `Hub::restart_child`).
+pub(super) async fn restart_parent(
+    cx: &SignalCtx,
+    viewer: &crate::media::Viewer,
+    parent: NodeId,
+) -> Result<(), SignalError> {
+    let offer = viewer.restart_parent().await?;
+    offer_to_parent(cx, viewer, parent, offer).await
+}
+
+/// Send `offer` to `parent` (directly, and through the DHT when the direct path fails), and
+/// apply its answer.
+async fn offer_to_parent(
+    cx: &SignalCtx,
+    viewer: &crate::media::Viewer,
+    parent: NodeId,
+    offer: SignalBlob,
+) -> Result<(), SignalError> {
     let peer = peer_of(parent).ok_or(SignalError::BadPeer)?;
     let nonce = Nonce16(random_bytes());
-    let offer = viewer.connect_parent().await?;
     let signal = Signal {
         v: wire::VERSION,
         room: cx.room,

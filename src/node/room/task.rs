@@ -79,6 +79,11 @@ pub(crate) enum Input {
         parent: NodeId,
         result: Result<(), SignalError>,
     },
+    /// An ICE restart with the parent (after a network change) ended.
+    ParentRestarted {
+        parent: NodeId,
+        result: Result<(), SignalError>,
+    },
     ChildAttached {
         child: NodeId,
         id: ChildId,
@@ -137,6 +142,8 @@ pub(super) struct RoomTask {
     closing: bool,
     /// At the broadcaster: our addresses, so the record and ticket follow them.
     addr_changes: Option<AddrChanges>,
+    /// This host's network changes (see `netwatch`): the parent connection restarts ICE.
+    net_changes: tokio::sync::watch::Receiver<u64>,
     /// Is the broadcaster still there? (viewers)
     source: SourceWatch,
 }
@@ -172,6 +179,7 @@ impl RoomTask {
                 .record
                 .is_some()
                 .then(|| AddrChanges::new(p.node.inner.net.addrs_watch())),
+            net_changes: p.node.inner.interfaces.changes(),
             net: p.node.inner.net.clone(),
             me: p.node.inner.identity.node_id(),
             node: p.node,
@@ -324,6 +332,7 @@ impl RoomTask {
                         Err(e) => tracing::debug!("no new ticket: {e}"),
                     }
                 }
+                Ok(()) = self.net_changes.changed() => self.on_network_changed(),
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Err(e) = done && e.is_panic() {
                         tracing::warn!("a room subtask panicked: {e}");
@@ -447,6 +456,27 @@ impl RoomTask {
                 if let Err(e) = result {
                     tracing::debug!(?parent, "media connection to parent failed: {e}");
                     self.room.handle_parent_connect_failed(parent, now);
+                }
+            }
+            Input::ParentRestarted { parent, result } => {
+                // A restart that failed leaves a parent that cannot reach us: repair now rather
+                // than wait for the watchdog.
+                let error = result.err().map(|e| e.to_string());
+                if let Some(e) = &error {
+                    tracing::warn!(
+                        ?parent,
+                        "ICE restart with the parent failed ({e}): repairing"
+                    );
+                    if self.room.tree().parent() == Some(parent) {
+                        self.room.handle_link_down(parent, now);
+                    }
+                }
+                if let Some(p) = peer(parent) {
+                    self.emit(RoomEvent::IceRestart {
+                        parent: p,
+                        restarted: error.is_none(),
+                        error,
+                    });
                 }
             }
             Input::ChildAttached { child, id } => {
@@ -745,6 +775,23 @@ impl RoomTask {
         });
     }
 
+    /// This host's network changed: restart ICE with the parent, keeping our place in the tree.
+    /// (Children restart theirs if their own network changed; if ours did, their connections
+    /// fail over to a repair unless ICE finds a path again by itself.)
+    fn on_network_changed(&mut self) {
+        let (Media::Viewer(viewer), Some(parent)) = (&self.media, self.room.tree().parent()) else {
+            return;
+        };
+        if self.tasks.len() >= MAX_ROOM_TASKS {
+            return;
+        }
+        let (viewer, cx, tx) = (viewer.clone(), self.signal_ctx(), self.inputs_tx.clone());
+        self.spawn(async move {
+            let result = signal::restart_parent(&cx, &viewer, parent).await;
+            let _ = tx.send(Input::ParentRestarted { parent, result }).await;
+        });
+    }
+
     fn checks_context(&self) -> checks::Context<'_> {
         checks::Context {
             keys: &self.keys,
@@ -886,7 +933,20 @@ impl RoomTask {
             return;
         }
         let (cx, media, tx) = self.answering();
+        let attached = self.children.get(&child).copied();
         self.spawn(async move {
+            // An attached child offering again with its connection's fingerprint restarts ICE
+            // (its network changed): answer on the connection it has.
+            if let Some(id) = attached
+                && let Some(r) = signal::answer_restart(&cx, &media, id, &offer).await
+            {
+                let resp = match r {
+                    Ok(env) => ok_response(Some(env)),
+                    Err(e) => refusal(&Refusal::Answer(e)),
+                };
+                let _ = reply.respond(resp).await;
+                return;
+            }
             match signal::answer_offer(&cx, &media, &offer).await {
                 Ok((id, answer_env)) => {
                     let akey =
