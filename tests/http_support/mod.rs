@@ -78,12 +78,41 @@ pub async fn request(
         req.push_str("\r\n");
         s.write_all(req.as_bytes()).await.expect("write");
         s.write_all(body).await.expect("write body");
+        // Until the close, or the end the headers announce (some servers, Chromium's DevTools
+        // among them, keep the connection open).
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.expect("read");
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let n = s.read(&mut buf).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if complete(&raw) {
+                break;
+            }
+        }
         parse(&raw)
     })
     .await
     .unwrap_or_else(|_| panic!("{method} {path}: no answer within 60 s"))
+}
+
+/// Whether `raw` holds a whole answer by its `Content-Length` or its last chunk.
+fn complete(raw: &[u8]) -> bool {
+    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let body = &raw[end + 4..];
+    if let Some(len) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= len;
+    }
+    head.contains("transfer-encoding: chunked") && body.ends_with(b"0\r\n\r\n")
 }
 
 fn parse(raw: &[u8]) -> Answer {
