@@ -382,10 +382,8 @@ impl RoomReport {
             }
             RoomEvent::DepthChanged { depth } => e.status.depth = *depth,
             RoomEvent::Orphaned { .. } => e.status.parent = None,
-            RoomEvent::ChildAdded(c) => {
-                if !e.status.children.contains(c) {
-                    e.status.children.push(*c);
-                }
+            RoomEvent::ChildAdded(c) if !e.status.children.contains(c) => {
+                e.status.children.push(*c);
             }
             RoomEvent::ChildRemoved(c) => e.status.children.retain(|x| x != c),
             RoomEvent::Media(MediaEvent::Stats(s)) => e.stats = *s,

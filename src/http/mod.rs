@@ -7,8 +7,8 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /whip/ROOM` (`application/sdp`) | `201`, the SDP answer, `Location: /whip/ROOM/ID`; the node broadcasts ROOM with what the publisher sends ([`whip`]) |
-//! | `POST /whep/ROOM` (`application/sdp`) | `201`, the SDP answer, `Location: /whep/ROOM/ID`; the node watches ROOM (or reuses its membership) and plays it to the player ([`whep`]) |
+//! | `POST /whip/ROOM` (`application/sdp`) | `201`, the SDP answer, `Location: /whip/ROOM/ID`; the node broadcasts ROOM with what the publisher sends (`whip.rs`) |
+//! | `POST /whep/ROOM` (`application/sdp`) | `201`, the SDP answer, `Location: /whep/ROOM/ID`; the node watches ROOM (or reuses its membership) and plays it to the player (`whep.rs`) |
 //! | `DELETE` on a `Location` | `200`: the session ends (a WHIP publisher's end ends the broadcast) |
 //! | `PATCH` on a `Location` | `405`: trickle ICE is not supported; offers must be complete (every browser's offer is, once gathering completes; OBS sends complete offers) |
 //! | `OPTIONS /whip/ROOM`, `/whep/ROOM` | `204` with the ICE servers as `Link: <url>; rel="ice-server"` headers |
@@ -442,27 +442,29 @@ fn link_headers(config: &HttpConfig) -> HeaderMap {
 }
 
 /// The request must carry an SDP offer: `Content-Type: application/sdp`, a body that parses.
-fn sdp_body(headers: &HeaderMap, body: &Bytes) -> Result<String, Response> {
+fn sdp_body(headers: &HeaderMap, body: &Bytes) -> Result<String, Box<Response>> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/sdp") {
-        return Err((
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            [(header::ACCEPT, "application/sdp")],
-            "the offer must be sent as application/sdp\n",
-        )
-            .into_response());
+        return Err(Box::new(
+            (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                [(header::ACCEPT, "application/sdp")],
+                "the offer must be sent as application/sdp\n",
+            )
+                .into_response(),
+        ));
     }
     let sdp = std::str::from_utf8(body)
-        .map_err(|_| bad_request("the offer is not UTF-8"))?
+        .map_err(|_| Box::new(bad_request("the offer is not UTF-8")))?
         .to_owned();
     if !sdp.trim_start().starts_with("v=0")
         || webrtc::peer_connection::RTCSessionDescription::offer(sdp.clone()).is_err()
     {
-        return Err(bad_request("the offer is not a valid SDP"));
+        return Err(Box::new(bad_request("the offer is not a valid SDP")));
     }
     Ok(sdp)
 }

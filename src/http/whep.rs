@@ -86,7 +86,7 @@ pub(super) async fn post(
 ) -> Response {
     let offer = match sdp_body(&headers, &body) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if s.sessions().len() >= MAX_SESSIONS {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many sessions\n").into_response();

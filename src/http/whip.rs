@@ -73,7 +73,7 @@ pub(super) async fn post(
 ) -> Response {
     let offer = match sdp_body(&headers, &body) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let sending = sdp_send_codecs(&offer);
     if sending.is_empty() {
@@ -341,7 +341,10 @@ async fn read_track(
         while let Some(ev) = track.poll().await {
             match ev {
                 TrackRemoteEvent::OnRtpPacket(p) => {
-                    if tx.try_send(p).is_err() && tx.is_closed() {
+                    // A full queue drops the packet (live media); a closed one ends the pump.
+                    let closed =
+                        matches!(tx.try_send(p), Err(mpsc::error::TrySendError::Closed(_)));
+                    if closed {
                         return;
                     }
                 }

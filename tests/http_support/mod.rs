@@ -280,15 +280,19 @@ pub async fn play(
     got
 }
 
+/// A publisher's track: its local track, its sender (for the negotiated payload type) and the
+/// clip it plays.
+type OutTrack = (
+    Arc<TrackLocalStaticSample>,
+    Arc<dyn webrtc::rtp_transceiver::RtpSender>,
+    Box<dyn MediaSource>,
+);
+
 /// A WHIP publisher of the fixture clip (VP8 + Opus) over webrtc-rs.
 pub struct Publisher {
     pub peer: Arc<Peer>,
     events: mpsc::Receiver<PeerEvent>,
-    tracks: Vec<(
-        Arc<TrackLocalStaticSample>,
-        Arc<dyn webrtc::rtp_transceiver::RtpSender>,
-        Box<dyn MediaSource>,
-    )>,
+    tracks: Vec<OutTrack>,
     pub offer: String,
 }
 
