@@ -48,9 +48,13 @@
 //!   simulator);
 //! - [`net`]: the libp2p actor (DHT records, gossip, snapshots);
 //! - [`media`]: the WebRTC shell (sources, sinks, relay);
-//! - [`node`]: the embedding API tying them together.
+//! - [`node`]: the embedding API tying them together;
+//! - `http` (feature `http`, on with the CLI): the node's HTTP door — WHIP ingest, WHEP
+//!   playback, a page that plays, publishes and draws the tree, `/api/status` and `/metrics`.
 
 pub mod crypto;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod media;
 pub mod net;
 pub mod node;

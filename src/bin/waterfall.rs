@@ -16,6 +16,8 @@
 
 #[path = "waterfall/demo.rs"]
 mod demo;
+#[path = "waterfall/http.rs"]
+mod http;
 #[path = "waterfall/input.rs"]
 mod input;
 #[path = "waterfall/term.rs"]
@@ -57,6 +59,8 @@ enum Command {
     Node {
         #[command(flatten)]
         net: NetArgs,
+        #[command(flatten)]
+        http: http::HttpArgs,
     },
     /// Broadcast media into a room; prints a ticket for viewers.
     Broadcast(BroadcastArgs),
@@ -216,8 +220,14 @@ struct BroadcastArgs {
     /// Events as JSON lines on stdout.
     #[arg(long)]
     json: bool,
+    /// Take the media from a WHIP publisher (OBS, a browser on the page) instead of files:
+    /// wait for it on the HTTP server (POST /whip/ROOM).
+    #[arg(long)]
+    whip: bool,
     #[command(flatten)]
     net: NetArgs,
+    #[command(flatten)]
+    http: http::HttpArgs,
 }
 
 #[derive(Args, Debug)]
@@ -243,8 +253,14 @@ struct WatchArgs {
     /// Events as JSON lines on stdout.
     #[arg(long)]
     json: bool,
+    /// Print the address of the page that plays this room through this node (on stdout; no
+    /// browser is started).
+    #[arg(long, conflicts_with = "no_http")]
+    open: bool,
     #[command(flatten)]
     net: NetArgs,
+    #[command(flatten)]
+    http: http::HttpArgs,
 }
 
 /// `$XDG_DATA_HOME/waterfall`, else `~/.local/share/waterfall`.
@@ -339,11 +355,13 @@ impl NetArgs {
     async fn start(&self, json: bool) -> anyhow::Result<Running> {
         let (builder, data_dir, ice) = self.builder()?;
         let node = builder.spawn().await?;
-        let notices = spawn_notices(&node, ice, json);
+        let board = http::BoardSlot::default();
+        let notices = spawn_notices(&node, ice, json, board.clone());
         Ok(Running {
             node,
             _data_dir: data_dir,
             _notices: notices,
+            board,
         })
     }
 
@@ -403,6 +421,8 @@ struct Running {
     _data_dir: Option<DataDir>,
     /// The task printing the node's notices (it ends with the node).
     _notices: tokio::task::JoinHandle<()>,
+    /// The HTTP server's board, once it runs: ICE paths are counted there.
+    board: http::BoardSlot,
 }
 
 /// A network notice as a `--json` event.
@@ -490,6 +510,7 @@ fn spawn_notices(
     node: &Node,
     mut ice: tokio::sync::mpsc::Receiver<IceNotice>,
     json: bool,
+    board: http::BoardSlot,
 ) -> tokio::task::JoinHandle<()> {
     let mut net = node.net().notices();
     tokio::spawn(async move {
@@ -510,6 +531,9 @@ fn spawn_notices(
                 },
                 n = ice.recv(), if ice_open => match n {
                     Some(n) => {
+                        if let (IceNotice::Connected { path }, Some(b)) = (&n, board.get()) {
+                            b.count_path(*path);
+                        }
                         let (msg, j) = ice_notice(&n);
                         say!("{msg}");
                         if json {
@@ -623,16 +647,19 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn run_async(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Demo(args) => demo::run(args).await,
-        Command::Node { net } => run_node(net).await,
+        Command::Node { net, http } => run_node(net, http).await,
         Command::Broadcast(args) => broadcast(args).await,
         Command::Watch(args) => watch(args).await,
         Command::Keygen { .. } | Command::Sim(_) => unreachable!("handled synchronously"),
     }
 }
 
-async fn run_node(net: NetArgs) -> anyhow::Result<()> {
+async fn run_node(net: NetArgs, http: http::HttpArgs) -> anyhow::Result<()> {
     let running = net.start(false).await?;
     let node = &running.node;
+    let server = http
+        .start(node, None, net.ice_servers()?, &running.board)
+        .await?;
     say!("peer id: {}", node.peer_id());
     for a in node.addrs().await? {
         say!("listening: {a}");
@@ -653,6 +680,9 @@ async fn run_node(net: NetArgs) -> anyhow::Result<()> {
         }
     }
     say!("shutting down");
+    if let Some(s) = server {
+        s.shutdown().await;
+    }
     node.shutdown().await;
     Ok(())
 }
@@ -755,6 +785,9 @@ fn short(p: &libp2p::PeerId) -> String {
 }
 
 async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
+    if args.whip {
+        return http::broadcast_whip(args).await;
+    }
     if args.tracks.std_users() > 1 {
         bail!("only one of --video, --audio and --data can read stdin (-)");
     }
@@ -790,6 +823,34 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let server = args
+        .http
+        .start(
+            node,
+            password.clone(),
+            args.net.ice_servers()?,
+            &running.board,
+        )
+        .await?;
+    // Players on this node see what the sources send, before it is encrypted.
+    let feed = server.as_ref().filter(|_| media_sources > 0).map(|_| {
+        let tracks = sources
+            .iter()
+            .map(|s| (s.codec().kind(), s.codec()))
+            .collect();
+        waterfall::http::Feed::new(tracks).0
+    });
+    let report = match &server {
+        Some(s) => Some(s.board().report(
+            &args.room,
+            waterfall::http::Role::Broadcaster,
+            password.clone(),
+        )?),
+        None => None,
+    };
+    if let (Some(r), Some(f)) = (&report, &feed) {
+        r.feed(f.clone());
+    }
     let mut cfg = RoomConfig::new(&args.room)
         .fanout(args.fanout)
         .data(args.tracks.data.is_some())
@@ -798,7 +859,10 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
         cfg = cfg.password(pw);
     }
     for s in sources {
-        cfg = cfg.source(s);
+        cfg = cfg.source(match &feed {
+            Some(f) => f.tap(s),
+            None => s,
+        });
     }
     let (room, mut events) = node.broadcast(cfg).await?;
     if room.keys().is_public() {
@@ -854,6 +918,7 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
             }
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
+                http::report(report.as_ref(), &ev, room.status()).await;
                 match &ev {
                     RoomEvent::ChildAdded(_) => children += 1,
                     RoomEvent::ChildRemoved(_) => children = children.saturating_sub(1),
@@ -890,7 +955,11 @@ async fn broadcast(args: BroadcastArgs) -> anyhow::Result<()> {
         }
     }
     say!("leaving");
+    drop(report);
     room.leave().await;
+    if let Some(s) = server {
+        s.shutdown().await;
+    }
     node.shutdown().await;
     Ok(())
 }
@@ -937,12 +1006,56 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
     let running = args.net.start(args.json).await?;
     let node = &running.node;
     say!("peer id: {}", node.peer_id());
+    let server = args
+        .http
+        .start(
+            node,
+            password.clone(),
+            args.net.ice_servers()?,
+            &running.board,
+        )
+        .await?;
+    // Players on this node share this viewer's membership: its decrypted frames feed them.
+    let mut feed = None;
+    if let Some(s) = &server {
+        let (f, kf) = waterfall::http::Feed::new(Vec::new());
+        let tap = |t: Option<SinkTarget>| {
+            Some(match t {
+                Some(t) => SinkTarget::Tee(Box::new(t), Box::new(f.sink_target())),
+                None => f.sink_target(),
+            })
+        };
+        sinks.video = tap(sinks.video.take());
+        sinks.audio = tap(sinks.audio.take());
+        feed = Some((f, kf, s));
+    }
+    let room_name = match &target {
+        WatchTarget::Ticket(t) => t.room.clone(),
+        WatchTarget::Name(n) => n.clone(),
+    };
     let (room, mut events) = node
         .watch(
             target,
-            WatchConfig::new().password_opt(password).sinks(sinks),
+            WatchConfig::new()
+                .password_opt(password.clone())
+                .sinks(sinks),
         )
         .await?;
+    let mut keyframes = None;
+    let report = match feed {
+        Some((f, kf, s)) => {
+            let r = s
+                .board()
+                .report(&room_name, waterfall::http::Role::Viewer, password)?;
+            r.feed(f);
+            keyframes = Some(kf);
+            if args.open {
+                out!("{}", http::watch_url(s, &room_name));
+            }
+            Some(r)
+        }
+        None => None,
+    };
     let mut status = StatusLine::default();
     let mut broadcaster_lost = false;
     let stop = async {
@@ -956,8 +1069,10 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = &mut stop => break,
+            Some(()) = async { keyframes.as_mut()?.recv().await } => room.request_keyframe(),
             ev = events.recv() => {
                 let Some(ev) = ev else { break };
+                http::report(report.as_ref(), &ev, room.status()).await;
                 match &ev {
                     RoomEvent::Media(MediaEvent::DecryptFailed(e)) => {
                         say!("media does not decrypt ({e}): wrong password?");
@@ -999,7 +1114,11 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
         }
     }
     say!("leaving (files are closed valid)");
+    drop(report);
     room.leave().await;
+    if let Some(s) = server {
+        s.shutdown().await;
+    }
     node.shutdown().await;
     if broadcaster_lost {
         return Err(BroadcasterLost.into());

@@ -276,9 +276,21 @@ impl Broadcaster {
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
         let (hub, mut kf_rx) = Hub::new(config, ev_tx);
         hub.set_tracks(tracks);
-        // A file source cannot produce a keyframe on demand; requests are absorbed here.
+        // A file source cannot produce a keyframe on demand: its requests are absorbed here; a
+        // live source that can (a WebRTC publisher) gets them.
+        let kf_sinks: Vec<mpsc::Sender<()>> = sources
+            .iter()
+            .filter_map(|s| s.keyframe_requests())
+            .collect();
         hub.track_task(
-            tokio::spawn(async move { while kf_rx.recv().await.is_some() {} }).abort_handle(),
+            tokio::spawn(async move {
+                while kf_rx.recv().await.is_some() {
+                    for k in &kf_sinks {
+                        let _ = k.try_send(());
+                    }
+                }
+            })
+            .abort_handle(),
         );
         spawn_stats(&hub);
         Ok((
@@ -619,6 +631,12 @@ impl Viewer {
     }
 
     child_methods!("Accepts a child's offer (requires the parent's answer to have been applied).");
+
+    /// Asks the parent for a keyframe (coalesced with the children's requests): a local
+    /// consumer of the decrypted frames (a WHEP player) that starts now needs one to decode.
+    pub fn request_keyframe(&self) {
+        self.hub.request_keyframe();
+    }
 
     /// Current counters.
     pub fn stats(&self) -> MediaStats {

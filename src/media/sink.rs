@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::Codec;
-use super::source::opus_packet_samples;
+use super::source::{Sample, opus_packet_samples};
 
 /// Errors writing a sink.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,11 @@ pub enum SinkTarget {
     /// (binary-safe). Bounded: a program that stops reading holds up its own playback, and
     /// nothing is dropped. For data only.
     Channel(tokio::sync::mpsc::Sender<bytes::Bytes>),
+    /// Decrypted audio or video frames into the embedding program (the HTTP gateway's WHEP
+    /// players, see `crate::http`), as [`Sample`]s. Live media: when the receiver is full the
+    /// frame is dropped (never playback stalled), and [`Sample::duration`] is zero (a viewer
+    /// learns a frame's length only from the next one). For audio and video only.
+    Frames(tokio::sync::mpsc::Sender<Sample>),
 }
 
 enum Out {
@@ -66,6 +71,11 @@ impl Out {
             SinkTarget::Channel(_) => {
                 return Err(io::Error::other(
                     "a channel target takes data messages only",
+                ));
+            }
+            SinkTarget::Frames(_) => {
+                return Err(io::Error::other(
+                    "a frame channel takes audio and video only",
                 ));
             }
         })
@@ -133,10 +143,45 @@ pub fn create_frame_sink(
             create_frame_sink(kind, a, codec)?,
             create_frame_sink(kind, b, codec)?,
         )),
+        (kind, SinkTarget::Frames(tx)) => Box::new(FrameChannelSink {
+            tx: tx.clone(),
+            kind,
+            codec,
+        }),
         (super::MediaKind::Video, t) if codec == Codec::H264 => Box::new(AnnexBSink::create(t)?),
         (super::MediaKind::Video, t) => Box::new(IvfSink::create(t, codec)?),
         (super::MediaKind::Audio, t) => Box::new(OggOpusSink::create(t, 2)?),
     })
+}
+
+/// Hands decrypted frames to a channel ([`SinkTarget::Frames`]); a full channel drops the frame.
+struct FrameChannelSink {
+    tx: tokio::sync::mpsc::Sender<Sample>,
+    kind: super::MediaKind,
+    codec: Codec,
+}
+
+impl FrameSink for FrameChannelSink {
+    fn codec(&self) -> Codec {
+        self.codec
+    }
+    fn write_frame(&mut self, frame: &[u8], pts: Duration) -> Result<(), SinkError> {
+        let sample = Sample {
+            kind: self.kind,
+            codec: self.codec,
+            data: bytes::Bytes::copy_from_slice(frame),
+            pts,
+            duration: Duration::ZERO,
+            keyframe: self.kind == super::MediaKind::Audio
+                || super::e2ee::is_keyframe(self.codec, frame),
+        };
+        // A closed receiver is not an error of the viewer: the program stopped listening.
+        let _ = self.tx.try_send(sample);
+        Ok(())
+    }
+    fn close(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// IVF writer (VP8, VP9, AV1). Timebase 1/90000 (the RTP video clock).

@@ -113,6 +113,13 @@ pub trait MediaSource: Send {
     fn codec(&self) -> Codec;
     /// The next sample, at its presentation time; `None` at the end.
     async fn next_sample(&mut self) -> Result<Option<Sample>, SourceError>;
+    /// Where the broadcaster passes keyframe requests (a new child, a viewer that lost
+    /// packets), already coalesced: a live source that can make a keyframe on demand (a WebRTC
+    /// publisher, see `crate::http`) returns a sender and gets `()` per request (dropped when
+    /// full); a file cannot, and returns `None` (the default).
+    fn keyframe_requests(&self) -> Option<mpsc::Sender<()>> {
+        None
+    }
 }
 
 /// Container format of a source.

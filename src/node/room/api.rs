@@ -397,6 +397,13 @@ impl Watch {
         self.link.status().await
     }
 
+    /// Ask the parent for a keyframe now (coalesced with other requests): for a program that
+    /// starts consuming the frames mid-stream ([`crate::media::SinkTarget::Frames`]). Dropped
+    /// when the room's input queue is full.
+    pub fn request_keyframe(&self) {
+        let _ = self.link.tx.try_send(Input::RequestKeyframe);
+    }
+
     /// Leave gracefully: children and parent are told, files are finalized.
     pub async fn leave(self) {
         self.link.leave().await

@@ -96,6 +96,8 @@ pub(crate) enum Input {
         reachable: bool,
     },
     Status(oneshot::Sender<RoomStatus>),
+    /// A local consumer of the frames needs a keyframe ([`super::Watch::request_keyframe`]).
+    RequestKeyframe,
     Leave(oneshot::Sender<()>),
 }
 
@@ -498,6 +500,11 @@ impl RoomTask {
                     children: tree.children().filter_map(peer).collect(),
                     capacity: tree.capacity(),
                 });
+            }
+            Input::RequestKeyframe => {
+                if let Media::Viewer(v) = &self.media {
+                    v.request_keyframe();
+                }
             }
             Input::Leave(_) => unreachable!("handled by the loop"),
         }
