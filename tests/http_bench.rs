@@ -105,6 +105,10 @@ async fn measure(
                         }
                     }));
                 }
+                Some(PeerEvent::Track(t)) => {
+                    // Audio is not measured, but read: an unread track fills webrtc-rs's queue.
+                    readers.push(tokio::spawn(async move { while t.poll().await.is_some() {} }));
+                }
                 Some(_) => {}
                 None => break,
             },
@@ -192,14 +196,22 @@ async fn glass_to_glass_first_frame_and_cpu_per_player() {
             .report("bench", Role::Viewer, None)
             .expect("report");
         report.feed(feed);
-        loop {
-            match tokio::time::timeout(Duration::from_secs(30), ev.recv()).await {
-                Ok(Some(RoomEvent::Joined { depth, .. })) => {
-                    eprintln!("viewer {} joined at depth {depth}", i + 1);
-                    break;
+        // One deadline for the join, however many other events come meanwhile.
+        let joined = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(e) = ev.recv().await {
+                if let RoomEvent::Joined { depth, .. } = e {
+                    return Some(depth);
                 }
-                Ok(Some(_)) => {}
-                other => panic!("viewer {i}: {other:?}"),
+            }
+            None
+        })
+        .await;
+        match joined {
+            Ok(Some(depth)) => eprintln!("viewer {} joined at depth {depth}", i + 1),
+            other => {
+                // Reported, and the chain measured as far as it got.
+                println!("viewer {} did not join within 30 s ({other:?})", i + 1);
+                break;
             }
         }
         let watch = Arc::new(watch);
