@@ -416,7 +416,11 @@ impl RoomReport {
 }
 
 impl Drop for RoomReport {
+    /// The room leaves the board; its local players end with it.
     fn drop(&mut self) {
-        self.board.lock().rooms.remove(&self.room);
+        let gone = self.board.lock().rooms.remove(&self.room);
+        if let Some(f) = gone.and_then(|e| e.feed) {
+            f.end();
+        }
     }
 }

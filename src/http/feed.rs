@@ -37,6 +37,8 @@ struct Inner {
     tx: broadcast::Sender<Sample>,
     tracks: watch::Sender<Vec<(MediaKind, Codec)>>,
     keyframe: mpsc::Sender<()>,
+    /// Set once the room is over for this node: its players end.
+    ended: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Feed {
@@ -55,12 +57,14 @@ impl Feed {
         let (tx, _) = broadcast::channel(FEED_FRAMES);
         let (kf_tx, kf_rx) = mpsc::channel(KEYFRAME_QUEUE);
         let (tracks, _) = watch::channel(tracks);
+        let (ended, _) = watch::channel(false);
         (
             Feed {
                 inner: Arc::new(Inner {
                     tx,
                     tracks,
                     keyframe: kf_tx,
+                    ended,
                 }),
             },
             kf_rx,
@@ -108,6 +112,17 @@ impl Feed {
     /// Players listening now.
     pub fn players(&self) -> usize {
         self.inner.tx.receiver_count()
+    }
+
+    /// The room is over for this node (its owner left): every player ends.
+    pub fn end(&self) {
+        self.inner.ended.send_replace(true);
+    }
+
+    /// Resolves once [`Feed::end`] was called.
+    pub async fn ended(&self) {
+        let mut rx = self.inner.ended.subscribe();
+        let _ = rx.wait_for(|e| *e).await;
     }
 
     /// Ask the feed's owner for a keyframe (dropped when requests are already queued).
@@ -224,6 +239,13 @@ mod tests {
         feed.request_keyframe();
         feed.request_keyframe();
         assert!(kf.try_recv().is_ok());
+        let f2 = feed.clone();
+        let waiting = tokio::spawn(async move { f2.ended().await });
+        feed.end();
+        tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("players see the end")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -543,7 +543,14 @@ mod tests {
     #[test]
     fn the_page_is_whole() {
         assert!(PAGE.starts_with("<!doctype html>"));
-        for must in ["/whep/", "/whip/", "/api/status", "<svg", "getUserMedia"] {
+        for must in [
+            "\"whep\"",
+            "\"whip\"",
+            "/api/status",
+            "<svg",
+            "getUserMedia",
+            "Waterfall-Room-Password",
+        ] {
             assert!(PAGE.contains(must), "page lacks {must}");
         }
         assert!(

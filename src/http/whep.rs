@@ -297,6 +297,8 @@ async fn membership(
                 }
             }
             Some(()) = kf_rx.recv() => watch.request_keyframe(),
+            // A room whose report went (the gateway is shutting down) is left.
+            _ = feed.ended() => break,
             _ = tick.tick() => {
                 if feed.players() > 0 {
                     idle_since = None;
@@ -456,6 +458,7 @@ async fn play(
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
+            _ = feed.ended() => return,
             ev = events.recv() => match ev {
                 None => return,
                 Some(PeerEvent::State(RTCPeerConnectionState::Connected)) => {

@@ -361,7 +361,18 @@ impl Publisher {
     }
 
     /// Applies the answer and plays the clip in real time until it ends (or `limit`).
-    pub async fn play(mut self, answer: &str, limit: Duration) -> Arc<Peer> {
+    pub async fn play(self, answer: &str, limit: Duration) -> Arc<Peer> {
+        self.play_with(answer, limit, |_, _| {}).await
+    }
+
+    /// [`Publisher::play`], telling `on_frame` each frame just before it is sent.
+    pub async fn play_with(
+        mut self,
+        answer: &str,
+        limit: Duration,
+        on_frame: impl Fn(waterfall::media::MediaKind, &bytes::Bytes) + Send + Sync + 'static,
+    ) -> Arc<Peer> {
+        let on_frame = Arc::new(on_frame);
         self.peer
             .apply_answer(&SignalBlob {
                 kind: SdpKind::Answer,
@@ -396,9 +407,11 @@ impl Publisher {
                 .first()
                 .and_then(|e| e.rtp_coding_parameters.ssrc)
                 .expect("an ssrc");
+            let on_frame = Arc::clone(&on_frame);
             tasks.push(tokio::spawn(async move {
                 let mut last = Duration::ZERO;
                 while let Ok(Some(s)) = src.next_sample().await {
+                    on_frame(s.kind, &s.data);
                     let duration = if s.duration > Duration::ZERO {
                         s.duration
                     } else {
