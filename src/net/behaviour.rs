@@ -21,7 +21,7 @@
 //!   settles; strict signing and manual validation so nothing is forwarded before the
 //!   application accepted it.
 
-use super::relay_guard::RelayServer;
+use super::relay_guard::{RelayClient, RelayServer};
 use std::time::Duration;
 
 use libp2p::{
@@ -70,7 +70,7 @@ pub(crate) struct Behaviour {
     pub ping: ping::Behaviour,
     pub autonat: autonat::v2::client::Behaviour,
     pub autonat_server: autonat::v2::server::Behaviour,
-    pub relay: relay::client::Behaviour,
+    pub relay: RelayClient,
     pub relay_server: Toggle<RelayServer>,
     pub dcutr: dcutr::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
@@ -202,7 +202,7 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
                 autonat_cfg,
             ),
             autonat_server: autonat::v2::server::Behaviour::default(),
-            relay,
+            relay: RelayClient::new(relay),
             relay_server: Toggle::from(
                 (relay_mode != RelayMode::Off).then(|| relay_server(peer_id, relay_mode)),
             ),
