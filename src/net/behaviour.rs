@@ -4,8 +4,9 @@
 //! - the waterfall Kademlia is forced into server mode: nodes on loopback or behind NAT would
 //!   otherwise stay clients and every query would fail in small networks;
 //! - `StoreInserts::FilterBoth`: inbound puts are handed to the actor, which validates them
-//!   ([`super::records`]) before storing; kad's own periodic publication is off because the actor
-//!   republishes its own live records itself (and only those);
+//!   ([`super::records`]) before storing it in a [`GuardedStore`] (own records apart, quotas on
+//!   the others'); kad's own periodic publication is off because the actor republishes its own
+//!   live records itself (and only those);
 //! - AutoNAT v2 replaces v1: its server dials back from a fresh port, so a hole-punched or
 //!   port-reused connection cannot fake reachability; every node also serves it (bounded by the
 //!   crate: one dial-back at a time per request, and a client must pay in bytes to have an
@@ -21,7 +22,7 @@
 //!   settles; strict signing and manual validation so nothing is forwarded before the
 //!   application accepted it.
 
-use super::relay_guard::RelayServer;
+use super::{relay_guard::RelayServer, store::GuardedStore};
 use std::time::Duration;
 
 use libp2p::{
@@ -40,8 +41,6 @@ use super::{
     PUBLIC_KAD_PROTOCOL, REQUEST_PROTOCOL, RelayMode, WATERFALL_KAD_PROTOCOL, codec::BytesCodec,
 };
 
-/// Records a node stores for others at most (8 KiB each: 32 MiB worst case).
-const MAX_STORED_RECORDS: usize = 4096;
 /// Kademlia queries give up after this long.
 const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request-response gives up after this long (handles usually time out earlier).
@@ -74,7 +73,7 @@ pub(crate) struct Behaviour {
     pub relay_server: Toggle<RelayServer>,
     pub dcutr: dcutr::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
-    pub kad: kad::Behaviour<MemoryStore>,
+    pub kad: kad::Behaviour<GuardedStore>,
     pub public_kad: Toggle<kad::Behaviour<MemoryStore>>,
     pub gossipsub: gossipsub::Behaviour,
     pub rr: request_response::Behaviour<BytesCodec>,
@@ -96,7 +95,7 @@ fn gossip_config(config: &NetConfig) -> Result<gossipsub::Config, NetError> {
         .map_err(|e| NetError::Build(format!("gossipsub config: {e}")))
 }
 
-fn waterfall_kad(keypair: &Keypair) -> kad::Behaviour<MemoryStore> {
+fn waterfall_kad(keypair: &Keypair) -> kad::Behaviour<GuardedStore> {
     let peer_id = keypair.public().to_peer_id();
     let mut cfg = kad::Config::new(StreamProtocol::new(WATERFALL_KAD_PROTOCOL));
     cfg.set_record_filtering(kad::StoreInserts::FilterBoth)
@@ -104,14 +103,7 @@ fn waterfall_kad(keypair: &Keypair) -> kad::Behaviour<MemoryStore> {
         .set_query_timeout(KAD_QUERY_TIMEOUT)
         .set_record_ttl(Some(super::MAX_RECORD_LIFETIME))
         .set_max_packet_size(4 * MAX_RECORD_BYTES);
-    let store = MemoryStore::with_config(
-        peer_id,
-        kad::store::MemoryStoreConfig {
-            max_records: MAX_STORED_RECORDS,
-            max_value_bytes: MAX_RECORD_BYTES,
-            ..Default::default()
-        },
-    );
+    let store = GuardedStore::new(peer_id);
     let mut kad = kad::Behaviour::with_config(peer_id, store, cfg);
     kad.set_mode(Some(kad::Mode::Server));
     kad

@@ -33,6 +33,11 @@
 //! exists). What a user must know (bootstrap failures, reachability, relay reservations, hole
 //! punching) is broadcast as [`NetNotice`]s ([`Net::notices`]), not only logged.
 //!
+//! DHT store (`store`): this node's own records apart from those it holds for others, which are
+//! bounded per sending peer, per signer and in total, held at most their kind's
+//! [`RecordMeta::hold_for`], taken only for keys this node is close to, and swept every few
+//! seconds; the node's own records are never crowded out (issue 16).
+//!
 //! Misbehaviour: a peer that sends an invalid record, an invalid gossip message or an oversized
 //! request earns a strike; at [`MAX_STRIKES`] it is disconnected and blocked for
 //! [`NetConfig::ban_duration`]. Gossipsub itself drops messages with bad signatures.
@@ -42,6 +47,7 @@ mod behaviour;
 mod codec;
 pub mod records;
 mod relay_guard;
+mod store;
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -51,6 +57,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::proto::NodeId;
 
 pub use records::{CLOCK_SKEW, MAX_RECORD_BYTES, MAX_RECORD_LIFETIME};
+pub use store::{MAX_FOREIGN, MAX_OWN_RECORDS, MAX_PER_SIGNER, MAX_PER_SOURCE};
 
 /// Notices kept for a lagging [`Net::notices`] receiver (older ones are dropped).
 pub const NOTICE_CAPACITY: usize = 64;
@@ -216,6 +223,10 @@ pub struct RecordMeta {
     pub expires_unix_ms: u64,
     /// Sequence number; a higher one from the same signer replaces the stored record.
     pub seq: u64,
+    /// How long a node holds this record for others at most, from its arrival, whatever its
+    /// signed expiry says (per kind: a signalling blob a minute, a room record a few minutes;
+    /// the publisher republishes before). Bounds what a flood of long-lived records costs.
+    pub hold_for: Duration,
 }
 
 /// Validates a record `(key, value)`; `Err` carries the reason it is invalid.
@@ -606,9 +617,10 @@ impl Net {
     }
 
     /// Fetch every valid copy of the record under `key` (local store and network), distinct
-    /// values sorted by descending sequence number. When this node stores a live copy, copies
-    /// by other signers are dropped (the current owner holds the key); otherwise all valid
-    /// copies are returned and the caller must pin the signer it expects. After the first valid
+    /// values sorted by descending sequence number. When this node published a live copy of
+    /// its own, copies by other signers are dropped (it owns the key); otherwise all valid
+    /// copies are returned, whoever signed them (a copy this node holds for others may be a
+    /// squatter's), and the caller must pin the signer it expects. After the first valid
     /// copy arrives the lookup collects for at most one more second (an unreachable peer would
     /// otherwise hold the query until Kademlia's own timeout). [`NetError::NotFound`] when the lookup
     /// finished without a valid record, [`NetError::Timeout`] when `timeout` passed first.

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use libp2p::PeerId;
 
@@ -18,6 +19,14 @@ use crate::wire::{self, Envelope, TreeUpdate, Versioned};
 
 /// Kinds that may be stored in the waterfall DHT.
 const DHT_KINDS: [Kind; 3] = [Kind::RoomRecord, Kind::Offer, Kind::Answer];
+
+/// How long a DHT node holds a signalling blob (offer, answer) for others: the exchange it
+/// serves is over within seconds, and blobs are signed to expire within a minute anyway.
+pub const SIGNAL_HOLD: Duration = Duration::from_secs(60);
+/// How long a DHT node holds a room record for others: the broadcaster refreshes it every
+/// [`crate::node::ROOM_REFRESH`] and republishes it well within this, so a live room's record
+/// never lapses, while a squatter's or a flooder's copy is gone minutes after it stops.
+pub const ROOM_RECORD_HOLD: Duration = Duration::from_secs(5 * 60);
 
 /// The record validator handed to the network actor.
 pub fn validate_record(_key: &[u8], value: &[u8]) -> Result<RecordMeta, String> {
@@ -30,6 +39,10 @@ pub fn validate_record(_key: &[u8], value: &[u8]) -> Result<RecordMeta, String> 
         signer: env.signer.0.to_vec(),
         expires_unix_ms: env.expires_ms,
         seq: env.seq,
+        hold_for: match env.kind {
+            Kind::RoomRecord => ROOM_RECORD_HOLD,
+            _ => SIGNAL_HOLD,
+        },
     })
 }
 

@@ -65,6 +65,7 @@ pub fn record_validator() -> RecordValidator {
             signer: v[..32].to_vec(),
             expires_unix_ms: exp,
             seq,
+            hold_for: waterfall::net::MAX_RECORD_LIFETIME,
         })
     })
 }
@@ -76,6 +77,7 @@ pub fn gullible_record_validator() -> RecordValidator {
             signer: vec![0; 32],
             expires_unix_ms: now_unix_ms() + 60_000,
             seq: 0,
+            hold_for: waterfall::net::MAX_RECORD_LIFETIME,
         })
     })
 }
