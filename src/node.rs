@@ -49,6 +49,9 @@ pub const ROOM_RECORD_TTL: Duration = Duration::from_secs(3600);
 pub const DIRECT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a lookup of a room record may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(8);
+/// Rooms whose broadcaster this node remembers (pinned by a ticket or an earlier lookup);
+/// the oldest pin is forgotten first.
+pub const MAX_PINS: usize = 256;
 
 /// The key every waterfall node provides on the public DHT (`--public`), so that waterfall nodes
 /// can find each other among the IPFS peers. Only provider records go there, never values.
@@ -292,6 +295,8 @@ impl NodeBuilder {
             public: self.public,
             inline_signalling: self.inline_signalling,
             dispatcher: Mutex::new(None),
+            pins: Mutex::new(Vec::new()),
+            last_seq: std::sync::atomic::AtomicU64::new(0),
             _data_dir: held_dir,
         });
         if self.public {
@@ -319,6 +324,10 @@ pub(crate) struct Inner {
     pub(crate) public: bool,
     pub(crate) inline_signalling: bool,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Broadcaster pinned per room locator, oldest first (see [`Node::lookup_room_claims`]).
+    pins: Mutex<Vec<([u8; 32], NodeId)>>,
+    /// The last sequence number this node signed a room record with (see [`next_seq`]).
+    last_seq: std::sync::atomic::AtomicU64,
     /// The locked data directory, released when the node stops.
     _data_dir: Option<datadir::DataDir>,
 }
@@ -455,6 +464,12 @@ impl Node {
                 tracing::warn!("public DHT: providing the room failed: {e}");
             }
         }
+        // The sequence follows the wall clock, so a restarted broadcaster's record replaces the
+        // one it signed in an earlier run (a counter would restart at 1 and be refused as stale).
+        record.seq = next_seq(&self.inner.last_seq, now_ms());
+        if record.broadcaster == self.inner.identity.node_id() {
+            self.pin(keys, record.broadcaster);
+        }
         let record = &record;
         let sealed = keys.seal(Kind::RoomRecord, &wire::encode(record));
         let env = self.inner.identity.seal_envelope(
@@ -528,12 +543,33 @@ impl Node {
     }
 
     /// Find and open a room record. `ticket` pins the broadcaster and tells a wrong password
-    /// from an unknown room.
+    /// from an unknown room. See [`Node::lookup_room_claims`]; a contested name is logged.
     pub async fn lookup_room(
         &self,
         keys: &RoomKeys,
         ticket: Option<&Ticket>,
     ) -> Result<RoomRecord, NodeError> {
+        let found = self.lookup_room_claims(keys, ticket).await?;
+        if let Some(c) = &found.contest {
+            tracing::warn!("{c}");
+        }
+        Ok(found.record)
+    }
+
+    /// Find and open a room record, telling whether several signers claim the name.
+    ///
+    /// Anyone with the password can sign a record under the room's locator, so a lookup by
+    /// name may find several claimants. The choice: the broadcaster `ticket` names (others'
+    /// records are refused), else the one this node pinned earlier (a ticket it used, a
+    /// broadcast of its own, or the only claimant of an earlier lookup), else the freshest
+    /// record (highest sequence, which follows the signer's clock). The chosen broadcaster is
+    /// pinned for later lookups by name. [`RoomLookup::contest`] names every claimant when
+    /// there was more than one.
+    pub async fn lookup_room_claims(
+        &self,
+        keys: &RoomKeys,
+        ticket: Option<&Ticket>,
+    ) -> Result<RoomLookup, NodeError> {
         let room = keys.name().to_owned();
         if let Some(t) = ticket {
             if t.check != ticket_check(keys) {
@@ -576,7 +612,8 @@ impl Node {
             Err(e) => return Err(e.into()),
         };
         let now = now_ms();
-        let mut best: Option<(Envelope, RoomRecord)> = None;
+        // The freshest record of each claimant.
+        let mut claims: Vec<(Envelope, RoomRecord)> = Vec::new();
         let mut last_err = None;
         for v in values {
             match open_record(keys, &v, now) {
@@ -591,8 +628,10 @@ impl Node {
                         });
                         continue;
                     }
-                    if best.as_ref().is_none_or(|(b, _)| env.seq > b.seq) {
-                        best = Some((env, rec));
+                    match claims.iter_mut().find(|(e, _)| e.signer == env.signer) {
+                        Some(c) if env.seq > c.0.seq => *c = (env, rec),
+                        Some(_) => {}
+                        None => claims.push((env, rec)),
                     }
                 }
                 Err(source) => {
@@ -603,16 +642,56 @@ impl Node {
                 }
             }
         }
-        let Some((_, rec)) = best else {
+        let pinned = ticket.map(|t| t.broadcaster).or_else(|| self.pinned(keys));
+        let chosen = pinned
+            .and_then(|p| claims.iter().position(|(e, _)| e.signer == p))
+            .or_else(|| (0..claims.len()).max_by_key(|&i| claims[i].0.seq));
+        let Some(i) = chosen else {
             return Err(last_err.unwrap_or(NodeError::RoomNotFound { room }));
         };
+        let rec = claims[i].1.clone();
+        let contest = (claims.len() > 1).then(|| NameContest {
+            room: room.clone(),
+            claimants: claims
+                .iter()
+                .filter_map(|(e, _)| crate::net::peer_of(e.signer))
+                .collect(),
+            chosen: crate::net::peer_of(rec.broadcaster),
+            pinned: pinned == Some(rec.broadcaster),
+        });
         if rec.expires_ms <= now {
             return Err(NodeError::RoomExpired {
                 room,
                 ago_s: (now - rec.expires_ms) / 1000,
             });
         }
-        Ok(rec)
+        // Trust on first use: a name looked up with a ticket, or with one claimant, keeps
+        // that broadcaster for later lookups; a contested name keeps an existing pin only.
+        if ticket.is_some() || claims.len() == 1 {
+            self.pin(keys, rec.broadcaster);
+        }
+        Ok(RoomLookup {
+            record: rec,
+            contest,
+        })
+    }
+
+    /// The broadcaster pinned for this room, if any.
+    fn pinned(&self, keys: &RoomKeys) -> Option<NodeId> {
+        let pins = self.inner.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.iter()
+            .find(|(l, _)| l == keys.locator())
+            .map(|(_, b)| *b)
+    }
+
+    /// Pin `broadcaster` for this room (the newest pin of a room replaces its older one).
+    fn pin(&self, keys: &RoomKeys, broadcaster: NodeId) {
+        let mut pins = self.inner.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.retain(|(l, _)| l != keys.locator());
+        if pins.len() >= MAX_PINS {
+            pins.remove(0);
+        }
+        pins.push((*keys.locator(), broadcaster));
     }
 
     /// Whether the broadcast `session` (its record's creation time) of `broadcaster` is still
@@ -655,6 +734,63 @@ impl Node {
     pub async fn shutdown(&self) {
         self.inner.rooms.shutdown_all().await;
         self.inner.net.shutdown().await;
+    }
+}
+
+/// The next sequence number of a room record: the wall clock in ms, and always above the last
+/// one this node used (two records within a millisecond, or a clock stepped back).
+fn next_seq(last: &std::sync::atomic::AtomicU64, now_ms: u64) -> u64 {
+    use std::sync::atomic::Ordering;
+    let prev = last
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+            Some(now_ms.max(l.saturating_add(1)))
+        })
+        .unwrap_or_else(|l| l);
+    now_ms.max(prev.saturating_add(1))
+}
+
+/// What [`Node::lookup_room_claims`] found.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RoomLookup {
+    /// The chosen record.
+    pub record: RoomRecord,
+    /// Set when several signers claim the room's name.
+    pub contest: Option<NameContest>,
+}
+
+/// Several signers hold valid records under one room name and password: a member squatting
+/// the name, or two broadcasts sharing name and password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NameContest {
+    /// The room's name.
+    pub room: String,
+    /// Every signer with a valid record, the chosen one included.
+    pub claimants: Vec<PeerId>,
+    /// The broadcaster chosen (`None` only if its key is not a valid peer id).
+    pub chosen: Option<PeerId>,
+    /// Whether it was chosen because a ticket or an earlier session pinned it (else: the
+    /// freshest record won, which a squatter can also claim).
+    pub pinned: bool,
+}
+
+impl std::fmt::Display for NameContest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} signers claim room {:?}; chose {} ({})",
+            self.claimants.len(),
+            self.room,
+            self.chosen
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "?".into()),
+            if self.pinned {
+                "pinned by a ticket or an earlier session"
+            } else {
+                "freshest record, nothing pinned: use a ticket to be sure"
+            }
+        )
     }
 }
 
@@ -708,4 +844,21 @@ fn public_room_key(keys: &RoomKeys) -> Vec<u8> {
 pub fn ticket_check(keys: &RoomKeys) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(keys.locator())[..8].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::next_seq;
+
+    #[test]
+    fn record_sequence_follows_the_clock_and_never_goes_back() {
+        let last = AtomicU64::new(0);
+        assert_eq!(next_seq(&last, 1_000), 1_000);
+        // Two records in one millisecond, then a clock stepped back.
+        assert_eq!(next_seq(&last, 1_000), 1_001);
+        assert_eq!(next_seq(&last, 500), 1_002);
+        assert_eq!(next_seq(&last, 5_000), 5_000);
+    }
 }

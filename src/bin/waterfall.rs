@@ -694,6 +694,9 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
         RoomEvent::BroadcastEnded => json!({"event": "broadcast_ended"}),
         RoomEvent::TicketChanged(t) => json!({"event": "ticket", "ticket": t.to_string()}),
         RoomEvent::Ended => json!({"event": "ended"}),
+        RoomEvent::NameContested(c) => json!({"event": "name_contested",
+            "claimants": c.claimants.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "chosen": c.chosen.map(|p| p.to_string()), "pinned": c.pinned}),
         _ => return None,
     })
 }
@@ -956,6 +959,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                     RoomEvent::Media(MediaEvent::DecryptFailed(e)) => {
                         say!("media does not decrypt ({e}): wrong password?");
                     }
+                    RoomEvent::NameContested(c) => say!("warning: {c}"),
                     RoomEvent::ParentUnreachable { parent, timed_out } => say!(
                         "no media path to parent {} ({}): trying another parent",
                         short(parent),

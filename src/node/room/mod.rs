@@ -73,6 +73,8 @@ struct RoomStart {
     record: Option<RoomRecord>,
     /// The broadcast's creation time (its session: end notices name it).
     session: u64,
+    /// Queued before anything else happens in the room (what the lookup found out).
+    first_event: Option<RoomEvent>,
 }
 
 impl Node {
@@ -134,6 +136,7 @@ impl Node {
                 media_events,
                 record: Some(record),
                 session: created_ms,
+                first_event: None,
             })
             .await?;
         if cfg.autostart {
@@ -155,7 +158,12 @@ impl Node {
             WatchTarget::Name(n) => (n.clone(), None),
         };
         let keys = self.room_keys(&name, password).await?;
-        let record = self.lookup_room(&keys, ticket).await?;
+        let found = self.lookup_room_claims(&keys, ticket).await?;
+        let first_event = found.contest.map(|c| {
+            tracing::warn!("{c}");
+            RoomEvent::NameContested(c)
+        });
+        let record = found.record;
         // Reach the broadcaster (its addresses are in the record) so the snapshot request and the
         // DHT have a path.
         for a in &record.addrs {
@@ -180,6 +188,7 @@ impl Node {
             media_events,
             record: None,
             session: record.created_ms,
+            first_event,
         })
         .await
         .map(Watch::new)
@@ -193,6 +202,7 @@ impl Node {
             media_events,
             record,
             session,
+            first_event,
         } = start;
         let role = if record.is_some() {
             "broadcaster"
@@ -226,6 +236,9 @@ impl Node {
             None => None,
         };
         let (ev_tx, ev_rx) = mpsc::channel(ROOM_EVENT_QUEUE);
+        if let Some(ev) = first_event {
+            let _ = ev_tx.try_send(ev);
+        }
         let span = tracing::info_span!(
             "room",
             name = %keys.name(),
