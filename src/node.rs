@@ -49,6 +49,9 @@ pub const ROOM_RECORD_TTL: Duration = Duration::from_secs(3600);
 pub const DIRECT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a lookup of a room record may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(8);
+/// Offers this node answers at once (each builds a peer connection and gathers ICE); more are
+/// refused as busy and the child tries again or elsewhere.
+pub const MAX_CONCURRENT_OFFERS: usize = 16;
 /// Rooms whose broadcaster this node remembers (pinned by a ticket or an earlier lookup);
 /// the oldest pin is forgotten first.
 pub const MAX_PINS: usize = 256;
@@ -136,6 +139,7 @@ pub struct NodeBuilder {
     max_children: Option<u16>,
     inline_signalling: bool,
     max_connections: Option<u32>,
+    max_connections_per_ip: Option<u32>,
     relay: RelayMode,
     external_addrs: Vec<Multiaddr>,
 }
@@ -159,6 +163,7 @@ impl Default for NodeBuilder {
             max_children: None,
             inline_signalling: true,
             max_connections: None,
+            max_connections_per_ip: None,
             relay: RelayMode::Off,
             external_addrs: Vec::new(),
         }
@@ -242,6 +247,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Inbound connections from one IP address at most (default 64; see
+    /// [`NetConfig::max_connections_per_ip`]).
+    pub fn max_connections_per_ip(mut self, n: u32) -> Self {
+        self.max_connections_per_ip = Some(n);
+        self
+    }
+
     /// Start the node.
     pub async fn spawn(self) -> Result<Node, NodeError> {
         self.media.validate()?;
@@ -282,6 +294,9 @@ impl NodeBuilder {
         if let Some(n) = self.max_connections {
             config.max_connections = n;
         }
+        if let Some(n) = self.max_connections_per_ip {
+            config.max_connections_per_ip = n;
+        }
         let (net, events) = Net::spawn(config).await?;
         let rooms = room::Rooms::default();
         let inner = Arc::new(Inner {
@@ -295,6 +310,7 @@ impl NodeBuilder {
             public: self.public,
             inline_signalling: self.inline_signalling,
             dispatcher: Mutex::new(None),
+            offer_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_OFFERS),
             pins: Mutex::new(Vec::new()),
             last_seq: std::sync::atomic::AtomicU64::new(0),
             _data_dir: held_dir,
@@ -324,6 +340,8 @@ pub(crate) struct Inner {
     pub(crate) public: bool,
     pub(crate) inline_signalling: bool,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Slots for offers being answered ([`MAX_CONCURRENT_OFFERS`]).
+    pub(crate) offer_slots: tokio::sync::Semaphore,
     /// Broadcaster pinned per room locator, oldest first (see [`Node::lookup_room_claims`]).
     pins: Mutex<Vec<([u8; 32], NodeId)>>,
     /// The last sequence number this node signed a room record with (see [`next_seq`]).

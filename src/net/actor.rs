@@ -33,10 +33,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::{
-    MAX_GOSSIP_BYTES, MAX_PENDING_INBOUND, MAX_PENDING_QUERIES, MAX_STRIKES, NetConfig, NetError,
-    NetEvent, NetNotice, NetStatus, PENDING_PUBLISH_PER_TOPIC, PENDING_PUBLISH_TOPICS,
-    PENDING_PUBLISH_TTL, PUBLIC_KAD_PROTOCOL, Published, RecordValidator, ResponseHandle, Result,
-    WATERFALL_KAD_PROTOCOL,
+    MAX_GOSSIP_BYTES, MAX_PENDING_INBOUND, MAX_PENDING_INBOUND_PER_PEER, MAX_PENDING_QUERIES,
+    MAX_STRIKES, NetConfig, NetError, NetEvent, NetNotice, NetStatus, PENDING_PUBLISH_PER_TOPIC,
+    PENDING_PUBLISH_TOPICS, PENDING_PUBLISH_TTL, PUBLIC_KAD_PROTOCOL, Published, RecordValidator,
+    ResponseHandle, Result, WATERFALL_KAD_PROTOCOL,
     behaviour::{Behaviour, BehaviourEvent, build_swarm},
     codec::Body,
     records::{self, Refusal},
@@ -112,6 +112,11 @@ pub(crate) enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// A [`ResponseHandle`] was dropped unanswered: free its slot (the requester's stream
+    /// closes, so it fails at once rather than at its timeout).
+    Forget {
+        id: u64,
+    },
     ProvidePublic {
         key: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
@@ -156,6 +161,7 @@ struct LanPeer {
 
 struct PendingInbound {
     channel: ResponseChannel<Body>,
+    peer: PeerId,
     since: Instant,
 }
 
@@ -284,20 +290,19 @@ impl Actor {
     }
 
     fn emit(&mut self, ev: NetEvent) {
-        if let Err(e) = self.events.try_send(ev) {
-            match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    self.dropped_events += 1;
-                    // Log sparsely: a lagging application must not flood the log either.
-                    if self.dropped_events.is_power_of_two() {
-                        warn!(
-                            dropped = self.dropped_events,
-                            "event receiver lagging, events dropped"
-                        );
-                    }
-                }
-                mpsc::error::TrySendError::Closed(_) => {}
-            }
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(ev) {
+            self.note_dropped_event();
+        }
+    }
+
+    fn note_dropped_event(&mut self) {
+        self.dropped_events += 1;
+        // Log sparsely: a lagging application must not flood the log either.
+        if self.dropped_events.is_power_of_two() {
+            warn!(
+                dropped = self.dropped_events,
+                "event receiver lagging, events dropped"
+            );
         }
     }
 
@@ -390,6 +395,9 @@ impl Actor {
                 };
                 let _ = reply.send(r);
             }
+            Command::Forget { id } => {
+                self.inbound.remove(&id);
+            }
             Command::ProvidePublic { key, reply } => {
                 let _ = reply.send(self.public_provide(&key));
             }
@@ -424,6 +432,10 @@ impl Actor {
     }
 
     fn dial(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId>>) {
+        if self.dials.len() >= MAX_PENDING_QUERIES {
+            let _ = reply.send(Err(NetError::Busy));
+            return;
+        }
         let opts = match peer_id_of(&addr) {
             Some(peer) => {
                 if self.swarm.is_connected(&peer) {
@@ -1069,26 +1081,46 @@ impl Actor {
                         debug!(%peer, "too many pending inbound requests, dropping");
                         return;
                     }
+                    // Bounded work: at most MAX_PENDING_INBOUND entries.
+                    let of_peer = self.inbound.values().filter(|p| p.peer == peer).count();
+                    if of_peer >= MAX_PENDING_INBOUND_PER_PEER {
+                        debug!(%peer, "too many pending inbound requests of this peer, dropping");
+                        return;
+                    }
                     let id = self.next_inbound;
                     self.next_inbound += 1;
                     self.inbound.insert(
                         id,
                         PendingInbound {
                             channel,
+                            peer,
                             since: Instant::now(),
                         },
                     );
                     self.inbound_ids.insert(request_id, id);
-                    let reply = ResponseHandle {
-                        id,
-                        peer,
-                        cmd: self.cmd_weak.clone(),
+                    let delivered = match self.events.try_reserve() {
+                        Ok(permit) => {
+                            permit.send(NetEvent::Request {
+                                from: peer,
+                                data,
+                                reply: ResponseHandle {
+                                    id,
+                                    peer,
+                                    cmd: self.cmd_weak.clone(),
+                                    done: false,
+                                },
+                            });
+                            true
+                        }
+                        Err(_) => false,
                     };
-                    self.emit(NetEvent::Request {
-                        from: peer,
-                        data,
-                        reply,
-                    });
+                    if !delivered {
+                        // The application lags: free the slot now (the request fails at the
+                        // requester at once) instead of holding it for INBOUND_TTL.
+                        self.inbound.remove(&id);
+                        self.inbound_ids.remove(&request_id);
+                        self.note_dropped_event();
+                    }
                 }
                 request_response::Message::Response {
                     request_id,

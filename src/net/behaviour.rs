@@ -22,7 +22,7 @@
 //!   settles; strict signing and manual validation so nothing is forwarded before the
 //!   application accepted it.
 
-use super::{relay_guard::RelayServer, store::GuardedStore};
+use super::{ip_limits::IpLimits, relay_guard::RelayServer, store::GuardedStore};
 use std::time::Duration;
 
 use libp2p::{
@@ -64,6 +64,7 @@ const RELAY_CIRCUIT_BYTES: u64 = 32 * 1024 * 1024;
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     pub limits: connection_limits::Behaviour,
+    pub ip_limits: IpLimits,
     pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -152,6 +153,7 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
         .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
         .with_max_pending_incoming(Some(config.max_connections))
         .with_max_pending_outgoing(Some(config.max_connections));
+    let per_ip = config.max_connections_per_ip;
     let mdns_on = config.mdns;
     let public_on = config.public;
     let (max_req, max_resp) = (config.max_request_bytes, config.max_response_bytes);
@@ -182,6 +184,7 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
         );
         Ok(Behaviour {
             limits: connection_limits::Behaviour::new(limits),
+            ip_limits: IpLimits::new(per_ip),
             blocked: allow_block_list::Behaviour::default(),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())

@@ -38,6 +38,11 @@
 //! [`RecordMeta::hold_for`], taken only for keys this node is close to, and swept every few
 //! seconds; the node's own records are never crowded out (issue 16).
 //!
+//! Limits (issue 16): inbound connections per remote IP (`ip_limits`, beside libp2p's
+//! connection limits in total and per peer), inbound requests pending per peer
+//! ([`MAX_PENDING_INBOUND_PER_PEER`]) and in total; a request the application does not get (its
+//! event queue is full) or drops unanswered frees its slot at once.
+//!
 //! Misbehaviour: a peer that sends an invalid record, an invalid gossip message or an oversized
 //! request earns a strike; at [`MAX_STRIKES`] it is disconnected and blocked for
 //! [`NetConfig::ban_duration`]. Gossipsub itself drops messages with bad signatures.
@@ -45,6 +50,7 @@
 mod actor;
 mod behaviour;
 mod codec;
+mod ip_limits;
 pub mod records;
 mod relay_guard;
 mod store;
@@ -189,6 +195,9 @@ pub const PENDING_PUBLISH_TOPICS: usize = 64;
 pub const PENDING_PUBLISH_TTL: Duration = Duration::from_secs(10);
 /// Inbound requests awaiting the application's response at once; more are refused.
 pub const MAX_PENDING_INBOUND: usize = 256;
+/// Inbound requests of one peer awaiting the application's response at once: one peer cannot
+/// take every slot (a tree neighbour has a few requests in flight).
+pub const MAX_PENDING_INBOUND_PER_PEER: usize = 32;
 /// Concurrent DHT queries and outbound requests started through the handle.
 pub const MAX_PENDING_QUERIES: usize = 1024;
 /// Largest gossip message (the room's tree updates and notices are small).
@@ -249,6 +258,10 @@ pub struct NetConfig {
     pub public: bool,
     /// Maximum established connections.
     pub max_connections: u32,
+    /// Inbound connections (pending and established) from one IP address at most: one host
+    /// cannot take every slot. Generous, since a NAT puts many honest peers behind one
+    /// address.
+    pub max_connections_per_ip: u32,
     /// Record validator, applied to every record stored or returned.
     pub record_validator: RecordValidator,
     /// Gossip validator, applied to every received message.
@@ -300,6 +313,7 @@ impl NetConfig {
             public: false,
             // A broadcaster is everyone's first contact in small setups: room for a crowd.
             max_connections: 1024,
+            max_connections_per_ip: 64,
             record_validator,
             gossip_validator,
             max_request_bytes: 256 * 1024,
@@ -325,6 +339,7 @@ impl fmt::Debug for NetConfig {
             .field("mdns", &self.mdns)
             .field("public", &self.public)
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
             .field("relay", &self.relay)
             .field("use_relays", &self.use_relays)
             .finish_non_exhaustive()
@@ -436,12 +451,25 @@ pub enum NetEvent {
     Listening(Multiaddr),
 }
 
-/// The way to answer one inbound request. Unanswered requests fail at the requester after its
-/// timeout; the handle does not keep the actor alive.
+/// The way to answer one inbound request. Dropping it unanswered frees the request's slot at
+/// once and the request fails at the requester; the handle does not keep the actor alive.
 pub struct ResponseHandle {
     id: u64,
     peer: PeerId,
     cmd: mpsc::WeakSender<actor::Command>,
+    /// Answered (or handed to [`Net::respond`]): nothing to release on drop.
+    done: bool,
+}
+
+impl Drop for ResponseHandle {
+    fn drop(&mut self) {
+        if !self.done
+            && let Some(cmd) = self.cmd.upgrade()
+        {
+            // Best effort: when the queue is full the slot is freed by the actor's timeout.
+            let _ = cmd.try_send(actor::Command::Forget { id: self.id });
+        }
+    }
 }
 
 impl fmt::Debug for ResponseHandle {
@@ -460,7 +488,8 @@ impl ResponseHandle {
     }
 
     /// Send `data` as the response.
-    pub async fn respond(self, data: Vec<u8>) -> Result<()> {
+    pub async fn respond(mut self, data: Vec<u8>) -> Result<()> {
+        self.done = true;
         let cmd = self.cmd.upgrade().ok_or(NetError::Closed)?;
         let (tx, rx) = oneshot::channel();
         cmd.send(actor::Command::Respond {
@@ -671,7 +700,8 @@ impl Net {
     }
 
     /// Answer an inbound request (same as [`ResponseHandle::respond`]).
-    pub async fn respond(&self, reply: ResponseHandle, data: Vec<u8>) -> Result<()> {
+    pub async fn respond(&self, mut reply: ResponseHandle, data: Vec<u8>) -> Result<()> {
+        reply.done = true;
         let id = reply.id;
         self.call(|reply| actor::Command::Respond { id, data, reply })
             .await?
