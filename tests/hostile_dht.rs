@@ -17,7 +17,7 @@ use libp2p::{Multiaddr, PeerId};
 use support::room::{builder, clip};
 use support::wait_for;
 use waterfall::crypto::{Identity, Kind, now_ms, random_bytes};
-use waterfall::net::{GossipValidator, Net, NetConfig, NetError};
+use waterfall::net::{GossipValidator, GossipVerdict, Net, NetConfig, NetError};
 use waterfall::wire::{self, Envelope};
 use waterfall::{Node, RoomConfig};
 
@@ -42,7 +42,7 @@ fn tcp_addr(addrs: &[Multiaddr], peer: PeerId) -> Multiaddr {
 /// A bare swarm with the real record validator: what a stranger runs to flood the DHT.
 async fn attacker(target: Multiaddr) -> Net {
     let id = Identity::generate();
-    let gossip: GossipValidator = Arc::new(|_: &str, _: &PeerId, _: &[u8]| false);
+    let gossip: GossipValidator = Arc::new(|_: &str, _: &PeerId, _: &[u8]| GossipVerdict::Reject);
     let config = NetConfig::new(
         id.to_libp2p(),
         Arc::new(waterfall::node::records::validate_record),

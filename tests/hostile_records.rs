@@ -171,3 +171,51 @@ fn squat(id: &Identity, keys: &waterfall::RoomKeys, rec: &RoomRecord) -> Envelop
         keys.seal(Kind::RoomRecord, &wire::encode(rec)),
     )
 }
+
+/// Records that expired on the way (or whose signer's clock is behind) are refused without
+/// blame: before issue 16 each counted as invalid, and three got an honest peer banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_records_earn_their_sender_no_ban() {
+    use std::sync::Arc;
+    use waterfall::net::{GossipVerdict, Net, NetConfig, RecordMeta};
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let host = builder().spawn().await.expect("host starts");
+        let boot = tcp_addrs(host.addrs().await.unwrap());
+        // A sender whose own check lets late records through (its clock is behind).
+        let id = Identity::generate();
+        let behind = Arc::new(|_: &[u8], v: &[u8]| {
+            let env: Envelope = wire::decode(v).map_err(|e| e.to_string())?;
+            Ok(RecordMeta {
+                signer: env.signer.0.to_vec(),
+                expires_unix_ms: now_ms() + 60_000,
+                seq: env.seq,
+                hold_for: Duration::from_secs(60),
+            })
+        });
+        let gossip = Arc::new(|_: &str, _: &libp2p::PeerId, _: &[u8]| GossipVerdict::Ignore);
+        let (net, _events) = Net::spawn(NetConfig::new(id.to_libp2p(), behind, gossip))
+            .await
+            .expect("sender spawns");
+        let host_peer = net.dial(boot[0].clone()).await.expect("dial host");
+        assert!(
+            wait_for(Duration::from_secs(10), || async {
+                net.status().await.unwrap().dht_peers >= 1
+            })
+            .await
+        );
+        for i in 0..6u8 {
+            let env = id.seal_envelope(Kind::Offer, 1, now_ms() - 1_000, vec![i; 8]);
+            let _ = net.put_record(vec![i; 32], wire::encode(&env)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            net.connected_peers().await.unwrap().contains(&host_peer),
+            "the host banned a peer for records that had merely expired"
+        );
+        assert_eq!(host.net().status().await.unwrap().dht_records, 0);
+        net.shutdown().await;
+        host.shutdown().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -33,10 +33,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::{
-    MAX_GOSSIP_BYTES, MAX_PENDING_INBOUND, MAX_PENDING_INBOUND_PER_PEER, MAX_PENDING_QUERIES,
-    MAX_STRIKES, NetConfig, NetError, NetEvent, NetNotice, NetStatus, PENDING_PUBLISH_PER_TOPIC,
-    PENDING_PUBLISH_TOPICS, PENDING_PUBLISH_TTL, PUBLIC_KAD_PROTOCOL, Published, RecordValidator,
-    ResponseHandle, Result, WATERFALL_KAD_PROTOCOL,
+    GossipVerdict, MAX_GOSSIP_BYTES, MAX_PENDING_INBOUND, MAX_PENDING_INBOUND_PER_PEER,
+    MAX_PENDING_QUERIES, MAX_STRIKES, NetConfig, NetError, NetEvent, NetNotice, NetStatus,
+    PENDING_PUBLISH_PER_TOPIC, PENDING_PUBLISH_TOPICS, PENDING_PUBLISH_TTL, PUBLIC_KAD_PROTOCOL,
+    Published, RecordValidator, ResponseHandle, Result, WATERFALL_KAD_PROTOCOL,
     behaviour::{Behaviour, BehaviourEvent, build_swarm},
     codec::Body,
     records::{self, Refusal},
@@ -1036,25 +1036,26 @@ impl Actor {
             } => {
                 let topic = message.topic.as_str().to_owned();
                 let author = message.source.unwrap_or(propagation_source);
-                let ok = (self.gossip_validator)(&topic, &author, &message.data);
-                let acceptance = if ok {
-                    gossipsub::MessageAcceptance::Accept
-                } else {
-                    gossipsub::MessageAcceptance::Reject
+                let verdict = (self.gossip_validator)(&topic, &author, &message.data);
+                let acceptance = match verdict {
+                    GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
+                    GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+                    GossipVerdict::Reject => gossipsub::MessageAcceptance::Reject,
                 };
                 self.swarm
                     .behaviour_mut()
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
-                if ok {
-                    self.emit(NetEvent::Gossip {
+                match verdict {
+                    GossipVerdict::Accept => self.emit(NetEvent::Gossip {
                         topic,
                         from: author,
                         data: message.data,
-                    });
-                } else {
+                    }),
+                    // Late or not ours: nobody's fault.
+                    GossipVerdict::Ignore => {}
                     // Honest peers forward only what they validated, so the forwarder is at fault.
-                    self.strike(propagation_source, "invalid gossip");
+                    GossipVerdict::Reject => self.strike(propagation_source, "invalid gossip"),
                 }
             }
             gossipsub::Event::Subscribed { topic, .. } => {

@@ -44,7 +44,8 @@
 //! event queue is full) or drops unanswered frees its slot at once.
 //!
 //! Misbehaviour: a peer that sends an invalid record, an invalid gossip message or an oversized
-//! request earns a strike; at [`MAX_STRIKES`] it is disconnected and blocked for
+//! request earns a strike (a record or message that merely expired, or arrives for a topic we
+//! left, does not: [`GossipVerdict::Ignore`], `records::Refusal::is_misbehaviour`); at [`MAX_STRIKES`] it is disconnected and blocked for
 //! [`NetConfig::ban_duration`]. Gossipsub itself drops messages with bad signatures.
 
 mod actor;
@@ -240,8 +241,21 @@ pub struct RecordMeta {
 
 /// Validates a record `(key, value)`; `Err` carries the reason it is invalid.
 pub type RecordValidator = Arc<dyn Fn(&[u8], &[u8]) -> Result<RecordMeta, String> + Send + Sync>;
-/// Validates a gossip message `(topic, author, data)`; `false` rejects and penalises the sender.
-pub type GossipValidator = Arc<dyn Fn(&str, &PeerId, &[u8]) -> bool + Send + Sync>;
+/// What a [`GossipValidator`] says of one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GossipVerdict {
+    /// Valid: delivered and forwarded.
+    Accept,
+    /// Not ours to judge, or late: dropped and not forwarded, but no fault of the sender (a
+    /// topic we just left, a message that expired on the way or under clock skew).
+    Ignore,
+    /// Invalid (forged, malformed, misattributed): dropped, and the forwarder earns a strike.
+    Reject,
+}
+
+/// Validates a gossip message `(topic, author, data)`.
+pub type GossipValidator = Arc<dyn Fn(&str, &PeerId, &[u8]) -> GossipVerdict + Send + Sync>;
 
 /// Configuration of one network actor.
 #[derive(Clone)]

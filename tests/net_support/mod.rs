@@ -11,7 +11,8 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 use waterfall::net::{
-    GossipValidator, Net, NetConfig, NetEvent, RecordMeta, RecordValidator, records::now_unix_ms,
+    GossipValidator, GossipVerdict, Net, NetConfig, NetEvent, RecordMeta, RecordValidator,
+    records::now_unix_ms,
 };
 
 /// Test record: `signer(32) || seq(8, BE) || expires_unix_ms(8, BE) || sig(64) || payload`,
@@ -84,11 +85,17 @@ pub fn gullible_record_validator() -> RecordValidator {
 
 /// Gossip is valid when it starts with `WF:`.
 pub fn gossip_validator() -> GossipValidator {
-    Arc::new(|_t: &str, _p: &PeerId, d: &[u8]| d.starts_with(b"WF:"))
+    Arc::new(|_t: &str, _p: &PeerId, d: &[u8]| {
+        if d.starts_with(b"WF:") {
+            GossipVerdict::Accept
+        } else {
+            GossipVerdict::Reject
+        }
+    })
 }
 
 pub fn accept_all_gossip() -> GossipValidator {
-    Arc::new(|_t: &str, _p: &PeerId, _d: &[u8]| true)
+    Arc::new(|_t: &str, _p: &PeerId, _d: &[u8]| GossipVerdict::Accept)
 }
 
 pub fn config(kp: Keypair) -> NetConfig {
