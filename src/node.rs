@@ -593,11 +593,10 @@ impl Node {
             if t.check != ticket_check(keys) {
                 return Err(NodeError::WrongPassword { room });
             }
-            for a in &t.addrs {
-                if let Ok(addr) = a.parse::<Multiaddr>() {
-                    // Best effort: the DHT lookup below tells whether it mattered.
-                    let _ = self.inner.net.dial(addr).await;
-                }
+            // Best effort: the DHT lookup below tells whether it mattered. Concurrent and
+            // bounded, and only addresses of the broadcaster the ticket names.
+            if let Some(peer) = crate::net::peer_of(t.broadcaster) {
+                addrs::dial_all(&self.inner.net, &t.addrs, peer).await;
             }
         }
         // A ticket holder asks the pinned broadcaster first; the DHT is the general path.

@@ -374,6 +374,19 @@ mod tests {
     }
 
     #[test]
+    fn a_value_of_exactly_the_limit_is_stored() {
+        // libp2p's MemoryStore refused values of `max_value_bytes` and more, while the
+        // admission check allowed exactly MAX_RECORD_BYTES: a limit-sized record passed our
+        // check and then failed to store.
+        let me = PeerId::random();
+        let mut s = GuardedStore::new(me);
+        let mut r = rec(b"k", Some(me), 60);
+        r.value = vec![0; MAX_RECORD_BYTES];
+        assert!(s.put(r.clone()).is_ok());
+        assert!(s.put_foreign(r, PeerId::random(), vec![1]).is_ok());
+    }
+
+    #[test]
     fn updates_keep_their_slot_and_refused_updates_keep_the_old_copy() {
         let mut s = GuardedStore::new(PeerId::random());
         let p = PeerId::random();

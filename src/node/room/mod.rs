@@ -166,10 +166,8 @@ impl Node {
         let record = found.record;
         // Reach the broadcaster (its addresses are in the record) so the snapshot request and the
         // DHT have a path.
-        for a in &record.addrs {
-            if let Ok(addr) = a.parse() {
-                let _ = self.inner.net.dial(addr).await;
-            }
+        if let Some(peer) = peer(record.broadcaster) {
+            super::addrs::dial_all(&self.inner.net, &record.addrs, peer).await;
         }
         let (viewer, media_events) = Viewer::new(
             MediaKey::new(*keys.media_key().expose()),
