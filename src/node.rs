@@ -247,7 +247,7 @@ impl NodeBuilder {
         self
     }
 
-    /// Inbound connections from one IP address at most (default 64; see
+    /// Inbound connections from one IP address at most (default 128; see
     /// [`NetConfig::max_connections_per_ip`]).
     pub fn max_connections_per_ip(mut self, n: u32) -> Self {
         self.max_connections_per_ip = Some(n);

@@ -545,7 +545,12 @@ impl Actor {
         for (k, r) in self.own.iter_mut() {
             if all || r.next_republish <= at {
                 r.next_republish = at + republish_every(r.hold_for, self.republish_interval);
-                live.push((k.clone(), r.value.clone(), r.expires_unix_ms));
+                // Due by its own timer only if it outlives the copies held since the last put
+                // (a signalling blob that expires within its hold time never needs it).
+                let half_hold = u64::try_from((r.hold_for / 2).as_millis()).unwrap_or(u64::MAX);
+                if all || r.expires_unix_ms > now.saturating_add(half_hold) {
+                    live.push((k.clone(), r.value.clone(), r.expires_unix_ms));
+                }
             }
         }
         for (key, value, expires) in live {

@@ -327,7 +327,7 @@ impl NetConfig {
             public: false,
             // A broadcaster is everyone's first contact in small setups: room for a crowd.
             max_connections: 1024,
-            max_connections_per_ip: 64,
+            max_connections_per_ip: 128,
             record_validator,
             gossip_validator,
             max_request_bytes: 256 * 1024,
