@@ -90,6 +90,13 @@ pub enum CryptoError {
     /// The identity file does not hold a 32-byte key.
     #[error("identity file {0} is corrupt (expected 32 bytes)")]
     IdentityCorrupt(String),
+    /// The identity file can be read or written by other users than its owner: the key may
+    /// have leaked (or been replaced), so it is not used.
+    #[error(
+        "identity file {path} has mode {mode:o}, readable or writable by others: check who had \
+         access, then `chmod 600 {path}` (or remove it for a new identity)"
+    )]
+    IdentityExposed { path: String, mode: u32 },
     /// Encoding the signed bytes failed (cannot happen for well-formed values).
     #[error("encoding failed: {0}")]
     Encode(String),
@@ -154,6 +161,7 @@ impl Identity {
         };
         match std::fs::read(&path) {
             Ok(bytes) => {
+                check_private(&path)?;
                 let bytes = Zeroizing::new(bytes);
                 let secret: Zeroizing<[u8; 32]> = Zeroizing::new(
                     bytes
@@ -212,6 +220,31 @@ impl Identity {
             sig: sig.to_bytes(),
         }
     }
+}
+
+/// The identity file must be its owner's alone (as ssh demands of private keys).
+#[cfg(unix)]
+fn check_private(path: &Path) -> Result<(), CryptoError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| CryptoError::IdentityIo {
+            path: path.display().to_string(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(CryptoError::IdentityExposed {
+            path: path.display().to_string(),
+            mode: mode & 0o777,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_: &Path) -> Result<(), CryptoError> {
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -678,6 +711,17 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let path = dir.path().join(IDENTITY_FILE);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(matches!(
+                Identity::load_or_create(dir.path()),
+                Err(CryptoError::IdentityExposed { mode: 0o644, .. })
+            ));
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         std::fs::write(dir.path().join(IDENTITY_FILE), b"short").unwrap();
         assert!(matches!(

@@ -50,6 +50,12 @@ pub const ROOM_RECORD_TTL: Duration = Duration::from_secs(3600);
 pub const DIRECT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a lookup of a room record may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(8);
+/// Offers this node answers at once (each builds a peer connection and gathers ICE); more are
+/// refused as busy and the child tries again or elsewhere.
+pub const MAX_CONCURRENT_OFFERS: usize = 16;
+/// Rooms whose broadcaster this node remembers (pinned by a ticket or an earlier lookup);
+/// the oldest pin is forgotten first.
+pub const MAX_PINS: usize = 256;
 
 /// The key every waterfall node provides on the public DHT (`--public`), so that waterfall nodes
 /// can find each other among the IPFS peers. Only provider records go there, never values.
@@ -134,6 +140,7 @@ pub struct NodeBuilder {
     max_children: Option<u16>,
     inline_signalling: bool,
     max_connections: Option<u32>,
+    max_connections_per_ip: Option<u32>,
     relay: RelayMode,
     external_addrs: Vec<Multiaddr>,
 }
@@ -157,6 +164,7 @@ impl Default for NodeBuilder {
             max_children: None,
             inline_signalling: true,
             max_connections: None,
+            max_connections_per_ip: None,
             relay: RelayMode::Off,
             external_addrs: Vec::new(),
         }
@@ -240,6 +248,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Inbound connections from one IP address at most (default 128; see
+    /// [`NetConfig::max_connections_per_ip`]).
+    pub fn max_connections_per_ip(mut self, n: u32) -> Self {
+        self.max_connections_per_ip = Some(n);
+        self
+    }
+
     /// Start the node.
     pub async fn spawn(self) -> Result<Node, NodeError> {
         self.media.validate()?;
@@ -280,6 +295,9 @@ impl NodeBuilder {
         if let Some(n) = self.max_connections {
             config.max_connections = n;
         }
+        if let Some(n) = self.max_connections_per_ip {
+            config.max_connections_per_ip = n;
+        }
         let (net, events) = Net::spawn(config).await?;
         let rooms = room::Rooms::default();
         let interfaces = netwatch::Interfaces::watch(self.media.bind_ip());
@@ -295,6 +313,9 @@ impl NodeBuilder {
             public: self.public,
             inline_signalling: self.inline_signalling,
             dispatcher: Mutex::new(None),
+            offer_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_OFFERS),
+            pins: Mutex::new(Vec::new()),
+            last_seq: std::sync::atomic::AtomicU64::new(0),
             _data_dir: held_dir,
         });
         if self.public {
@@ -324,6 +345,12 @@ pub(crate) struct Inner {
     pub(crate) public: bool,
     pub(crate) inline_signalling: bool,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Slots for offers being answered ([`MAX_CONCURRENT_OFFERS`]).
+    pub(crate) offer_slots: tokio::sync::Semaphore,
+    /// Broadcaster pinned per room locator, oldest first (see [`Node::lookup_room_claims`]).
+    pins: Mutex<Vec<([u8; 32], NodeId)>>,
+    /// The last sequence number this node signed a room record with (see [`next_seq`]).
+    last_seq: std::sync::atomic::AtomicU64,
     /// The locked data directory, released when the node stops.
     _data_dir: Option<datadir::DataDir>,
 }
@@ -460,6 +487,12 @@ impl Node {
                 tracing::warn!("public DHT: providing the room failed: {e}");
             }
         }
+        // The sequence follows the wall clock, so a restarted broadcaster's record replaces the
+        // one it signed in an earlier run (a counter would restart at 1 and be refused as stale).
+        record.seq = next_seq(&self.inner.last_seq, now_ms());
+        if record.broadcaster == self.inner.identity.node_id() {
+            self.pin(keys, record.broadcaster);
+        }
         let record = &record;
         let sealed = keys.seal(Kind::RoomRecord, &wire::encode(record));
         let env = self.inner.identity.seal_envelope(
@@ -533,22 +566,42 @@ impl Node {
     }
 
     /// Find and open a room record. `ticket` pins the broadcaster and tells a wrong password
-    /// from an unknown room.
+    /// from an unknown room. See [`Node::lookup_room_claims`]; a contested name is logged.
     pub async fn lookup_room(
         &self,
         keys: &RoomKeys,
         ticket: Option<&Ticket>,
     ) -> Result<RoomRecord, NodeError> {
+        let found = self.lookup_room_claims(keys, ticket).await?;
+        if let Some(c) = &found.contest {
+            tracing::warn!("{c}");
+        }
+        Ok(found.record)
+    }
+
+    /// Find and open a room record, telling whether several signers claim the name.
+    ///
+    /// Anyone with the password can sign a record under the room's locator, so a lookup by
+    /// name may find several claimants. The choice: the broadcaster `ticket` names (others'
+    /// records are refused), else the one this node pinned earlier (a ticket it used, a
+    /// broadcast of its own, or the only claimant of an earlier lookup), else the freshest
+    /// record (highest sequence, which follows the signer's clock). The chosen broadcaster is
+    /// pinned for later lookups by name. [`RoomLookup::contest`] names every claimant when
+    /// there was more than one.
+    pub async fn lookup_room_claims(
+        &self,
+        keys: &RoomKeys,
+        ticket: Option<&Ticket>,
+    ) -> Result<RoomLookup, NodeError> {
         let room = keys.name().to_owned();
         if let Some(t) = ticket {
             if t.check != ticket_check(keys) {
                 return Err(NodeError::WrongPassword { room });
             }
-            for a in &t.addrs {
-                if let Ok(addr) = a.parse::<Multiaddr>() {
-                    // Best effort: the DHT lookup below tells whether it mattered.
-                    let _ = self.inner.net.dial(addr).await;
-                }
+            // Best effort: the DHT lookup below tells whether it mattered. Concurrent and
+            // bounded, and only addresses of the broadcaster the ticket names.
+            if let Some(peer) = crate::net::peer_of(t.broadcaster) {
+                addrs::dial_all(&self.inner.net, &t.addrs, peer).await;
             }
         }
         // A ticket holder asks the pinned broadcaster first; the DHT is the general path.
@@ -581,7 +634,8 @@ impl Node {
             Err(e) => return Err(e.into()),
         };
         let now = now_ms();
-        let mut best: Option<(Envelope, RoomRecord)> = None;
+        // The freshest record of each claimant.
+        let mut claims: Vec<(Envelope, RoomRecord)> = Vec::new();
         let mut last_err = None;
         for v in values {
             match open_record(keys, &v, now) {
@@ -596,8 +650,10 @@ impl Node {
                         });
                         continue;
                     }
-                    if best.as_ref().is_none_or(|(b, _)| env.seq > b.seq) {
-                        best = Some((env, rec));
+                    match claims.iter_mut().find(|(e, _)| e.signer == env.signer) {
+                        Some(c) if env.seq > c.0.seq => *c = (env, rec),
+                        Some(_) => {}
+                        None => claims.push((env, rec)),
                     }
                 }
                 Err(source) => {
@@ -608,16 +664,56 @@ impl Node {
                 }
             }
         }
-        let Some((_, rec)) = best else {
+        let pinned = ticket.map(|t| t.broadcaster).or_else(|| self.pinned(keys));
+        let chosen = pinned
+            .and_then(|p| claims.iter().position(|(e, _)| e.signer == p))
+            .or_else(|| (0..claims.len()).max_by_key(|&i| claims[i].0.seq));
+        let Some(i) = chosen else {
             return Err(last_err.unwrap_or(NodeError::RoomNotFound { room }));
         };
+        let rec = claims[i].1.clone();
+        let contest = (claims.len() > 1).then(|| NameContest {
+            room: room.clone(),
+            claimants: claims
+                .iter()
+                .filter_map(|(e, _)| crate::net::peer_of(e.signer))
+                .collect(),
+            chosen: crate::net::peer_of(rec.broadcaster),
+            pinned: pinned == Some(rec.broadcaster),
+        });
         if rec.expires_ms <= now {
             return Err(NodeError::RoomExpired {
                 room,
                 ago_s: (now - rec.expires_ms) / 1000,
             });
         }
-        Ok(rec)
+        // Trust on first use: a name looked up with a ticket, or with one claimant, keeps
+        // that broadcaster for later lookups; a contested name keeps an existing pin only.
+        if ticket.is_some() || claims.len() == 1 {
+            self.pin(keys, rec.broadcaster);
+        }
+        Ok(RoomLookup {
+            record: rec,
+            contest,
+        })
+    }
+
+    /// The broadcaster pinned for this room, if any.
+    fn pinned(&self, keys: &RoomKeys) -> Option<NodeId> {
+        let pins = self.inner.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.iter()
+            .find(|(l, _)| l == keys.locator())
+            .map(|(_, b)| *b)
+    }
+
+    /// Pin `broadcaster` for this room (the newest pin of a room replaces its older one).
+    fn pin(&self, keys: &RoomKeys, broadcaster: NodeId) {
+        let mut pins = self.inner.pins.lock().unwrap_or_else(|p| p.into_inner());
+        pins.retain(|(l, _)| l != keys.locator());
+        if pins.len() >= MAX_PINS {
+            pins.remove(0);
+        }
+        pins.push((*keys.locator(), broadcaster));
     }
 
     /// Whether the broadcast `session` (its record's creation time) of `broadcaster` is still
@@ -660,6 +756,63 @@ impl Node {
     pub async fn shutdown(&self) {
         self.inner.rooms.shutdown_all().await;
         self.inner.net.shutdown().await;
+    }
+}
+
+/// The next sequence number of a room record: the wall clock in ms, and always above the last
+/// one this node used (two records within a millisecond, or a clock stepped back).
+fn next_seq(last: &std::sync::atomic::AtomicU64, now_ms: u64) -> u64 {
+    use std::sync::atomic::Ordering;
+    let prev = last
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+            Some(now_ms.max(l.saturating_add(1)))
+        })
+        .unwrap_or_else(|l| l);
+    now_ms.max(prev.saturating_add(1))
+}
+
+/// What [`Node::lookup_room_claims`] found.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RoomLookup {
+    /// The chosen record.
+    pub record: RoomRecord,
+    /// Set when several signers claim the room's name.
+    pub contest: Option<NameContest>,
+}
+
+/// Several signers hold valid records under one room name and password: a member squatting
+/// the name, or two broadcasts sharing name and password.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NameContest {
+    /// The room's name.
+    pub room: String,
+    /// Every signer with a valid record, the chosen one included.
+    pub claimants: Vec<PeerId>,
+    /// The broadcaster chosen (`None` only if its key is not a valid peer id).
+    pub chosen: Option<PeerId>,
+    /// Whether it was chosen because a ticket or an earlier session pinned it (else: the
+    /// freshest record won, which a squatter can also claim).
+    pub pinned: bool,
+}
+
+impl std::fmt::Display for NameContest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} signers claim room {:?}; chose {} ({})",
+            self.claimants.len(),
+            self.room,
+            self.chosen
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "?".into()),
+            if self.pinned {
+                "pinned by a ticket or an earlier session"
+            } else {
+                "freshest record, nothing pinned: use a ticket to be sure"
+            }
+        )
     }
 }
 
@@ -713,4 +866,21 @@ fn public_room_key(keys: &RoomKeys) -> Vec<u8> {
 pub fn ticket_check(keys: &RoomKeys) -> Vec<u8> {
     use sha2::Digest;
     sha2::Sha256::digest(keys.locator())[..8].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+
+    use super::next_seq;
+
+    #[test]
+    fn record_sequence_follows_the_clock_and_never_goes_back() {
+        let last = AtomicU64::new(0);
+        assert_eq!(next_seq(&last, 1_000), 1_000);
+        // Two records in one millisecond, then a clock stepped back.
+        assert_eq!(next_seq(&last, 1_000), 1_001);
+        assert_eq!(next_seq(&last, 500), 1_002);
+        assert_eq!(next_seq(&last, 5_000), 5_000);
+    }
 }

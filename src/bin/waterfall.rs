@@ -730,6 +730,9 @@ fn json_event(ev: &RoomEvent) -> Option<serde_json::Value> {
         RoomEvent::BroadcastEnded => json!({"event": "broadcast_ended"}),
         RoomEvent::TicketChanged(t) => json!({"event": "ticket", "ticket": t.to_string()}),
         RoomEvent::Ended => json!({"event": "ended"}),
+        RoomEvent::NameContested(c) => json!({"event": "name_contested",
+            "claimants": c.claimants.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "chosen": c.chosen.map(|p| p.to_string()), "pinned": c.pinned}),
         _ => return None,
     })
 }
@@ -1085,6 +1088,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<()> {
                         "network changed: restarting the media path to parent {} failed ({e}): trying another parent",
                         short(parent)
                     ),
+                    RoomEvent::NameContested(c) => say!("warning: {c}"),
                     RoomEvent::ParentUnreachable { parent, timed_out } => say!(
                         "no media path to parent {} ({}): trying another parent",
                         short(parent),

@@ -33,10 +33,10 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::{
-    MAX_GOSSIP_BYTES, MAX_PENDING_INBOUND, MAX_PENDING_QUERIES, MAX_STRIKES, NetConfig, NetError,
-    NetEvent, NetNotice, NetStatus, PENDING_PUBLISH_PER_TOPIC, PENDING_PUBLISH_TOPICS,
-    PENDING_PUBLISH_TTL, PUBLIC_KAD_PROTOCOL, Published, RecordValidator, ResponseHandle, Result,
-    WATERFALL_KAD_PROTOCOL,
+    GossipVerdict, MAX_GOSSIP_BYTES, MAX_PENDING_INBOUND, MAX_PENDING_INBOUND_PER_PEER,
+    MAX_PENDING_QUERIES, MAX_STRIKES, NetConfig, NetError, NetEvent, NetNotice, NetStatus,
+    PENDING_PUBLISH_PER_TOPIC, PENDING_PUBLISH_TOPICS, PENDING_PUBLISH_TTL, PUBLIC_KAD_PROTOCOL,
+    Published, RecordValidator, ResponseHandle, Result, WATERFALL_KAD_PROTOCOL,
     behaviour::{Behaviour, BehaviourEvent, build_swarm},
     codec::Body,
     records::{self, Refusal},
@@ -58,6 +58,14 @@ const LAN_REDIAL_MAX: Duration = Duration::from_secs(60);
 const MAX_TRACKED_OFFENDERS: usize = 4096;
 /// Addresses taken from one identify message.
 const MAX_IDENTIFY_ADDRS: usize = 16;
+/// How often expired records leave the store (kad's own sweep runs hourly).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+/// A node stores a record for others only if fewer than this many peers of its routing table
+/// are closer to the key than itself: honest publishers put to the k (20) closest peers they
+/// find, so a node with twice that many closer peers is not one of them, and a stranger
+/// choosing keys at will cannot make every node store everything. The margin covers routing
+/// tables that differ between nodes.
+const CLOSENESS_MARGIN: usize = 40;
 
 pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -104,6 +112,11 @@ pub(crate) enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// A [`ResponseHandle`] was dropped unanswered: free its slot (the requester's stream
+    /// closes, so it fails at once rather than at its timeout).
+    Forget {
+        id: u64,
+    },
     ProvidePublic {
         key: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
@@ -134,6 +147,9 @@ struct PendingGet {
 struct OwnRecord {
     value: Vec<u8>,
     expires_unix_ms: u64,
+    /// How long others hold it ([`super::RecordMeta::hold_for`]): republished at half that.
+    hold_for: Duration,
+    next_republish: Instant,
 }
 
 /// A peer found by mDNS, redialled until connected.
@@ -145,6 +161,7 @@ struct LanPeer {
 
 struct PendingInbound {
     channel: ResponseChannel<Body>,
+    peer: PeerId,
     since: Instant,
 }
 
@@ -179,6 +196,7 @@ pub(crate) struct Actor {
     lan_peers: HashMap<PeerId, LanPeer>,
     kad_bootstrapped: bool,
     dropped_events: u64,
+    next_sweep: Instant,
     reach: reach::Reach,
     amino: public::Public,
 }
@@ -229,6 +247,7 @@ impl Actor {
             lan_peers: HashMap::new(),
             kad_bootstrapped: false,
             dropped_events: 0,
+            next_sweep: Instant::now() + SWEEP_INTERVAL,
             reach,
             amino: public::Public::new(),
         };
@@ -268,7 +287,7 @@ impl Actor {
                     Some(cmd) => self.on_command(cmd),
                 },
                 _ = tick.tick() => self.housekeeping(),
-                _ = republish.tick() => self.republish(),
+                _ = republish.tick() => self.republish(true),
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
             }
         }
@@ -276,20 +295,19 @@ impl Actor {
     }
 
     fn emit(&mut self, ev: NetEvent) {
-        if let Err(e) = self.events.try_send(ev) {
-            match e {
-                mpsc::error::TrySendError::Full(_) => {
-                    self.dropped_events += 1;
-                    // Log sparsely: a lagging application must not flood the log either.
-                    if self.dropped_events.is_power_of_two() {
-                        warn!(
-                            dropped = self.dropped_events,
-                            "event receiver lagging, events dropped"
-                        );
-                    }
-                }
-                mpsc::error::TrySendError::Closed(_) => {}
-            }
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.events.try_send(ev) {
+            self.note_dropped_event();
+        }
+    }
+
+    fn note_dropped_event(&mut self) {
+        self.dropped_events += 1;
+        // Log sparsely: a lagging application must not flood the log either.
+        if self.dropped_events.is_power_of_two() {
+            warn!(
+                dropped = self.dropped_events,
+                "event receiver lagging, events dropped"
+            );
         }
     }
 
@@ -320,7 +338,7 @@ impl Actor {
                         .behaviour_mut()
                         .kad
                         .store_mut()
-                        .remove(&RecordKey::new(&key));
+                        .remove_own(&RecordKey::new(&key));
                 }
                 let _ = reply.send(removed);
             }
@@ -382,6 +400,9 @@ impl Actor {
                 };
                 let _ = reply.send(r);
             }
+            Command::Forget { id } => {
+                self.inbound.remove(&id);
+            }
             Command::ProvidePublic { key, reply } => {
                 let _ = reply.send(self.public_provide(&key));
             }
@@ -395,7 +416,8 @@ impl Actor {
             } => self.public_find(&key, timeout, answer_later(reply)),
             Command::Status(reply) => {
                 let b = self.swarm.behaviour_mut();
-                let dht_records = b.kad.store_mut().records().count();
+                let (own, foreign) = b.kad.store_mut().counts();
+                let dht_records = own + foreign;
                 let dht_peers = b.kad.kbuckets().map(|k| k.num_entries()).sum();
                 let topics = b.gossipsub.topics().map(|t| t.to_string()).collect();
                 let peers = self.swarm.connected_peers().count();
@@ -415,6 +437,10 @@ impl Actor {
     }
 
     fn dial(&mut self, addr: Multiaddr, reply: oneshot::Sender<Result<PeerId>>) {
+        if self.dials.len() >= MAX_PENDING_QUERIES {
+            let _ = reply.send(Err(NetError::Busy));
+            return;
+        }
         let opts = match peer_id_of(&addr) {
             Some(peer) => {
                 if self.swarm.is_connected(&peer) {
@@ -442,12 +468,14 @@ impl Actor {
 
     fn put_record(&mut self, key: Vec<u8>, value: Vec<u8>, reply: oneshot::Sender<Result<()>>) {
         let rkey = RecordKey::new(&key);
+        // Only our own earlier copy can refuse our put: a copy someone else put here (a squatter
+        // who got to the key first) does not own our store.
         let stored = self
             .swarm
             .behaviour_mut()
             .kad
             .store_mut()
-            .get(&rkey)
+            .own(&rkey)
             .map(|r| r.value.clone());
         let now = records::now_unix_ms();
         let checked = match records::admit(&self.validator, &key, &value, stored.as_deref(), now) {
@@ -470,11 +498,21 @@ impl Actor {
             let _ = reply.send(Err(NetError::Busy));
             return;
         }
+        if self.own.len() >= super::MAX_OWN_RECORDS && !self.own.contains_key(&key) {
+            self.own.retain(|_, r| r.expires_unix_ms > now);
+            if self.own.len() >= super::MAX_OWN_RECORDS {
+                let _ = reply.send(Err(NetError::Busy));
+                return;
+            }
+        }
+        let hold_for = checked.meta.hold_for;
         self.own.insert(
             key.clone(),
             OwnRecord {
                 value: value.clone(),
                 expires_unix_ms: checked.meta.expires_unix_ms,
+                hold_for,
+                next_republish: Instant::now() + self.republish_every(hold_for),
             },
         );
         match self.put_to_dht(key, value, checked.remaining) {
@@ -497,14 +535,29 @@ impl Actor {
             .map_err(|e| NetError::InvalidRecord(format!("local store: {e}")))
     }
 
-    fn republish(&mut self) {
+    /// How often an own record is put again: before others stop holding it, at the latest
+    /// every [`NetConfig::republish_interval`].
+    fn republish_every(&self, hold_for: Duration) -> Duration {
+        republish_every(hold_for, self.republish_interval)
+    }
+
+    /// Put again every own record that is due (`all`: every one).
+    fn republish(&mut self, all: bool) {
         let now = records::now_unix_ms();
         self.own.retain(|_, r| r.expires_unix_ms > now);
-        let live: Vec<(Vec<u8>, Vec<u8>, u64)> = self
-            .own
-            .iter()
-            .map(|(k, r)| (k.clone(), r.value.clone(), r.expires_unix_ms))
-            .collect();
+        let at = Instant::now();
+        let mut live = Vec::new();
+        for (k, r) in self.own.iter_mut() {
+            if all || r.next_republish <= at {
+                r.next_republish = at + republish_every(r.hold_for, self.republish_interval);
+                // Due by its own timer only if it outlives the copies held since the last put
+                // (a signalling blob that expires within its hold time never needs it).
+                let half_hold = u64::try_from((r.hold_for / 2).as_millis()).unwrap_or(u64::MAX);
+                if all || r.expires_unix_ms > now.saturating_add(half_hold) {
+                    live.push((k.clone(), r.value.clone(), r.expires_unix_ms));
+                }
+            }
+        }
         for (key, value, expires) in live {
             let remaining = Duration::from_millis(expires.saturating_sub(now));
             if let Err(e) = self.put_to_dht(key, value, remaining) {
@@ -525,7 +578,9 @@ impl Actor {
         }
         let rkey = RecordKey::new(&key);
         let kad = &mut self.swarm.behaviour_mut().kad;
-        let owner = kad.store_mut().get(&rkey).and_then(|r| {
+        // Copies by other signers are dropped only when the key is ours: a copy someone else put
+        // here may be a squatter's, and the caller must see every claimant.
+        let owner = kad.store_mut().own(&rkey).and_then(|r| {
             records::check(&self.validator, &key, &r.value, records::now_unix_ms())
                 .ok()
                 .map(|c| c.meta.signer)
@@ -649,6 +704,11 @@ impl Actor {
         }
         self.reach_housekeeping();
         self.public_housekeeping();
+        if self.next_sweep <= now {
+            self.next_sweep = now + SWEEP_INTERVAL;
+            self.swarm.behaviour_mut().kad.store_mut().sweep(now);
+            self.republish(false);
+        }
         self.inbound
             .retain(|_, p| now.duration_since(p.since) < INBOUND_TTL);
         self.inbound_ids
@@ -929,18 +989,45 @@ impl Actor {
         }
     }
 
+    /// Whether this node is among the peers a publisher would store `key` at (see
+    /// [`CLOSENESS_MARGIN`]).
+    fn close_to(&mut self, key: &RecordKey) -> bool {
+        let target = kad::KBucketKey::new(key.clone());
+        let local = kad::KBucketKey::from(*self.swarm.local_peer_id());
+        let mine = local.distance(&target);
+        let closer = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_closest_local_peers(&target)
+            .take_while(|p| p.distance(&target) < mine)
+            .take(CLOSENESS_MARGIN)
+            .count();
+        closer < CLOSENESS_MARGIN
+    }
+
     fn on_inbound_put(&mut self, source: PeerId, mut record: Record) {
+        if !self.close_to(&record.key) {
+            debug!(%source, "record for a key this node is not close to, not stored");
+            return;
+        }
         let key = record.key.to_vec();
+        let local = *self.swarm.local_peer_id();
         let store = self.swarm.behaviour_mut().kad.store_mut();
         let stored = store.get(&record.key).map(|r| r.value.clone());
         let now = records::now_unix_ms();
         match records::admit(&self.validator, &key, &record.value, stored.as_deref(), now) {
             Ok(checked) => {
-                // Our clock and the signed expiry rule, not the sender's TTL.
-                record.expires = Some(Instant::now() + checked.remaining);
-                record.publisher = record.publisher.or(Some(source));
-                if let Err(e) = store.put(record) {
-                    debug!(%source, error = %e, "record not stored");
+                // Our clock, the signed expiry and the kind's hold time, not the sender's TTL.
+                let hold = checked.remaining.min(checked.meta.hold_for);
+                record.expires = Some(Instant::now() + hold);
+                // Nobody else publishes as us (kad would take it for our own record).
+                if record.publisher.is_none_or(|p| p == local) {
+                    record.publisher = Some(source);
+                }
+                if let Err(refusal) = store.put_foreign(record, source, checked.meta.signer) {
+                    // Quotas are not misbehaviour: a busy honest peer may reach them.
+                    debug!(%source, ?refusal, "record not stored");
                 }
             }
             Err(refusal) => {
@@ -1006,25 +1093,26 @@ impl Actor {
             } => {
                 let topic = message.topic.as_str().to_owned();
                 let author = message.source.unwrap_or(propagation_source);
-                let ok = (self.gossip_validator)(&topic, &author, &message.data);
-                let acceptance = if ok {
-                    gossipsub::MessageAcceptance::Accept
-                } else {
-                    gossipsub::MessageAcceptance::Reject
+                let verdict = (self.gossip_validator)(&topic, &author, &message.data);
+                let acceptance = match verdict {
+                    GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
+                    GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+                    GossipVerdict::Reject => gossipsub::MessageAcceptance::Reject,
                 };
                 self.swarm
                     .behaviour_mut()
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
-                if ok {
-                    self.emit(NetEvent::Gossip {
+                match verdict {
+                    GossipVerdict::Accept => self.emit(NetEvent::Gossip {
                         topic,
                         from: author,
                         data: message.data,
-                    });
-                } else {
+                    }),
+                    // Late or not ours: nobody's fault.
+                    GossipVerdict::Ignore => {}
                     // Honest peers forward only what they validated, so the forwarder is at fault.
-                    self.strike(propagation_source, "invalid gossip");
+                    GossipVerdict::Reject => self.strike(propagation_source, "invalid gossip"),
                 }
             }
             gossipsub::Event::Subscribed { topic, .. } => {
@@ -1051,26 +1139,46 @@ impl Actor {
                         debug!(%peer, "too many pending inbound requests, dropping");
                         return;
                     }
+                    // Bounded work: at most MAX_PENDING_INBOUND entries.
+                    let of_peer = self.inbound.values().filter(|p| p.peer == peer).count();
+                    if of_peer >= MAX_PENDING_INBOUND_PER_PEER {
+                        debug!(%peer, "too many pending inbound requests of this peer, dropping");
+                        return;
+                    }
                     let id = self.next_inbound;
                     self.next_inbound += 1;
                     self.inbound.insert(
                         id,
                         PendingInbound {
                             channel,
+                            peer,
                             since: Instant::now(),
                         },
                     );
                     self.inbound_ids.insert(request_id, id);
-                    let reply = ResponseHandle {
-                        id,
-                        peer,
-                        cmd: self.cmd_weak.clone(),
+                    let delivered = match self.events.try_reserve() {
+                        Ok(permit) => {
+                            permit.send(NetEvent::Request {
+                                from: peer,
+                                data,
+                                reply: ResponseHandle {
+                                    id,
+                                    peer,
+                                    cmd: self.cmd_weak.clone(),
+                                    done: false,
+                                },
+                            });
+                            true
+                        }
+                        Err(_) => false,
                     };
-                    self.emit(NetEvent::Request {
-                        from: peer,
-                        data,
-                        reply,
-                    });
+                    if !delivered {
+                        // The application lags: free the slot now (the request fails at the
+                        // requester at once) instead of holding it for INBOUND_TTL.
+                        self.inbound.remove(&id);
+                        self.inbound_ids.remove(&request_id);
+                        self.note_dropped_event();
+                    }
                 }
                 request_response::Message::Response {
                     request_id,
@@ -1127,6 +1235,12 @@ fn finish_get(mut g: PendingGet, empty: Result<Vec<Vec<u8>>>) {
         Ok(g.found.into_iter().map(|(_, v)| v).collect())
     };
     let _ = g.reply.send(r);
+}
+
+/// An own record held `hold_for` by others is put again at half that, at most every
+/// `interval`, at least a second apart.
+fn republish_every(hold_for: Duration, interval: Duration) -> Duration {
+    (hold_for / 2).min(interval).max(Duration::from_secs(1))
 }
 
 /// The peer id in a `/p2p/<id>` suffix, if any.

@@ -4,8 +4,9 @@
 //! - the waterfall Kademlia is forced into server mode: nodes on loopback or behind NAT would
 //!   otherwise stay clients and every query would fail in small networks;
 //! - `StoreInserts::FilterBoth`: inbound puts are handed to the actor, which validates them
-//!   ([`super::records`]) before storing; kad's own periodic publication is off because the actor
-//!   republishes its own live records itself (and only those);
+//!   ([`super::records`]) before storing it in a [`GuardedStore`] (own records apart, quotas on
+//!   the others'); kad's own periodic publication is off because the actor republishes its own
+//!   live records itself (and only those);
 //! - AutoNAT v2 replaces v1: its server dials back from a fresh port, so a hole-punched or
 //!   port-reused connection cannot fake reachability; every node also serves it (bounded by the
 //!   crate: one dial-back at a time per request, and a client must pay in bytes to have an
@@ -21,7 +22,11 @@
 //!   settles; strict signing and manual validation so nothing is forwarded before the
 //!   application accepted it.
 
-use super::relay_guard::{RelayClient, RelayServer};
+use super::{
+    ip_limits::IpLimits,
+    relay_guard::{RelayClient, RelayServer},
+    store::GuardedStore,
+};
 use std::time::Duration;
 
 use libp2p::{
@@ -40,8 +45,6 @@ use super::{
     PUBLIC_KAD_PROTOCOL, REQUEST_PROTOCOL, RelayMode, WATERFALL_KAD_PROTOCOL, codec::BytesCodec,
 };
 
-/// Records a node stores for others at most (8 KiB each: 32 MiB worst case).
-const MAX_STORED_RECORDS: usize = 4096;
 /// Kademlia queries give up after this long.
 const KAD_QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request-response gives up after this long (handles usually time out earlier).
@@ -65,6 +68,7 @@ const RELAY_CIRCUIT_BYTES: u64 = 32 * 1024 * 1024;
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
     pub limits: connection_limits::Behaviour,
+    pub ip_limits: IpLimits,
     pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -74,7 +78,7 @@ pub(crate) struct Behaviour {
     pub relay_server: Toggle<RelayServer>,
     pub dcutr: dcutr::Behaviour,
     pub mdns: Toggle<mdns::tokio::Behaviour>,
-    pub kad: kad::Behaviour<MemoryStore>,
+    pub kad: kad::Behaviour<GuardedStore>,
     pub public_kad: Toggle<kad::Behaviour<MemoryStore>>,
     pub gossipsub: gossipsub::Behaviour,
     pub rr: request_response::Behaviour<BytesCodec>,
@@ -96,7 +100,7 @@ fn gossip_config(config: &NetConfig) -> Result<gossipsub::Config, NetError> {
         .map_err(|e| NetError::Build(format!("gossipsub config: {e}")))
 }
 
-fn waterfall_kad(keypair: &Keypair) -> kad::Behaviour<MemoryStore> {
+fn waterfall_kad(keypair: &Keypair) -> kad::Behaviour<GuardedStore> {
     let peer_id = keypair.public().to_peer_id();
     let mut cfg = kad::Config::new(StreamProtocol::new(WATERFALL_KAD_PROTOCOL));
     cfg.set_record_filtering(kad::StoreInserts::FilterBoth)
@@ -104,14 +108,7 @@ fn waterfall_kad(keypair: &Keypair) -> kad::Behaviour<MemoryStore> {
         .set_query_timeout(KAD_QUERY_TIMEOUT)
         .set_record_ttl(Some(super::MAX_RECORD_LIFETIME))
         .set_max_packet_size(4 * MAX_RECORD_BYTES);
-    let store = MemoryStore::with_config(
-        peer_id,
-        kad::store::MemoryStoreConfig {
-            max_records: MAX_STORED_RECORDS,
-            max_value_bytes: MAX_RECORD_BYTES,
-            ..Default::default()
-        },
-    );
+    let store = GuardedStore::new(peer_id);
     let mut kad = kad::Behaviour::with_config(peer_id, store, cfg);
     kad.set_mode(Some(kad::Mode::Server));
     kad
@@ -160,6 +157,7 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
         .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
         .with_max_pending_incoming(Some(config.max_connections))
         .with_max_pending_outgoing(Some(config.max_connections));
+    let per_ip = config.max_connections_per_ip;
     let mdns_on = config.mdns;
     let public_on = config.public;
     let (max_req, max_resp) = (config.max_request_bytes, config.max_response_bytes);
@@ -190,6 +188,7 @@ pub(crate) fn build_swarm(config: &NetConfig) -> Result<Swarm<Behaviour>, NetErr
         );
         Ok(Behaviour {
             limits: connection_limits::Behaviour::new(limits),
+            ip_limits: IpLimits::new(per_ip),
             blocked: allow_block_list::Behaviour::default(),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())

@@ -33,15 +33,28 @@
 //! exists). What a user must know (bootstrap failures, reachability, relay reservations, hole
 //! punching) is broadcast as [`NetNotice`]s ([`Net::notices`]), not only logged.
 //!
+//! DHT store (`store`): this node's own records apart from those it holds for others, which are
+//! bounded per sending peer, per signer and in total, held at most their kind's
+//! [`RecordMeta::hold_for`], taken only for keys this node is close to, and swept every few
+//! seconds; the node's own records are never crowded out (issue 16).
+//!
+//! Limits (issue 16): inbound connections per remote IP (`ip_limits`, beside libp2p's
+//! connection limits in total and per peer), inbound requests pending per peer
+//! ([`MAX_PENDING_INBOUND_PER_PEER`]) and in total; a request the application does not get (its
+//! event queue is full) or drops unanswered frees its slot at once.
+//!
 //! Misbehaviour: a peer that sends an invalid record, an invalid gossip message or an oversized
-//! request earns a strike; at [`MAX_STRIKES`] it is disconnected and blocked for
+//! request earns a strike (a record or message that merely expired, or arrives for a topic we
+//! left, does not: [`GossipVerdict::Ignore`], `records::Refusal::is_misbehaviour`); at [`MAX_STRIKES`] it is disconnected and blocked for
 //! [`NetConfig::ban_duration`]. Gossipsub itself drops messages with bad signatures.
 
 mod actor;
 mod behaviour;
 mod codec;
+mod ip_limits;
 pub mod records;
 mod relay_guard;
+mod store;
 
 use std::{fmt, sync::Arc, time::Duration};
 
@@ -51,6 +64,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::proto::NodeId;
 
 pub use records::{CLOCK_SKEW, MAX_RECORD_BYTES, MAX_RECORD_LIFETIME};
+pub use store::{MAX_FOREIGN, MAX_OWN_RECORDS, MAX_PER_SIGNER, MAX_PER_SOURCE};
 
 /// Notices kept for a lagging [`Net::notices`] receiver (older ones are dropped).
 pub const NOTICE_CAPACITY: usize = 64;
@@ -182,6 +196,9 @@ pub const PENDING_PUBLISH_TOPICS: usize = 64;
 pub const PENDING_PUBLISH_TTL: Duration = Duration::from_secs(10);
 /// Inbound requests awaiting the application's response at once; more are refused.
 pub const MAX_PENDING_INBOUND: usize = 256;
+/// Inbound requests of one peer awaiting the application's response at once: one peer cannot
+/// take every slot (a tree neighbour has a few requests in flight).
+pub const MAX_PENDING_INBOUND_PER_PEER: usize = 32;
 /// Concurrent DHT queries and outbound requests started through the handle.
 pub const MAX_PENDING_QUERIES: usize = 1024;
 /// Largest gossip message (the room's tree updates and notices are small).
@@ -216,12 +233,29 @@ pub struct RecordMeta {
     pub expires_unix_ms: u64,
     /// Sequence number; a higher one from the same signer replaces the stored record.
     pub seq: u64,
+    /// How long a node holds this record for others at most, from its arrival, whatever its
+    /// signed expiry says (per kind: a signalling blob a minute, a room record a few minutes;
+    /// the publisher republishes before). Bounds what a flood of long-lived records costs.
+    pub hold_for: Duration,
 }
 
 /// Validates a record `(key, value)`; `Err` carries the reason it is invalid.
 pub type RecordValidator = Arc<dyn Fn(&[u8], &[u8]) -> Result<RecordMeta, String> + Send + Sync>;
-/// Validates a gossip message `(topic, author, data)`; `false` rejects and penalises the sender.
-pub type GossipValidator = Arc<dyn Fn(&str, &PeerId, &[u8]) -> bool + Send + Sync>;
+/// What a [`GossipValidator`] says of one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GossipVerdict {
+    /// Valid: delivered and forwarded.
+    Accept,
+    /// Not ours to judge, or late: dropped and not forwarded, but no fault of the sender (a
+    /// topic we just left, a message that expired on the way or under clock skew).
+    Ignore,
+    /// Invalid (forged, malformed, misattributed): dropped, and the forwarder earns a strike.
+    Reject,
+}
+
+/// Validates a gossip message `(topic, author, data)`.
+pub type GossipValidator = Arc<dyn Fn(&str, &PeerId, &[u8]) -> GossipVerdict + Send + Sync>;
 
 /// Configuration of one network actor.
 #[derive(Clone)]
@@ -238,6 +272,10 @@ pub struct NetConfig {
     pub public: bool,
     /// Maximum established connections.
     pub max_connections: u32,
+    /// Inbound connections (pending and established) from one IP address at most: one host
+    /// cannot take every slot. Generous, since a NAT puts many honest peers behind one
+    /// address.
+    pub max_connections_per_ip: u32,
     /// Record validator, applied to every record stored or returned.
     pub record_validator: RecordValidator,
     /// Gossip validator, applied to every received message.
@@ -289,6 +327,7 @@ impl NetConfig {
             public: false,
             // A broadcaster is everyone's first contact in small setups: room for a crowd.
             max_connections: 1024,
+            max_connections_per_ip: 128,
             record_validator,
             gossip_validator,
             max_request_bytes: 256 * 1024,
@@ -314,6 +353,7 @@ impl fmt::Debug for NetConfig {
             .field("mdns", &self.mdns)
             .field("public", &self.public)
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
             .field("relay", &self.relay)
             .field("use_relays", &self.use_relays)
             .finish_non_exhaustive()
@@ -425,12 +465,25 @@ pub enum NetEvent {
     Listening(Multiaddr),
 }
 
-/// The way to answer one inbound request. Unanswered requests fail at the requester after its
-/// timeout; the handle does not keep the actor alive.
+/// The way to answer one inbound request. Dropping it unanswered frees the request's slot at
+/// once and the request fails at the requester; the handle does not keep the actor alive.
 pub struct ResponseHandle {
     id: u64,
     peer: PeerId,
     cmd: mpsc::WeakSender<actor::Command>,
+    /// Answered (or handed to [`Net::respond`]): nothing to release on drop.
+    done: bool,
+}
+
+impl Drop for ResponseHandle {
+    fn drop(&mut self) {
+        if !self.done
+            && let Some(cmd) = self.cmd.upgrade()
+        {
+            // Best effort: when the queue is full the slot is freed by the actor's timeout.
+            let _ = cmd.try_send(actor::Command::Forget { id: self.id });
+        }
+    }
 }
 
 impl fmt::Debug for ResponseHandle {
@@ -449,7 +502,8 @@ impl ResponseHandle {
     }
 
     /// Send `data` as the response.
-    pub async fn respond(self, data: Vec<u8>) -> Result<()> {
+    pub async fn respond(mut self, data: Vec<u8>) -> Result<()> {
+        self.done = true;
         let cmd = self.cmd.upgrade().ok_or(NetError::Closed)?;
         let (tx, rx) = oneshot::channel();
         cmd.send(actor::Command::Respond {
@@ -606,9 +660,10 @@ impl Net {
     }
 
     /// Fetch every valid copy of the record under `key` (local store and network), distinct
-    /// values sorted by descending sequence number. When this node stores a live copy, copies
-    /// by other signers are dropped (the current owner holds the key); otherwise all valid
-    /// copies are returned and the caller must pin the signer it expects. After the first valid
+    /// values sorted by descending sequence number. When this node published a live copy of
+    /// its own, copies by other signers are dropped (it owns the key); otherwise all valid
+    /// copies are returned, whoever signed them (a copy this node holds for others may be a
+    /// squatter's), and the caller must pin the signer it expects. After the first valid
     /// copy arrives the lookup collects for at most one more second (an unreachable peer would
     /// otherwise hold the query until Kademlia's own timeout). [`NetError::NotFound`] when the lookup
     /// finished without a valid record, [`NetError::Timeout`] when `timeout` passed first.
@@ -659,7 +714,8 @@ impl Net {
     }
 
     /// Answer an inbound request (same as [`ResponseHandle::respond`]).
-    pub async fn respond(&self, reply: ResponseHandle, data: Vec<u8>) -> Result<()> {
+    pub async fn respond(&self, mut reply: ResponseHandle, data: Vec<u8>) -> Result<()> {
+        reply.done = true;
         let id = reply.id;
         self.call(|reply| actor::Command::Respond { id, data, reply })
             .await?

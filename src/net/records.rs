@@ -9,7 +9,8 @@
 //! 2. validity: the caller's validator (signature, envelope) yields the [`RecordMeta`];
 //! 3. lifetime: a record already expired, or claiming a lifetime beyond [`MAX_RECORD_LIFETIME`]
 //!    (plus [`CLOCK_SKEW`]), is refused;
-//! 4. ownership ([`admit`] only): a live stored record may only be replaced by the same signer with
+//! 4. ownership ([`admit`] only; for this node's own puts the stored record is only its own
+//!    earlier copy): a live stored record may only be replaced by the same signer with
 //!    a higher sequence number. Same signer with an equal or lower sequence number is stale and
 //!    ignored (that is what honest replication of an old copy looks like), a different signer is
 //!    refused.
@@ -129,6 +130,7 @@ mod tests {
                 signer: vec![v[0]],
                 seq: u64::from(v[1]),
                 expires_unix_ms: u64::from_be_bytes(e),
+                hold_for: MAX_RECORD_LIFETIME,
             })
         })
     }

@@ -12,9 +12,72 @@
 
 use std::time::Duration;
 
-use libp2p::Multiaddr;
+use futures::StreamExt;
+use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+/// Addresses of a ticket or room record dialled at most (the rest are ignored).
+pub const MAX_DIAL_ADDRS: usize = 8;
+/// Dials of a ticket's or record's addresses in flight at once.
+const DIAL_CONCURRENCY: usize = 4;
+/// How long one such dial may take: a crafted address that never answers cannot stall a
+/// viewer.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether `addr`, taken from a ticket or a room record that names `peer`, is worth dialling:
+/// an IP or DNS address over TCP or QUIC (or a relayed one), that names `peer` (or no peer at
+/// all: `peer` is then appended, so the dial reaches that peer or fails). A stranger's
+/// address (another `/p2p/` id) would make a viewer dial hosts of the ticket writer's choice.
+pub(crate) fn dialable(addr: &str, peer: PeerId) -> Option<Multiaddr> {
+    let addr: Multiaddr = addr.parse().ok()?;
+    let mut host = false;
+    let mut transport = false;
+    let mut named = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(_)
+            | Protocol::Ip6(_)
+            | Protocol::Dns(_)
+            | Protocol::Dns4(_)
+            | Protocol::Dns6(_)
+            | Protocol::Dnsaddr(_) => host = true,
+            Protocol::Tcp(_) | Protocol::QuicV1 | Protocol::P2pCircuit => transport = true,
+            // The last `/p2p/` is the peer the address reaches (a relayed address names the
+            // relay first).
+            Protocol::P2p(id) => named = Some(id),
+            _ => {}
+        }
+    }
+    if !(host && transport) {
+        return None;
+    }
+    match named {
+        Some(id) if id == peer => Some(addr),
+        Some(_) => None,
+        None => addr.with_p2p(peer).ok(),
+    }
+}
+
+/// Dial the sensible ones among `addrs` (see [`dialable`]), at most [`MAX_DIAL_ADDRS`], a few
+/// at a time, each bounded by a timeout; returns whether one connected.
+pub(crate) async fn dial_all(net: &crate::net::Net, addrs: &[String], peer: PeerId) -> bool {
+    let good: Vec<Multiaddr> = addrs
+        .iter()
+        .filter_map(|a| dialable(a, peer))
+        .take(MAX_DIAL_ADDRS)
+        .collect();
+    futures::stream::iter(good)
+        .map(|a| async move {
+            matches!(
+                tokio::time::timeout(DIAL_TIMEOUT, net.dial(a)).await,
+                Ok(Ok(_))
+            )
+        })
+        .buffer_unordered(DIAL_CONCURRENCY)
+        .fold(false, |any, ok| async move { any || ok })
+        .await
+}
 
 /// Shortest time between two republications caused by address changes.
 pub const ADDR_REPUBLISH_MIN: Duration = Duration::from_secs(3);
@@ -86,6 +149,28 @@ pub(crate) async fn next_change(changes: &mut Option<AddrChanges>) -> Vec<Multia
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_addresses_of_the_named_peer_over_real_transports_are_dialled() {
+        let peer = crate::crypto::Identity::generate().peer_id();
+        let other = crate::crypto::Identity::generate().peer_id();
+        let with = |a: &str| format!("{a}/p2p/{peer}");
+        assert!(dialable(&with("/ip4/127.0.0.1/tcp/4001"), peer).is_some());
+        assert!(dialable(&with("/ip6/::1/udp/4001/quic-v1"), peer).is_some());
+        // No peer id: ours is appended.
+        assert_eq!(
+            dialable("/ip4/10.0.0.1/tcp/1", peer).unwrap(),
+            with("/ip4/10.0.0.1/tcp/1").parse::<Multiaddr>().unwrap()
+        );
+        // A relayed address names the relay, then the peer.
+        let relayed = format!("/ip4/10.0.0.1/tcp/1/p2p/{other}/p2p-circuit/p2p/{peer}");
+        assert!(dialable(&relayed, peer).is_some());
+        // Someone else's address, no transport, garbage.
+        assert!(dialable(&format!("/ip4/10.0.0.1/tcp/1/p2p/{other}"), peer).is_none());
+        assert!(dialable("/ip4/10.0.0.1", peer).is_none());
+        assert!(dialable("/ip4/10.0.0.1/udp/1", peer).is_none());
+        assert!(dialable("not an address", peer).is_none());
+    }
 
     fn a(s: &str) -> Multiaddr {
         s.parse().unwrap()

@@ -9,15 +9,24 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use libp2p::PeerId;
 
-use crate::crypto::{Kind, RoomKeys, now_ms};
-use crate::net::{RecordMeta, node_of};
+use crate::crypto::{CryptoError, Kind, RoomKeys, now_ms};
+use crate::net::{GossipVerdict, RecordMeta, node_of};
 use crate::wire::{self, Envelope, TreeUpdate, Versioned};
 
 /// Kinds that may be stored in the waterfall DHT.
 const DHT_KINDS: [Kind; 3] = [Kind::RoomRecord, Kind::Offer, Kind::Answer];
+
+/// How long a DHT node holds a signalling blob (offer, answer) for others: the exchange it
+/// serves is over within seconds, and blobs are signed to expire within a minute anyway.
+pub const SIGNAL_HOLD: Duration = Duration::from_secs(60);
+/// How long a DHT node holds a room record for others: the broadcaster refreshes it every
+/// [`crate::node::ROOM_REFRESH`] and republishes it well within this, so a live room's record
+/// never lapses, while a squatter's or a flooder's copy is gone minutes after it stops.
+pub const ROOM_RECORD_HOLD: Duration = Duration::from_secs(5 * 60);
 
 /// The record validator handed to the network actor.
 pub fn validate_record(_key: &[u8], value: &[u8]) -> Result<RecordMeta, String> {
@@ -25,11 +34,17 @@ pub fn validate_record(_key: &[u8], value: &[u8]) -> Result<RecordMeta, String> 
     if !DHT_KINDS.contains(&env.kind) {
         return Err(format!("kind {:?} is not stored in the DHT", env.kind));
     }
-    env.verify(now_ms()).map_err(|e| e.to_string())?;
+    // Signature only: expiry is the network layer's check, which tells an expired record (late,
+    // no fault) from an invalid one (a strike for the sender).
+    env.verify(0).map_err(|e| e.to_string())?;
     Ok(RecordMeta {
         signer: env.signer.0.to_vec(),
         expires_unix_ms: env.expires_ms,
         seq: env.seq,
+        hold_for: match env.kind {
+            Kind::RoomRecord => ROOM_RECORD_HOLD,
+            _ => SIGNAL_HOLD,
+        },
     })
 }
 
@@ -99,11 +114,33 @@ impl TopicKeys {
         ok.then_some((env, plain))
     }
 
+    /// The network actor's verdict on one gossip message: a topic we do not (or no longer)
+    /// hold keys for, or an envelope that expired (late, or the signer's clock is behind), is
+    /// ignored without blame; anything else that does not open and check is rejected.
+    pub fn judge_gossip(&self, topic: &str, author: &PeerId, data: &[u8]) -> GossipVerdict {
+        if self.get(topic).is_none() {
+            return GossipVerdict::Ignore;
+        }
+        if self.open_gossip(topic, author, data).is_some() {
+            return GossipVerdict::Accept;
+        }
+        // Why it failed: only a valid signature that merely expired is no fault.
+        match wire::decode::<Envelope>(data) {
+            Ok(env)
+                if env.verify(0).is_ok()
+                    && matches!(env.verify(now_ms()), Err(CryptoError::Expired { .. })) =>
+            {
+                GossipVerdict::Ignore
+            }
+            _ => GossipVerdict::Reject,
+        }
+    }
+
     /// The validator handed to the network actor.
     pub fn validator(&self) -> crate::net::GossipValidator {
         let me = self.clone();
         Arc::new(move |topic: &str, author: &PeerId, data: &[u8]| {
-            me.open_gossip(topic, author, data).is_some()
+            me.judge_gossip(topic, author, data)
         })
     }
 }
@@ -182,6 +219,55 @@ mod tests {
     }
 
     #[test]
+    fn late_gossip_and_left_topics_are_ignored_not_blamed() {
+        let keys = RoomKeys::derive("r", Some("pw"), KdfParams::TEST_ONLY).unwrap();
+        let topics = TopicKeys::default();
+        topics.insert(keys.clone());
+        let alice = Identity::generate();
+        let msg = notice(&alice, &keys);
+        let t = keys.topic();
+        assert_eq!(
+            topics.judge_gossip(t, &alice.peer_id(), &msg),
+            GossipVerdict::Accept
+        );
+        // Expired on the way (or the signer's clock is behind): no fault.
+        let n: Notice = wire::decode(
+            &keys
+                .open(
+                    Kind::Notice,
+                    &wire::decode::<Envelope>(&msg).unwrap().payload,
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        let late = alice.seal_envelope(
+            Kind::Notice,
+            2,
+            now_ms() - 1,
+            keys.seal(Kind::Notice, &wire::encode(&n)),
+        );
+        assert_eq!(
+            topics.judge_gossip(t, &alice.peer_id(), &wire::encode(&late)),
+            GossipVerdict::Ignore
+        );
+        // Forged or misattributed: blamed.
+        assert_eq!(
+            topics.judge_gossip(t, &Identity::generate().peer_id(), &msg),
+            GossipVerdict::Reject
+        );
+        assert_eq!(
+            topics.judge_gossip(t, &alice.peer_id(), b"garbage"),
+            GossipVerdict::Reject
+        );
+        // A room we left: in-flight messages are not the sender's fault.
+        topics.remove(t);
+        assert_eq!(
+            topics.judge_gossip(t, &alice.peer_id(), &msg),
+            GossipVerdict::Ignore
+        );
+    }
+
+    #[test]
     fn dht_records_need_a_valid_signature_and_a_dht_kind() {
         let id = Identity::generate();
         let env = id.seal_envelope(Kind::RoomRecord, 3, now_ms() + 60_000, b"sealed".to_vec());
@@ -193,8 +279,18 @@ mod tests {
         assert!(validate_record(b"k", &wire::encode(&bad)).is_err());
         let gossip_kind = id.seal_envelope(Kind::TreeUpdate, 1, now_ms() + 60_000, vec![1]);
         assert!(validate_record(b"k", &wire::encode(&gossip_kind)).is_err());
+        // An expired record is valid here: the network layer refuses it as late, not as forged
+        // (no strike for its sender).
         let expired = id.seal_envelope(Kind::Offer, 1, now_ms() - 1, vec![1]);
-        assert!(validate_record(b"k", &wire::encode(&expired)).is_err());
+        assert!(validate_record(b"k", &wire::encode(&expired)).is_ok());
+        let refusal = crate::net::records::check(
+            &(Arc::new(validate_record) as crate::net::RecordValidator),
+            b"k",
+            &wire::encode(&expired),
+            now_ms(),
+        )
+        .unwrap_err();
+        assert!(!refusal.is_misbehaviour());
         assert!(validate_record(b"k", b"\xff\x00").is_err());
     }
 }

@@ -11,7 +11,8 @@ use libp2p::{
 };
 use tokio::sync::mpsc;
 use waterfall::net::{
-    GossipValidator, Net, NetConfig, NetEvent, RecordMeta, RecordValidator, records::now_unix_ms,
+    GossipValidator, GossipVerdict, Net, NetConfig, NetEvent, RecordMeta, RecordValidator,
+    records::now_unix_ms,
 };
 
 /// Test record: `signer(32) || seq(8, BE) || expires_unix_ms(8, BE) || sig(64) || payload`,
@@ -65,6 +66,7 @@ pub fn record_validator() -> RecordValidator {
             signer: v[..32].to_vec(),
             expires_unix_ms: exp,
             seq,
+            hold_for: waterfall::net::MAX_RECORD_LIFETIME,
         })
     })
 }
@@ -76,17 +78,24 @@ pub fn gullible_record_validator() -> RecordValidator {
             signer: vec![0; 32],
             expires_unix_ms: now_unix_ms() + 60_000,
             seq: 0,
+            hold_for: waterfall::net::MAX_RECORD_LIFETIME,
         })
     })
 }
 
 /// Gossip is valid when it starts with `WF:`.
 pub fn gossip_validator() -> GossipValidator {
-    Arc::new(|_t: &str, _p: &PeerId, d: &[u8]| d.starts_with(b"WF:"))
+    Arc::new(|_t: &str, _p: &PeerId, d: &[u8]| {
+        if d.starts_with(b"WF:") {
+            GossipVerdict::Accept
+        } else {
+            GossipVerdict::Reject
+        }
+    })
 }
 
 pub fn accept_all_gossip() -> GossipValidator {
-    Arc::new(|_t: &str, _p: &PeerId, _d: &[u8]| true)
+    Arc::new(|_t: &str, _p: &PeerId, _d: &[u8]| GossipVerdict::Accept)
 }
 
 pub fn config(kp: Keypair) -> NetConfig {

@@ -1,6 +1,11 @@
 //! IVF (VP8, VP9, AV1): a 32-byte file header, then frames of `size(4) | timestamp(8) | data`,
 //! little endian, timestamps in the header's timebase. Keyframes are read from each codec's
 //! first payload bytes (VP8 frame tag, VP9 uncompressed header, an AV1 sequence header OBU).
+//!
+//! A timestamp that jumps ahead by more than [`MAX_TS_GAP`] (a splice, a corrupt or hostile
+//! file) would make the real-time pacer wait that long before the next frame, silently: the
+//! timeline is rebased instead, so the frame follows its predecessor by one frame duration,
+//! and a warning says so.
 
 use std::io::Read;
 use std::time::Duration;
@@ -9,6 +14,11 @@ use bytes::Bytes;
 
 use super::{FrameParser, MAX_FRAME, Sample, SourceError, bad, read_full};
 use crate::media::Codec;
+
+/// Largest forward timestamp step taken as is; more is a discontinuity (see the module docs).
+pub const MAX_TS_GAP: Duration = Duration::from_secs(5);
+/// Frame duration assumed when nothing better is known (30 fps).
+const DEFAULT_FRAME: Duration = Duration::from_millis(33);
 
 /// IVF file header fields the pipeline needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +44,10 @@ pub struct IvfParser {
     codec: Codec,
     first_ts: Option<u64>,
     last_pts: Option<Duration>,
+    /// The last frame's duration (the step used across a discontinuity).
+    last_step: Duration,
+    /// Subtracted from every timestamp since the discontinuities seen so far.
+    rebase: Duration,
 }
 
 impl IvfParser {
@@ -79,6 +93,8 @@ impl IvfParser {
             codec,
             first_ts: None,
             last_pts: None,
+            last_step: DEFAULT_FRAME,
+            rebase: Duration::ZERO,
         })
     }
 
@@ -111,11 +127,26 @@ impl FrameParser for IvfParser {
         let units = ts.saturating_sub(first);
         let nanos = (units as u128 * self.header.timebase_num as u128 * 1_000_000_000)
             / self.header.timebase_den as u128;
-        let pts = Duration::from_nanos(nanos.min(u64::MAX as u128) as u64);
+        let mut pts =
+            Duration::from_nanos(nanos.min(u64::MAX as u128) as u64).saturating_sub(self.rebase);
+        if let Some(prev) = self.last_pts
+            && pts > prev + MAX_TS_GAP
+        {
+            let jump = pts - prev;
+            let next = prev + self.last_step;
+            self.rebase += pts - next;
+            pts = next;
+            tracing::warn!(
+                "IVF timestamp jumps ahead by {:.1} s: treated as a discontinuity, the stream \
+                 goes on without waiting",
+                jump.as_secs_f64()
+            );
+        }
         let duration = match self.last_pts {
             Some(prev) if pts > prev => pts - prev,
-            _ => Duration::from_millis(33),
+            _ => DEFAULT_FRAME,
         };
+        self.last_step = duration;
         self.last_pts = Some(pts);
         let keyframe = match self.codec {
             Codec::Vp8 => data[0] & 0x01 == 0,
@@ -187,4 +218,44 @@ pub(crate) fn av1_has_sequence_header(d: &[u8]) -> bool {
         i = i.saturating_add(size);
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ivf(timestamps: &[u64]) -> Vec<u8> {
+        let mut v = b"DKIF".to_vec();
+        v.extend_from_slice(&0u16.to_le_bytes());
+        v.extend_from_slice(&32u16.to_le_bytes());
+        v.extend_from_slice(b"VP80");
+        v.extend_from_slice(&320u16.to_le_bytes());
+        v.extend_from_slice(&240u16.to_le_bytes());
+        v.extend_from_slice(&30u32.to_le_bytes()); // timebase 1/30
+        v.extend_from_slice(&1u32.to_le_bytes());
+        v.extend_from_slice(&(timestamps.len() as u32).to_le_bytes());
+        v.extend_from_slice(&[0; 4]);
+        for ts in timestamps {
+            v.extend_from_slice(&3u32.to_le_bytes());
+            v.extend_from_slice(&ts.to_le_bytes());
+            v.extend_from_slice(&[0x10, 0, 0]);
+        }
+        v
+    }
+
+    #[test]
+    fn a_timestamp_jump_is_a_discontinuity_not_a_stall() {
+        // Frames 0, 1, then a jump of a day, then on from there.
+        let day = 30 * 86_400;
+        let data = ivf(&[0, 1, day, day + 1]);
+        let mut p = IvfParser::new(Box::new(std::io::Cursor::new(data))).unwrap();
+        let pts: Vec<Duration> = std::iter::from_fn(|| p.next_frame().unwrap())
+            .map(|s| s.pts)
+            .collect();
+        let frame = Duration::from_nanos(1_000_000_000 / 30);
+        assert_eq!(pts.len(), 4);
+        assert_eq!(pts[1], frame);
+        assert_eq!(pts[2], frame * 2, "the jump becomes one frame step");
+        assert_eq!(pts[3], frame * 3, "and the timeline goes on from there");
+    }
 }

@@ -205,6 +205,10 @@ pub enum RoomEvent {
     BroadcasterLost,
     /// The room ended (we left, or the broadcast is over); the files are finalized.
     Ended,
+    /// Several signers claim this room's name (looked up by name): the one watched is
+    /// [`NameContest::chosen`](crate::node::NameContest), pinned or only the freshest (then a
+    /// ticket is the way to be sure).
+    NameContested(crate::node::NameContest),
 }
 
 /// A snapshot of a room's state.

@@ -90,8 +90,24 @@ pub(super) fn refusal(why: &Refusal) -> Vec<u8> {
     wire::encode(&RoomResponse {
         v: wire::VERSION,
         env: None,
-        error: Some(why.to_string()),
+        error: Some(refusal_text(why)),
     })
+}
+
+/// What a refused sender reads. Refusals that come before the sender has proven it holds the
+/// room's key all read "no": a stranger must not learn whether this node is in the room it
+/// names (not in this room, not a member, invalid envelope, replay, busy would otherwise tell
+/// it apart). Members, whose requests open, get the precise reason.
+pub(super) fn refusal_text(why: &Refusal) -> String {
+    match why {
+        Refusal::BadRequest(_)
+        | Refusal::NotInRoom
+        | Refusal::Busy
+        | Refusal::InvalidEnvelope
+        | Refusal::Replayed
+        | Refusal::NotMember(_) => "no".to_owned(),
+        other => other.to_string(),
+    }
 }
 
 /// The encoded response accepting a request, with an envelope or not.
@@ -280,6 +296,24 @@ pub(super) fn decode_request(data: &[u8]) -> Result<RoomRequest, Refusal> {
 mod tests {
     use super::*;
     use crate::crypto::{Identity, KdfParams};
+
+    #[test]
+    fn a_stranger_reads_the_same_no_whether_or_not_we_are_in_the_room() {
+        let not_in = refusal(&Refusal::NotInRoom);
+        for why in [
+            Refusal::NotMember(CryptoError::BadSignature),
+            Refusal::InvalidEnvelope,
+            Refusal::Replayed,
+            Refusal::Busy,
+        ] {
+            assert_eq!(refusal(&why), not_in, "{why} tells itself apart");
+        }
+        // A member's request that opened gets the reason.
+        assert_eq!(
+            refusal_text(&Refusal::NotAChild),
+            "not a child of this node"
+        );
+    }
 
     fn end_env(by: &Identity, keys: &RoomKeys, room: RoomId, created_ms: u64) -> Envelope {
         let end = BroadcastEnd {

@@ -73,6 +73,8 @@ struct RoomStart {
     record: Option<RoomRecord>,
     /// The broadcast's creation time (its session: end notices name it).
     session: u64,
+    /// Queued before anything else happens in the room (what the lookup found out).
+    first_event: Option<RoomEvent>,
 }
 
 impl Node {
@@ -134,6 +136,7 @@ impl Node {
                 media_events,
                 record: Some(record),
                 session: created_ms,
+                first_event: None,
             })
             .await?;
         if cfg.autostart {
@@ -155,13 +158,16 @@ impl Node {
             WatchTarget::Name(n) => (n.clone(), None),
         };
         let keys = self.room_keys(&name, password).await?;
-        let record = self.lookup_room(&keys, ticket).await?;
+        let found = self.lookup_room_claims(&keys, ticket).await?;
+        let first_event = found.contest.map(|c| {
+            tracing::warn!("{c}");
+            RoomEvent::NameContested(c)
+        });
+        let record = found.record;
         // Reach the broadcaster (its addresses are in the record) so the snapshot request and the
         // DHT have a path.
-        for a in &record.addrs {
-            if let Ok(addr) = a.parse() {
-                let _ = self.inner.net.dial(addr).await;
-            }
+        if let Some(peer) = peer(record.broadcaster) {
+            super::addrs::dial_all(&self.inner.net, &record.addrs, peer).await;
         }
         let (viewer, media_events) = Viewer::new(
             MediaKey::new(*keys.media_key().expose()),
@@ -180,6 +186,7 @@ impl Node {
             media_events,
             record: None,
             session: record.created_ms,
+            first_event,
         })
         .await
         .map(Watch::new)
@@ -193,6 +200,7 @@ impl Node {
             media_events,
             record,
             session,
+            first_event,
         } = start;
         let role = if record.is_some() {
             "broadcaster"
@@ -226,6 +234,9 @@ impl Node {
             None => None,
         };
         let (ev_tx, ev_rx) = mpsc::channel(ROOM_EVENT_QUEUE);
+        if let Some(ev) = first_event {
+            let _ = ev_tx.try_send(ev);
+        }
         let span = tracing::info_span!(
             "room",
             name = %keys.name(),

@@ -73,6 +73,10 @@ pub enum SignalError {
     /// The network failed.
     #[error("network: {0}")]
     Net(#[from] NetError),
+    /// This node is answering as many offers as it takes at once
+    /// ([`crate::node::MAX_CONCURRENT_OFFERS`]).
+    #[error("too many offers being answered")]
+    Busy,
 }
 
 /// What a signalling exchange needs of its room.
@@ -143,6 +147,14 @@ pub(super) async fn answer_offer(
     media: &Media,
     offer: &Signal,
 ) -> Result<(ChildId, Envelope), SignalError> {
+    // Each answer builds a peer connection and gathers ICE: bounded node-wide, whatever the
+    // rooms and their children ask.
+    let _slot = cx
+        .node
+        .inner
+        .offer_slots
+        .try_acquire()
+        .map_err(|_| SignalError::Busy)?;
     let blob = SignalBlob {
         kind: MediaSdpKind::Offer,
         sdp: offer.sdp.clone(),
