@@ -43,7 +43,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use linklab::{LinkLab, Node};
+use linklab::{LinkLab, Node, node_args as lab_args};
 use natlab::have;
 
 /// The waterfall binary: this build's, or `WATERFALL_BENCH_BIN` (an optimized build, so that
@@ -217,51 +217,6 @@ fn pace(frames: &[Vec<u8>], secs: u64, mut sink: impl FnMut(usize, &[u8]) -> boo
         }
     }
     sent
-}
-
-fn make_clip(dir: &Path) -> Option<PathBuf> {
-    let out = dir.join("clip.ivf");
-    let ok = Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=320x240:rate=30",
-            "-t",
-            "10",
-            "-c:v",
-            "libvpx",
-            "-deadline",
-            "realtime",
-            "-b:v",
-            "500k",
-            "-g",
-            "30",
-            "-y",
-        ])
-        .arg(&out)
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(out)
-}
-
-fn lab_args(data_dir: &Path) -> Vec<String> {
-    [
-        "--listen",
-        "/ip4/0.0.0.0/tcp/0",
-        "--listen",
-        "/ip4/0.0.0.0/udp/0/quic-v1",
-        "--no-mdns",
-        "--udp-bind",
-        "0.0.0.0",
-        "--data-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain([data_dir.to_string_lossy().into_owned()])
-    .collect()
 }
 
 /// Collects `(arrival, hash)` from every viewer until `until`; returns per viewer the arrivals.
@@ -644,7 +599,7 @@ fn tree_and_janus_side_by_side() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(12);
     let nodes: Vec<Node> = (0..=n).map(|_| lab.add_node()).collect();
-    let clip = make_clip(lab.dir.path()).expect("ffmpeg makes the clip");
+    let clip = lab.vp8_clip(30).expect("ffmpeg makes the clip");
     let frames = ivf_frames(&std::fs::read(&clip).unwrap());
     let secs = std::env::var("JANUS_BENCH_SECS")
         .ok()

@@ -21,7 +21,6 @@ mod linklab;
 mod natlab;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use linklab::{LinkLab, Node};
@@ -41,41 +40,14 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
-/// The video clip: 10 s of VP8 at ~500 kbit/s, 320x240 at 30 fps, a keyframe every `gop`
-/// frames (made with ffmpeg, as the runs had it); the committed 3 s fixture (a keyframe
-/// a second) where ffmpeg is missing. A file source cannot make a keyframe when a viewer asks,
-/// so after a repair a viewer waits for the next one in the file.
+/// The video clip (see [`LinkLab::vp8_clip`]); the committed 3 s fixture (a keyframe a second)
+/// where ffmpeg is missing. A file source cannot make a keyframe when a viewer asks, so after a
+/// repair a viewer waits for the next one in the file.
 fn clip(lab: &LinkLab, gop: u32) -> PathBuf {
-    let out = lab.path("clip.ivf");
-    let made = Command::new("ffmpeg")
-        .args([
-            "-v",
-            "error",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=320x240:rate=30",
-            "-t",
-            "10",
-            "-c:v",
-            "libvpx",
-            "-deadline",
-            "realtime",
-            "-b:v",
-            "500k",
-            "-g",
-            &gop.to_string(),
-            "-y",
-        ])
-        .arg(&out)
-        .status()
-        .is_ok_and(|s| s.success());
-    if made {
-        out
-    } else {
+    lab.vp8_clip(gop).unwrap_or_else(|| {
         eprintln!("ffmpeg could not make the clip: the 3 s fixture is used");
         fixture("f.ivf")
-    }
+    })
 }
 
 /// A viewer process and what its events said.

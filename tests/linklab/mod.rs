@@ -296,24 +296,45 @@ impl LinkLab {
         self.dir.path().join(name)
     }
 
-    /// Start `waterfall ARGS` on `node` with its own data directory `name` (mDNS off, WebRTC
-    /// on every interface, TCP and QUIC on every interface); the lab kills it on drop.
+    /// The VP8 clip of the lab's media tests: 10 s of `testsrc` at ~500 kbit/s, 320x240 at
+    /// 30 fps, a keyframe every `gop` frames (`clip.ivf` in the lab's directory, made with
+    /// ffmpeg); `None` where ffmpeg cannot make it.
+    pub fn vp8_clip(&self, gop: u32) -> Option<PathBuf> {
+        let out = self.path("clip.ivf");
+        let made = Command::new("ffmpeg")
+            .args([
+                "-v",
+                "error",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=size=320x240:rate=30",
+            ])
+            .args([
+                "-t",
+                "10",
+                "-c:v",
+                "libvpx",
+                "-deadline",
+                "realtime",
+                "-b:v",
+                "500k",
+            ])
+            .args(["-g", &gop.to_string(), "-y"])
+            .arg(&out)
+            .status()
+            .is_ok_and(|s| s.success());
+        made.then_some(out)
+    }
+
+    /// Start `waterfall ARGS` on `node` with its own data directory `name` (see
+    /// [`node_args`]); the lab kills it on drop.
     pub fn waterfall(&mut self, node: &Node, name: &str, args: &[String]) -> Wf {
         let data_dir = self.path(name);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &node.ns, BIN])
             .args(args)
-            .args([
-                "--listen",
-                "/ip4/0.0.0.0/tcp/0",
-                "--listen",
-                "/ip4/0.0.0.0/udp/0/quic-v1",
-                "--no-mdns",
-                "--udp-bind",
-                "0.0.0.0",
-                "--data-dir",
-            ])
-            .arg(&data_dir)
+            .args(node_args(&data_dir))
             .env_remove("RUST_LOG")
             .env_remove("WATERFALL_PASSWORD")
             .stdin(Stdio::null())
@@ -379,6 +400,25 @@ impl LinkLab {
     pub fn running(&mut self, idx: usize) -> bool {
         matches!(self.procs[idx].1.try_wait(), Ok(None))
     }
+}
+
+/// The options every `waterfall` process of a lab gets: mDNS off, TCP, QUIC and WebRTC on every
+/// interface (the namespace's own), its own data directory.
+pub fn node_args(data_dir: &std::path::Path) -> Vec<String> {
+    [
+        "--listen",
+        "/ip4/0.0.0.0/tcp/0",
+        "--listen",
+        "/ip4/0.0.0.0/udp/0/quic-v1",
+        "--no-mdns",
+        "--udp-bind",
+        "0.0.0.0",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([data_dir.to_string_lossy().into_owned()])
+    .collect()
 }
 
 impl Drop for LinkLab {
