@@ -248,7 +248,18 @@ pub struct FileSource {
     rx: mpsc::Receiver<Result<Sample, SourceError>>,
     realtime: bool,
     start: Option<Instant>,
+    /// How much earlier the clock may still move to catch up with a pipe (see
+    /// [`PIPE_CATCH_UP`]); zero for a file.
+    catch_up: Duration,
 }
+
+/// A pipe's writer runs on its own clock: frames it wrote while this process started (or was
+/// busy) wait in the pipe, and pacing from the first one read would play every later frame late
+/// by as much, for the whole stream (measured: the 0.5 s a broadcaster takes to start, added to
+/// every frame's latency). When frames are already queued behind one that is not yet due, the
+/// clock moves earlier so it plays at once, up to this much in all; a pipe fed from a file
+/// (always queued) then runs at most this far ahead of its timestamps.
+const PIPE_CATCH_UP: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for FileSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -315,7 +326,9 @@ impl FileSource {
             once.take()
                 .ok_or_else(|| io::Error::other("a pipe cannot be reopened").into())
         };
-        Self::spawn("stdin".into(), declared, open, 0, opts).await
+        let mut source = Self::spawn("stdin".into(), declared, open, 0, opts).await?;
+        source.catch_up = PIPE_CATCH_UP;
+        Ok(source)
     }
 
     /// Runs the parser thread; returns once the header is read (or refused), so every error a
@@ -401,6 +414,7 @@ impl FileSource {
             rx,
             realtime: opts.realtime,
             start: None,
+            catch_up: Duration::ZERO,
         })
     }
 }
@@ -417,7 +431,15 @@ impl MediaSource for FileSource {
         };
         let s = s?;
         if self.realtime {
-            let start = *self.start.get_or_insert_with(|| Instant::now() - s.pts);
+            let now = Instant::now();
+            let mut start = *self.start.get_or_insert_with(|| now - s.pts);
+            let due = start + s.pts;
+            if due > now && !self.catch_up.is_zero() && self.rx.len() >= 2 {
+                let shift = (due - now).min(self.catch_up);
+                start -= shift;
+                self.catch_up -= shift;
+                self.start = Some(start);
+            }
             tokio::time::sleep_until(start + s.pts).await;
         }
         Ok(Some(s))
@@ -479,4 +501,58 @@ pub fn read_all_frames(path: impl AsRef<Path>) -> Result<Vec<Sample>, SourceErro
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IVF stream of `n` tiny VP8 frames at 30 fps.
+    fn ivf(n: u64) -> Vec<u8> {
+        let mut v = b"DKIF".to_vec();
+        v.extend_from_slice(&0u16.to_le_bytes());
+        v.extend_from_slice(&32u16.to_le_bytes());
+        v.extend_from_slice(b"VP80");
+        v.extend_from_slice(&320u16.to_le_bytes());
+        v.extend_from_slice(&240u16.to_le_bytes());
+        v.extend_from_slice(&30u32.to_le_bytes());
+        v.extend_from_slice(&1u32.to_le_bytes());
+        v.extend_from_slice(&(n as u32).to_le_bytes());
+        v.extend_from_slice(&[0; 4]);
+        for ts in 0..n {
+            v.extend_from_slice(&3u32.to_le_bytes());
+            v.extend_from_slice(&ts.to_le_bytes());
+            v.extend_from_slice(&[0x10, 0, 0]);
+        }
+        v
+    }
+
+    /// Frames that waited in a pipe are played at once, the clock moving earlier by at most
+    /// `PIPE_CATCH_UP`; a file is paced from its first frame as before.
+    #[tokio::test]
+    async fn a_pipe_catches_up_with_frames_that_waited_and_a_file_does_not() {
+        let data = ivf(45);
+        let mut pipe = FileSource::from_async_read_detect(
+            std::io::Cursor::new(data.clone()),
+            SourceOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(pipe.catch_up, PIPE_CATCH_UP);
+        let mut n = 0;
+        while pipe.next_sample().await.unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 45);
+        // The whole 1.5 s stream was queued: the clock used all of its allowance.
+        assert_eq!(pipe.catch_up, Duration::ZERO);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.ivf");
+        std::fs::write(&path, &data).unwrap();
+        let file = FileSource::open(&path, SourceOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(file.catch_up, Duration::ZERO);
+    }
 }

@@ -368,8 +368,10 @@ impl RoomTask {
         .await;
         self.tasks.shutdown().await;
         self.node.inner.rooms.remove(&self.room_id);
-        self.node.inner.topics.remove(self.keys.topic());
+        // Unsubscribe before the topic's keys go: gossip still in flight would otherwise reach a
+        // validator that can no longer open it, and count against honest senders.
         let _ = self.net.unsubscribe(self.keys.topic().to_owned()).await;
+        self.node.inner.topics.remove(self.keys.topic());
         let events = self.events.clone();
         if let Media::Viewer(v) = self.media {
             // Every subtask is gone, and with them their references to the viewer.
